@@ -1,0 +1,125 @@
+"""The ``lalora`` command line: ``run`` a lineage, ``validate`` a config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lalora", description="Continual LoRA adaptation with a Laplace penalty (LaLoRA).")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="adapt the base model through every domain of CONFIG")
+    run.add_argument("config", help="lineage YAML, e.g. configs/demo.yaml")
+    run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
+    val = sub.add_parser("validate", help="check CONFIG and report every error with its field path")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"lalora: error: {message}", file=sys.stderr)
+    return code
+
+
+def _quiet_libraries() -> None:
+    """Defaults for a local run; anything already set in the environment wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lalora" / "torch_extensions"))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipelines").setLevel(logging.INFO)
+    for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic", "httpx", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="deepspeed")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        for line in e.errors:
+            print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}; "
+          f"lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lalora.checkpoint import CheckpointError
+    from pipelines.config import ConfigError, load_config
+    from pipelines.data import DataError
+    from pipelines.engine import DivergenceError
+    from pipelines.report import format_matrix, format_summary
+
+    try:
+        cfg = load_config(args.config, args.overrides)  # fail before anything heavy is imported or loaded
+    except ConfigError as e:
+        return _fail(f"{e.source}: {'; '.join(e.errors)}")
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    _quiet_libraries()
+    from flows.lineage import lineage_flow
+
+    t0 = time.perf_counter()
+    try:
+        result = lineage_flow(str(args.config), str(out), list(args.overrides))
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    except DivergenceError as e:
+        return _fail(str(e), EXIT_DIVERGED)
+    except ValueError as e:  # our own checks (adapter / precision mismatch, unknown modules, ...)
+        return _fail(str(e).splitlines()[0])
+    seconds = time.perf_counter() - t0
+    from pipelines.report import LineageReport
+
+    report = LineageReport(result["domains"], result["R"], result["R_nll"], result)
+    print()
+    print(format_matrix(result["domains"], result["R"]))
+    print()
+    print(format_summary(report))
+    print()
+    print(f"lineage {cfg.name!r}: {len(result['versions'])} stages in {seconds:.0f} s, lambda {cfg.lalora.lam:g}, "
+          f"curvature {cfg.lalora.curvature.kind}")
+    print(f"metrics:    {out / 'metrics.json'}   heatmap: {out / 'R.png'}")
+    print(f"registered: {result['registered_model']} versions {', '.join(result['versions'])} "
+          f"(alias {cfg.tracking.latest_alias!r} -> {result['versions'][-1]})")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {result['mlflow_uri']} --host 127.0.0.1")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"run": cmd_run, "validate": cmd_validate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""MLflow behind the pipelines' Tracker and Registry protocols.
+
+Everything goes through ``MlflowClient`` with explicit run ids (no global active run), so
+tasks can run in any thread and only pass URIs and ids between them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RESERVED_ALIASES = {"latest"}
+"""MLflow reserves ``latest``: ``models:/NAME/latest`` already resolves to the newest version."""
+
+
+def default_tracking_uri(out_dir: str | Path) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run, by value: what tasks receive instead of a live client."""
+
+    uri: str
+    run_id: str
+
+    def tracker(self) -> MlflowTracker:
+        return MlflowTracker(self.uri, self.run_id)
+
+
+class MlflowTracker:
+    """pipelines.tracking.Tracker on one MLflow run."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client = _client(uri)
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
+
+class MlflowRegistry:
+    """pipelines.register.Registry on an MLflow model registry; versions point at a run's artifacts."""
+
+    def __init__(self, uri: str, model_name: str, run_id: str) -> None:
+        self.client = _client(uri)
+        self.model_name = model_name
+        self.run_id = run_id
+
+    def register(self, adapter_dir: str, artifact_path: str, tags: dict[str, str]) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(self.model_name)
+        except MlflowException:
+            self.client.create_registered_model(self.model_name, description="LaLoRA adapters, one version per stage")
+        run = self.client.get_run(self.run_id)
+        source = f"{run.info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(self.model_name, source=source, run_id=self.run_id, tags=tags)
+        return str(version.version)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.model_name, alias, version)
+
+
+def start_run(uri: str, experiment: str, artifact_root: Path, name: str, parent: str | None = None,
+              tags: dict[str, str] | None = None) -> RunRef:
+    """Create (if needed) the experiment with artifacts under ``artifact_root`` and start a run in it."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri())
+    all_tags = dict(tags or {})
+    if parent:
+        all_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp_id, run_name=name, tags=all_tags)
+    return RunRef(uri, run.info.run_id)
+
+
+def end_run(ref: RunRef, status: str = "FINISHED") -> None:
+    _client(ref.uri).set_terminated(ref.run_id, status=status)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as dotted keys (``domains.0.name``)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out |= flatten(v, f"{prefix}{k}.")
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, (dict, list)) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out |= flatten(v, f"{prefix}{i}.")
+        return out
+    return {prefix.rstrip("."): data}

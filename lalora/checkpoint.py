@@ -1,0 +1,142 @@
+"""Curvature checkpoints: tensors in safetensors, metadata in JSON, never pickle.
+
+A checkpoint is two files in one directory: ``precision.safetensors`` and
+``precision.json``. The JSON carries the structure, Fisher type, sample count, the LoRA
+matrix names and shapes, the prior, the accumulation history and the sha256 of the tensor
+file. Both are written to temporary names and renamed, so a crash leaves either the old
+checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lalora.precision import PRECISIONS, Precision, Prior
+
+FORMAT_VERSION = 1
+TENSORS = "precision.safetensors"
+META = "precision.json"
+
+
+class CheckpointError(ValueError):
+    """A curvature checkpoint that cannot be used, with the reason in the message."""
+
+
+@dataclass
+class CurvatureMeta:
+    structure: str
+    fisher_type: str
+    n_samples: int
+    names: list[str]
+    shapes: dict[str, list[int]]
+    prior: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per accumulated domain: stage, domain, mode, gamma, n_samples, ..."""
+    sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def prior_value(self) -> Prior:
+        return Prior(**self.prior)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_precision(directory: str | os.PathLike[str], precision: Precision, *, fisher_type: str, n_samples: int,
+                   prior: Prior, history: list[dict[str, Any]] | None = None) -> CurvatureMeta:
+    """Write ``precision`` to ``directory`` and return the metadata written beside it."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in precision.to_state_dict().items()}
+    _write_atomic(d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
+    meta = CurvatureMeta(
+        structure=precision.structure,
+        fisher_type=fisher_type,
+        n_samples=int(n_samples),
+        names=precision.names,
+        shapes={n: list(s) for n, s in precision.shapes.items()},
+        prior={"tau_A": prior.tau_A, "tau_B": prior.tau_B},
+        history=list(history or []),
+        sha256=_sha256(d / TENSORS),
+    )
+    _write_atomic(d / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2)))
+    return meta
+
+
+def read_meta(directory: str | os.PathLike[str]) -> CurvatureMeta:
+    """The metadata of a checkpoint, validated for form (not yet against any adapter)."""
+    path = Path(directory) / META
+    if not path.is_file():
+        raise CheckpointError(f"no curvature checkpoint at {directory}: {META} is missing")
+    try:
+        raw = json.loads(path.read_text())
+        meta = CurvatureMeta(**raw)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"curvature metadata {path} is unreadable: {e}") from None
+    if meta.format_version != FORMAT_VERSION:
+        raise CheckpointError(f"curvature checkpoint format {meta.format_version} is not supported (expected {FORMAT_VERSION})")
+    if meta.structure not in PRECISIONS:
+        raise CheckpointError(f"curvature checkpoint has unknown structure {meta.structure!r}")
+    return meta
+
+
+def load_precision(directory: str | os.PathLike[str],
+                   expected_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[Precision, CurvatureMeta]:
+    """Load a checkpoint, verifying its checksum, and its names and shapes against an adapter.
+
+    ``expected_shapes`` maps each LoRA matrix name of the adapter the precision will be
+    used with to its shape; each disagreement raises CheckpointError naming it.
+    """
+    d = Path(directory)
+    meta = read_meta(d)
+    tensors = d / TENSORS
+    if not tensors.is_file():
+        raise CheckpointError(f"curvature checkpoint {d} has metadata but no {TENSORS}")
+    digest = _sha256(tensors)
+    if digest != meta.sha256:
+        raise CheckpointError(f"curvature checkpoint {tensors} fails its checksum (sha256 {digest[:12]}..., "
+                              f"metadata says {meta.sha256[:12]}...): the file was modified or is corrupt")
+    try:
+        state: dict[str, Tensor] = load_file(str(tensors))
+    except Exception as e:  # safetensors raises its own error types for malformed files
+        raise CheckpointError(f"curvature checkpoint {tensors} is not a valid safetensors file: {e}") from None
+    if sorted(state) != sorted(meta.names):
+        raise CheckpointError(f"curvature checkpoint {d}: tensor names do not match its metadata")
+    for name, t in state.items():
+        if list(t.shape) != meta.shapes[name]:
+            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, metadata says {meta.shapes[name]}")
+    if expected_shapes is not None:
+        missing = [n for n in expected_shapes if n not in state]
+        if missing:
+            raise CheckpointError(f"curvature checkpoint {d} lacks {len(missing)} LoRA matrices of the adapter, "
+                                  f"e.g. {missing[0]} (was it computed for another adapter or target_modules?)")
+        extra = [n for n in state if n not in expected_shapes]
+        if extra:
+            raise CheckpointError(f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, e.g. {extra[0]}")
+        for name, shape in expected_shapes.items():
+            if tuple(state[name].shape) != tuple(shape):
+                raise CheckpointError(f"curvature checkpoint {d}: shape mismatch for {name}: checkpoint "
+                                      f"{tuple(state[name].shape)}, adapter {tuple(shape)} (another LoRA rank?)")
+    return PRECISIONS[meta.structure].from_state_dict(state), meta

@@ -1,0 +1,134 @@
+"""The curvature estimator interface and the registry of structures."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from lalora.curvature.hooks import ModuleGrads, per_sequence_output_grads
+from lalora.lora import LoraParam, lora_parameters
+from lalora.precision import Precision
+
+FisherType = Literal["empirical", "mc"]
+Batch = Mapping[str, Tensor]
+"""``input_ids`` and ``labels`` (B, T), optional ``attention_mask`` (B, T); labels use -100
+for tokens that carry no loss (prompt, padding), shifted inside as in transformers."""
+
+
+@dataclass
+class CurvatureEstimate:
+    """What a curvature pass returns: the data curvature F_hat and how it was obtained."""
+
+    precision: Precision
+    n_samples: int
+    fisher_type: str
+    zero_curvature: list[str] = field(default_factory=list)
+    """LoRA matrices whose curvature is exactly zero (all A matrices at a B = 0 anchor)."""
+
+
+class CurvatureEstimator(ABC):
+    """Estimates F_hat(theta*; D_c), a per-sequence mean, over the LoRA matrices of a model.
+
+    ``estimate`` runs the model over curvature batches at its current weights (the anchor).
+    Sequences are samples: each contributes the gradient of its summed target-token NLL,
+    with labels either observed (``empirical``) or drawn from the model (``mc``).
+    Under torch.distributed the per-rank sums are all-reduced before the mean, so every
+    rank returns what one process would on the union of the ranks' batches.
+    """
+
+    kind: ClassVar[str]
+
+    def __init__(self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0,
+                 adapter_name: str = "default") -> None:
+        if fisher_type not in ("empirical", "mc"):
+            raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
+        if mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.fisher_type = fisher_type
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.adapter_name = adapter_name
+
+    # --- what a structure implements -------------------------------------------------
+    @abstractmethod
+    def _init_state(self, params: list[LoraParam]) -> dict[str, Tensor]:
+        """Zeroed running sums, keyed freely; all are all-reduced (summed) across ranks."""
+
+    @abstractmethod
+    def _update(self, state: dict[str, Tensor], grads: list[ModuleGrads]) -> None:
+        """Add one batch's per-sequence statistics to the running sums."""
+
+    @abstractmethod
+    def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> Precision:
+        """Turn the summed statistics into a precision (divide by ``n_samples``)."""
+
+    # --- the shared pass --------------------------------------------------------------
+    def estimate(self, model: nn.Module, batches: Iterable[Batch],
+                 progress: Callable[[int], None] | None = None) -> CurvatureEstimate:
+        params = lora_parameters(model, self.adapter_name)
+        state = self._init_state(params)
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        n = 0
+        was_training = model.training
+        model.eval()  # no dropout: the curvature is that of the deterministic model
+        try:
+            for batch in batches:
+                for grads, n_seq in per_sequence_output_grads(
+                    model, params, batch, self.fisher_type, self.mc_samples, generator
+                ):
+                    self._update(state, grads)
+                    n += n_seq
+                if progress is not None:
+                    progress(int(batch["input_ids"].shape[0]))
+        finally:
+            model.train(was_training)
+        n = _all_reduce_(state, n)
+        if n == 0:
+            raise ValueError("no curvature samples: every sequence had its labels masked (-100)")
+        precision = self._finalize(state, n, params)
+        zero = [name for name, t in precision.to_state_dict().items() if not bool(t.any())]
+        return CurvatureEstimate(precision, n, self.fisher_type, zero)
+
+
+def _all_reduce_(state: dict[str, Tensor], n: int) -> int:
+    """Sum the running sums and the sample count over ranks, in place."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    for t in state.values():
+        dist.all_reduce(t)
+    count = torch.tensor([n], dtype=torch.long, device=next(iter(state.values())).device)
+    dist.all_reduce(count)
+    return int(count.item())
+
+
+E = TypeVar("E", bound=type[CurvatureEstimator])
+CURVATURES: dict[str, type[CurvatureEstimator]] = {}
+"""Estimator classes by the config's ``kind``."""
+
+
+def register_curvature(kind: str) -> Callable[[E], E]:
+    """Class decorator adding an estimator to ``CURVATURES`` under ``kind``."""
+
+    def deco(cls: E) -> E:
+        if kind in CURVATURES:
+            raise ValueError(f"curvature kind {kind!r} is already registered by {CURVATURES[kind].__name__}")
+        cls.kind = kind
+        CURVATURES[kind] = cls
+        return cls
+
+    return deco
+
+
+def build_estimator(kind: str, **kwargs: object) -> CurvatureEstimator:
+    """The estimator registered under ``kind``, constructed with ``kwargs``."""
+    try:
+        cls = CURVATURES[kind]
+    except KeyError:
+        raise ValueError(f"unknown curvature kind {kind!r}; registered kinds: {', '.join(sorted(CURVATURES))}") from None
+    return cls(**kwargs)  # type: ignore[arg-type]

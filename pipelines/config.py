@@ -1,0 +1,317 @@
+"""The lineage configuration: pydantic v2 models, loaded from YAML here and nowhere else.
+
+Every field has a description and a default that works; unknown keys are errors. Each
+stage function receives only the sub-config it needs. Defaults where the paper gives no
+value (prior precision, sample count, rank, learning rate) are our choices, marked so.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+# --- model ----------------------------------------------------------------------------
+class TinyModelConfig(_Model):
+    hidden_size: int = Field(64, gt=0, description="Width of the tiny Llama built when model.path is empty.")
+    num_layers: int = Field(2, gt=0, description="Decoder layers of the tiny Llama.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(256, gt=0, description="MLP width of the tiny Llama.")
+    max_positions: int = Field(64, gt=0, description="Maximum sequence length the tiny Llama supports.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class PretrainConfig(_Model):
+    steps: int = Field(600, ge=0, description="Full-parameter training steps on the source domain for the tiny base.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for pretraining.")
+    batch_size: int = Field(64, gt=0, description="Sequences per pretraining step.")
+
+
+class ModelConfig(_Model):
+    path: str | None = Field(None, description="Hugging Face hub id or local directory of a causal LM and its "
+                             "tokenizer (from_pretrained). Empty: build a tiny Llama and pretrain it on the source domain.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama (model.path empty).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the tiny Llama.")
+
+
+# --- LoRA and LaLoRA --------------------------------------------------------------------
+class LoraSettings(_Model):
+    r: int = Field(8, gt=0, description="LoRA rank (our default; the paper's rank is not given).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in Biderman et al.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during fine-tuning (never during curvature).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names that get LoRA matrices (peft target_modules).")
+    init_seed: int = Field(0, description="Seed of the LoRA initialisation (the first stage's anchor).")
+
+
+class DiagCurvatureConfig(_Model):
+    kind: Literal["diag"] = "diag"
+    fisher_type: Literal["empirical", "mc"] = Field("empirical", description="empirical: observed labels; mc: labels "
+                                                    "sampled from the model (the 'true' Fisher).")
+    mc_samples: int = Field(1, ge=1, description="Label draws per sequence for fisher_type mc.")
+
+
+class IdentityCurvatureConfig(_Model):
+    kind: Literal["identity"] = "identity"
+
+
+CurvatureConfig = Annotated[DiagCurvatureConfig | IdentityCurvatureConfig, Field(discriminator="kind")]
+
+
+class PriorConfig(_Model):
+    tau_A: float = Field(1.0, ge=0, description="Prior precision of A matrices. At the first anchor (B = 0) A has zero "
+                         "curvature, so this alone holds A; our default, not the paper's.")
+    tau_B: float = Field(1e-4, ge=0, description="Prior precision of B matrices (our default).")
+
+
+class AccumulationConfig(_Model):
+    mode: Literal["sum", "online", "replace"] = Field("sum", description="sum: recursive Laplace; online: gamma-decayed "
+                                                      "(online EWC); replace: newest domain only.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier domains' curvature for mode online.")
+
+
+class LaLoRAConfig(_Model):
+    lam: float = Field(10.0, alias="lambda", ge=0, description="Penalty strength lambda; 0 is plain LoRA.")
+    curvature: CurvatureConfig = Field(default_factory=DiagCurvatureConfig, description="Curvature structure, by kind.")
+    samples: int = Field(256, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy sets suffice).")
+    batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
+    prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
+    accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' curvature combines.")
+
+
+# --- data -------------------------------------------------------------------------------
+SymbolOp = Literal["copy", "reverse", "next", "previous", "rotate", "double", "increment"]
+
+
+class GeneratorSource(_Model):
+    kind: Literal["generator"] = "generator"
+    name: Literal["symbol-ops"] = Field("symbol-ops", description="Built-in generator.")
+    op: SymbolOp | list[SymbolOp] = Field("copy", description="Transformation of the symbol string; a list "
+                                          "mixes several, each example drawing one at random.")
+    alphabet: str = Field("0123456789", min_length=2, description="Symbols the strings are drawn from.")
+    min_len: int = Field(3, ge=1, description="Shortest string.")
+    max_len: int = Field(5, ge=1, description="Longest string.")
+    size: int = Field(3000, gt=0, description="Examples generated (before the splits).")
+
+    @model_validator(mode="after")
+    def _lengths(self) -> GeneratorSource:
+        if self.min_len > self.max_len:
+            raise ValueError(f"min_len ({self.min_len}) must be <= max_len ({self.max_len})")
+        ops = self.op if isinstance(self.op, list) else [self.op]
+        if {"double", "increment"} & set(ops) and not set(self.alphabet) <= set("0123456789"):
+            raise ValueError(f"ops double and increment need a digit alphabet, got {self.alphabet!r}")
+        return self
+
+
+class LocalSource(_Model):
+    kind: Literal["local"] = "local"
+    path: str = Field(description="A JSONL, JSON, CSV or Parquet file, relative to the config file or absolute.")
+    split: str = Field("train", description="Split name datasets gives the file.")
+
+
+class HubSource(_Model):
+    kind: Literal["hub"] = "hub"
+    id: str = Field(description="Dataset id on the Hugging Face hub (or a local dataset directory).")
+    name: str | None = Field(None, description="Dataset config name.")
+    split: str = Field("train", description="Split to load.")
+
+
+DataSource = Annotated[GeneratorSource | LocalSource | HubSource, Field(discriminator="kind")]
+
+
+class DomainConfig(_Model):
+    name: str = Field(description="Domain name: letters, digits, '.', '_' or '-'; used in paths, runs and tags.")
+    data: DataSource = Field(default_factory=GeneratorSource, description="Where the examples come from.")
+    prompt_field: str = Field("prompt", description="Column holding the prompt.")
+    answer_field: str = Field("answer", description="Column holding the answer (the training target).")
+    eval_size: int = Field(200, gt=0, description="Held-out examples scored after every stage.")
+    curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default lalora.samples.")
+    scoring: Literal["exact_match"] = Field("exact_match", description="Score of the R matrix: exact match of greedy generations.")
+    split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the train / eval / curvature splits.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a valid domain name (letters, digits, '.', '_', '-'; up to 64)")
+        return v
+
+
+# --- training, engine, evaluation, tracking ----------------------------------------------
+class TrainingConfig(_Model):
+    steps: int = Field(300, gt=0, description="Optimizer steps per stage.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the LoRA matrices (our default).")
+    batch_size: int = Field(64, gt=0, description="Sequences per step.")
+    max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated.")
+    seed: int = Field(0, description="Seed of data order and dropout.")
+    log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
+
+
+class DeepSpeedConfig(_Model):
+    zero_stage: Literal[0, 1, 2] = Field(0, description="ZeRO stage. Stage 3 partitions the LoRA matrices, which the "
+                                         "Laplace penalty needs whole, so it is not offered.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
+    gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_stage3(cls, v: Any) -> Any:
+        if v == 3:
+            raise ValueError("zero_stage 3 partitions the LoRA parameters, which the Laplace penalty needs whole; use 0, 1 or 2")
+        return v
+
+
+class EvaluationConfig(_Model):
+    batch_size: int = Field(200, gt=0, description="Prompts per generation batch.")
+    max_new_tokens: int = Field(12, gt=0, description="Greedy generation length limit.")
+
+
+class TrackingConfig(_Model):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; empty: sqlite:///<out>/mlflow.db.")
+    experiment: str = Field("lalora", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one version per stage.")
+    latest_alias: str = Field("newest", min_length=1, description="Alias moved to every new version. MLflow reserves "
+                              "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.")
+
+    @field_validator("latest_alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"alias {v!r} is reserved by MLflow; choose another (default 'newest')")
+        return v
+
+
+class LineageConfig(_Model):
+    name: str = Field("lineage", description="Lineage name (MLflow run name, tags).")
+    seed: int = Field(0, description="Global seed (model init, pretraining).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter shape.")
+    lalora: LaLoRAConfig = Field(default_factory=LaLoRAConfig, description="The Laplace penalty.")
+    source: DomainConfig = Field(default_factory=lambda: DomainConfig(name="source"), description="What the base "
+                                 "model knows: curvature data of the first stage and a forgetting probe; pretraining "
+                                 "data of the tiny base.")
+    domains: list[DomainConfig] = Field(min_length=1, description="New domains, one stage each, in order.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning per stage.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scoring after every stage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> LineageConfig:
+        names = [self.source.name] + [d.name for d in self.domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
+        return self
+
+    @property
+    def all_domains(self) -> list[DomainConfig]:
+        """Source first, then the stages' domains: the columns of R."""
+        return [self.source, *self.domains]
+
+
+# --- loading ----------------------------------------------------------------------------
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = data
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is not an index of a list of {len(node)}"])
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is a value, not a section"])
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError("--set", [f"{dotted}: {last} is not an index of a list of {len(node)}"])
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", [f"{text!r}: expected KEY=VALUE, e.g. --set lalora.lambda=0"])
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError("--set", [f"{text!r}: value is not valid YAML ({e.__class__.__name__})"]) from None
+
+
+def _format_errors(e: ValidationError) -> list[str]:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see the config reference in README)"
+        elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
+            msg = f"must be one of {err['ctx']['expected']}"
+        elif err["type"] == "union_tag_invalid":
+            msg = f"unknown kind {err['ctx'].get('tag')!r}; expected one of {err['ctx'].get('expected_tags')}"
+        lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> LineageConfig:
+    """Read YAML, apply ``--set`` overrides, validate. Raises ConfigError listing every problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(str(path), [f"invalid YAML{where}: {getattr(e, 'problem', e)}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["top level must be a mapping of sections (model, lora, lalora, domains, ...)"])
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    _resolve_local_paths(data, p.parent)
+    try:
+        return LineageConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(str(path), _format_errors(e)) from None
+
+
+def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
+    """Local data files are relative to the config file."""
+    domains = [data.get("source")] + list(data.get("domains") or [])
+    for d in domains:
+        src = d.get("data") if isinstance(d, dict) else None
+        if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
+            if not Path(src["path"]).is_absolute():
+                src["path"] = str((base / src["path"]).resolve())

@@ -1,0 +1,74 @@
+"""Stage step 2: fine-tune the adapter on the new domain under DeepSpeed, with the Laplace penalty."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
+from pipelines.data import encode, load_domain, special_ids, train_batches
+from pipelines.engine import train
+from pipelines.modeling import load_adapter, load_base, new_adapter
+from pipelines.tracking import Tracker
+from pipelines.workspace import write_dir_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    adapter: str
+    steps: int
+    final_loss: float
+    final_penalty: float
+    seconds: float
+    tokens_per_second: float
+
+
+def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str) -> str:
+    """Save the LoRA initialisation (the first stage's anchor) and return its directory."""
+    base, _ = load_base(base_path, dtype)
+    model = new_adapter(base, lora)
+    target = Path(out_dir)
+    write_dir_atomic(target, lambda d: model.save_pretrained(d))
+    return str(target)
+
+
+def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
+             domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
+             data_dir: str, out_dir: str, tracker: Tracker) -> FinetuneResult:
+    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor."""
+    base, tokenizer = load_base(base_path, dtype)
+    model = load_adapter(base, anchor_adapter, trainable=True)
+    params = lora_parameters(model)
+    anchor = {p.name: p.param.detach().clone() for p in params}
+    precision = None
+    if precision_dir is not None and lalora.lam > 0:
+        precision, _ = load_precision(precision_dir, {p.name: tuple(p.param.shape) for p in params})
+    prior = Prior(lalora.prior.tau_A, lalora.prior.tau_B)
+
+    def make_penalty(module: torch.nn.Module):
+        if precision is None:
+            return None
+        return LaplacePenalty(precision, anchor, lora_parameters(module), lalora.lam, prior)
+
+    splits = load_domain(domain, Path(data_dir), lalora.samples)
+    _, _, pad = special_ids(tokenizer)
+    examples = encode(tokenizer, splits.train, training.max_length)
+    tracker.log_params({"train.examples": len(examples), "train.steps": training.steps, "train.lr": training.lr,
+                        "lambda": lalora.lam})
+    torch.manual_seed(training.seed + stage)
+    result = train(model, [p.param for p in params],
+                   train_batches(examples, training.batch_size, pad, training.seed + stage),
+                   steps=training.steps, lr=training.lr, batch_size=training.batch_size, ds=ds,
+                   make_penalty=make_penalty if precision is not None else None, tracker=tracker,
+                   log_every=training.log_every, desc=f"stage {stage}: {domain.name}")
+    target = write_dir_atomic(Path(out_dir) / "adapter", lambda d: model.save_pretrained(d))
+    tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
+    tracker.log_artifact(target, "adapter")
+    return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)

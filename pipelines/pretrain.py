@@ -1,0 +1,71 @@
+"""Stage 0: the base model. Loaded as given, or a tiny Llama pretrained on the source domain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
+from pipelines.data import encode, load_domain, special_ids, train_batches
+from pipelines.engine import train
+from pipelines.modeling import build_tiny_llama, char_tokenizer
+from pipelines.tracking import Tracker
+from pipelines.workspace import Workspace, write_dir_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseResult:
+    path: str
+    """from_pretrained-loadable directory or hub id."""
+    pretrained_here: bool
+    seconds: float = 0.0
+    final_loss: float | None = None
+
+
+def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, *, max_length: int, seed: int,
+                 out_dir: str, tracker: Tracker) -> BaseResult:
+    """Return the base model's path, pretraining the tiny Llama first when ``model.path`` is empty.
+
+    The pretrained base is reused when its recipe (model shape, pretraining settings, source
+    data) is unchanged, so a rerun does not pay for it twice.
+    """
+    if model.path:
+        return BaseResult(model.path, pretrained_here=False)
+    ws = Workspace(Path(out_dir))
+    splits = load_domain(source, ws.data, default_curvature=1)
+    recipe = json.dumps({"tiny": model.tiny.model_dump(), "pretrain": model.pretrain.model_dump(), "seed": seed,
+                         "data": splits.fingerprint, "max_length": max_length, "ds": ds.model_dump()}, sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    marker = ws.base / "lalora_base.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
+        log.info("base model %s is up to date; not pretraining again", ws.base)
+        return BaseResult(str(ws.base), pretrained_here=False)
+
+    tokenizer = char_tokenizer()
+    net = build_tiny_llama(model.tiny, tokenizer, seed)
+    n_params = sum(p.numel() for p in net.parameters())
+    tracker.log_params({"base.params": n_params, "base.pretrain_steps": model.pretrain.steps})
+    _, _, pad = special_ids(tokenizer)
+    examples = encode(tokenizer, splits.train, max_length)
+    torch.manual_seed(seed)
+    result = train(net, list(net.parameters()), train_batches(examples, model.pretrain.batch_size, pad, seed),
+                   steps=model.pretrain.steps, lr=model.pretrain.lr, batch_size=model.pretrain.batch_size, ds=ds,
+                   make_penalty=None, tracker=tracker, log_every=25, desc=f"pretrain base on {source.name}") \
+        if model.pretrain.steps > 0 else None
+
+    def write(d: Path) -> None:
+        net.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_json_atomic(d / "lalora_base.json", {"recipe_sha256": digest, "params": n_params})
+
+    write_dir_atomic(ws.base, write)
+    log.info("pretrained a %d-parameter base model on %s -> %s", n_params, source.name, ws.base)
+    return BaseResult(str(ws.base), pretrained_here=True, seconds=result.seconds if result else 0.0,
+                      final_loss=result.final_loss if result else None)

@@ -1,0 +1,45 @@
+"""Shared fixtures: seeded tiny peft models built from a config (nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 11
+
+
+def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r: int = 2):
+    """A 1-layer Llama with LoRA on q/v/up projections, fp32, eval mode."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(cfg)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    if nonzero_b:
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_lora_model()
+
+
+def padded_batch(seed: int = 1, vocab: int = VOCAB, lengths=(7, 5, 6, 3)):
+    """Right-padded sequences with masked prompts (2 tokens) and padding, like training batches."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, :n] = 1
+        labels[i, 2:n] = ids[i, 2:n]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
