@@ -70,6 +70,9 @@ class CurvatureEstimator(ABC):
     # --- the shared pass --------------------------------------------------------------
     def estimate(self, model: nn.Module, batches: Iterable[Batch],
                  progress: Callable[[int], None] | None = None) -> CurvatureEstimate:
+        # A DeepSpeed engine (ZeRO 0-2: parameters replicated) is run through its module, so
+        # the engine's gradient-reduction hooks never see this pass.
+        model = unwrap(model)
         params = lora_parameters(model, self.adapter_name)
         state = self._init_state(params)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -93,6 +96,12 @@ class CurvatureEstimator(ABC):
         precision = self._finalize(state, n, params)
         zero = [name for name, t in precision.to_state_dict().items() if not bool(t.any())]
         return CurvatureEstimate(precision, n, self.fisher_type, zero)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a wrapper that exposes it as ``.module`` (DeepSpeed engine, DDP)."""
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _all_reduce_(state: dict[str, Tensor], n: int) -> int:

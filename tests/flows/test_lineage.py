@@ -1,0 +1,106 @@
+"""The real flow end to end: Prefect flow run, DeepSpeed engine, MLflow store and registry."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from flows.lineage import lineage_flow
+
+TINY = """\
+# Run: lalora run tiny.yaml
+name: tiny
+model:
+  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
+  pretrain: {steps: 20, lr: 3.0e-3, batch_size: 16}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+lalora: {lambda: 5, samples: 16, batch_size: 8}
+source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
+domains:
+  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
+  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}
+training: {steps: 6, batch_size: 8, log_every: 2}
+evaluation: {batch_size: 12, max_new_tokens: 6}
+tracking: {experiment: tiny, registered_model: tiny-adapter}
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lineage")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY)
+    result = lineage_flow(str(cfg), str(root / "out"), [])
+    return root, result
+
+
+def test_r_matrix_and_metrics_json(finished):
+    root, result = finished
+    on_disk = json.loads((root / "out" / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    for key in ("R", "domains", "ACC", "BWT", "forgetting", "registered_model", "versions"):
+        assert key in on_disk
+    assert on_disk["domains"] == ["src", "one", "two"]
+    assert len(on_disk["R"]) == 3 and all(len(row) == 3 for row in on_disk["R"])
+    assert all(0.0 <= v <= 1.0 for row in on_disk["R"] for v in row)
+    assert set(on_disk["forgetting"]) == {"src", "one"}
+    assert (root / "out" / "R.png").stat().st_size > 1000
+
+
+def test_mlflow_runs_hold_params_metrics_and_artifacts(finished):
+    root, result = finished
+    client = MlflowClient(result["mlflow_uri"])
+    parent = client.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["lalora.lambda"] == "5.0"
+    assert {"ACC", "BWT", "mean_forgetting"} <= set(parent.data.metrics)
+    top = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"metrics.json", "R.png"} <= top
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["lalora.domain"] for r in children) == ["one", "two"]
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in history] == [2, 4, 6]
+        assert "train/penalty" in run.data.metrics and "eval/src/accuracy" in run.data.metrics
+        assert "curvature/n_samples" in run.data.metrics
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"adapter", "curvature"} <= arts
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "curvature")}
+        assert {"curvature/precision.safetensors", "curvature/precision.json"} <= files
+    stage1 = next(r for r in children if r.data.tags["lalora.domain"] == "one")
+    assert stage1.data.metrics["curvature/zero_A_matrices"] == 4  # B = 0 caveat: visible, per A matrix
+
+
+def test_registry_has_one_version_per_stage(finished):
+    _, result = finished
+    client = MlflowClient(result["mlflow_uri"], registry_uri=result["mlflow_uri"])
+    versions = sorted(client.search_model_versions("name = 'tiny-adapter'"), key=lambda v: int(v.version))
+    assert [v.version for v in versions] == ["1", "2"] == result["versions"]
+    assert [v.tags["lalora.domain"] for v in versions] == ["one", "two"]
+    assert [v.tags["lalora.stage"] for v in versions] == ["1", "2"]
+    assert client.get_model_version_by_alias("tiny-adapter", "newest").version == "2"
+    assert versions[0].source.endswith("/adapter")
+
+
+def test_adapter_and_precision_checkpoints_on_disk(finished):
+    from lalora import load_precision
+
+    root, _ = finished
+    stage2 = root / "out" / "stages" / "02-two"
+    assert (stage2 / "adapter" / "adapter_config.json").is_file()
+    precision, meta = load_precision(stage2 / "precision")
+    assert [h["domain"] for h in meta.history] == ["src", "one"]
+    assert meta.structure == "diag" and meta.n_samples == 16
+
+
+def test_cli_run_prints_the_summary(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("domains:\n", "domains:\n").replace(
+        "  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}\n", ""))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out"), "--set", "lalora.lambda=0"]) == 0
+    out = capsys.readouterr().out
+    assert "R (accuracy)" in out and "BWT" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "registered: tiny-adapter versions 1" in out
+    assert not (tmp_path / "out" / "stages" / "01-one" / "precision").exists()  # lambda = 0 computes no curvature

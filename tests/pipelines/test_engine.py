@@ -1,0 +1,78 @@
+"""The training loop inside a real DeepSpeed engine (CPU accelerator, gloo)."""
+
+import itertools
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from lalora import DiagPrecision, LaplacePenalty, Prior, build_estimator, lora_parameters
+from pipelines.config import DeepSpeedConfig
+from pipelines.engine import DivergenceError, train
+from pipelines.tracking import NullTracker
+from tests.conftest import padded_batch, tiny_lora_model
+
+
+class Recorder(NullTracker):
+    def __init__(self):
+        self.metrics = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, metrics))
+
+
+def drift(model, anchor):
+    return sum(float((p.param.detach() - anchor[p.name]).square().sum()) for p in lora_parameters(model))
+
+
+def run(lam, zero_stage=0, steps=12):
+    model = tiny_lora_model(seed=0).train()
+    params = lora_parameters(model)
+    anchor = {p.name: p.param.detach().clone() for p in params}
+    ones = DiagPrecision({p.name: torch.ones_like(p.param) for p in params})
+    rec = Recorder()
+    result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=steps, lr=1e-2,
+                   batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=rec, log_every=4, desc="test",
+                   make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)))
+    return model, anchor, result, rec
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_penalty_holds_parameters_to_the_anchor_inside_deepspeed(zero_stage):
+    free, anchor, res0, rec = run(0.0, zero_stage)
+    held, anchor_h, res1, _ = run(1000.0, zero_stage)
+    assert res0.steps == 12 and [s for s, _ in rec.metrics] == [4, 8, 12]
+    assert res0.final_penalty == 0.0 and res1.final_penalty > 0.0
+    assert drift(held, anchor_h) < 0.2 * drift(free, anchor)
+
+
+def test_curvature_of_a_model_inside_an_engine_equals_the_bare_model():
+    import deepspeed
+
+    from pipelines.engine import deepspeed_config, ensure_distributed
+
+    bare = tiny_lora_model(seed=4)
+    expected = build_estimator("diag").estimate(bare, [padded_batch()]).precision.to_state_dict()
+    ensure_distributed()
+    wrapped = tiny_lora_model(seed=4)
+    params = [p.param for p in lora_parameters(wrapped)]
+    engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params,
+                                      optimizer=torch.optim.AdamW(params, lr=1e-3),
+                                      config=deepspeed_config(DeepSpeedConfig(zero_stage=1), 4))
+    got = build_estimator("diag").estimate(engine, [padded_batch()]).precision.to_state_dict()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=1e-5, atol=1e-9)
+
+
+def test_non_finite_loss_stops_the_stage():
+    model = tiny_lora_model(seed=0).train()
+    params = lora_parameters(model)
+    anchor = {p.name: p.param.detach().clone() for p in params}
+    inf = DiagPrecision({p.name: torch.full_like(p.param, float("inf")) for p in params})
+    with torch.no_grad():
+        params[1].param.add_(1.0)  # away from the anchor, so the infinite precision shows
+    with pytest.raises(DivergenceError, match="non-finite penalty at step 0"):
+        train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=3, lr=1e-2, batch_size=4,
+              ds=DeepSpeedConfig(), tracker=NullTracker(), log_every=1, desc="diverge",
+              make_penalty=lambda m: LaplacePenalty(inf, anchor, lora_parameters(m), 1.0))
