@@ -1,0 +1,18 @@
+# Production image: CUDA base, the package installed, `lalora` as entry point.
+#   docker build -t lalora .
+#   docker run --gpus all -v $PWD/runs:/app/runs lalora run configs/demo.yaml --out runs/demo
+FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false TORCH_EXTENSIONS_DIR=/app/.cache/torch_extensions
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip build-essential \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY lalora lalora
+COPY pipelines pipelines
+COPY flows flows
+COPY configs configs
+# GPU torch from the CUDA wheel index; the rest from PyPI
+RUN python3.11 -m pip install torch --index-url https://download.pytorch.org/whl/cu124 && python3.11 -m pip install .
+ENTRYPOINT ["lalora"]
+CMD ["--help"]
