@@ -90,6 +90,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     tracker = parent.tracker()
     tracker.log_params(cfg.model_dump(mode="json", by_alias=True))
     domains = [d.name for d in cfg.all_domains]
+    stage: RunRef | None = None
     try:
         # 1. the base model (the tiny one is pretrained on the source domain)
         base = base_task(cfg, str(ws.root), parent)
@@ -120,6 +121,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
                                 {d: s["accuracy"] for d, s in scores.items()})
             versions.append(reg.version)
             end_run(stage)
+            stage = None
             anchor = tuned.adapter
         # 7. the report: R, continual-learning metrics, heatmap
         report = report_mod.build_report(domains, rows)
@@ -135,5 +137,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         end_run(parent)
         return result
     except BaseException:
+        if stage is not None:
+            end_run(stage, "FAILED")
         end_run(parent, "FAILED")
         raise

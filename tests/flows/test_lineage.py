@@ -104,3 +104,19 @@ def test_cli_run_prints_the_summary(tmp_path, capsys):
     assert "R (accuracy)" in out and "BWT" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     assert "registered: tiny-adapter versions 1" in out
     assert not (tmp_path / "out" / "stages" / "01-one" / "precision").exists()  # lambda = 0 computes no curvature
+
+
+def test_missing_data_fails_in_one_line_and_registers_nothing(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("{name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}",
+                                "{name: two, data: {kind: local, path: missing.jsonl}, eval_size: 12}"))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err  # progress bars share stderr; the error is its own last line
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lalora: error: domain two: data file") and last.endswith("relative to the config file)")
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+    assert client.search_model_versions("name = 'tiny-adapter'") == []
