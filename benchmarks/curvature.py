@@ -1,6 +1,6 @@
 """Cost of the Laplace penalty and of the curvature pass, as ratios measured side by side.
 
-    python benchmarks/curvature.py [--json] [--hidden 256 --layers 4 --batch 8 --seq 128]
+    python benchmarks/curvature.py [--json] [--hidden 256 --layers 4 --batch 8 --seq 128,32,16]
 
 Measures on one Llama-shaped model with LoRA on every linear layer (random weights, B != 0):
   step_plain      training step: forward, backward, AdamW on the LoRA matrices
@@ -9,7 +9,9 @@ Measures on one Llama-shaped model with LoRA on every linear layer (random weigh
   backward        one batched forward + backward of the batch (the curvature pass's floor)
   fisher_hook     lalora's diag Fisher over the batch (per-sequence grads from layer hooks)
   fisher_loop     one forward + backward per sequence (brute force)
-Timings are medians of interleaved repetitions; the last line printed is one JSON object.
+  penalty_only    the diag penalty's forward + backward alone (naive_only: the naive sum's)
+Timings are the minimum over interleaved repetitions (medians are in the JSON too); each
+sequence length is measured on the same model; the last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -47,15 +49,18 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--seq", default="128,32,16",
+                    help="tokens per sequence, comma-separated; the first sets the top-level keys (the demo's "
+                         "sequences are 12-18 tokens)")
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--block", type=int, default=4, help="training steps per timed block")
     args = ap.parse_args()
 
     from lalora import DiagPrecision, LaplacePenalty, build_estimator, lora_parameters
     from lalora.curvature.hooks import sequence_nll
 
     model, cfg = build(args.hidden, args.layers, args.vocab, args.rank)
-    model.train()
+    model.eval()  # dropout is 0, so train and eval mode compute the same; no mode switches are timed
     params = lora_parameters(model)
     plist = [p.param for p in params]
     anchor = {p.name: p.param.detach().clone() for p in params}
@@ -64,67 +69,95 @@ def main() -> None:
     penalty = LaplacePenalty(prec, anchor, params, lam=1.0)
     naive_f = [prec.values[p.name] for p in params]
     naive_a = [anchor[p.name] for p in params]
-    opt = torch.optim.AdamW(plist, lr=1e-6)
-    B, T = args.batch, args.seq
-    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def step(kind: str) -> None:
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        if kind == "diag":
-            loss = loss + penalty()
-        elif kind == "naive":
-            loss = loss + 0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))
-        loss.backward()
-        opt.step()
+    def measure(T: int) -> dict:
+        opt = torch.optim.AdamW(plist, lr=1e-6)
+        B = args.batch
+        ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
-    def backward() -> None:
-        model.zero_grad(set_to_none=True)
-        sequence_nll(model(input_ids=ids).logits, ids).sum().backward()
+        def step(kind: str) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            if kind == "diag":
+                loss = loss + penalty()
+            elif kind == "naive":
+                loss = loss + 0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))
+            loss.backward()
+            opt.step()
 
-    estimator = build_estimator("diag")
-
-    def fisher_hook() -> None:
-        estimator.estimate(model, [batch])
-
-    def fisher_loop() -> None:
-        acc = [torch.zeros_like(p) for p in plist]
-        for i in range(B):
+        def backward() -> None:
             model.zero_grad(set_to_none=True)
-            sequence_nll(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]).sum().backward()
-            for a, p in zip(acc, plist):
-                a.add_(p.grad.square())
+            sequence_nll(model(input_ids=ids).logits, ids).sum().backward()
 
-    fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"), "step_naive": lambda: step("naive"),
-           "backward": backward, "fisher_hook": fisher_hook, "fisher_loop": fisher_loop}
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.reps):  # interleaved, so drift hits every measurement alike
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
+        estimator = build_estimator("diag")
+
+        def fisher_hook() -> None:
+            estimator.estimate(model, [batch])
+
+        def fisher_loop() -> None:
+            acc = [torch.zeros_like(p) for p in plist]
+            for i in range(B):
+                model.zero_grad(set_to_none=True)
+                sequence_nll(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]).sum().backward()
+                for a, p in zip(acc, plist):
+                    a.add_(p.grad.square())
+
+        def penalty_only() -> None:
+            penalty().backward()
+
+        def naive_only() -> None:
+            (0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))).backward()
+
+        fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"), "step_naive": lambda: step("naive"),
+               "backward": backward, "fisher_hook": fisher_hook, "fisher_loop": fisher_loop,
+               "penalty_only": penalty_only, "naive_only": naive_only}
+        for fn in fns.values():  # warm-up
             fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    ms = {k: statistics.median(v) for k, v in times.items()}
-    n_all = sum(p.numel() for p in model.parameters())
-    summary = {
-        "penalty_overhead": ms["step_diag"] / ms["step_plain"],
-        "penalty_overhead_naive": ms["step_naive"] / ms["step_plain"],
-        "curvature_vs_backward": ms["fisher_hook"] / ms["backward"],
-        "loop_vs_hook": ms["fisher_loop"] / ms["fisher_hook"],
-        "ms": {k: round(v, 2) for k, v in ms.items()},
-        "model": {"params": n_all, "lora_params": sum(p.numel() for p in plist), "lora_matrices": len(plist),
-                  "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "rank": args.rank},
-        "batch": B, "seq": T, "reps": args.reps, "device": "cpu", "threads": torch.get_num_threads(),
-    }
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        order = list(fns)
+        for rep in range(args.reps):  # interleaved, order reversed every other rep, so drift hits all alike
+            for k in (order if rep % 2 == 0 else order[::-1]):
+                n = args.block if k.startswith("step_") else 1  # steps timed in blocks: a few % must show
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fns[k]()
+                times[k].append((time.perf_counter() - t0) * 1e3 / n)
+        # min over repetitions: noise on a shared machine only ever adds time (timeit's advice)
+        ms = {k: min(v) for k, v in times.items()}
+        median = {k: statistics.median(v) for k, v in times.items()}
+        n_all = sum(p.numel() for p in model.parameters())
+        summary = {
+            "penalty_overhead": ms["step_diag"] / ms["step_plain"],
+            "penalty_overhead_naive": ms["step_naive"] / ms["step_plain"],
+            "curvature_vs_backward": ms["fisher_hook"] / ms["backward"],
+            "loop_vs_hook": ms["fisher_loop"] / ms["fisher_hook"],
+            # the penalty's own forward + backward, timed alone: 1 + that / plain step
+            "penalty_overhead_isolated": 1 + ms["penalty_only"] / ms["step_plain"],
+            "penalty_overhead_naive_isolated": 1 + ms["naive_only"] / ms["step_plain"],
+            "ms": {k: round(v, 2) for k, v in ms.items()},
+            "ms_median": {k: round(v, 2) for k, v in median.items()},
+            "model": {"params": n_all, "lora_params": sum(p.numel() for p in plist), "lora_matrices": len(plist),
+                      "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "rank": args.rank},
+            "batch": B, "seq": T, "reps": args.reps, "device": "cpu", "threads": torch.get_num_threads(),
+        }
+        return summary
+
+    seqs = [int(v) for v in args.seq.split(",")]
+    results = {T: measure(T) for T in seqs}
+    summary = dict(results[seqs[0]])
+    summary["by_seq"] = {str(T): {k: r[k] for k in ("penalty_overhead", "penalty_overhead_naive",
+                                                    "penalty_overhead_isolated", "penalty_overhead_naive_isolated",
+                                                    "curvature_vs_backward", "loop_vs_hook", "ms")}
+                         for T, r in results.items()}
     if not args.json:
-        for k, v in ms.items():
-            print(f"{k:<12} {v:9.1f} ms")
-        print(f"penalty overhead (diag step / plain step):  {summary['penalty_overhead']:.3f}"
-              f"   naive Python sum: {summary['penalty_overhead_naive']:.3f}")
-        print(f"curvature pass / batched backward:          {summary['curvature_vs_backward']:.3f}")
-        print(f"per-sequence loop / hook curvature:         {summary['loop_vs_hook']:.2f}")
+        print(f"{'seq':>5} {'plain step':>11} {'diag/plain':>11} {'naive/plain':>12} {'diag alone':>11} "
+              f"{'naive alone':>12} {'curv/bwd':>9} {'loop/hook':>10}")
+        for T, r in results.items():
+            print(f"{T:>5} {r['ms']['step_plain']:>8.1f} ms {r['penalty_overhead']:>11.3f} "
+                  f"{r['penalty_overhead_naive']:>12.3f} {r['penalty_overhead_isolated']:>11.4f} "
+                  f"{r['penalty_overhead_naive_isolated']:>12.4f} {r['curvature_vs_backward']:>9.3f} "
+                  f"{r['loop_vs_hook']:>10.2f}")
     print(json.dumps(summary))
 
 

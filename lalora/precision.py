@@ -160,20 +160,28 @@ class DiagPrecision(Precision):
         return cls(dict(state))
 
     def bind(self, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
-        """Multi-tensor (foreach) kernels instead of a Python loop over the matrices.
+        """Flattened once: anchor and precision live in one contiguous vector each.
 
-        The whole quadratic form is one autograd node whose backward is the closed form
-        2 * Lambda * (theta - theta*), so a step pays a handful of fused kernels however
-        many LoRA matrices the model has.
+        Each call concatenates the live parameters into one vector (a single ``cat``) and the
+        whole quadratic form is a handful of vector kernels in one autograd node, whose
+        backward is the closed form 2 * Lambda * (theta - theta*) split back into views. The
+        cost does not grow with the number of LoRA matrices beyond that one ``cat``.
         """
         self._check_names(params)
         plist = [params[n] for n in self.names]
-        alist = [anchor[n].detach().to(device=p.device, dtype=p.dtype).clone() for n, p in zip(self.names, plist)]
-        prec = [self.values[n].to(device=p.device, dtype=p.dtype) for n, p in zip(self.names, plist)]
-        sqrt_prec = torch._foreach_sqrt(prec)
+        ref = plist[0]
+        anchor_flat = torch.cat([anchor[n].detach().reshape(-1) for n in self.names]).to(ref.device, ref.dtype)
+        prec_flat = torch.cat([self.values[n].reshape(-1) for n in self.names]).to(ref.device, ref.dtype)
+        layout = ([p.numel() for p in plist], [p.shape for p in plist])
+        # Flat views of the live parameters, made once: optimizers update parameters in
+        # place, so the views stay current; a wrapper that reallocates them is detected.
+        views = [p.detach().view(-1) for p in plist]
 
         def quad() -> Tensor:
-            return _DiagQuadForm.apply(alist, prec, sqrt_prec, *plist)
+            nonlocal views
+            if views[0].data_ptr() != plist[0].data_ptr() or views[-1].data_ptr() != plist[-1].data_ptr():
+                views = [p.detach().view(-1) for p in plist]
+            return _FlatQuadForm.apply(anchor_flat, prec_flat, layout, views, *plist)
 
         return quad
 
@@ -187,21 +195,25 @@ class DiagPrecision(Precision):
         return out
 
 
-class _DiagQuadForm(torch.autograd.Function):
-    """sum_i Lambda_i (theta_i - theta*_i)^2 over a list of tensors, with a closed-form backward."""
+class _FlatQuadForm(torch.autograd.Function):
+    """sum_i Lambda_i (theta_i - theta*_i)^2 over flattened parameters, with a closed-form backward."""
 
     @staticmethod
-    def forward(ctx, anchors: list[Tensor], prec: list[Tensor], sqrt_prec: list[Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
-        delta = torch._foreach_sub(list(params), anchors)
-        norms = torch._foreach_norm(torch._foreach_mul(delta, sqrt_prec))
-        ctx.delta, ctx.prec = delta, prec
-        return torch.stack(norms).float().square().sum()
+    def forward(ctx, anchor: Tensor, prec: Tensor, layout: tuple[list[int], list[torch.Size]],  # type: ignore[override]
+                views: list[Tensor], *params: Tensor) -> Tensor:
+        delta = torch.cat(views).sub_(anchor)
+        weighted = delta * prec
+        ctx.save_for_backward(weighted)
+        ctx.layout = layout
+        return torch.dot(weighted.float(), delta.float())
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grads = torch._foreach_mul(ctx.delta, ctx.prec)
-        torch._foreach_mul_(grads, (2.0 * grad_out).to(grads[0].dtype))
-        return (None, None, None, *grads)
+        (weighted,) = ctx.saved_tensors
+        flat = weighted * (2.0 * grad_out).to(weighted.dtype)
+        sizes, shapes = ctx.layout
+        grads = [g.view(shape) for g, shape in zip(torch.split(flat, sizes), shapes)]
+        return (None, None, None, None, *grads)
 
 
 PRECISIONS: dict[str, type[Precision]] = {DiagPrecision.structure: DiagPrecision}

@@ -78,7 +78,8 @@ class CurvatureEstimator(ABC):
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         n = 0
         was_training = model.training
-        model.eval()  # no dropout: the curvature is that of the deterministic model
+        if was_training:
+            model.eval()  # no dropout: the curvature is that of the deterministic model
         try:
             for batch in batches:
                 for grads, n_seq in per_sequence_output_grads(
@@ -89,7 +90,8 @@ class CurvatureEstimator(ABC):
                 if progress is not None:
                     progress(int(batch["input_ids"].shape[0]))
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         n = _all_reduce_(state, n)
         if n == 0:
             raise ValueError("no curvature samples: every sequence had its labels masked (-100)")

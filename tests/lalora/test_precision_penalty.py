@@ -115,3 +115,19 @@ def test_penalty_works_on_a_model_inside_a_wrapper_module(model):
     bare = [p.name for p in lora_parameters(model)]
     wrapped = [p.name for p in lora_parameters(wrapper)]
     assert bare == wrapped
+
+
+def test_penalty_follows_in_place_updates_and_reallocated_parameters(model):
+    """Optimizers update in place (cached views stay current); a wrapper may swap storage."""
+    params = lora_parameters(model)
+    anchor = {p.name: p.param.detach().clone() for p in params}
+    ones = DiagPrecision({p.name: torch.ones_like(p.param) for p in params})
+    pen = LaplacePenalty(ones, anchor, params, 2.0)
+    with torch.no_grad():
+        params[0].param.add_(0.5)  # in place, like AdamW
+    expect = float((0.5 ** 2) * params[0].param.numel())
+    assert_close(pen().detach(), torch.tensor(expect), rtol=1e-5, atol=1e-6)
+    for p in params:  # new storage, like a wrapper casting or moving the parameters
+        p.param.data = p.param.data.clone() + 1.0
+    total = sum(float((p.param.detach() - anchor[p.name]).square().sum()) for p in params)
+    assert_close(pen().detach(), torch.tensor(total), rtol=1e-5, atol=1e-6)
