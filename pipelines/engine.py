@@ -125,8 +125,6 @@ def train(
     bar.close()
     seconds = time.perf_counter() - t0
     engine.eval()
-    # The engine holds no state we need after this; release optimizer memory now.
-    engine.optimizer = None
     if math.isnan(loss_v):
         raise DivergenceError(f"{desc}: no steps were run")
     return TrainResult(steps, loss_v, pen_v, seconds, tokens)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from pipelines.config import LoraSettings, ModelConfig, TinyModelConfig
+from pipelines.config import LoraSettings, TinyModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHAR_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]

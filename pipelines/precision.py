@@ -48,9 +48,6 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     if previous is not None:
         prev_precision, prev_meta = load_precision(previous, shapes)
         history = prev_meta.history
-        if prev_meta.structure != _structure(cfg):
-            raise ValueError(f"previous precision {previous} is {prev_meta.structure}, this lineage uses "
-                             f"{cfg.curvature.kind}; start a new lineage to change the curvature kind")
 
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
@@ -65,6 +62,9 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
         log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
                     "only tau_A = %g constrains A in this stage. Expected, not a bug.", stage, prior.tau_A)
+    if prev_precision is not None and prev_precision.structure != est.precision.structure:
+        raise ValueError(f"previous precision {previous} is {prev_precision.structure}, this stage computed "
+                         f"{est.precision.structure}; start a new lineage to change the curvature kind")
     precision = accumulate(prev_precision, est.precision, cfg.accumulate.mode, cfg.accumulate.gamma)
     history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
@@ -85,7 +85,3 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     tracker.log_artifact(target, "curvature")
     return PrecisionResult(str(target), meta.structure, est.n_samples, len(est.zero_curvature), seconds, meta.sha256)
 
-
-def _structure(cfg: LaLoRAConfig) -> str:
-    # identity is stored as a diagonal precision of ones
-    return "diag"
