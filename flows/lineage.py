@@ -23,7 +23,7 @@ from pipelines import pretrain as pretrain_mod
 from pipelines import register as register_mod
 from pipelines import report as report_mod
 from pipelines.config import LineageConfig, load_config
-from pipelines.workspace import Workspace
+from pipelines.workspace import Workspace, write_json_atomic
 
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
 
@@ -128,7 +128,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         result = report.as_json(cfg.tracking.registered_model, versions,
                                 {"mlflow_uri": uri, "run_id": parent.run_id, "lambda": cfg.lalora.lam,
                                  "curvature": cfg.lalora.curvature.kind, "config_sha256": digest})
-        report_mod.write_metrics(ws.root / "metrics.json", result)
+        write_json_atomic(ws.root / "metrics.json", result)
         heatmap = report_mod.plot_heatmap(domains, report.R, ws.root / "R.png",
                                           f"{cfg.name}: accuracy, lambda = {cfg.lalora.lam:g}")
         tracker.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, float)})

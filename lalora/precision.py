@@ -113,7 +113,8 @@ class Precision(ABC):
 
     def _check_compatible(self, other: Precision) -> None:
         if type(other) is not type(self):
-            raise TypeError(f"cannot combine a {self.structure} precision with a {other.structure} precision")
+            raise ValueError(f"cannot combine a {self.structure} precision with a {other.structure} precision; "
+                             "start a new lineage to change the curvature kind")
         if self.shapes != other.shapes:
             missing = sorted(set(self.shapes) ^ set(other.shapes))
             detail = f"names differ: {missing[:3]}" if missing else "shapes differ"
@@ -164,8 +165,8 @@ class DiagPrecision(Precision):
 
         Each call concatenates the live parameters into one vector (a single ``cat``) and the
         whole quadratic form is a handful of vector kernels in one autograd node, whose
-        backward is the closed form 2 * Lambda * (theta - theta*) split back into views. The
-        cost does not grow with the number of LoRA matrices beyond that one ``cat``.
+        backward is the closed form 2 * Lambda * (theta - theta*) split back into views. Per
+        matrix there remains only the ``cat`` input and autograd's gradient accumulation.
         """
         self._check_names(params)
         plist = [params[n] for n in self.names]

@@ -51,9 +51,8 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
         precision, _ = load_precision(precision_dir, {p.name: tuple(p.param.shape) for p in params})
     prior = Prior(lalora.prior.tau_A, lalora.prior.tau_B)
 
-    def make_penalty(module: torch.nn.Module):
-        if precision is None:
-            return None
+    def make_penalty(module: torch.nn.Module) -> LaplacePenalty:
+        assert precision is not None
         return LaplacePenalty(precision, anchor, lora_parameters(module), lalora.lam, prior)
 
     splits = load_domain(domain, Path(data_dir), lalora.samples)

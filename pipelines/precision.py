@@ -62,9 +62,6 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
         log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
                     "only tau_A = %g constrains A in this stage. Expected, not a bug.", stage, prior.tau_A)
-    if prev_precision is not None and prev_precision.structure != est.precision.structure:
-        raise ValueError(f"previous precision {previous} is {prev_precision.structure}, this stage computed "
-                         f"{est.precision.structure}; start a new lineage to change the curvature kind")
     precision = accumulate(prev_precision, est.precision, cfg.accumulate.mode, cfg.accumulate.gamma)
     history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,

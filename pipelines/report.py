@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from lalora import continual_metrics
-from pipelines.workspace import write_json_atomic
 
 
 @dataclass
@@ -50,10 +49,6 @@ def format_summary(report: LineageReport) -> str:
     fwt = "n/a" if m["FWT"] is None else f"{m['FWT']:+.3f}"
     return (f"ACC {m['ACC']:.3f}   BWT {m['BWT']:+.3f}   FWT {fwt}   mean forgetting {m['mean_forgetting']:.3f}\n"
             f"forgetting: {forg}\nlearning:   {learn}")
-
-
-def write_metrics(path: Path, data: dict[str, Any]) -> None:
-    write_json_atomic(path, data)
 
 
 def plot_heatmap(domains: list[str], R: list[list[float]], path: Path, title: str) -> Path:

@@ -108,7 +108,7 @@ def test_prior_is_per_matrix_kind(model):
         Prior(tau_A=-1.0)
 
 
-def test_penalty_works_on_a_model_inside_a_wrapper_module(model):
+def test_lora_names_are_the_same_inside_a_wrapper_module(model):
     """Names are canonical: a precision from the bare model applies to a wrapped one (DeepSpeed's 'module.')."""
     wrapper = torch.nn.Module()
     wrapper.module = model
@@ -131,3 +131,12 @@ def test_penalty_follows_in_place_updates_and_reallocated_parameters(model):
         p.param.data = p.param.data.clone() + 1.0
     total = sum(float((p.param.detach() - anchor[p.name]).square().sum()) for p in params)
     assert_close(pen().detach(), torch.tensor(total), rtol=1e-5, atol=1e-6)
+
+
+def test_combining_structures_is_a_clear_error(model):
+    class Other(DiagPrecision):
+        structure = "other"
+
+    a = DiagPrecision({p.name: torch.ones_like(p.param) for p in lora_parameters(model)})
+    with pytest.raises(ValueError, match="cannot combine a diag precision with a other precision"):
+        accumulate(a, Other(a.values), "sum")
