@@ -134,22 +134,11 @@ class KronPrecision(Precision):
         return self._new(blocks, self.ridge)
 
     def bind(self, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
-        """One autograd node: forward computes Lambda delta without a graph, backward is 2 Lambda delta."""
+        """One autograd node over modules batched by shape (``kron_bind``); backward is 2 Lambda delta."""
+        from lalora.kron_bind import bind_grouped
+
         self._check_names(params)
-        names = self.names
-        ref = params[names[0]]
-        prec = self.to_device(ref.device, ref.dtype)
-        plist = [params[n] for n in names]
-        alist = [anchor[n].detach().to(ref.device, ref.dtype) for n in names]
-
-        def matvec(deltas: list[Tensor]) -> list[Tensor]:
-            mv = prec.matvec(dict(zip(names, deltas)))
-            return [mv[n] for n in names]
-
-        def quad() -> Tensor:
-            return _MatvecQuadForm.apply(matvec, alist, *plist)
-
-        return quad
+        return bind_grouped(self, params, anchor)
 
     def to_dense(self) -> Tensor:
         """The full precision over all LoRA parameters (column-major vec per matrix). Tests only."""
@@ -238,8 +227,8 @@ class KronTriPrecision(KronPrecision):
         for m, terms in self.cross.items():
             a, b = f"{m}.lora_A", f"{m}.lora_B"
             for t in terms:
-                out[a] = out[a] + t.g @ delta[b] @ t.s.T  # (r, d_out)(d_out, r)(r, d_in)
-                out[b] = out[b] + t.g.T @ delta[a] @ t.s  # (d_out, r)(r, d_in)(d_in, r)
+                out[a] = out[a] + (t.g @ delta[b]) @ t.s.T  # [(r, d_out)(d_out, r)](r, d_in)
+                out[b] = out[b] + t.g.T @ (delta[a] @ t.s)  # (d_out, r)[(r, d_in)(d_in, r)]
         return out
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> KronTriPrecision:
@@ -344,27 +333,6 @@ def project_psd(a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float =
     if rho <= 1 - margin:
         return cross
     return replace(cross, g=cross.g * ((1 - margin) / rho))
-
-
-class _MatvecQuadForm(torch.autograd.Function):
-    """delta^T Lambda delta for delta = params - anchor, given Lambda as a matvec; backward 2 Lambda delta."""
-
-    @staticmethod
-    def forward(ctx, matvec: Callable[[list[Tensor]], list[Tensor]], anchor: list[Tensor],  # type: ignore[override]
-                *params: Tensor) -> Tensor:
-        with torch.no_grad():
-            deltas = [p.detach() - a for p, a in zip(params, anchor)]
-            mv = matvec(deltas)
-            total = torch.stack([(d.float() * m.float()).sum() for d, m in zip(deltas, mv)]).sum()
-        ctx.mv = mv
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        scale = 2.0 * grad_out
-        grads = [m * scale.to(m.dtype) for m in ctx.mv]
-        del ctx.mv
-        return (None, None, *grads)
 
 
 __all__ = ["CrossTerm", "KronPrecision", "KronTerm", "KronTriPrecision", "module_of", "project_psd"]

@@ -10,8 +10,8 @@ from torch.testing import assert_close
 
 from lalora import LaplacePenalty, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature.hooks import influencing_tokens, sequence_nll
-from lalora.factors import DenseFactor, LowRankFactor, add, compress, frobenius_inner, nearest_kronecker
-from lalora.kron import CrossTerm, KronPrecision, KronTerm, KronTriPrecision, project_psd
+from lalora.factors import DenseFactor, add, compress, frobenius_inner, nearest_kronecker
+from lalora.kron import CrossTerm, KronTerm, KronTriPrecision, project_psd
 from tests.conftest import padded_batch, tiny_lora_model
 
 
@@ -289,3 +289,15 @@ def test_a_matrices_have_zero_kfac_curvature_at_a_b_zero_anchor():
     a_names = [p.name for p in lora_parameters(model) if p.kind == "A"]
     assert sorted(est.zero_curvature) == sorted(a_names)
     assert all(not bool(t.g.any()) for ts in est.precision.cross.values() for t in ts)  # g_A = B^T g = 0
+
+
+def test_randomized_compression_of_a_large_factor_finds_its_top_eigenpairs():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(600, 600, generator=g, dtype=torch.float64))
+    spectrum = torch.cat([torch.linspace(100, 10, 8), torch.full((592,), 1e-3)]).double()
+    m = (q * spectrum) @ q.T
+    low = compress(m, 8)  # 600 > exact_below: the randomized path
+    assert_close(low.lam.sort(descending=True).values, spectrum[:8], rtol=1e-6, atol=1e-8)
+    assert_close(low.diag(), m.diagonal(), rtol=1e-9, atol=1e-12)
+    rel = torch.linalg.matrix_norm(low.to_dense() - m) / torch.linalg.matrix_norm(m)
+    assert float(rel) < 1e-3
