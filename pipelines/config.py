@@ -77,11 +77,26 @@ class DiagCurvatureConfig(_Model):
     mc_samples: int = Field(1, ge=1, description="Label draws per sequence for fisher_type mc.")
 
 
+class KFACCurvatureConfig(_Model):
+    kind: Literal["kfac"] = "kfac"
+    fisher_type: Literal["empirical", "mc"] = Field("empirical", description="empirical: observed labels; mc: labels "
+                                                    "sampled from the model.")
+    mc_samples: int = Field(1, ge=1, description="Label draws per sequence for fisher_type mc.")
+    top_k: int = Field(32, ge=1, description="Eigenpairs kept of each large (d x d) factor, plus its diagonal (our default).")
+    max_terms: int = Field(4, ge=1, description="Kronecker terms kept per matrix across domains before the two oldest "
+                           "merge into their nearest Kronecker product.")
+
+
+class KFACTriCurvatureConfig(KFACCurvatureConfig):
+    kind: Literal["kfac-tri"] = "kfac-tri"  # type: ignore[assignment]
+
+
 class IdentityCurvatureConfig(_Model):
     kind: Literal["identity"] = "identity"
 
 
-CurvatureConfig = Annotated[DiagCurvatureConfig | IdentityCurvatureConfig, Field(discriminator="kind")]
+CurvatureConfig = Annotated[DiagCurvatureConfig | KFACCurvatureConfig | KFACTriCurvatureConfig | IdentityCurvatureConfig,
+                            Field(discriminator="kind")]
 
 
 class PriorConfig(_Model):
@@ -103,6 +118,8 @@ class LaLoRAConfig(_Model):
     batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
     accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' curvature combines.")
+    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed this "
+                                    "many GiB (estimated and printed before the pass).")
 
 
 # --- data -------------------------------------------------------------------------------
