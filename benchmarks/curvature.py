@@ -10,6 +10,8 @@ Measures on one Llama-shaped model with LoRA on every linear layer (random weigh
   fisher_hook     lalora's diag Fisher over the batch (per-sequence grads from layer hooks)
   fisher_loop     one forward + backward per sequence (brute force)
   penalty_only    the diag penalty's forward + backward alone (naive_only: the naive sum's)
+  *_kfac, *_kfac_tri  the same step, curvature pass and penalty for the Kronecker structures
+                  (top-k compressed factors); bytes_vs_adapter_S: stored precision / adapter size
 Timings are the minimum over interleaved repetitions (medians are in the JSON too); each
 sequence length is measured on the same model; the last line printed is one JSON object.
 """
@@ -41,6 +43,10 @@ def build(hidden: int, layers: int, vocab: int, r: int, seed: int = 0):
     return model, cfg
 
 
+KRON = ("kfac", "kfac_tri")
+"""Kronecker structures measured beside diag; keys use _ where the config's kind uses -."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print the summary as JSON only (last line)")
@@ -53,6 +59,7 @@ def main() -> None:
                     help="tokens per sequence, comma-separated; the first sets the top-level keys (the demo's "
                          "sequences are 12-18 tokens)")
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--top-k", type=int, default=32, help="eigenpairs kept per large Kronecker factor")
     ap.add_argument("--block", type=int, default=4, help="training steps per timed block")
     args = ap.parse_args()
 
@@ -81,6 +88,8 @@ def main() -> None:
             loss = model(input_ids=ids, labels=ids).loss
             if kind == "diag":
                 loss = loss + penalty()
+            elif kind in kron_penalties:
+                loss = loss + kron_penalties[kind]()
             elif kind == "naive":
                 loss = loss + 0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))
             loss.backward()
@@ -91,6 +100,12 @@ def main() -> None:
             sequence_nll(model(input_ids=ids).logits, ids).sum().backward()
 
         estimator = build_estimator("diag")
+        kron_estimators = {S: build_estimator(S.replace("_", "-"), top_k=args.top_k) for S in KRON}
+        kron_precisions = {S: e.estimate(model, [batch]).precision for S, e in kron_estimators.items()}
+        kron_penalties = {S: LaplacePenalty(p, anchor, params, lam=1.0) for S, p in kron_precisions.items()}
+        adapter_bytes = sum(p.numel() * p.element_size() for p in plist)
+        kron_bytes = {S: sum(t.numel() * t.element_size() for t in p.to_state_dict().values())
+                      for S, p in kron_precisions.items()}
 
         def fisher_hook() -> None:
             estimator.estimate(model, [batch])
@@ -112,6 +127,10 @@ def main() -> None:
         fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"), "step_naive": lambda: step("naive"),
                "backward": backward, "fisher_hook": fisher_hook, "fisher_loop": fisher_loop,
                "penalty_only": penalty_only, "naive_only": naive_only}
+        for S in KRON:
+            fns[f"step_{S}"] = lambda S=S: step(S)
+            fns[f"fisher_{S}"] = lambda S=S: kron_estimators[S].estimate(model, [batch])
+            fns[f"penalty_only_{S}"] = lambda S=S: kron_penalties[S]().backward()
         for fn in fns.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in fns}
@@ -135,10 +154,16 @@ def main() -> None:
             # the penalty's own forward + backward, timed alone: 1 + that / plain step
             "penalty_overhead_isolated": 1 + ms["penalty_only"] / ms["step_plain"],
             "penalty_overhead_naive_isolated": 1 + ms["naive_only"] / ms["step_plain"],
+            **{f"penalty_overhead_{S}": ms[f"step_{S}"] / ms["step_plain"] for S in KRON},
+            **{f"penalty_overhead_{S}_isolated": 1 + ms[f"penalty_only_{S}"] / ms["step_plain"] for S in KRON},
+            **{f"curvature_vs_backward_{S}": ms[f"fisher_{S}"] / ms["backward"] for S in KRON},
+            **{f"bytes_vs_adapter_{S}": kron_bytes[S] / adapter_bytes for S in KRON},
+            "bytes_vs_adapter_diag": 1.0,
             "ms": {k: round(v, 2) for k, v in ms.items()},
             "ms_median": {k: round(v, 2) for k, v in median.items()},
             "model": {"params": n_all, "lora_params": sum(p.numel() for p in plist), "lora_matrices": len(plist),
-                      "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "rank": args.rank},
+                      "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "rank": args.rank,
+                      "top_k": args.top_k},
             "batch": B, "seq": T, "reps": args.reps, "device": "cpu", "threads": torch.get_num_threads(),
         }
         return summary
@@ -146,10 +171,11 @@ def main() -> None:
     seqs = [int(v) for v in args.seq.split(",")]
     results = {T: measure(T) for T in seqs}
     summary = dict(results[seqs[0]])
-    summary["by_seq"] = {str(T): {k: r[k] for k in ("penalty_overhead", "penalty_overhead_naive",
-                                                    "penalty_overhead_isolated", "penalty_overhead_naive_isolated",
-                                                    "curvature_vs_backward", "loop_vs_hook", "ms")}
-                         for T, r in results.items()}
+    keep = ("penalty_overhead", "penalty_overhead_naive", "penalty_overhead_isolated", "penalty_overhead_naive_isolated",
+            "curvature_vs_backward", "loop_vs_hook", "ms",
+            *(f"{m}_{S}" for S in KRON for m in ("penalty_overhead", "curvature_vs_backward")),
+            *(f"penalty_overhead_{S}_isolated" for S in KRON))
+    summary["by_seq"] = {str(T): {k: r[k] for k in keep} for T, r in results.items()}
     if not args.json:
         print(f"{'seq':>5} {'plain step':>11} {'diag/plain':>11} {'naive/plain':>12} {'diag alone':>11} "
               f"{'naive alone':>12} {'curv/bwd':>9} {'loop/hook':>10}")
@@ -158,6 +184,11 @@ def main() -> None:
                   f"{r['penalty_overhead_naive']:>12.3f} {r['penalty_overhead_isolated']:>11.4f} "
                   f"{r['penalty_overhead_naive_isolated']:>12.4f} {r['curvature_vs_backward']:>9.3f} "
                   f"{r['loop_vs_hook']:>10.2f}")
+        print(f"\n{'seq':>5} {'structure':>10} {'step/plain':>11} {'alone':>8} {'curv/bwd':>9} {'bytes/adapter':>14}")
+        for T, r in results.items():
+            for S in KRON:
+                print(f"{T:>5} {S:>10} {r[f'penalty_overhead_{S}']:>11.3f} {r[f'penalty_overhead_{S}_isolated']:>8.4f} "
+                      f"{r[f'curvature_vs_backward_{S}']:>9.3f} {r[f'bytes_vs_adapter_{S}']:>14.2f}")
     print(json.dumps(summary))
 
 
