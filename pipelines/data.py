@@ -79,7 +79,7 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
     assert isinstance(src, HubSource)
     try:
         return datasets.load_dataset(src.id, src.name, split=src.split)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:  # not found, unreachable (ConnectionError), bad split or config
         raise DataError(f"domain {domain}: cannot load dataset {src.id!r}"
                         f"{f' config {src.name!r}' if src.name else ''} split {src.split!r}: {_first_line(e)}") from None
 

@@ -206,3 +206,15 @@ def test_length_grouped_batches_cover_each_example_once_with_less_padding():
     plain_stream = train_batches(enc, 8, tok.pad_token_id, seed=0)
     tokens = sum(int(next(grouped)["input_ids"].numel()) for _ in range(8))  # one epoch each
     assert tokens < sum(int(next(plain_stream)["input_ids"].numel()) for _ in range(8))
+
+
+def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = DomainConfig(name="hub", data=HubSource(id="no-such-owner/no-such-dataset", split="test"), eval_size=5)
+    with pytest.raises(DataError, match="^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
+                                        "'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub"):
+        load_domain(cfg, tmp_path, 5)
