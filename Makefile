@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lambda0 test bench clean
+.PHONY: install demo demo-lambda0 test bench bench-eval clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/curvature.py --json
+
+bench-eval: install
+	$(BIN)/python benchmarks/evaluation.py --json
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -78,7 +78,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(f"{e.source}: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}; "
+    probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
+    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
           f"lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind})")
     return 0
 
@@ -112,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     report = LineageReport(result["domains"], result["R"], result["R_nll"], result)
     print()
-    print(format_matrix(result["domains"], result["R"]))
+    print(format_matrix(result["domains"], result["R"], scores=list(result.get("scores", {}).values())))
     print()
     print(format_summary(report))
     print()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +57,11 @@ def finetune_task(base_path: str, anchor: str, precision_dir: str | None, cfg: L
 
 @task(name="evaluate", **_TASK)
 def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, out_path: str, data_dir: str
-                  ) -> dict[str, dict[str, float]]:
-    scores = evaluate_mod.evaluate(base_path, adapter, cfg.all_domains, cfg.evaluation, dtype=cfg.model.dtype,
+                  ) -> dict[str, dict[str, Any]]:
+    scores = evaluate_mod.evaluate(base_path, adapter, cfg.eval_domains, cfg.evaluation, dtype=cfg.model.dtype,
                                    max_length=cfg.training.max_length, default_curvature=cfg.lalora.samples,
                                    data_dir=data_dir, out_path=out_path)
-    return {k: asdict(v) for k, v in scores.items()}
+    return {k: v.as_json() for k, v in scores.items()}
 
 
 @task(name="register", **_TASK)
@@ -89,7 +88,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
                        tags={"lalora.lineage": cfg.name, "lalora.config_sha256": digest})
     tracker = parent.tracker()
     tracker.log_params(cfg.model_dump(mode="json", by_alias=True))
-    domains = [d.name for d in cfg.all_domains]
+    domains = [d.name for d in cfg.eval_domains]
     stage: RunRef | None = None
     try:
         # 1. the base model (the tiny one is pretrained on the source domain)
@@ -114,26 +113,28 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
             scores = evaluate_task(base.path, tuned.adapter, cfg, str(stage_dir / "eval.json"), str(ws.data))
             rows.append(scores)
             stage.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.items() for k, v in s.items()
-                                         if k in ("accuracy", "nll")})
+                                         if isinstance(v, float)})
             # 6. register the adapter as a new version
             reg = register_task(stage, cfg.tracking.registered_model, cfg.tracking.latest_alias, tuned.adapter, t,
                                 domain.name, precision.sha256 if precision else None,
-                                {d: s["accuracy"] for d, s in scores.items()})
+                                {d: s["score"] for d, s in scores.items()})
             versions.append(reg.version)
             end_run(stage)
             stage = None
             anchor = tuned.adapter
-        # 7. the report: R, continual-learning metrics, heatmap
+        # 7. the report: R per score, continual-learning metrics, plots
         report = report_mod.build_report(domains, rows)
         result = report.as_json(cfg.tracking.registered_model, versions,
                                 {"mlflow_uri": uri, "run_id": parent.run_id, "lambda": cfg.lalora.lam,
                                  "curvature": cfg.lalora.curvature.kind, "config_sha256": digest})
         write_json_atomic(ws.root / "metrics.json", result)
-        heatmap = report_mod.plot_heatmap(domains, report.R, ws.root / "R.png",
-                                          f"{cfg.name}: accuracy, lambda = {cfg.lalora.lam:g}")
-        tracker.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, float)})
+        plots = report_mod.write_plots(report, ws.root, f"{cfg.name}: lambda = {cfg.lalora.lam:g}")
+        tracker.log_metrics(report.flat_metrics())
+        for i, row_metrics in enumerate(report.stage_metrics()):
+            tracker.log_metrics(row_metrics, step=i)
         tracker.log_artifact(ws.root / "metrics.json")
-        tracker.log_artifact(heatmap)
+        for plot in plots:
+            tracker.log_artifact(plot)
         end_run(parent)
         return result
     except BaseException:
