@@ -198,21 +198,3 @@ def pareto_front(points: Sequence[TradeOffPoint]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i].forgetting, -points[i].learning))
-
-
-def plot_pareto(points: Sequence[TradeOffPoint], path: Path, title: str = "learning vs forgetting") -> Path:
-    """Every point (labelled, e.g. by lambda) and the Pareto front as a step line."""
-    plt = _pyplot()
-    front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(5.0, 4.0))
-    ax.scatter([p.forgetting for p in points], [p.learning for p in points], color="grey", label="runs")
-    ax.step([points[i].forgetting for i in front], [points[i].learning for i in front], where="post", color="C1",
-            marker="o", label="Pareto front")
-    for p in points:
-        if p.label:
-            ax.annotate(p.label, (p.forgetting, p.learning), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("forgetting (source and probes) →  worse")
-    ax.set_ylabel("learning (new domains) →  better")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    return _save(fig, path)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import LineageConfig
+from pipelines.report import TradeOffPoint, pareto_front
 
 PLAIN = "plain"
 
@@ -130,10 +131,8 @@ def aggregate(results: list[PointResult]) -> list[SeriesRow]:
             statistics.fmean(r.forgetting for r in rs), _sd([r.forgetting for r in rs]),
             statistics.fmean(r.ACC for r in rs), statistics.fmean(r.BWT for r in rs),
             statistics.fmean(r.source_final for r in rs), [r.run_id for r in rs]))
-    for row in rows:
-        row.pareto = not any(
-            o is not row and o.learning >= row.learning and o.forgetting <= row.forgetting
-            and (o.learning > row.learning or o.forgetting < row.forgetting) for o in rows)
+    for i in pareto_front([TradeOffPoint(r.learning, r.forgetting) for r in rows]):
+        rows[i].pareto = True
     return rows
 
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipelines.report import TradeOffPoint, build_report, format_matrix, pareto_front, plot_pareto, write_plots
+from pipelines.report import TradeOffPoint, build_report, format_matrix, pareto_front, write_plots
+from pipelines.sweep import SeriesRow, plot_pareto
 
 
 def score(metric, value, nll, **values):
@@ -48,5 +49,7 @@ def test_pareto_front_by_hand(tmp_path):
     # c is beaten by a (more learning, less forgetting), d by b (same learning, less forgetting)
     assert pareto_front(points) == [4, 0, 5, 1]
     assert pareto_front([TradeOffPoint(1.0, 1.0)]) == [0]
-    path = plot_pareto(points, tmp_path / "pareto.png", "lambda sweep")
+    rows = [SeriesRow("diag", float(i), 1, p.learning, 0.0, p.forgetting, 0.0, 0.0, 0.0, 0.0, pareto=i in (4, 0, 5, 1))
+            for i, p in enumerate(points)]
+    path = plot_pareto(rows, tmp_path / "pareto.png", "lambda sweep")
     assert path.stat().st_size > 5000
