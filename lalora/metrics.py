@@ -10,7 +10,10 @@ Scores may be lower-is-better (NLL). Per column the differences are signed so th
 forgetting always means "got worse" and positive learning "got better", in the column's own
 units. The averages (ACC, BWT, FWT, mean forgetting, mean learning) run over the
 higher-is-better columns when there are any (accuracies share one scale; an NLL column
-would mix units), else over all columns.
+would mix units), else over all columns. Mean learning and mean / source forgetting apply
+that rule to their own columns: where none of a mean's columns is an accuracy, it runs over
+all of them, so a lineage that learns NLL-scored domains while an accuracy probe measures
+forgetting still has a learning figure.
 """
 
 from __future__ import annotations
@@ -34,23 +37,34 @@ class ContinualMetrics:
     forgetting_columns: tuple[int, ...] = ()
     """Column of each ``forgetting`` entry."""
     averaged: tuple[int, ...] = ()
-    """Columns the averages run over."""
+    """Columns ACC, BWT and FWT run over."""
+    higher_is_better: tuple[bool, ...] = ()
+    """Direction of each column (empty: every column is an accuracy)."""
+
+    def _one_scale(self, columns: Sequence[int]) -> list[int]:
+        """The higher-is-better columns among ``columns`` when there are any, else all of them."""
+        up = [j for j in columns if not self.higher_is_better or self.higher_is_better[j]]
+        return up or list(columns)
+
+    def _mean_forgetting_over(self, columns: Sequence[int]) -> float:
+        keep = self._one_scale(columns)
+        vals = [f for f, j in zip(self.forgetting, self.forgetting_columns) if j in keep]
+        return sum(vals) / len(vals) if vals else 0.0
 
     @property
     def mean_forgetting(self) -> float:
-        vals = [f for f, j in zip(self.forgetting, self.forgetting_columns) if j in self.averaged]
-        return sum(vals) / len(vals) if vals else 0.0
+        return self._mean_forgetting_over(self.forgetting_columns)
 
     @property
     def source_forgetting(self) -> float:
         """Mean forgetting of what the base model knew (source and probes): the paper's forgetting axis."""
         T = len(self.learning)
-        vals = [f for f, j in zip(self.forgetting, self.forgetting_columns) if (j == 0 or j > T) and j in self.averaged]
-        return sum(vals) / len(vals) if vals else 0.0
+        return self._mean_forgetting_over([j for j in self.forgetting_columns if j == 0 or j > T])
 
     @property
     def mean_learning(self) -> float:
-        vals = [v for t, v in enumerate(self.learning, start=1) if t in self.averaged]
+        keep = self._one_scale(range(1, len(self.learning) + 1))
+        vals = [v for t, v in enumerate(self.learning, start=1) if t in keep]
         return sum(vals) / len(vals) if vals else 0.0
 
 
@@ -82,4 +96,4 @@ def continual_metrics(R: Sequence[Sequence[float]], higher_is_better: Sequence[b
     forgetting = [max(s[j] * R[l][j] for l in range(T)) - s[j] * R[T][j] for j in columns]
     learning = [s[t] * (R[t][t] - R[t - 1][t]) for t in range(1, T + 1)]
     return ContinualMetrics(acc if acc is not None else 0.0, bwt if bwt is not None else 0.0, fwt, forgetting,
-                            learning, columns, averaged)
+                            learning, columns, averaged, tuple(up))

@@ -61,3 +61,18 @@ def test_every_column_lower_is_better():
 def test_direction_length_must_match():
     with pytest.raises(ValueError, match="higher_is_better has 2 entries for 3 columns"):
         continual_metrics([[1.0, 0.0, 0.5], [1.0, 1.0, 0.5]], [True, True])
+
+
+def test_nll_scored_stages_keep_their_learning_next_to_an_accuracy_probe():
+    # the study's shape: source = capitals (accuracy), two math stages scored by target NLL
+    R = [[0.79, 1.60, 1.50],
+         [0.70, 1.20, 1.35],
+         [0.65, 1.30, 1.00]]
+    m = continual_metrics(R, higher_is_better=[True, False, False])
+    assert m.averaged == (0,)  # ACC, BWT stay on the accuracy scale
+    assert m.learning == pytest.approx([0.40, 0.35])
+    assert m.mean_learning == pytest.approx(0.375)  # no accuracy among the stages: their NLL gains
+    assert m.forgetting == pytest.approx([0.14, 0.10])
+    assert m.mean_forgetting == pytest.approx(0.14) and m.source_forgetting == pytest.approx(0.14)
+    mixed = continual_metrics([[0.5, 0.1, 3.0], [0.4, 0.6, 2.0], [0.3, 0.5, 1.0]], higher_is_better=[True, True, False])
+    assert mixed.mean_learning == pytest.approx(0.5)  # an accuracy stage present: the NLL stage stays out
