@@ -293,7 +293,8 @@ def _nearest_kronecker_rect(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
 
 
 def _inv_sqrt(f: Factor, damping: float) -> Tensor:
-    e, v = torch.linalg.eigh(f.to_dense().double() + damping * torch.eye(f.n, dtype=torch.float64))
+    dense = f.to_dense().double()
+    e, v = torch.linalg.eigh(dense + damping * torch.eye(f.n, dtype=torch.float64, device=dense.device))
     return (v * e.clamp_min(damping).rsqrt()) @ v.T
 
 
