@@ -10,6 +10,7 @@ from pathlib import Path
 from lalora import Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from pipelines.config import DomainConfig, LaLoRAConfig
 from pipelines.data import encode, fixed_batches, load_domain, special_ids
+from pipelines.engine import world
 from pipelines.modeling import load_adapter, load_base
 from pipelines.tracking import Tracker
 
@@ -52,11 +53,14 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
     batches = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
+    rank, size = world()
+    batches = batches[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
     kwargs = {"seed": seed + stage}
     if cfg.curvature.kind == "diag":
         kwargs |= {"fisher_type": cfg.curvature.fisher_type, "mc_samples": cfg.curvature.mc_samples}
     estimator = build_estimator(cfg.curvature.kind, **kwargs)
-    with tqdm(total=len(splits.curvature), desc=f"curvature on {curvature_domain.name}", unit="seq", leave=False) as bar:
+    with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
+              leave=False, disable=rank != 0) as bar:
         est = estimator.estimate(model, batches, progress=bar.update)
     zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
@@ -67,6 +71,8 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
                           "data_sha256": splits.fingerprint}]
     target = Path(out_dir) / "precision"
+    if rank != 0:
+        return PrecisionResult(str(target), precision.structure, est.n_samples, len(est.zero_curvature), 0.0, "")
     meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
                           history=history)
     seconds = time.perf_counter() - t0
