@@ -201,7 +201,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     store = args.backend_store_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
     if store.startswith("sqlite:///"):
         Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"))
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
     cmds = {"mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
                        "--port", str(args.mlflow_port)]}
     if not args.no_prefect:
@@ -231,16 +232,23 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 code = code or 1
                 break
             time.sleep(0.2)
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-        for p in procs.values():
+    finally:  # each server runs in its own session: signal the whole group, so its workers stop too
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            for p in procs.values():
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and any(p.poll() is None for p in procs.values()):
+                time.sleep(0.2)
+            if all(p.poll() is not None for p in procs.values()):
+                break
+        for p in procs.values():  # anything left in the servers' own groups (worker processes)
             try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
     return code
 
 
