@@ -79,7 +79,20 @@ def precision_task(base_path: str, anchor: str, cfg: LineageConfig, stage: int, 
         return precision_mod.compute_precision(**kwargs, tracker=run.tracker())
 
 
-@task(name="finetune", **_TASK)
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass a second time (a lost node, OOM, a killed launcher), not bad input or divergence."""
+    from pipelines.engine import DivergenceError
+
+    try:
+        state.result()
+    except (DivergenceError, ValueError):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="finetune", retry_condition_fn=_transient, **_TASK)
 def finetune_task(base_path: str, anchor: str, precision_dir: str | None, cfg: LineageConfig, stage: int,
                   data_dir: str, out_dir: str, checkpoint_dir: str, run: RunRef) -> finetune_mod.FinetuneResult:
     """Safe to retry: a retry continues from the stage's latest DeepSpeed checkpoint."""
