@@ -53,19 +53,20 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
     out = tmp_path / "killed"
     kill_at = random.Random(time.time_ns()).choice(range(8, 37, 4))
     env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: nothing blocks the child while we poll
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
         while _latest_step(out) < kill_at and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before step {kill_at}: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"the run ended before step {kill_at}: {(tmp_path / 'killed.log').read_text()[-2000:]}"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    proc.stderr.close()
+    log.close()
     killed_at = _latest_step(out)
     assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (kill_at, killed_at)
     uri = f"sqlite:///{out / 'mlflow.db'}"
