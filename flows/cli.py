@@ -1,5 +1,5 @@
-"""The ``lalora`` command line: ``run`` a lineage (resuming it), ``validate`` a config, ``serve`` it on a
-schedule, start the ``ui`` servers."""
+"""The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
+config, ``serve`` it on a schedule, start the ``ui`` servers."""
 
 from __future__ import annotations
 
@@ -24,6 +24,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
     run.add_argument("--fork", default=None, metavar="NAME",
                      help="start a new lineage (registered model NAME) from the first stage whose config changed")
+    sw = sub.add_parser("sweep", help="run CONFIG's lineage per (curvature, lambda, seed); table and Pareto plot")
+    sw.add_argument("config")
+    sw.add_argument("--lambda", dest="lambdas", default="0,1,10,100", help="comma-separated lambdas; 0 is plain LoRA")
+    sw.add_argument("--curvature", dest="curvatures", default="diag,identity",
+                    help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity)")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds per point (LoRA init and data order)")
+    sw.add_argument("--stages", type=int, default=None,
+                    help="use only the first N domains (1: one-stage transfer, forgetting measured on the source)")
+    sw.add_argument("--out", default=None, help="output directory (default runs/<config name>-sweep)")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val = sub.add_parser("validate", help="check CONFIG and report every error with its field path")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -85,7 +95,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in e.errors:
             print(f"{e.source}: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}; "
+    probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
+    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
           f"lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind})")
     return 0
 
@@ -126,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     report = LineageReport(result["domains"], result["R"], result["R_nll"], result)
     print()
-    print(format_matrix(result["domains"], result["R"]))
+    print(format_matrix(result["domains"], result["R"], scores=list(result.get("scores", {}).values())))
     print()
     print(format_summary(report))
     print()
@@ -252,9 +263,51 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from lalora import CURVATURES
+    from lalora.checkpoint import CheckpointError
+    from pipelines.config import ConfigError, load_config
+    from pipelines.data import DataError
+    from pipelines.sweep import sweep_points
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+        curvatures = [c.strip() for c in args.curvatures.split(",") if c.strip()]
+        unknown = [c for c in curvatures if c not in CURVATURES]
+        if unknown:
+            return _fail(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
+        points = sweep_points(lambdas, curvatures, args.seeds)
+    except ConfigError as e:
+        return _fail(f"{e.source}: {'; '.join(e.errors)}")
+    except ValueError as e:
+        return _fail(f"--lambda / --seeds: {e}" if "could not convert" in str(e) else str(e))
+    out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
+    _quiet_libraries()
+    from flows.sweep import sweep_flow
+
+    print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        summary = sweep_flow(str(args.config), str(out), lambdas, curvatures, args.seeds, list(args.overrides),
+                             args.stages)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return _fail(str(e))
+    except ValueError as e:
+        return _fail(str(e).splitlines()[0])
+    print((out / "sweep.md").read_text())
+    for f in summary["failed"]:
+        print(f"left out (diverged): {f['point']}: {f['reason']}")
+    print(f"sweep of {len(summary['points'])} lineages in {time.perf_counter() - t0:.0f} s")
+    print(f"table: {out / 'sweep.md'}   plot: {out / 'pareto.png'}   all figures: {out / 'sweep.json'}")
+    print(f"MLflow UI:  mlflow ui --backend-store-uri {summary['mlflow_uri']} --host 127.0.0.1")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "validate": cmd_validate, "serve": cmd_serve, "ui": cmd_ui}[args.command](args)
+    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve,
+            "ui": cmd_ui}[args.command](args)
 
 
 if __name__ == "__main__":

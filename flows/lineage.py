@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,8 @@ from pipelines.launch import launch, uses_launcher
 from pipelines.workspace import Workspace, write_json_atomic
 
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
-Rows = list[dict[str, dict[str, float]]]
+Rows = list[dict[str, dict[str, Any]]]
+"""``rows[i][domain]``: the scores after stage i (``DomainScore.as_json()``: score, metric, nll, ...)."""
 
 
 @task(name="fingerprint-data", **_TASK)
@@ -107,17 +107,18 @@ def finetune_task(base_path: str, anchor: str, precision_dir: str | None, cfg: L
 
 @task(name="evaluate", **_TASK)
 def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, domains: list[DomainConfig], out_path: str,
-                  data_dir: str, run_id: str = "") -> dict[str, dict[str, float]]:
+                  data_dir: str, run_id: str = "") -> dict[str, dict[str, Any]]:
     with timing.compute(run_id):
         scores = evaluate_mod.evaluate(base_path, adapter, domains, cfg.evaluation, dtype=cfg.model.dtype,
                                        max_length=cfg.training.max_length, default_curvature=cfg.lalora.samples,
                                        data_dir=data_dir, out_path=out_path)
-    return {k: asdict(v) for k, v in scores.items()}
+    return {k: v.as_json() for k, v in scores.items()}
 
 
 @task(name="gate", **_TASK)
-def gate_task(domains: list[str], R: list[list[float]], cfg: LineageConfig) -> promote_mod.GateResult:
-    return promote_mod.gate(domains, R, cfg.promotion)
+def gate_task(domains: list[str], R: list[list[float]], higher_is_better: list[bool], cfg: LineageConfig
+              ) -> promote_mod.GateResult:
+    return promote_mod.gate(domains, R, cfg.promotion, higher_is_better)
 
 
 @task(name="register", **_TASK)
@@ -179,12 +180,14 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         plan = plan_task(keys, recorded, model)
     except ls.LineageConflict as conflict:
         raise _refusal(uri, cfg, conflict, cache) from None
-    domains = [d.name for d in cfg.all_domains]
+    domains = [d.name for d in cfg.eval_domains]  # R's columns: the source, the stages' domains, the probes
+    probes = [d.name for d in cfg.probes]
     versions = [r.version for r in plan.done]
-    if not plan.todo:  # 2. nothing new: report what is recorded, record nothing
+    if not plan.todo:  # 2. nothing new: report what is recorded, record nothing (unless a new probe needs scores)
         rows = state.fetch_json(uri, plan.done[-1].uri("rows"), Path(_cached(cache, plan.done[-1].uri("rows"), "rows.json")))
-        aliases = state.reconcile_aliases(uri, model, cfg.tracking.latest_alias, cfg.promotion.alias)
-        return _finish(cfg, ws, model, domains, rows, versions, uri, None, plan, {}, aliases, [])
+        if all(d in row for row in rows for d in domains):
+            aliases = state.reconcile_aliases(uri, model, cfg.tracking.latest_alias, cfg.promotion.alias)
+            return _finish(cfg, ws, model, domains, rows, versions, uri, None, plan, {}, aliases, [])
 
     parent = start_run(uri, cfg.tracking.experiment, artifacts, cfg.name,
                        tags={"lalora.lineage": model, "lalora.config_sha256": config_hash(cfg),
@@ -220,11 +223,11 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         else:
             anchor = init = init_adapter_task(base_path, cfg, str(ws.init_adapter))
             precision_path = None
-            rows = [evaluate_task(base_path, anchor, cfg, cfg.all_domains, str(ws.init_adapter.parent / "eval.json"),
+            rows = [evaluate_task(base_path, anchor, cfg, cfg.eval_domains, str(ws.init_adapter.parent / "eval.json"),
                                   str(shared.data))]
-        # 5. domains appended since a row was scored: score that row's adapter on them once
+        # 5. domains (or probes) appended since a row was scored: score that row's adapter on them once
         for i, row in enumerate(rows):
-            missing = [d for d in cfg.all_domains if d.name not in row]
+            missing = [d for d in cfg.eval_domains if d.name not in row]
             if missing:
                 if i == 0:
                     adapter_i = init or init_adapter_task(base_path, cfg, str(ws.init_adapter))
@@ -255,14 +258,15 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
             tuned = finetune_task.with_options(retries=cfg.orchestration.finetune_retries,
                                                retry_delay_seconds=cfg.orchestration.retry_delay_seconds)(
                 base_path, anchor, precision_path, cfg, t, str(shared.data), str(stage_dir), str(ckpt), stage)
-            # 8. score every domain; the gate reads R up to this stage
-            scores = evaluate_task(base_path, tuned.adapter, cfg, cfg.all_domains, str(stage_dir / "eval.json"),
+            # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
+            scores = evaluate_task(base_path, tuned.adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
                                    str(shared.data), stage.run_id)
             rows.append(scores)
             stage.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.items() for k, v in s.items()
-                                         if k in ("accuracy", "nll")})
-            R = [[row[d]["accuracy"] for d in domains[: t + 1]] for row in rows]
-            verdict = gate_task(domains[: t + 1], R, cfg)
+                                         if isinstance(v, float)})
+            gated = [*domains[: t + 1], *probes]
+            R = [[float(row[d]["score"]) for d in gated] for row in rows]
+            verdict = gate_task(gated, R, [bool(rows[0][d]["higher_is_better"]) for d in gated], cfg)
             # 9. the lineage state travels with the version: R so far, stage config, artifact URIs
             write_json_atomic(stage_dir / "lineage" / "rows.json", rows)
             write_json_atomic(stage_dir / "lineage" / "stage_config.json", ls.stage_config(cfg, t))
@@ -276,7 +280,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
                 "lalora.base_uri": base_uri, "lalora.base_recipe": recipe}
             reg = register_task(stage, model, cfg, tuned.adapter, t, domain.name,
                                 precision.sha256 if precision else None,
-                                {d: s["accuracy"] for d, s in scores.items()}, lineage_state, verdict)
+                                {d: s["score"] for d, s in scores.items()}, lineage_state, verdict)
             versions.append(reg.version)
             promotion[reg.version] = {"stage": t, "promoted": reg.promoted, "reason": reg.reason}
             shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
@@ -303,7 +307,8 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
 def _finish(cfg: LineageConfig, ws: Workspace, model: str, domains: list[str], rows: Rows, versions: list[str],
             uri: str, parent: RunRef | None, plan: ls.Plan, promotion: dict[str, dict[str, Any]],
             aliases: dict[str, str], stage_times: list[dict[str, float]]) -> dict[str, Any]:
-    """10. the report: R, continual-learning metrics, heatmap; logged on the run when there is one."""
+    """10. the report: R per score, continual-learning metrics, plots; logged on the run when there is one."""
+    rows = [{d: row[d] for d in domains} for row in rows]  # columns of domains the config no longer lists drop out
     report = report_mod.build_report(domains, rows)
     result = report.as_json(model, versions, {
         "mlflow_uri": uri, "run_id": parent.run_id if parent else None, "lambda": cfg.lalora.lam,
@@ -312,11 +317,13 @@ def _finish(cfg: LineageConfig, ws: Workspace, model: str, domains: list[str], r
         "promotion": promotion, "aliases": aliases, "timing": stage_times})
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.root / "metrics.json", result)
-    heatmap = report_mod.plot_heatmap(domains, report.R, ws.root / "R.png",
-                                      f"{cfg.name}: accuracy, lambda = {cfg.lalora.lam:g}")
+    plots = report_mod.write_plots(report, ws.root, f"{cfg.name}: lambda = {cfg.lalora.lam:g}")
     if parent is not None:
         tracker = parent.tracker()
-        tracker.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, float)})
+        tracker.log_metrics(report.flat_metrics())
+        for i, row_metrics in enumerate(report.stage_metrics()):
+            tracker.log_metrics(row_metrics, step=i)
         tracker.log_artifact(ws.root / "metrics.json")
-        tracker.log_artifact(heatmap)
+        for plot in plots:
+            tracker.log_artifact(plot)
     return result

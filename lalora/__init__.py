@@ -17,6 +17,7 @@ from lalora.curvature import (
 from lalora.lora import LoraParam, lora_parameters
 from lalora.metrics import ContinualMetrics, continual_metrics
 from lalora.penalty import LaplacePenalty
+from lalora.kron import KronPrecision, KronTriPrecision
 from lalora.precision import DiagPrecision, Precision, Prior
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "CurvatureEstimator",
     "CurvatureMeta",
     "DiagPrecision",
+    "KronPrecision",
+    "KronTriPrecision",
     "LaplacePenalty",
     "LoraParam",
     "Precision",

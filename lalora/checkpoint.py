@@ -19,6 +19,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lalora import kron as _kron  # noqa: F401  (registers the Kronecker structures)
 from lalora.precision import PRECISIONS, Precision, Prior
 
 FORMAT_VERSION = 1
@@ -40,6 +41,8 @@ class CurvatureMeta:
     prior: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
     """One entry per accumulated domain: stage, domain, mode, gamma, n_samples, ..."""
+    tensors: dict[str, list[int]] = field(default_factory=dict)
+    """Every tensor in the safetensors file and its shape (for diag: the matrices themselves)."""
     sha256: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -69,7 +72,8 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
     """Write ``precision`` to ``directory`` and return the metadata written beside it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in precision.to_state_dict().items()}
+    # Cloned: structures may share a factor between terms (safetensors refuses shared storage).
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in precision.to_state_dict().items()}
     _write_atomic(d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
     meta = CurvatureMeta(
         structure=precision.structure,
@@ -79,6 +83,7 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
         shapes={n: list(s) for n, s in precision.shapes.items()},
         prior={"tau_A": prior.tau_A, "tau_B": prior.tau_B},
         history=list(history or []),
+        tensors={k: list(v.shape) for k, v in state.items()},
         sha256=_sha256(d / TENSORS),
     )
     _write_atomic(d / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2)))
@@ -122,21 +127,29 @@ def load_precision(directory: str | os.PathLike[str],
         state: dict[str, Tensor] = load_file(str(tensors))
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"curvature checkpoint {tensors} is not a valid safetensors file: {e}") from None
-    if sorted(state) != sorted(meta.names):
+    listed = meta.tensors or meta.shapes
+    if sorted(state) != sorted(listed):
         raise CheckpointError(f"curvature checkpoint {d}: tensor names do not match its metadata")
     for name, t in state.items():
-        if list(t.shape) != meta.shapes[name]:
-            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, metadata says {meta.shapes[name]}")
+        if list(t.shape) != listed[name]:
+            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, metadata says {listed[name]}")
+    try:
+        precision = PRECISIONS[meta.structure].from_state_dict(state)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"curvature checkpoint {d} does not form a {meta.structure} precision: {e}") from None
+    if {n: list(s) for n, s in precision.shapes.items()} != meta.shapes:
+        raise CheckpointError(f"curvature checkpoint {d}: its tensors describe other LoRA matrices than its metadata")
+    matrices = precision.shapes
     if expected_shapes is not None:
-        missing = [n for n in expected_shapes if n not in state]
+        missing = [n for n in expected_shapes if n not in matrices]
         if missing:
             raise CheckpointError(f"curvature checkpoint {d} lacks {len(missing)} LoRA matrices of the adapter, "
                                   f"e.g. {missing[0]} (was it computed for another adapter or target_modules?)")
-        extra = [n for n in state if n not in expected_shapes]
+        extra = [n for n in matrices if n not in expected_shapes]
         if extra:
             raise CheckpointError(f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, e.g. {extra[0]}")
         for name, shape in expected_shapes.items():
-            if tuple(state[name].shape) != tuple(shape):
+            if tuple(matrices[name]) != tuple(shape):
                 raise CheckpointError(f"curvature checkpoint {d}: shape mismatch for {name}: checkpoint "
-                                      f"{tuple(state[name].shape)}, adapter {tuple(shape)} (another LoRA rank?)")
-    return PRECISIONS[meta.structure].from_state_dict(state), meta
+                                      f"{tuple(matrices[name])}, adapter {tuple(shape)} (another LoRA rank?)")
+    return precision, meta

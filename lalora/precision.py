@@ -73,6 +73,10 @@ class Precision(ABC):
         """Lambda + tau, tau chosen per matrix kind."""
 
     @abstractmethod
+    def diagonal(self) -> dict[str, Tensor]:
+        """The diagonal of each block, shaped like its LoRA matrix (for logging and checks)."""
+
+    @abstractmethod
     def to_state_dict(self) -> dict[str, Tensor]: ...
 
     @classmethod
@@ -150,6 +154,9 @@ class DiagPrecision(Precision):
         terms = [(v * delta[n].to(v.dtype).square()).sum() for n, v in self.values.items()]
         return torch.stack(terms).sum()
 
+    def diagonal(self) -> dict[str, Tensor]:
+        return dict(self.values)
+
     def with_prior(self, prior: Prior) -> DiagPrecision:
         return DiagPrecision({n: v + prior.for_name(n) for n, v in self.values.items()})
 
@@ -219,3 +226,13 @@ class _FlatQuadForm(torch.autograd.Function):
 
 PRECISIONS: dict[str, type[Precision]] = {DiagPrecision.structure: DiagPrecision}
 """Precision classes by structure name, for checkpoint loading."""
+
+Q = TypeVar("Q", bound=type[Precision])
+
+
+def register_precision(cls: Q) -> Q:
+    """Class decorator adding a precision class to ``PRECISIONS`` under its ``structure``."""
+    if cls.structure in PRECISIONS:
+        raise ValueError(f"precision structure {cls.structure!r} is already registered by {PRECISIONS[cls.structure].__name__}")
+    PRECISIONS[cls.structure] = cls
+    return cls

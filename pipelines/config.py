@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.domain_format import GenerateScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat, Scoring
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -77,11 +79,26 @@ class DiagCurvatureConfig(_Model):
     mc_samples: int = Field(1, ge=1, description="Label draws per sequence for fisher_type mc.")
 
 
+class KFACCurvatureConfig(_Model):
+    kind: Literal["kfac"] = "kfac"
+    fisher_type: Literal["empirical", "mc"] = Field("empirical", description="empirical: observed labels; mc: labels "
+                                                    "sampled from the model.")
+    mc_samples: int = Field(1, ge=1, description="Label draws per sequence for fisher_type mc.")
+    top_k: int = Field(32, ge=1, description="Eigenpairs kept of each large (d x d) factor, plus its diagonal (our default).")
+    max_terms: int = Field(4, ge=1, description="Kronecker terms kept per matrix across domains before the two oldest "
+                           "merge into their nearest Kronecker product.")
+
+
+class KFACTriCurvatureConfig(KFACCurvatureConfig):
+    kind: Literal["kfac-tri"] = "kfac-tri"  # type: ignore[assignment]
+
+
 class IdentityCurvatureConfig(_Model):
     kind: Literal["identity"] = "identity"
 
 
-CurvatureConfig = Annotated[DiagCurvatureConfig | IdentityCurvatureConfig, Field(discriminator="kind")]
+CurvatureConfig = Annotated[DiagCurvatureConfig | KFACCurvatureConfig | KFACTriCurvatureConfig | IdentityCurvatureConfig,
+                            Field(discriminator="kind")]
 
 
 class PriorConfig(_Model):
@@ -103,6 +120,8 @@ class LaLoRAConfig(_Model):
     batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
     accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' curvature combines.")
+    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed this "
+                                    "many GiB (estimated and printed before the pass).")
 
 
 # --- data -------------------------------------------------------------------------------
@@ -145,15 +164,44 @@ class HubSource(_Model):
 DataSource = Annotated[GeneratorSource | LocalSource | HubSource, Field(discriminator="kind")]
 
 
-class DomainConfig(_Model):
+class EvalDataConfig(RowFormat):
+    """A separate source of a domain's evaluation rows (a test split, or another dataset of the same task)."""
+
+    data: DataSource = Field(description="Where the evaluation examples come from.")
+
+
+class DomainConfig(RowFormat):
     name: str = Field(description="Domain name: letters, digits, '.', '_' or '-'; used in paths, runs and tags.")
     data: DataSource = Field(default_factory=GeneratorSource, description="Where the examples come from.")
-    prompt_field: str = Field("prompt", description="Column holding the prompt.")
-    answer_field: str = Field("answer", description="Column holding the answer (the training target).")
-    eval_size: int = Field(200, gt=0, description="Held-out examples scored after every stage.")
+    eval_data: EvalDataConfig | None = Field(None, description="Evaluation rows from another source and format (e.g. "
+                                             "train on MetaMathQA, score on GSM8K test); default: held out from data.")
+    eval_size: int = Field(200, gt=0, description="Held-out examples scored after every stage (at most this many for "
+                           "eval_data and for probes).")
+    train_size: int | None = Field(None, gt=0, description="Cap on training examples (after the shuffle); default all.")
     curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default lalora.samples.")
-    scoring: Literal["exact_match"] = Field("exact_match", description="Score of the R matrix: exact match of greedy generations.")
+    scoring: Scoring | None = Field(None, description="Score of the R matrix, by kind: generate, multiple_choice or "
+                                    "perplexity. Default: the preset's (generate with extractor exact without one).")
+    chat_template: Literal["never", "auto", "always"] = Field("never", description="Wrap each prompt as a user turn "
+                                                              "in the tokenizer's chat template: auto when it has one; "
+                                                              "always fails if it has none.")
     split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the train / eval / curvature splits.")
+
+    @model_validator(mode="after")
+    def _scoring_fits(self) -> DomainConfig:
+        if self.score.kind == "multiple_choice" and not self.eval_format.has_choices:
+            raise ValueError("scoring multiple_choice needs choices: use preset hellaswag, arc or winogrande, or set "
+                             "choices_field and label_field" + (" on eval_data" if self.eval_data else ""))
+        return self
+
+    @property
+    def eval_format(self) -> RowFormat:
+        """The format of the evaluation rows."""
+        return self.eval_data if self.eval_data is not None else self
+
+    @property
+    def score(self) -> GenerateScoring | MultipleChoiceScoring | PerplexityScoring:
+        """The scorer in effect: ``scoring`` or the evaluation format's default."""
+        return self.scoring if self.scoring is not None else self.eval_format.default_scoring()
 
     @field_validator("name")
     @classmethod
@@ -173,6 +221,8 @@ class TrainingConfig(_Model):
     log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
     checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
                                   "optimizer; an interrupted stage restarts from the latest one (0: only at the end).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
+                                  "batch order stays shuffled).")
 
 
 class DeepSpeedConfig(_Model):
@@ -218,10 +268,12 @@ class PromotionConfig(_Model):
                        "condition below holds; a version that fails stays registered, tagged with the reason.")
     min_bwt: float | None = Field(None, description="Backward transfer after the stage must be >= this (e.g. -0.05); "
                                   "empty: not checked.")
-    max_forgetting: float | None = Field(None, ge=0, description="No earlier domain (source included) may have "
-                                         "forgotten more than this (accuracy, 0..1); empty: not checked.")
+    max_forgetting: float | None = Field(None, ge=0, description="No earlier domain (source and probes included) "
+                                         "may have forgotten more than this, in its own score's units (accuracy: "
+                                         "0..1; a perplexity-scored domain: its NLL); empty: not checked.")
     min_learning: float | None = Field(None, description="The stage's own domain must gain at least this "
-                                       "(R[t][t] - R[t-1][t]); empty: not checked.")
+                                       "(R[t][t] - R[t-1][t], sign flipped for a lower-is-better score); empty: "
+                                       "not checked.")
 
 
 class OrchestrationConfig(_Model):
@@ -240,6 +292,9 @@ class LineageConfig(_Model):
                                  "model knows: curvature data of the first stage and a forgetting probe; pretraining "
                                  "data of the tiny base.")
     domains: list[DomainConfig] = Field(min_length=1, description="New domains, one stage each, in order.")
+    probes: list[DomainConfig] = Field(default_factory=list, description="Evaluation-only domains (benchmarks of what "
+                                       "the base model knows, e.g. HellaSwag): scored after every stage as extra "
+                                       "columns of R, never trained on or used for curvature.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning per stage.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scoring after every stage.")
@@ -259,7 +314,7 @@ class LineageConfig(_Model):
 
     @model_validator(mode="after")
     def _unique_domains(self) -> LineageConfig:
-        names = [self.source.name] + [d.name for d in self.domains]
+        names = [d.name for d in self.eval_domains]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
@@ -269,6 +324,11 @@ class LineageConfig(_Model):
     def all_domains(self) -> list[DomainConfig]:
         """Source first, then the stages' domains: the columns of R."""
         return [self.source, *self.domains]
+
+    @property
+    def eval_domains(self) -> list[DomainConfig]:
+        """Every scored domain: ``all_domains`` then the probes."""
+        return [*self.all_domains, *self.probes]
 
 
 # --- loading ----------------------------------------------------------------------------
@@ -367,9 +427,11 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
     """Local data files are relative to the config file."""
-    domains = [data.get("source")] + list(data.get("domains") or [])
+    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or [])
     for d in domains:
-        src = d.get("data") if isinstance(d, dict) else None
-        if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
-            if not Path(src["path"]).is_absolute():
-                src["path"] = str((base / src["path"]).resolve())
+        if not isinstance(d, dict):
+            continue
+        for src in (d.get("data"), (d.get("eval_data") or {}).get("data") if isinstance(d.get("eval_data"), dict) else None):
+            if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
+                if not Path(src["path"]).is_absolute():
+                    src["path"] = str((base / src["path"]).resolve())

@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipelines.config import DomainConfig, GeneratorSource, HubSource, LocalSource
+from pipelines.config import DataSource, DomainConfig, GeneratorSource, HubSource, LocalSource
+from pipelines.domain_format import RowFormat
 from pipelines.generators import GENERATORS
+from pipelines.presets import Converter, RowError, converter
 
 
 class DataError(ValueError):
@@ -29,27 +31,28 @@ class DataError(ValueError):
 
 @dataclass
 class DomainSplits:
-    """Rows are dicts with ``prompt`` and ``answer``."""
+    """Rows are dicts with ``prompt`` and ``answer`` (and, for multiple choice, ``choices`` and ``label``)."""
 
     name: str
-    train: list[dict[str, str]]
-    eval: list[dict[str, str]]
-    curvature: list[dict[str, str]]
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    curvature: list[dict[str, Any]]
     fingerprint: str
     """sha256 over the rows of all splits: changes whenever the data does."""
 
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_CHUNK = 1000
 
 
-def _load_rows(cfg: DomainConfig, data_dir: Path) -> Any:
+def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_stem: str) -> Any:
+    """One source as a ``datasets.Dataset``; generated rows go through a JSONL file like a user's own."""
     import datasets
 
     datasets.disable_progress_bars()
-    src = cfg.data
     if isinstance(src, GeneratorSource):
-        rows = GENERATORS[src.name](src, cfg.split_seed)
-        path = data_dir / f"{cfg.name}.jsonl"
+        rows = GENERATORS[src.name](src, seed)
+        path = data_dir / f"{file_stem}.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not path.is_file() or path.read_text() != text:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -60,31 +63,116 @@ def _load_rows(cfg: DomainConfig, data_dir: Path) -> Any:
     if isinstance(src, LocalSource):
         path = Path(src.path)
         if not path.is_file():
-            raise DataError(f"domain {cfg.name}: data file {path} not found (data.path is relative to the config file)")
+            raise DataError(f"domain {domain}: data file {path} not found (data.path is relative to the config file)")
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"domain {cfg.name}: {path.name} has an unsupported extension; use one of {', '.join(_FORMATS)}")
-        return datasets.load_dataset(fmt, data_files={src.split: str(path)}, split=src.split)
+            raise DataError(f"domain {domain}: {path.name} has an unsupported extension; use one of {', '.join(_FORMATS)}")
+        if _is_empty(path, fmt):
+            raise DataError(f"domain {domain}: data file {path} is empty; add rows or point data.path at another file")
+        try:
+            return datasets.load_dataset(fmt, data_files={src.split: str(path)}, split=src.split)
+        except Exception as e:  # pyarrow / pandas parse errors have many types; one line names the file and cause
+            if "corresponds to no data" in str(e):  # e.g. a CSV holding only its header
+                raise DataError(f"domain {domain}: the data has no rows; check data.path / data.split") from None
+            cause = f" ({_first_line(e.__cause__)})" if e.__cause__ else ""
+            raise DataError(f"domain {domain}: cannot read {path.name} as {fmt}: {_first_line(e)}{cause}") from None
     assert isinstance(src, HubSource)
     try:
         return datasets.load_dataset(src.id, src.name, split=src.split)
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"domain {cfg.name}: cannot load dataset {src.id!r} split {src.split!r}: {e}") from None
+    except (OSError, ValueError, KeyError) as e:  # not found, unreachable (ConnectionError), bad split or config
+        raise DataError(f"domain {domain}: cannot load dataset {src.id!r}"
+                        f"{f' config {src.name!r}' if src.name else ''} split {src.split!r}: {_first_line(e)}") from None
 
 
-def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int) -> DomainSplits:
-    """Load a domain and fix its splits: eval first, train the rest, curvature a prefix of train."""
-    ds = _load_rows(cfg, data_dir)
-    missing = [f for f in (cfg.prompt_field, cfg.answer_field) if f not in ds.column_names]
+def _is_empty(path: Path, fmt: str) -> bool:
+    """No bytes, only whitespace, or a parquet file of zero rows (datasets fails on those with a vague error)."""
+    if path.stat().st_size == 0:
+        return True
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows == 0
+    if path.stat().st_size < 4096:
+        return not path.read_text(errors="replace").strip()
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else e.__class__.__name__
+
+
+def _checked_converter(ds: Any, fmt: RowFormat, domain: str) -> Converter:
+    """The format's converter, after checking that the data has rows and every column it reads."""
+    if len(ds) == 0:
+        raise DataError(f"domain {domain}: the data has no rows; check data.path / data.split")
+    try:
+        convert, needed = converter(fmt)
+    except RowError as e:
+        raise DataError(f"domain {domain}: {e}") from None
+    missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        raise DataError(f"domain {cfg.name}: column(s) {', '.join(missing)} not in the data (columns: "
-                        f"{', '.join(ds.column_names)}); set prompt_field / answer_field")
-    if len(ds) <= cfg.eval_size:
-        raise DataError(f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size} and a training "
-                        "split; lower eval_size or add data")
-    ds = ds.shuffle(seed=cfg.split_seed)
-    rows = [{"prompt": str(p), "answer": str(a)} for p, a in zip(ds[cfg.prompt_field], ds[cfg.answer_field])]
-    eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :]
+        how = f"preset {fmt.preset} reads {', '.join(needed)}" if fmt.preset else \
+            "set prompt_field / answer_field (or the templates, choices_field, label_field)"
+        raise DataError(f"domain {domain}: column(s) {', '.join(missing)} not in the data (columns: "
+                        f"{', '.join(ds.column_names)}); {how}")
+    return convert
+
+
+def _rows(ds: Any, fmt: RowFormat, domain: str, seed: int, limit: int | None) -> list[dict[str, Any]]:
+    """Shuffle (seeded) and convert records to rows until ``limit`` rows; skipped records do not count."""
+    convert = _checked_converter(ds, fmt, domain)
+    ds = ds.shuffle(seed=seed)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(ds), _CHUNK):
+        chunk = ds[start : start + _CHUNK]
+        for i in range(len(chunk[ds.column_names[0]])):
+            record = {c: chunk[c][i] for c in ds.column_names}
+            try:
+                row = convert(record)
+            except RowError as e:
+                raise DataError(f"domain {domain}: row {start + i} (after the shuffle): {e}") from None
+            except Exception as e:  # a template reading a missing key, a wrong type in a column
+                raise DataError(f"domain {domain}: row {start + i} (after the shuffle) cannot be formatted: "
+                                f"{_first_line(e)}") from None
+            if row is not None:
+                out.append(row)
+                if limit is not None and len(out) >= limit:
+                    return out
+    return out
+
+
+def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, eval_only: bool = False) -> DomainSplits:
+    """Load a domain and fix its splits: eval first, train the rest, curvature a prefix of train.
+
+    With ``eval_data`` the evaluation rows come from that source and the training rows from
+    ``data``. ``eval_only`` (probes, scoring) loads only what evaluation needs and accepts
+    fewer rows than ``eval_size``.
+    """
+    if cfg.eval_data is None:
+        ds = _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name)
+        _checked_converter(ds, cfg, cfg.name)
+        if not eval_only and 0 < len(ds) <= cfg.eval_size:
+            raise DataError(f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size} and a training "
+                            "split; lower eval_size or add data")
+        limit = cfg.eval_size if eval_only else (cfg.eval_size + cfg.train_size if cfg.train_size else None)
+        rows = _rows(ds, cfg, cfg.name, cfg.split_seed, limit)
+        eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :]
+        if not eval_only and not train_rows:
+            raise DataError(f"domain {cfg.name}: only {len(rows)} usable rows, none left for training after "
+                            f"eval_size={cfg.eval_size}; lower eval_size or add data")
+    else:
+        eval_ds = _load_source(cfg.eval_data.data, cfg.name, cfg.split_seed, data_dir, f"{cfg.name}.eval")
+        eval_rows = _rows(eval_ds, cfg.eval_data, cfg.name, cfg.split_seed, cfg.eval_size)
+        train_rows = [] if eval_only else _rows(_load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name),
+                                                cfg, cfg.name, cfg.split_seed, cfg.train_size)
+    if not eval_rows:
+        raise DataError(f"domain {cfg.name}: no usable evaluation rows (every record was skipped)")
+    if not eval_only and not train_rows:
+        raise DataError(f"domain {cfg.name}: no usable training rows (every record was skipped)")
+    if cfg.chat_template != "never":
+        eval_rows = [{**r, "chat": cfg.chat_template} for r in eval_rows]
+        train_rows = [{**r, "chat": cfg.chat_template} for r in train_rows]
     curvature_rows = train_rows[: cfg.curvature_size or default_curvature]
     digest = hashlib.sha256(json.dumps([eval_rows, train_rows]).encode()).hexdigest()
     return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest)
@@ -107,18 +195,29 @@ def special_ids(tokenizer: Any) -> tuple[int | None, int, int]:
     return tokenizer.bos_token_id, eos, pad
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: str, chat: str = "never") -> list[int]:
+    """BOS + the prompt's tokens; with ``chat`` auto/always, the prompt as a user turn of the chat template.
+
+    The chat template brings its own BOS and ends with the assistant's generation prompt.
+    """
+    if chat != "never":
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if chat == "always":
+            raise DataError("chat_template is 'always' but the tokenizer has no chat template; set it to auto or never")
     bos, _, _ = special_ids(tokenizer)
     return ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def encode(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[Encoded]:
+def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[Encoded]:
     """Prompt and answer tokenized apart and joined, so the label mask is exact; truncated to max_length."""
     _, eos, _ = special_ids(tokenizer)
     answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     out = []
     for r, ans in zip(rows, answers):
-        p = prompt_ids(tokenizer, r["prompt"])
+        p = prompt_ids(tokenizer, r["prompt"], r.get("chat", "never"))
         ids = (p + ans + [eos])[:max_length]
         labels = ([-100] * len(p) + ans + [eos])[:max_length]
         out.append(Encoded(ids, labels))
@@ -143,12 +242,42 @@ def fixed_batches(examples: list[Encoded], batch_size: int, pad_id: int) -> list
     return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
-def train_batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches; epoch e uses the permutation seeded by (seed, e)."""
+def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,
+                   megabatch: int = 64) -> list[list[int]]:
+    """Batches of similar lengths from a shuffled ``order``, in random batch order.
+
+    The shuffled order is cut into megabatches of ``megabatch * batch_size`` examples, each
+    sorted by length (longest first) and cut into batches; the batches are then shuffled. The
+    last batch of a megabatch may be short.
+    """
+    size = megabatch * batch_size
+    batches = []
+    for m in range(0, len(order), size):
+        block = sorted(order[m : m + size], key=lambda j: -lengths[j])
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def train_batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int,
+                  group_by_length: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches; epoch e uses the permutation seeded by (seed, e).
+
+    Short batches are dropped unless the data holds less than one batch. ``group_by_length``
+    batches examples of similar length together (see ``length_grouped``), which cuts padding;
+    the per-sequence loss is unchanged (nothing is packed together).
+    """
     epoch = 0
+    lengths = [len(e.input_ids) for e in examples]
     while True:
         order = list(range(len(examples)))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+        rng = random.Random(f"{seed}:{epoch}")
+        rng.shuffle(order)
+        if group_by_length:
+            batches = length_grouped(order, lengths, batch_size, rng)
+        else:
+            batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        full = [b for b in batches if len(b) == batch_size] or batches[:1]
+        for b in full:
+            yield collate([examples[j] for j in b], pad_id)
         epoch += 1

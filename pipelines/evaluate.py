@@ -1,86 +1,97 @@
-"""Stage step 3: score the adapter on every domain (exact match of greedy generations, target NLL)."""
+"""Stage step 3: score the adapter on every domain, each with its own scorer.
+
+``generate`` (greedy, batched, KV cache, an answer extractor) reports ``accuracy``;
+``multiple_choice`` reports ``acc`` and ``acc_norm``; ``perplexity`` reports ``nll`` and
+``perplexity``. Every domain also reports ``nll``, the mean target-token NLL of its
+reference answers (the gold choice for multiple choice), so R_nll covers all columns.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pipelines.config import DomainConfig, EvaluationConfig
-from pipelines.data import encode, fixed_batches, load_domain, prompt_ids, special_ids
+from pipelines.data import load_domain
 from pipelines.modeling import load_adapter, load_base
+from pipelines.scoring import score_generate, score_multiple_choice, score_perplexity, target_nll
 from pipelines.workspace import write_json_atomic
+
+LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
+
+__all__ = ["DomainScore", "LOWER_IS_BETTER", "evaluate", "score_domain", "target_nll"]
 
 
 @dataclass
 class DomainScore:
-    accuracy: float
-    """Exact match of the greedy generation with the answer."""
-    nll: float
-    """Mean target-token negative log-likelihood (answer and EOS tokens)."""
-    n: int
+    scoring: str
+    """generate, multiple_choice or perplexity."""
+    metric: str
+    """The value that goes into R: accuracy, acc, acc_norm, nll or perplexity."""
+    values: dict[str, float] = field(default_factory=dict)
+    """Every value the scorer reports, ``nll`` included."""
+    n: int = 0
+
+    @property
+    def score(self) -> float:
+        return self.values[self.metric]
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric not in LOWER_IS_BETTER
+
+    @property
+    def nll(self) -> float:
+        return self.values["nll"]
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.nll, 50.0))
 
-
-@torch.no_grad()
-def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, max_new_tokens: int) -> float:
-    """Greedy, batched (left padding), KV cache; the decoded text up to EOS must equal the answer."""
-    _, eos, pad = special_ids(tokenizer)
-    device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        prompts = [prompt_ids(tokenizer, r["prompt"]) for r in chunk]
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos, use_cache=True)
-        for r, gen in zip(chunk, out[:, width:].tolist()):
-            gen = gen[: gen.index(eos)] if eos in gen else gen
-            correct += tokenizer.decode(gen, skip_special_tokens=True).strip() == r["answer"].strip()
-    return correct / len(rows)
+    def as_json(self) -> dict[str, Any]:
+        """Flat: ``scoring``, ``metric``, ``score``, ``higher_is_better``, ``n`` and every value."""
+        return {"scoring": self.scoring, "metric": self.metric, "score": self.score,
+                "higher_is_better": self.higher_is_better, "n": self.n, **self.values}
 
 
-@torch.no_grad()
-def target_nll(model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int, max_length: int) -> float:
-    _, _, pad = special_ids(tokenizer)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in fixed_batches(encode(tokenizer, rows, max_length), batch_size, pad):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        target = batch["labels"][:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                                       reduction="sum"))
-        count += int((target != -100).sum())
-    return total / max(count, 1)
+def score_domain(model: Any, tokenizer: Any, domain: DomainConfig, rows: list[dict[str, Any]], cfg: EvaluationConfig,
+                 *, max_length: int) -> DomainScore:
+    """Score ``rows`` of ``domain`` with the domain's scorer."""
+    scoring = domain.score
+    desc = f"{domain.name}: {scoring.kind}"
+    if scoring.kind == "generate":
+        max_new = scoring.max_new_tokens or cfg.max_new_tokens
+        values = score_generate(model, tokenizer, rows, scoring, batch_size=cfg.batch_size, max_new_tokens=max_new,
+                                desc=desc)
+        values["nll"] = target_nll(model, tokenizer, rows, cfg.batch_size, max_length, f"{domain.name}: nll")
+        values["perplexity"] = math.exp(min(values["nll"], 50.0))
+        metric = "accuracy"
+    elif scoring.kind == "multiple_choice":
+        values = score_multiple_choice(model, tokenizer, rows, batch_size=cfg.batch_size, desc=desc)
+        metric = scoring.metric
+    else:
+        values = score_perplexity(model, tokenizer, rows, batch_size=cfg.batch_size, max_length=max_length, desc=desc)
+        metric = scoring.metric
+    return DomainScore(scoring.kind, metric, values, len(rows))
 
 
 def evaluate(base_path: str, adapter_dir: str, domains: list[DomainConfig], cfg: EvaluationConfig, *, dtype: str,
              max_length: int, default_curvature: int, data_dir: str, out_path: str) -> dict[str, DomainScore]:
     """Scores per domain name, also written as JSON to ``out_path``."""
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     base, tokenizer = load_base(base_path, dtype)
     model = load_adapter(base, adapter_dir).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
     scores: dict[str, DomainScore] = {}
-    for domain in tqdm(domains, desc="evaluate", unit="domain", leave=False):
-        rows = load_domain(domain, Path(data_dir), default_curvature).eval
-        scores[domain.name] = DomainScore(
-            accuracy=exact_match(model, tokenizer, rows, cfg.batch_size, cfg.max_new_tokens),
-            nll=target_nll(model, tokenizer, rows, cfg.batch_size, max_length),
-            n=len(rows),
-        )
+    for domain in domains:
+        rows = load_domain(domain, Path(data_dir), default_curvature, eval_only=True).eval
+        scores[domain.name] = score_domain(model, tokenizer, domain, rows, cfg, max_length=max_length)
     write_json_atomic(Path(out_path), {"seconds": time.perf_counter() - t0,
-                                       "scores": {k: asdict(v) for k, v in scores.items()}})
+                                       "scores": {k: v.as_json() for k, v in scores.items()}})
     return scores

@@ -67,7 +67,7 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
                         "lambda": lalora.lam})
     torch.manual_seed(training.seed + stage)
     result = train(model, [p.param for p in params],
-                   train_batches(examples, training.batch_size, pad, training.seed + stage),
+                   train_batches(examples, training.batch_size, pad, training.seed + stage, training.group_by_length),
                    steps=training.steps, lr=training.lr, batch_size=training.batch_size, ds=ds,
                    make_penalty=make_penalty if precision is not None else None, tracker=tracker,
                    log_every=training.log_every, desc=f"stage {stage}: {domain.name}",

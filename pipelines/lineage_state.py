@@ -17,15 +17,17 @@ from typing import Any
 from pipelines.config import DomainConfig, LineageConfig
 
 # Settings that cannot change what a stage produces (bookkeeping, resources, scoring).
-_IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile")}
+_IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile"),
+               "lalora": ("memory_budget_gb",)}
 _STAGE_SECTIONS = ("seed", "model", "lora", "lalora", "source", "training", "deepspeed")
 
 
 def _domain_identity(d: dict[str, Any]) -> dict[str, Any]:
     """A local file is identified by its contents (the data fingerprint), not where it lies on this machine."""
     d = json.loads(json.dumps(d))
-    if d.get("data", {}).get("kind") == "local":
-        d["data"].pop("path", None)
+    for src in (d.get("data"), (d.get("eval_data") or {}).get("data")):
+        if isinstance(src, dict) and src.get("kind") == "local":
+            src.pop("path", None)
     return d
 
 

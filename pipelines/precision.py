@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lalora import Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
+from lalora.curvature import MemoryEstimate
 from pipelines.config import DomainConfig, LaLoRAConfig
 from pipelines.data import encode, fixed_batches, load_domain, special_ids
 from pipelines.engine import world
@@ -15,6 +16,22 @@ from pipelines.modeling import load_adapter, load_base
 from pipelines.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+
+class MemoryBudgetError(ValueError):
+    """The curvature pass would need more memory than the configured budget."""
+
+
+def check_memory(estimate: MemoryEstimate, cfg: LaLoRAConfig, stage: int) -> None:
+    """Print what the structure needs and refuse it when over ``memory_budget_gb``."""
+    gib = 1024 ** 3
+    log.info("stage %d: %s curvature needs %.3g GiB during the pass and %.3g GiB stored (budget %.3g GiB)",
+                stage, cfg.curvature.kind, estimate.pass_bytes / gib, estimate.stored_bytes / gib, cfg.memory_budget_gb)
+    if estimate.pass_bytes > cfg.memory_budget_gb * gib:
+        raise MemoryBudgetError(
+            f"{cfg.curvature.kind} curvature needs {estimate.pass_bytes / gib:.3g} GiB for its accumulators, over "
+            f"lalora.memory_budget_gb={cfg.memory_budget_gb:g}; raise the budget, use curvature kind diag, or adapt fewer "
+            "modules (lora.target_modules)")
 
 
 @dataclass
@@ -55,10 +72,9 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     batches = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
     rank, size = world()
     batches = batches[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
-    kwargs = {"seed": seed + stage}
-    if cfg.curvature.kind == "diag":
-        kwargs |= {"fisher_type": cfg.curvature.fisher_type, "mc_samples": cfg.curvature.mc_samples}
-    estimator = build_estimator(cfg.curvature.kind, **kwargs)
+    estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
+                                **cfg.curvature.model_dump(exclude={"kind"}))
+    check_memory(estimator.memory(shapes), cfg, stage)
     with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
               leave=False, disable=rank != 0) as bar:
         est = estimator.estimate(model, batches, progress=bar.update)
@@ -78,7 +94,7 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     seconds = time.perf_counter() - t0
     stats = {"curvature/seconds": seconds, "curvature/n_samples": est.n_samples,
              "curvature/zero_matrices": len(est.zero_curvature), "curvature/zero_A_matrices": len(zero_a)}
-    state = precision.to_state_dict()
+    state = precision.diagonal()
     for kind in ("A", "B"):
         vals = [v for n, v in state.items() if n.endswith(f".lora_{kind}")]
         if vals:

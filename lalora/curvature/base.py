@@ -31,6 +31,14 @@ class CurvatureEstimate:
     """LoRA matrices whose curvature is exactly zero (all A matrices at a B = 0 anchor)."""
 
 
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a structure needs: during the curvature pass (accumulators) and once stored."""
+
+    pass_bytes: int
+    stored_bytes: int
+
+
 class CurvatureEstimator(ABC):
     """Estimates F_hat(theta*; D_c), a per-sequence mean, over the LoRA matrices of a model.
 
@@ -67,6 +75,11 @@ class CurvatureEstimator(ABC):
     def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> Precision:
         """Turn the summed statistics into a precision (divide by ``n_samples``)."""
 
+    def memory(self, shapes: dict[str, tuple[int, ...]]) -> MemoryEstimate:
+        """Bytes for LoRA matrices of these shapes; the default is one fp32 per parameter."""
+        n = 4 * sum(int(torch.tensor(s).prod()) for s in shapes.values())
+        return MemoryEstimate(n, n)
+
     # --- the shared pass --------------------------------------------------------------
     def estimate(self, model: nn.Module, batches: Iterable[Batch],
                  progress: Callable[[int], None] | None = None) -> CurvatureEstimate:
@@ -96,7 +109,7 @@ class CurvatureEstimator(ABC):
         if n == 0:
             raise ValueError("no curvature samples: every sequence had its labels masked (-100)")
         precision = self._finalize(state, n, params)
-        zero = [name for name, t in precision.to_state_dict().items() if not bool(t.any())]
+        zero = [name for name, t in precision.diagonal().items() if not bool(t.any())]
         return CurvatureEstimate(precision, n, self.fisher_type, zero)
 
 

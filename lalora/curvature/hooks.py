@@ -30,6 +30,9 @@ class ModuleGrads:
     """Each (B, T, d_in) of the layer, one per call."""
     out_grads: list[Tensor]
     """Each (B, T, d_out), the per-sequence loss gradient at the layer output."""
+    token_mask: Tensor | None = None
+    """(B, T) bool: the tokens that can influence their sequence's loss (not padding, not
+    after the last target position). Kronecker factors average inputs over these."""
 
     def per_sample_grad(self) -> Tensor:
         """(B, d_out, d_in): sum_t g_{n,t} x_{n,t}^T, summed over calls, in fp32."""
@@ -65,6 +68,22 @@ def sample_labels(logits: Tensor, labels: Tensor, generator: torch.Generator) ->
     return out
 
 
+def influencing_tokens(labels: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """(B, T) bool: positions t <= the last position whose next token is a target.
+
+    In a causal LM a position's output only reaches the logits of itself and later positions,
+    so tokens after the last scored prediction carry exactly zero gradient; padding too.
+    """
+    T = labels.shape[1]
+    scored = labels[:, 1:] != -100  # position t predicts t + 1
+    pos = torch.arange(T - 1, device=labels.device).expand_as(scored)
+    last = torch.where(scored, pos, torch.full_like(pos, -1)).amax(dim=1)  # (B,)
+    mask = torch.arange(T, device=labels.device)[None, :] <= last[:, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask.bool()
+    return mask
+
+
 def per_sequence_output_grads(
     model: nn.Module,
     params: list[LoraParam],
@@ -78,7 +97,9 @@ def per_sequence_output_grads(
     ``empirical`` yields once with the observed labels; ``mc`` yields ``mc_samples`` times,
     each with labels sampled from the model, reusing one forward pass.
     """
-    records: dict[int, ModuleGrads] = {id(p.module): ModuleGrads(p, [], []) for p in params}
+    labels = batch["labels"]
+    mask = influencing_tokens(labels, batch.get("attention_mask"))
+    records: dict[int, ModuleGrads] = {id(p.module): ModuleGrads(p, [], [], mask) for p in params}
     outputs: list[tuple[int, Tensor]] = []
 
     def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -92,7 +113,6 @@ def per_sequence_output_grads(
     finally:
         for h in handles:
             h.remove()
-    labels = batch["labels"]
     has_target = (labels[:, 1:] != -100).any(dim=1)
     n_seq = int(has_target.sum())
     draws = 1 if fisher_type == "empirical" else mc_samples

@@ -120,3 +120,29 @@ def test_missing_data_fails_in_one_line_and_registers_nothing(tmp_path, capsys):
     exp = client.get_experiment_by_name("tiny")  # the data is checked before any run is opened
     assert exp is None or client.search_runs([exp.experiment_id]) == []
     assert client.search_model_versions("name = 'tiny-adapter'") == []
+
+
+ONE_DOMAIN = TINY.replace("  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}\n", "")
+
+
+@pytest.mark.parametrize("kind", ["kfac-tri"])
+def test_kronecker_curvature_runs_through_the_lineage(kind, tmp_path):
+    from lalora import load_precision
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(ONE_DOMAIN)
+    result = lineage_flow(str(cfg), str(tmp_path / "out"), [f"lalora.curvature.kind={kind}", "lalora.curvature.top_k=4"])
+    assert len(result["R"]) == 2 and result["versions"] == ["1"]
+    precision, meta = load_precision(tmp_path / "out" / "stages" / "01-one" / "precision")
+    assert meta.structure == kind and precision.top_k == 4
+    assert all(t.s.n == 32 and t.s.k == 4 for n, ts in precision.blocks.items() if n.endswith("lora_A") for t in ts)
+
+
+def test_curvature_over_the_memory_budget_is_refused_in_one_line(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(ONE_DOMAIN)
+    code = main(["run", str(cfg), "--out", str(tmp_path / "out"), "--set", "lalora.curvature.kind=kfac",
+                 "--set", "lalora.memory_budget_gb=1e-9"])
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lalora: error: kfac curvature needs") and "lalora.memory_budget_gb=1e-09" in last

@@ -124,6 +124,24 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
 
 
+PROBE = "probes:\n  - {name: probe, data: {kind: generator, op: next, alphabet: abcdefghij, size: 40}, eval_size: 8}\n"
+
+
+def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_without_a_new_version(lineage):
+    """No stage to run, but a new R column: each recorded adapter (and the LoRA initialisation) is
+    scored on the probe once; the recorded columns stay as they were."""
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    cfg = root / "probe.yaml"
+    cfg.write_text(BASE.replace("training:", PROBE + "training:"))
+    result = lineage_flow(str(cfg), str(root / "out"), [])
+    assert result["stages_run"] == [] and result["stages_skipped"] == [1, 2]
+    assert result["domains"] == ["src", "one", "two", "probe"] and result["probes"] == ["probe"]
+    assert [r[:3] for r in result["R"]] == first["R"] and all(len(r) == 4 for r in result["R"])
+    assert "probe" in result["forgetting"] and result["run_id"] is not None
+    assert len(_versions(client, "tiny-adapter")) == 2
+
+
 def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_gate_can_refuse(lineage, tmp_path):
     """A fresh output directory (nothing on disk) against the same store: base, adapter, precision
     and R come from the registry; the gate rejects the new version, which stays registered."""

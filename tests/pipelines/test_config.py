@@ -43,7 +43,7 @@ def test_overrides_reach_any_field_including_list_items(tmp_path):
     (MINIMAL, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
     (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than 0"),
     (MINIMAL, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than or equal to 1"),
-    (MINIMAL, ["lalora.curvature.kind=kfaq"], "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'identity'"),
+    (MINIMAL, ["lalora.curvature.kind=kfaq"], "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'"),
     (MINIMAL, ["deepspeed.zero_stage=3"], "deepspeed.zero_stage: zero_stage 3 partitions the LoRA parameters"),
     (MINIMAL, ["tracking.latest_alias=latest"], "alias 'latest' is reserved by MLflow"),
     (MINIMAL, ["training.steps=many"], "training.steps: Input should be a valid integer"),
@@ -53,6 +53,14 @@ def test_overrides_reach_any_field_including_list_items(tmp_path):
     ("domains: []\n", [], "domains: List should have at least 1 item"),
     ("lora: [1, 2\n", [], "invalid YAML at line"),
     ("- 1\n", [], "top level must be a mapping"),
+    (MINIMAL, ["domains.0.scoring=multiple_choice"], "domains.0: scoring multiple_choice needs choices: use preset"),
+    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex}"], "extractor regex needs a pattern"),
+    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex, pattern: '(a'}"], "is not a valid regular expression"),
+    (MINIMAL, ["domains.0.scoring={kind: rank}"], "domains.0.scoring: unknown kind 'rank'; expected one of 'generate'"),
+    (MINIMAL, ["domains.0.preset=arc", "domains.0.prompt_field=q"], "preset 'arc' fixes the fields; drop prompt_field"),
+    (MINIMAL, ["domains.0.preset=gsm9k"], "domains.0.preset: must be one of 'gsm8k', 'metamathqa', 'hellaswag'"),
+    (MINIMAL, ["domains.0.choices_field=options"], "choices_field and label_field go together"),
+    (MINIMAL + "probes:\n  - name: d1\n", [], "domain names must be unique (source included); repeated: d1"),
 ])
 def test_bad_configs_name_the_field_and_the_fix(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as e:
@@ -88,3 +96,30 @@ def test_run_rejects_a_bad_config_before_loading_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lalora: error: ") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_scoring_defaults_follow_the_preset_and_shorthands_parse(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "source: {name: src, scoring: exact_match}\n"),
+                      ["domains.0.scoring=perplexity"])
+    assert cfg.domains[0].score.kind == "perplexity" and cfg.domains[0].score.metric == "nll"
+    assert cfg.source.score.kind == "generate" and cfg.source.score.extractor == "exact"  # the demo's default
+    assert load_config(write(tmp_path, MINIMAL)).domains[0].score == cfg.source.score
+    mc = load_config(write(tmp_path, MINIMAL + "probes:\n  - {name: hs, preset: hellaswag, data: {kind: local, "
+                                               "path: hs.jsonl}}\n"))
+    assert mc.probes[0].score.kind == "multiple_choice" and mc.probes[0].score.metric == "acc_norm"
+    assert mc.probes[0].data.path == str(tmp_path / "hs.jsonl")  # local paths resolve against the config file
+    assert [d.name for d in mc.eval_domains] == ["source", "d1", "hs"] and len(mc.all_domains) == 2
+
+
+def test_llama_math_config_is_the_paper_lineage_and_validates_offline(capsys):
+    path = Path(__file__).parents[2] / "configs" / "llama-math.yaml"
+    cfg = load_config(path)
+    assert cfg.model.path.startswith("meta-llama/Llama-3.2") and cfg.lora.alpha == 2 * cfg.lora.r
+    math = cfg.domains[0]
+    assert math.preset == "metamathqa" and math.eval_data.preset == "gsm8k" and math.score.kind == "generate"
+    assert {p.name: (p.preset, p.score.kind) for p in cfg.probes} == {
+        "hellaswag": ("hellaswag", "multiple_choice"), "arc-challenge": ("arc", "multiple_choice"),
+        "winogrande": ("winogrande", "multiple_choice")}
+    assert cfg.source.score.kind == "perplexity"
+    assert main(["validate", str(path)]) == 0
+    assert "probes: hellaswag, arc-challenge, winogrande" in capsys.readouterr().out

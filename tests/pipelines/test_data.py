@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from pipelines.config import DomainConfig, GeneratorSource, LocalSource
-from pipelines.data import DataError, collate, encode, load_domain
+from pipelines.config import DomainConfig, EvalDataConfig, GeneratorSource, HubSource, LocalSource
+from pipelines.data import DataError, collate, encode, length_grouped, load_domain, train_batches
 from pipelines.generators import symbol_ops
 from pipelines.modeling import char_tokenizer
+from tests.pipelines.fixtures import hub_dir
 
 
 def test_generator_is_deterministic_and_correct():
@@ -77,3 +78,143 @@ def test_encoding_masks_prompt_and_padding():
     assert (batch["labels"][1, len(enc[1].input_ids):] == -100).all()
     truncated = encode(tok, [{"prompt": "copy abcdef=", "answer": "abcdef"}], max_length=8)[0]
     assert len(truncated.input_ids) == 8 == len(truncated.labels)
+
+
+# --- sources, splits and formats ---------------------------------------------------------------
+QA = [{"question": f"What is {i} + {i}?", "answer": f"{i} plus {i} is {2 * i}\n#### {2 * i}"} for i in range(40)]
+
+
+def test_hub_source_loads_config_and_split(tmp_path):
+    repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}, "other": {"train": QA[:5]}})
+    cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), name="main", split="train"), preset="gsm8k",
+                       eval_size=10, curvature_size=4)
+    splits = load_domain(cfg, tmp_path / "cache", default_curvature=8)
+    assert len(splits.eval) == 10 and len(splits.train) == 20 and splits.curvature == splits.train[:4]
+    assert {r["prompt"] for r in splits.eval + splits.train} == {f"Question: What is {i} + {i}?\nAnswer:" for i in range(30)}
+    small = load_domain(cfg.model_copy(update={"data": HubSource(id=str(repo), name="main", split="train[:12]")}),
+                        tmp_path / "cache", 8)
+    assert len(small.eval) + len(small.train) == 12  # the datasets split-slicing syntax passes through
+
+
+@pytest.mark.parametrize("source,message", [
+    ({"name": "main", "split": "validation"}, "split 'validation': Unknown split \"validation\". Should be one of \\['train', 'test'\\]\\."),
+    ({"name": "mian", "split": "train"}, "config 'mian' split 'train': BuilderConfig 'mian' not found. Available: \\['main'\\]"),
+])
+def test_hub_source_errors_name_the_split_or_config(tmp_path, source, message):
+    repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
+    cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), **source), preset="gsm8k", eval_size=5)
+    with pytest.raises(DataError, match=f"^domain qa: cannot load dataset .*{message}$"):
+        load_domain(cfg, tmp_path, 5)
+
+
+def test_eval_data_gives_the_eval_rows_and_train_size_caps_training(tmp_path):
+    repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
+    cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), name="main", split="train"), preset="gsm8k",
+                       eval_data=EvalDataConfig(data=HubSource(id=str(repo), name="main", split="test"), preset="gsm8k"),
+                       eval_size=50, train_size=12, split_seed=3)
+    splits = load_domain(cfg, tmp_path / "cache", default_curvature=100)
+    assert len(splits.eval) == 10  # eval_size is an upper bound for eval_data: the test split has 10 rows
+    assert {r["answer"].split("#### ")[1] for r in splits.eval} == {str(2 * i) for i in range(30, 40)}
+    assert len(splits.train) == 12 and splits.curvature == splits.train
+    again = load_domain(cfg, tmp_path / "cache", 100)
+    assert again.train == splits.train and again.fingerprint == splits.fingerprint  # deterministic shuffle
+    reshuffled = load_domain(cfg.model_copy(update={"split_seed": 4}), tmp_path / "cache", 100)
+    assert reshuffled.train != splits.train
+    probe = load_domain(cfg, tmp_path / "cache", 100, eval_only=True)
+    assert probe.eval == splits.eval and probe.train == []
+
+
+def test_templates_map_columns_and_missing_columns_are_named(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text("".join(json.dumps({"q": f"q{i}", "ctx": "c", "a": i}) + "\n" for i in range(20)))
+    cfg = DomainConfig(name="t", data=LocalSource(path=str(f)), prompt_template="{{ctx}}: {{q}}?",
+                       answer_template=" {{a * 2}}", eval_size=5)
+    rows = load_domain(cfg, tmp_path, 5)
+    assert {(r["prompt"], r["answer"]) for r in rows.eval + rows.train} == {(f"c: q{i}?", f" {2 * i}") for i in range(20)}
+    bad = cfg.model_copy(update={"prompt_template": "{{ question }}: {{q}}"})
+    with pytest.raises(DataError, match="^domain t: column\\(s\\) question not in the data \\(columns: q, ctx, a\\)"):
+        load_domain(bad, tmp_path, 5)
+
+
+def test_custom_multiple_choice_mapping(tmp_path):
+    f = tmp_path / "mc.jsonl"
+    rows = [{"stem": "2+2", "options": ["three", "four", "five"], "gold": g} for g in (1, "1", "B", "four")] * 3
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = DomainConfig(name="mc", data=LocalSource(path=str(f)), prompt_template="Q: {{stem}}\nA:",
+                       choices_field="options", label_field="gold", eval_size=4)
+    assert cfg.score.kind == "multiple_choice"
+    splits = load_domain(cfg, tmp_path, 4)
+    for r in splits.eval + splits.train:
+        assert r == {"prompt": "Q: 2+2\nA:", "answer": " four", "choices": ["three", "four", "five"], "label": 1}
+    f.write_text(json.dumps({"stem": "x", "options": ["a", "b"], "gold": 7}) + "\n")
+    with pytest.raises(DataError, match="row 0 .*: gold label 7 is not an index of 2 choices"):
+        load_domain(cfg.model_copy(update={"eval_size": 1}), tmp_path, 1, eval_only=True)
+
+
+def test_empty_data_is_a_clear_error(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="^domain e: data file .*empty.jsonl is empty; add rows"):
+        load_domain(DomainConfig(name="e", data=LocalSource(path=str(empty))), tmp_path, 5)
+    schema_only = tmp_path / "none.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), schema_only)
+    with pytest.raises(DataError, match="^domain e: data file .*none.parquet is empty; add rows"):
+        load_domain(DomainConfig(name="e", data=LocalSource(path=str(schema_only))), tmp_path, 5)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("prompt,answer\n")
+    with pytest.raises(DataError, match="^domain e: the data has no rows; check data.path / data.split$"):
+        load_domain(DomainConfig(name="e", data=LocalSource(path=str(header_only))), tmp_path, 5)
+
+
+def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
+    tok = char_tokenizer()
+    row = {"prompt": "hi", "answer": "yo"}
+    plain = encode(tok, [row], 64)[0]
+    assert encode(tok, [{**row, "chat": "auto"}], 64)[0] == plain  # no template: auto leaves the prompt as it is
+    with pytest.raises(DataError, match="chat_template is 'always' but the tokenizer has no chat template"):
+        encode(tok, [{**row, "chat": "always"}], 64)
+    tok.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<a>{% endif %}")
+    chat = encode(tok, [{**row, "chat": "always"}], 64)[0]
+    assert tok.decode(chat.input_ids) == "<u>hi<a>yo<eos>"  # the template replaces our BOS
+    assert chat.labels[: len("<u>hi<a>")] == [-100] * len("<u>hi<a>")
+    cfg = DomainConfig(name="c", data=GeneratorSource(size=30), eval_size=5, chat_template="auto")
+    assert all(r["chat"] == "auto" for r in load_domain(cfg, tmp_path, 5).train)
+
+
+def test_length_grouped_batches_cover_each_example_once_with_less_padding():
+    import random
+
+    lengths = [random.Random(i).randint(2, 40) for i in range(512)]
+    order = list(range(512))
+    random.Random(0).shuffle(order)
+    batches = length_grouped(order, lengths, batch_size=8, rng=random.Random(1), megabatch=16)
+    assert sorted(j for b in batches for j in b) == list(range(512)) and all(len(b) == 8 for b in batches)
+
+    def padding(bs):
+        return sum(len(b) * max(lengths[j] for j in b) - sum(lengths[j] for j in b) for b in bs)
+
+    plain = [order[i : i + 8] for i in range(0, 512, 8)]
+    assert padding(batches) < 0.2 * padding(plain)
+    assert batches == length_grouped(order, lengths, batch_size=8, rng=random.Random(1), megabatch=16)
+    tok = char_tokenizer()
+    enc = encode(tok, [{"prompt": "p" * (i % 17), "answer": "a"} for i in range(64)], 64)
+    grouped = train_batches(enc, 8, tok.pad_token_id, seed=0, group_by_length=True)
+    plain_stream = train_batches(enc, 8, tok.pad_token_id, seed=0)
+    tokens = sum(int(next(grouped)["input_ids"].numel()) for _ in range(8))  # one epoch each
+    assert tokens < sum(int(next(plain_stream)["input_ids"].numel()) for _ in range(8))
+
+
+def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = DomainConfig(name="hub", data=HubSource(id="no-such-owner/no-such-dataset", split="test"), eval_size=5)
+    with pytest.raises(DataError, match="^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
+                                        "'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub"):
+        load_domain(cfg, tmp_path, 5)

@@ -109,3 +109,12 @@ def test_gate_refuses_with_every_failed_condition_as_the_reason():
     assert result.reasons == ["BWT -0.350 < min_bwt -0.100", "forgetting of src 0.500 > max_forgetting 0.300",
                               "learning on b +0.800 < min_learning +0.850"]
     assert gate(["src", "a", "b"], R, PromotionConfig()).promoted  # no conditions: always promoted
+
+
+def test_gate_reads_probe_columns_and_lower_is_better_scores():
+    # columns: src (accuracy), a (NLL: lower is better), probe (accuracy)
+    R = [[0.9, 3.0, 0.7],
+         [0.8, 2.0, 0.4]]
+    result = gate(["src", "a", "probe"], R, PromotionConfig(max_forgetting=0.2, min_learning=0.5), [True, False, True])
+    assert result.metrics["learning"] == pytest.approx(1.0)  # the NLL fell by 1.0: learning is positive
+    assert not result.promoted and result.reasons == ["forgetting of probe 0.300 > max_forgetting 0.200"]

@@ -1,0 +1,69 @@
+"""The real flow with probes and mixed scorers: multiple choice and perplexity columns next to generation."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.lineage import lineage_flow
+from tests.pipelines.test_presets import ARC, TEXT
+
+CONFIG = """\
+# Run: lalora run mixed.yaml
+name: mixed
+model:
+  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
+  pretrain: {steps: 10, lr: 3.0e-3, batch_size: 16}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+lalora: {lambda: 5, samples: 8, batch_size: 8}
+source: {name: src, data: {kind: generator, op: copy, size: 60}, eval_size: 8}
+domains:
+  - {name: one, data: {kind: generator, op: reverse, size: 60}, eval_size: 8, scoring: {kind: generate, max_new_tokens: 4}}
+probes:
+  - {name: arc, data: {kind: local, path: arc.jsonl}, preset: arc}
+  - {name: wiki, data: {kind: local, path: wiki.jsonl}, preset: text, scoring: {kind: perplexity, metric: perplexity}}
+training: {steps: 4, batch_size: 8, log_every: 2, group_by_length: true}
+evaluation: {batch_size: 8, max_new_tokens: 6}
+tracking: {experiment: mixed, registered_model: mixed-adapter}
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "mixed.yaml").write_text(CONFIG)
+    (root / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
+    (root / "wiki.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEXT))
+    return root, lineage_flow(str(root / "mixed.yaml"), str(root / "out"), [])
+
+
+def test_metrics_json_holds_r_per_score_and_probe_forgetting(finished):
+    root, result = finished
+    assert json.loads((root / "out" / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    assert result["domains"] == ["src", "one", "arc", "wiki"] and result["probes"] == ["arc", "wiki"]
+    assert result["scores"] == {"src": "accuracy", "one": "accuracy", "arc": "acc_norm", "wiki": "perplexity"}
+    assert len(result["R"]) == 2 and all(len(row) == 4 for row in result["R"])
+    assert [row[2] for row in result["R"]] == [row[2] for row in result["R_scores"]["acc_norm"]]
+    assert result["R_scores"]["acc"][0][:2] == [None, None] and result["R_scores"]["perplexity"][1][3] > 1.0
+    assert set(result["forgetting"]) == {"src", "arc", "wiki"} and set(result["learning"]) == {"one"}
+    assert result["averaged"] == ["src", "one", "arc"]  # perplexity is reported per domain, not averaged
+    assert result["ACC"] == pytest.approx(sum(result["R"][1][:3]) / 3)
+    for name in ("R.png", "scores.png"):
+        assert (root / "out" / name).stat().st_size > 5000
+    stage = json.loads((root / "out" / "stages" / "01-one" / "eval.json").read_text())["scores"]
+    assert stage["arc"]["scoring"] == "multiple_choice" and stage["arc"]["n"] == 2
+
+
+def test_mlflow_has_per_domain_metrics_score_history_and_plots(finished):
+    _, result = finished
+    client = MlflowClient(result["mlflow_uri"])
+    parent = client.get_run(result["run_id"])
+    assert {"ACC", "BWT", "source_forgetting", "forgetting/arc", "forgetting/wiki", "learning/one"} <= set(parent.data.metrics)
+    history = client.get_metric_history(parent.info.run_id, "R/wiki")
+    assert [m.step for m in history] == [0, 1] and [m.value for m in history] == [row[3] for row in result["R"]]
+    assert {"metrics.json", "R.png", "scores.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    child = client.search_runs([parent.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    assert {"eval/arc/acc", "eval/arc/acc_norm", "eval/wiki/perplexity", "eval/one/accuracy"} <= set(child.data.metrics)
+    version = client.search_model_versions("name = 'mixed-adapter'")[0]
+    assert float(version.tags["score.wiki"]) == pytest.approx(result["R"][1][3], abs=1e-4)

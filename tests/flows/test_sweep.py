@@ -1,0 +1,79 @@
+"""`lalora sweep` end to end on the tiny model: child runs, the table and the plot agree."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from tests.flows.test_lineage import TINY
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(TINY)
+    code = main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(root / "out")])
+    assert code == 0
+    return root / "out"
+
+
+def test_table_rows_match_the_child_runs(swept):
+    summary = json.loads((swept / "sweep.json").read_text())
+    client = MlflowClient(summary["mlflow_uri"])
+    parent = client.get_run(summary["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.points"] == "2"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert sorted(c.data.tags["lalora.sweep_point"] for c in children) == ["diag-lambda5-seed0", "plain-lambda0-seed0"]
+    rows = {(r["curvature"], r["lam"]): r for r in summary["rows"]}
+    assert set(rows) == {("plain", 0.0), ("diag", 5.0)}
+    for child in children:
+        m = child.data.metrics
+        row = next(r for r in summary["rows"] if r["run_ids"] == [child.info.run_id])
+        assert row["learning"] == pytest.approx(m["mean_learning"])
+        assert row["forgetting"] == pytest.approx(m["mean_forgetting"])
+        assert row["ACC"] == pytest.approx(m["ACC"])
+        assert child.data.params["lalora.lambda"] == ("0.0" if row["curvature"] == "plain" else "5.0")
+        # one stage: forgetting is the drop on the source
+        point = next(p for p in summary["points"] if p["run_id"] == child.info.run_id)
+        R = point["R"]
+        assert len(R) == 2 and row["forgetting"] == pytest.approx(max(R[0][0] - R[1][0], 0.0))
+    table = (swept / "sweep.md").read_text()
+    assert "| plain | 0 | 1 |" in table and "| diag | 5 | 1 |" in table
+    assert any(r["pareto"] for r in summary["rows"])
+    assert (swept / "pareto.png").stat().st_size > 1000
+    arts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"sweep.json", "sweep.md", "pareto.png"} <= arts
+
+
+def test_the_base_is_pretrained_once_and_each_point_registers_its_own_model(swept):
+    summary = json.loads((swept / "sweep.json").read_text())
+    client = MlflowClient(summary["mlflow_uri"], registry_uri=summary["mlflow_uri"])
+    names = sorted(m.name for m in client.search_registered_models())
+    assert names == ["tiny-adapter-diag-lambda5-seed0", "tiny-adapter-plain-lambda0-seed0"]
+    bases = [json.loads((p / "base" / "lalora_base.json").read_text()) for p in (swept / "points").iterdir()]
+    assert len(bases) == 2 and bases[0] == bases[1]
+
+
+def test_sweep_bad_input_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    assert main(["sweep", str(cfg), "--curvature", "diag,bogus"]) == 2
+    assert capsys.readouterr().err.strip() == ("lalora: error: --curvature: unknown kind(s) bogus; "
+                                               "choose from diag, identity, kfac, kfac-tri")
+    assert main(["sweep", str(cfg), "--lambda", "0,x"]) == 2
+    assert "--lambda" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--stages", "5", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "lalora: error: --stages must be between 1 and 2 (the config's domains), got 5"
+
+
+def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept, capsys):
+    before = json.loads((swept / "sweep.json").read_text())
+    cfg = swept.parent / "tiny.yaml"
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]) == 0
+    after = json.loads((swept / "sweep.json").read_text())
+    assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == \
+        [(r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]]
+    client = MlflowClient(after["mlflow_uri"], registry_uri=after["mlflow_uri"])
+    assert all(len(client.search_model_versions(f"name = '{m.name}'")) == 1 for m in client.search_registered_models())
