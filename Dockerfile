@@ -1,6 +1,7 @@
 # Production image: CUDA base, the package installed, `lalora` as entry point.
 #   docker build -t lalora .
 #   docker run --gpus all -v $PWD/runs:/app/runs lalora run configs/demo.yaml --out runs/demo
+# The same image runs the MLflow and Prefect servers of docker-compose.yml (entrypoint mlflow / prefect).
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
     PREFECT_SERVER_ANALYTICS_ENABLED=false TORCH_EXTENSIONS_DIR=/app/.cache/torch_extensions
@@ -13,6 +14,6 @@ COPY pipelines pipelines
 COPY flows flows
 COPY configs configs
 # GPU torch from the CUDA wheel index; the rest from PyPI
-RUN python3.11 -m pip install torch --index-url https://download.pytorch.org/whl/cu124 && python3.11 -m pip install .
+RUN python3.11 -m pip install torch --index-url https://download.pytorch.org/whl/cu124 && python3.11 -m pip install '.[server]'
 ENTRYPOINT ["lalora"]
 CMD ["--help"]

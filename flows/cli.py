@@ -1,4 +1,5 @@
-"""The ``lalora`` command line: ``run`` a lineage, ``sweep`` lambda and curvature, ``validate`` a config."""
+"""The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
+config, ``serve`` it on a schedule, start the ``ui`` servers."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
+    run.add_argument("--fork", default=None, metavar="NAME",
+                     help="start a new lineage (registered model NAME) from the first stage whose config changed")
     sw = sub.add_parser("sweep", help="run CONFIG's lineage per (curvature, lambda, seed); table and Pareto plot")
     sw.add_argument("config")
     sw.add_argument("--lambda", dest="lambdas", default="0,1,10,100", help="comma-separated lambdas; 0 is plain LoRA")
@@ -34,6 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check CONFIG and report every error with its field path")
     val.add_argument("config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    srv = sub.add_parser("serve", help="serve the lineage as a Prefect deployment on a cron schedule "
+                         "(needs PREFECT_API_URL: a Prefect server, e.g. from `lalora ui`)")
+    srv.add_argument("config")
+    srv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    srv.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
+    srv.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
+    srv.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ui = sub.add_parser("ui", help="start the MLflow UI and a Prefect server on 127.0.0.1 until interrupted")
+    ui.add_argument("--out", default="runs/demo", help="run directory whose mlflow.db the UI shows")
+    ui.add_argument("--backend-store-uri", default=None, help="MLflow store (default sqlite:///OUT/mlflow.db)")
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
     return p
 
 
@@ -99,9 +116,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from flows.lineage import lineage_flow
 
+    if args.fork is not None:
+        from pipelines.config import TrackingConfig
+
+        try:
+            TrackingConfig(registered_model=args.fork)
+        except ValueError:
+            return _fail(f"--fork {args.fork!r}: not a usable registered model name")
     t0 = time.perf_counter()
     try:
-        result = lineage_flow(str(args.config), str(out), list(args.overrides))
+        result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
     except DivergenceError as e:
@@ -117,13 +141,126 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(format_summary(report))
     print()
-    print(f"lineage {cfg.name!r}: {len(result['versions'])} stages in {seconds:.0f} s, lambda {cfg.lalora.lam:g}, "
-          f"curvature {cfg.lalora.curvature.kind}")
-    print(f"metrics:    {out / 'metrics.json'}   heatmap: {out / 'R.png'}")
+    ran, skipped = result["stages_run"], result["stages_skipped"]
+    if not ran:
+        print(f"lineage {result['registered_model']!r} is up to date: {len(skipped)} stages recorded, nothing run")
+    else:
+        print(f"lineage {result['registered_model']!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
+              + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
+              + f"; lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind}")
+    for version, p in result["promotion"].items():
+        if p["promoted"]:
+            print(f"promotion:  version {version} (stage {p['stage']}) -> alias {cfg.promotion.alias!r}")
+        else:
+            print(f"promotion:  version {version} (stage {p['stage']}) NOT promoted: {p['reason']}")
+    where = out / "forks" / args.fork if args.fork else out
+    print(f"metrics:    {where / 'metrics.json'}   heatmap: {where / 'R.png'}")
     print(f"registered: {result['registered_model']} versions {', '.join(result['versions'])} "
-          f"(alias {cfg.tracking.latest_alias!r} -> {result['versions'][-1]})")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {result['mlflow_uri']} --host 127.0.0.1")
+          f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result['aliases'].items())})")
+    print(f"MLflow UI:  lalora ui --out {out}   (or: mlflow ui --backend-store-uri {result['mlflow_uri']} "
+          "--host 127.0.0.1)")
     return 0
+
+
+def build_deployment(config: str, out: str, overrides: list[str], cron: str, name: str, timezone: str = "UTC"):
+    """The lineage flow as a Prefect deployment on a cron schedule; every run adapts to the domains
+    of the config (and its catalogue) that the lineage has not seen."""
+    from prefect.schedules import Cron
+
+    from flows.lineage import lineage_flow
+
+    return lineage_flow.to_deployment(
+        name=name, schedules=[Cron(cron, timezone=timezone)],
+        parameters={"config_path": str(Path(config).resolve()), "out_dir": str(Path(out).resolve()),
+                    "overrides": list(overrides)},
+        description="LaLoRA lineage: adapts to any new domain of the config on every scheduled run")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(f"{e.source}: {'; '.join(e.errors)}")
+    from prefect.schedules import Cron
+
+    try:
+        Cron(args.cron, timezone=args.timezone)
+    except ValueError:
+        return _fail(f"--cron {args.cron!r} / --timezone {args.timezone!r}: not a valid cron schedule "
+                     "(e.g. --cron \"0 3 * * 1\")")
+    if not os.environ.get("PREFECT_API_URL"):
+        return _fail("lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
+                     "127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    _quiet_libraries()
+    from prefect import serve
+
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    deployment = build_deployment(args.config, out, args.overrides, args.cron, args.name or Path(args.config).stem,
+                                  args.timezone)
+    print(f"serving lalora-lineage/{deployment.name} on {args.cron!r} ({args.timezone}); Ctrl-C stops")
+    serve(deployment, print_starting_message=False)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """MLflow UI and Prefect server as child processes bound to 127.0.0.1; Ctrl-C (or SIGTERM) stops both."""
+    import signal
+    import subprocess
+
+    store = args.backend_store_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
+    if store.startswith("sqlite:///"):
+        Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+               MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
+    cmds = {"mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
+                       "--port", str(args.mlflow_port)]}
+    if not args.no_prefect:
+        cmds["prefect"] = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                           "--port", str(args.prefect_port)]
+    procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in cmds.items()}
+    print(f"MLflow UI:      http://127.0.0.1:{args.mlflow_port}   (store {store})", flush=True)
+    if "prefect" in procs:
+        print(f"Prefect server: http://127.0.0.1:{args.prefect_port}", flush=True)
+        print(f"use them:       export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api "
+              f"MLFLOW_TRACKING_URI=http://127.0.0.1:{args.mlflow_port}", flush=True)
+
+    stopping = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    code = 0
+    try:
+        while not stopping:
+            exited = [(n, p.returncode) for n, p in procs.items() if p.poll() is not None]
+            if exited:
+                name, code = exited[0]
+                print(f"lalora: error: {name} exited with {code}", file=sys.stderr)
+                code = code or 1
+                break
+            time.sleep(0.2)
+    finally:  # each server runs in its own session: signal the whole group, so its workers stop too
+        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            for p in procs.values():
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and any(p.poll() is None for p in procs.values()):
+                time.sleep(0.2)
+            if all(p.poll() is not None for p in procs.values()):
+                break
+        for p in procs.values():  # anything left in the servers' own groups (worker processes)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return code
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -169,7 +306,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep}[args.command](args)
+    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve,
+            "ui": cmd_ui}[args.command](args)
 
 
 if __name__ == "__main__":

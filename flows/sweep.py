@@ -2,7 +2,8 @@
 
 Points run one after another on this device (each lineage is a Prefect subflow). They share
 one MLflow store and experiment under the sweep's output directory, each registers its
-adapters under its own model name, and the tiny base is pretrained once and reused.
+adapters under its own model name, and the tiny base is pretrained once and reused. Rerun
+into the same directory, a point whose lineage is already recorded is reported, not rerun.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from flows.lineage import lineage_flow
-from flows.tracking import _client, default_tracking_uri, end_run, start_run
+from flows.tracking import _client, end_run, is_local_store, start_run, tracking_uri
 from pipelines.config import load_config
 from pipelines.engine import DivergenceError
 from pipelines.sweep import PointResult, aggregate, format_table, plot_pareto, point_overrides, sweep_json, sweep_points
@@ -33,10 +34,11 @@ def sweep_flow(config_path: str, out_dir: str, lambdas: list[float], curvatures:
     cfg = load_config(config_path, overrides)
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking.mlflow_uri or default_tracking_uri(root)
+    uri = tracking_uri(cfg.tracking.mlflow_uri, root)
     points = sweep_points(lambdas, curvatures, seeds)
     per_point = {p.label: point_overrides(p, cfg, uri, stages) for p in points}  # validates --stages up front
-    parent = start_run(uri, cfg.tracking.experiment, root / "mlartifacts", f"sweep: {cfg.name}",
+    parent = start_run(uri, cfg.tracking.experiment, root / "mlartifacts" if is_local_store(uri) else None,
+                       f"sweep: {cfg.name}",
                        tags={"lalora.sweep": cfg.name})
     tracker = parent.tracker()
     tracker.log_params({"sweep.lambdas": ",".join(f"{v:g}" for v in lambdas), "sweep.curvatures": ",".join(curvatures),
@@ -62,8 +64,9 @@ def sweep_flow(config_path: str, out_dir: str, lambdas: list[float], curvatures:
                 log.warning("sweep point %s diverged and is left out of the table: %s", point.label, e)
                 continue
             first_dir = first_dir or point_dir
-            client.set_tag(metrics["run_id"], "mlflow.parentRunId", parent.run_id)
-            client.set_tag(metrics["run_id"], "lalora.sweep_point", point.label)
+            if metrics["run_id"] is not None:  # None: the point's lineage was already finished (a rerun of the sweep)
+                client.set_tag(metrics["run_id"], "mlflow.parentRunId", parent.run_id)
+                client.set_tag(metrics["run_id"], "lalora.sweep_point", point.label)
             results.append(PointResult.from_metrics(point, metrics, time.perf_counter() - t0))
         rows = aggregate(results)
         table = format_table(rows)

@@ -19,6 +19,17 @@ def default_tracking_uri(out_dir: str | Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
 
 
+def tracking_uri(configured: str | None, out_dir: str | Path) -> str:
+    """The config's URI, else MLFLOW_TRACKING_URI (a server), else a SQLite store under the output dir."""
+    import os
+
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(out_dir)
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/"))
+
+
 def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
@@ -46,6 +57,12 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        from flows import timing
+
+        with timing.tracking(self.run_id):
+            self._log_params(params, Param)
+
+    def _log_params(self, params: dict[str, Any], Param: Any) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
@@ -53,17 +70,23 @@ class MlflowTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
 
+        from flows import timing
+
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            with timing.tracking(self.run_id):
+                self.client.log_batch(self.run_id, metrics=items)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        from flows import timing
+
         p = Path(path)
-        if p.is_dir():
-            self.client.log_artifacts(self.run_id, str(p), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(p), artifact_path)
+        with timing.tracking(self.run_id):
+            if p.is_dir():
+                self.client.log_artifacts(self.run_id, str(p), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(p), artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
@@ -94,12 +117,14 @@ class MlflowRegistry:
         self.client.set_registered_model_alias(self.model_name, alias, version)
 
 
-def start_run(uri: str, experiment: str, artifact_root: Path, name: str, parent: str | None = None,
+def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, parent: str | None = None,
               tags: dict[str, str] | None = None) -> RunRef:
-    """Create (if needed) the experiment with artifacts under ``artifact_root`` and start a run in it."""
+    """Create (if needed) the experiment and start a run in it. Artifacts go under ``artifact_root``
+    for a local store; a tracking server (``artifact_root`` None) uses its own artifact store."""
     client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root.resolve().as_uri())
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=location)
     all_tags = dict(tags or {})
     if parent:
         all_tags["mlflow.parentRunId"] = parent

@@ -219,6 +219,8 @@ class TrainingConfig(_Model):
     max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated.")
     seed: int = Field(0, description="Seed of data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
+    checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
+                                  "optimizer; an interrupted stage restarts from the latest one (0: only at the end).")
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
                                   "batch order stays shuffled).")
 
@@ -228,6 +230,10 @@ class DeepSpeedConfig(_Model):
                                          "Laplace penalty needs whole, so it is not offered.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
+    world_size: int = Field(1, ge=1, description="Processes per node for fine-tuning and curvature; above 1 (or with "
+                            "a hostfile) both steps run through the deepspeed launcher, data parallel.")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
+                                 "relative to the config file or absolute.")
 
     @field_validator("zero_stage", mode="before")
     @classmethod
@@ -257,6 +263,25 @@ class TrackingConfig(_Model):
         return v
 
 
+class PromotionConfig(_Model):
+    alias: str = Field("champion", min_length=1, description="Alias that moves to a new version only when every "
+                       "condition below holds; a version that fails stays registered, tagged with the reason.")
+    min_bwt: float | None = Field(None, description="Backward transfer after the stage must be >= this (e.g. -0.05); "
+                                  "empty: not checked.")
+    max_forgetting: float | None = Field(None, ge=0, description="No earlier domain (source and probes included) "
+                                         "may have forgotten more than this, in its own score's units (accuracy: "
+                                         "0..1; a perplexity-scored domain: its NLL); empty: not checked.")
+    min_learning: float | None = Field(None, description="The stage's own domain must gain at least this "
+                                       "(R[t][t] - R[t-1][t], sign flipped for a lower-is-better score); empty: "
+                                       "not checked.")
+
+
+class OrchestrationConfig(_Model):
+    finetune_retries: int = Field(1, ge=0, description="Prefect retries of the fine-tune task; a retry resumes "
+                                  "from the stage's latest DeepSpeed checkpoint.")
+    retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
+
+
 class LineageConfig(_Model):
     name: str = Field("lineage", description="Lineage name (MLflow run name, tags).")
     seed: int = Field(0, description="Global seed (model init, pretraining).")
@@ -274,6 +299,18 @@ class LineageConfig(_Model):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scoring after every stage.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="Gate on the champion alias.")
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Prefect retries.")
+    catalogue: str | None = Field(None, description="YAML file listing further domains (a list, or a mapping with "
+                                  "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
+                                  "picks up new ones. Relative to the config file or absolute.")
+
+    @model_validator(mode="after")
+    def _world_divides_batch(self) -> LineageConfig:
+        if self.training.batch_size % self.deepspeed.world_size:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
+                             f"deepspeed.world_size ({self.deepspeed.world_size})")
+        return self
 
     @model_validator(mode="after")
     def _unique_domains(self) -> LineageConfig:
@@ -359,10 +396,33 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Lineage
         key, value = parse_override(text)
         _set_path(data, key, value)
     _resolve_local_paths(data, p.parent)
+    if isinstance(data.get("catalogue"), str):
+        _append_catalogue(data, p.parent)
+    if isinstance(data.get("deepspeed"), dict) and isinstance(data["deepspeed"].get("hostfile"), str):
+        data["deepspeed"]["hostfile"] = str((p.parent / data["deepspeed"]["hostfile"]).resolve())
     try:
         return LineageConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(str(path), _format_errors(e)) from None
+
+
+def _append_catalogue(data: dict[str, Any], base: Path) -> None:
+    """Domains listed in the catalogue file join the config's own, after them."""
+    path = (base / data["catalogue"]).resolve()
+    data["catalogue"] = str(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["catalogue file not found"])
+    try:
+        listed = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"invalid YAML: {getattr(e, 'problem', e)}"]) from None
+    if isinstance(listed, dict):
+        listed = listed.get("domains") or []
+    if not isinstance(listed, list):
+        raise ConfigError(str(path), ["a catalogue is a list of domains or a mapping with 'domains'"])
+    extra = {"domains": listed}
+    _resolve_local_paths(extra, path.parent)
+    data["domains"] = list(data.get("domains") or []) + extra["domains"]
 
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:

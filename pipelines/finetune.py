@@ -11,7 +11,7 @@ import torch
 from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
 from pipelines.data import encode, load_domain, special_ids, train_batches
-from pipelines.engine import train
+from pipelines.engine import train, world
 from pipelines.modeling import load_adapter, load_base, new_adapter
 from pipelines.tracking import Tracker
 from pipelines.workspace import write_dir_atomic
@@ -40,8 +40,13 @@ def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str
 
 def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
              domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
-             data_dir: str, out_dir: str, tracker: Tracker) -> FinetuneResult:
-    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor."""
+             data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None) -> FinetuneResult:
+    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor.
+
+    With ``checkpoint_dir`` the stage saves DeepSpeed checkpoints every
+    ``training.checkpoint_every`` steps and, if one is there already (an interrupted run of
+    this same stage), continues from it. Under the deepspeed launcher rank 0 writes.
+    """
     base, tokenizer = load_base(base_path, dtype)
     model = load_adapter(base, anchor_adapter, trainable=True)
     params = lora_parameters(model)
@@ -65,8 +70,12 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
                    train_batches(examples, training.batch_size, pad, training.seed + stage, training.group_by_length),
                    steps=training.steps, lr=training.lr, batch_size=training.batch_size, ds=ds,
                    make_penalty=make_penalty if precision is not None else None, tracker=tracker,
-                   log_every=training.log_every, desc=f"stage {stage}: {domain.name}")
-    target = write_dir_atomic(Path(out_dir) / "adapter", lambda d: model.save_pretrained(d))
+                   log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
+                   checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+                   checkpoint_every=training.checkpoint_every)
+    target = Path(out_dir) / "adapter"
+    if world()[0] == 0:
+        write_dir_atomic(target, lambda d: model.save_pretrained(d))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
     tracker.log_artifact(target, "adapter")

@@ -11,6 +11,7 @@ from lalora import Prior, accumulate, build_estimator, load_precision, lora_para
 from lalora.curvature import MemoryEstimate
 from pipelines.config import DomainConfig, LaLoRAConfig
 from pipelines.data import encode, fixed_batches, load_domain, special_ids
+from pipelines.engine import world
 from pipelines.modeling import load_adapter, load_base
 from pipelines.tracking import Tracker
 
@@ -69,10 +70,13 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
     batches = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
+    rank, size = world()
+    batches = batches[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
     estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
                                 **cfg.curvature.model_dump(exclude={"kind"}))
     check_memory(estimator.memory(shapes), cfg, stage)
-    with tqdm(total=len(splits.curvature), desc=f"curvature on {curvature_domain.name}", unit="seq", leave=False) as bar:
+    with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
+              leave=False, disable=rank != 0) as bar:
         est = estimator.estimate(model, batches, progress=bar.update)
     zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
@@ -83,6 +87,8 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
                           "data_sha256": splits.fingerprint}]
     target = Path(out_dir) / "precision"
+    if rank != 0:
+        return PrecisionResult(str(target), precision.structure, est.n_samples, len(est.zero_curvature), 0.0, "")
     meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
                           history=history)
     seconds = time.perf_counter() - t0

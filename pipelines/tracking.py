@@ -25,3 +25,43 @@ class NullTracker:
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         return None
+
+
+class JsonlTracker:
+    """Appends every call to a JSON-lines file, for a process that cannot reach the real tracker
+    (a rank under the deepspeed launcher); ``replay`` hands the calls on afterwards."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self._write({"call": "log_params", "params": params})
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._write({"call": "log_metrics", "metrics": metrics, "step": step})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._write({"call": "log_artifact", "path": str(path), "artifact_path": artifact_path})
+
+
+def replay(path: str | Path, tracker: Tracker) -> None:
+    """Send the calls a JsonlTracker recorded to ``tracker``, in order."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        return
+    for line in p.read_text().splitlines():
+        r = json.loads(line)
+        if r["call"] == "log_params":
+            tracker.log_params(r["params"])
+        elif r["call"] == "log_metrics":
+            tracker.log_metrics(r["metrics"], step=r["step"])
+        else:
+            tracker.log_artifact(r["path"], r["artifact_path"])

@@ -66,3 +66,14 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys):
     assert "--lambda" in capsys.readouterr().err
     assert main(["sweep", str(cfg), "--stages", "5", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "lalora: error: --stages must be between 1 and 2 (the config's domains), got 5"
+
+
+def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept, capsys):
+    before = json.loads((swept / "sweep.json").read_text())
+    cfg = swept.parent / "tiny.yaml"
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]) == 0
+    after = json.loads((swept / "sweep.json").read_text())
+    assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == \
+        [(r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]]
+    client = MlflowClient(after["mlflow_uri"], registry_uri=after["mlflow_uri"])
+    assert all(len(client.search_model_versions(f"name = '{m.name}'")) == 1 for m in client.search_registered_models())

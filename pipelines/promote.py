@@ -1,0 +1,47 @@
+"""Stage step 5: the promotion gate. A new version becomes the champion only if the lineage's
+continual-learning metrics after the stage meet the configured conditions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lalora import continual_metrics
+from pipelines.config import PromotionConfig
+
+
+@dataclass
+class GateResult:
+    promoted: bool
+    reasons: list[str] = field(default_factory=list)
+    """One line per failed condition; empty when promoted."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
+         higher_is_better: list[bool] | None = None) -> GateResult:
+    """Check the conditions on R after stage T = len(R) - 1.
+
+    R holds each domain's own score (rows 0..T; columns: the source, domains 1..T, then any
+    probes); ``higher_is_better`` gives each column's direction (default: all accuracies).
+    Forgetting and learning are signed so that positive forgetting is worse and positive
+    learning better, each in its column's own units; BWT averages the accuracy-like columns.
+    """
+    T = len(R) - 1
+    m = continual_metrics(R, higher_is_better)
+    target = domains[T]
+    metrics = {"BWT": m.BWT, "ACC": m.ACC, "learning": m.learning[-1],
+               "max_forgetting": max(m.forgetting) if m.forgetting else 0.0}
+    reasons = []
+    if cfg.min_bwt is not None and m.BWT < cfg.min_bwt:
+        reasons.append(f"BWT {m.BWT:+.3f} < min_bwt {cfg.min_bwt:+.3f}")
+    if cfg.max_forgetting is not None:
+        for j, f in zip(m.forgetting_columns, m.forgetting):
+            if f > cfg.max_forgetting:
+                reasons.append(f"forgetting of {domains[j]} {f:.3f} > max_forgetting {cfg.max_forgetting:.3f}")
+    if cfg.min_learning is not None and m.learning[-1] < cfg.min_learning:
+        reasons.append(f"learning on {target} {m.learning[-1]:+.3f} < min_learning {cfg.min_learning:+.3f}")
+    return GateResult(not reasons, reasons, metrics)

@@ -1,0 +1,91 @@
+"""SIGKILL the `lalora run` process mid-fine-tune; the rerun continues from the last DeepSpeed
+checkpoint and ends exactly where an uninterrupted run with the same seed ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from flows.lineage import lineage_flow
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = """\
+# Run: lalora run tiny.yaml
+name: killed
+model:
+  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
+  pretrain: {steps: 10, lr: 3.0e-3, batch_size: 16}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+lalora: {lambda: 5, samples: 16, batch_size: 8}
+source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
+domains:
+  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
+training: {steps: 48, batch_size: 8, lr: 5.0e-3, log_every: 4, checkpoint_every: 4}
+evaluation: {batch_size: 12, max_new_tokens: 6}
+tracking: {experiment: killed, registered_model: killed-adapter}
+"""
+
+
+def _latest_step(out: Path) -> int:
+    found = list((out / "stages" / "01-one" / "checkpoints").glob("*/latest"))
+    if not found:
+        return 0
+    try:
+        return int(found[0].read_text().strip().removeprefix("step"))
+    except ValueError:  # being written
+        return 0
+
+
+def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(CONFIG)
+    out = tmp_path / "killed"
+    kill_at = random.Random(time.time_ns()).choice(range(8, 37, 4))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_API_URL=str(PREFECT_API_URL.value()))
+    log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: nothing blocks the child while we poll
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while _latest_step(out) < kill_at and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the run ended before step {kill_at}: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.close()
+    killed_at = _latest_step(out)
+    assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (kill_at, killed_at)
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    assert client.search_model_versions("name = 'killed-adapter'") == []  # the killed stage recorded no version
+
+    resumed = lineage_flow(str(cfg), str(out), [])
+    reference = lineage_flow(str(cfg), str(tmp_path / "reference"), [])
+
+    assert resumed["stages_run"] == [1] and resumed["versions"] == ["1"]
+    stage_run = client.get_model_version("killed-adapter", "1").run_id
+    steps = [m.step for m in client.get_metric_history(stage_run, "train/loss")]
+    assert steps and min(steps) > killed_at and max(steps) == 48, (killed_at, steps)  # continued, not restarted
+    for key in ("R", "R_nll"):
+        for got, want in zip(resumed[key], reference[key]):
+            assert got == pytest.approx(want, abs=1e-6), (key, killed_at)
+    a = load_file(out / "stages" / "01-one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "reference" / "stages" / "01-one" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert json.loads((out / "metrics.json").read_text())["R"] == resumed["R"]

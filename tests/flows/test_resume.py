@@ -1,0 +1,171 @@
+"""Lineage state in the MLflow registry: skip finished stages, append a domain, refuse a changed
+finished stage (or fork), and the promotion gate both ways. Real Prefect flow runs, a real
+SQLite MLflow store and registry, the real DeepSpeed engine on a tiny model."""
+
+import json
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.cli import main
+from flows.lineage import lineage_flow
+
+BASE = """\
+# Run: lalora run tiny.yaml
+name: tiny
+model:
+  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
+  pretrain: {steps: 20, lr: 3.0e-3, batch_size: 16}
+lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
+lalora: {lambda: 5, samples: 16, batch_size: 8}
+source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
+domains:
+  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
+  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}
+training: {steps: 6, batch_size: 8, log_every: 2, checkpoint_every: 2}
+evaluation: {batch_size: 12, max_new_tokens: 6}
+tracking: {experiment: tiny, registered_model: tiny-adapter}
+promotion: {min_bwt: -1.0, max_forgetting: 1.0, min_learning: -1.0}
+"""
+THREE = "  - {name: three, data: {kind: generator, op: next, alphabet: abcdefghij, size: 80}, eval_size: 12}\n"
+
+
+def _client(uri):
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _versions(client, model):
+    return sorted(client.search_model_versions(f"name = '{model}'"), key=lambda v: int(v.version))
+
+
+def _aliases(client, model):
+    return {k: str(v) for k, v in client.get_registered_model(model).aliases.items()}
+
+
+def _runs(client):
+    return client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    (root / "tiny.yaml").write_text(BASE)
+    result = lineage_flow(str(root / "tiny.yaml"), str(root / "out"), [])
+    return root, result
+
+
+def test_first_run_records_the_lineage_state_on_each_version(lineage):
+    root, result = lineage
+    assert result["stages_run"] == [1, 2] and result["stages_skipped"] == []
+    client = _client(result["mlflow_uri"])
+    v1, v2 = _versions(client, "tiny-adapter")
+    for v, stage in ((v1, 1), (v2, 2)):
+        t = v.tags
+        assert t["lalora.stage"] == str(stage) and t["lalora.lineage"] == "tiny-adapter"
+        assert len(t["lalora.stage_config_sha256"]) == 64 and len(t["lalora.data_sha256"]) == 64
+        for what in ("adapter", "precision", "rows", "config", "base"):
+            assert t[f"lalora.{what}_uri"].startswith("runs:/"), what
+        assert t["lalora.promotion"] == "promoted"
+    assert v1.tags["lalora.stage_config_sha256"] != v2.tags["lalora.stage_config_sha256"]
+    rows = json.loads((root / "out" / "stages" / "02-two" / "lineage" / "rows.json").read_text())
+    assert [list(r) for r in rows] == [["src", "one", "two"]] * 3
+    assert _aliases(client, "tiny-adapter") == {"newest": "2", "champion": "2"}
+    assert not (root / "out" / "stages" / "01-one" / "checkpoints").exists()  # removed once the version holds it
+
+
+def test_rerun_of_a_finished_lineage_records_and_computes_nothing(lineage, capsys):
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    runs_before = len(_runs(client))
+    adapter = root / "out" / "stages" / "02-two" / "adapter" / "adapter_model.safetensors"
+    mtime = adapter.stat().st_mtime_ns
+    assert main(["run", str(root / "tiny.yaml"), "--out", str(root / "out")]) == 0
+    assert "is up to date: 2 stages recorded, nothing run" in capsys.readouterr().out
+    result = json.loads((root / "out" / "metrics.json").read_text())
+    assert result["stages_run"] == [] and result["stages_skipped"] == [1, 2]
+    assert result["R"] == first["R"] and result["versions"] == ["1", "2"]
+    assert len(_versions(client, "tiny-adapter")) == 2
+    assert len(_runs(client)) == runs_before  # not even an empty run
+    assert adapter.stat().st_mtime_ns == mtime
+
+
+def test_changed_finished_stage_is_refused_in_one_line_and_nothing_is_recorded(lineage, capsys):
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    runs_before = len(_runs(client))
+    code = main(["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "domains.1.data.size=90"])
+    assert code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lalora: error: the config of finished stage 2 (two, version 2) changed")
+    assert "domains.1.data.size: 80 -> 90" in last and "--fork NAME" in last
+    assert len(_versions(client, "tiny-adapter")) == 2 and len(_runs(client)) == runs_before
+    assert _aliases(client, "tiny-adapter") == {"newest": "2", "champion": "2"}
+
+
+def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    argv = ["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "domains.1.data.size=90",
+            "--fork", "tiny-fork"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "ran stage(s) 2" in out and "skipped finished stage(s) 1" in out
+    original = _versions(client, "tiny-adapter")
+    forked = _versions(client, "tiny-fork")
+    assert len(original) == 2  # untouched
+    assert [v.tags["lalora.stage"] for v in forked] == ["1", "2"]
+    assert forked[0].tags["lalora.forked_from"] == "tiny-adapter/1"
+    assert forked[0].source == original[0].source and forked[0].run_id == original[0].run_id
+    assert "lalora.forked_from" not in forked[1].tags
+    assert forked[1].tags["lalora.stage_config_sha256"] != original[1].tags["lalora.stage_config_sha256"]
+    assert (root / "out" / "forks" / "tiny-fork" / "metrics.json").is_file()
+    assert json.loads((root / "out" / "metrics.json").read_text())["registered_model"] == "tiny-adapter"
+    assert main(argv) == 0  # the fork is a lineage like any other: a rerun resumes it
+    assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
+
+
+PROBE = "probes:\n  - {name: probe, data: {kind: generator, op: next, alphabet: abcdefghij, size: 40}, eval_size: 8}\n"
+
+
+def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_without_a_new_version(lineage):
+    """No stage to run, but a new R column: each recorded adapter (and the LoRA initialisation) is
+    scored on the probe once; the recorded columns stay as they were."""
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    cfg = root / "probe.yaml"
+    cfg.write_text(BASE.replace("training:", PROBE + "training:"))
+    result = lineage_flow(str(cfg), str(root / "out"), [])
+    assert result["stages_run"] == [] and result["stages_skipped"] == [1, 2]
+    assert result["domains"] == ["src", "one", "two", "probe"] and result["probes"] == ["probe"]
+    assert [r[:3] for r in result["R"]] == first["R"] and all(len(r) == 4 for r in result["R"])
+    assert "probe" in result["forgetting"] and result["run_id"] is not None
+    assert len(_versions(client, "tiny-adapter")) == 2
+
+
+def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_gate_can_refuse(lineage, tmp_path):
+    """A fresh output directory (nothing on disk) against the same store: base, adapter, precision
+    and R come from the registry; the gate rejects the new version, which stays registered."""
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(BASE.replace("training:", THREE + "training:").replace(
+        "tracking: {", f"tracking: {{mlflow_uri: '{first['mlflow_uri']}', ").replace(
+        "promotion: {min_bwt: -1.0, max_forgetting: 1.0, min_learning: -1.0}",
+        "promotion: {min_learning: 2.0, max_forgetting: 0.0}"))
+    result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), [])
+    assert result["stages_skipped"] == [1, 2] and result["stages_run"] == [3]
+    assert not (tmp_path / "elsewhere" / "stages" / "01-one").exists()  # nothing of stage 1 recomputed
+    assert result["domains"] == ["src", "one", "two", "three"] and len(result["R"]) == 4
+    assert all(len(row) == 4 for row in result["R"])
+    assert [r[:3] for r in result["R"][:3]] == [r[:3] for r in first["R"]]  # recorded rows kept as they were
+    versions = _versions(client, "tiny-adapter")
+    assert [str(v.version) for v in versions] == ["1", "2", "3"]
+    v3 = versions[2]
+    assert v3.tags["lalora.stage"] == "3" and v3.tags["lalora.promotion"] == "rejected"
+    assert "learning on three" in v3.tags["lalora.promotion_reason"] and "< min_learning +2.000" in v3.tags["lalora.promotion_reason"]
+    assert result["promotion"]["3"]["promoted"] is False
+    assert _aliases(client, "tiny-adapter") == {"newest": "3", "champion": "2"}
+    from lalora import load_precision
+
+    _, meta = load_precision(tmp_path / "elsewhere" / "stages" / "03-three" / "precision")
+    assert [h["domain"] for h in meta.history] == ["src", "one", "two"]  # accumulated onto the recorded precision

@@ -1,0 +1,78 @@
+"""`lalora ui` starts real servers on 127.0.0.1 and stops them; `lalora serve` builds a real
+Prefect deployment with a cron schedule (applied to the session's temporary Prefect API)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.cli import build_deployment, main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = ROOT / "configs" / "demo.yaml"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def test_ui_serves_mlflow_and_prefect_on_localhost_until_interrupted(tmp_path):
+    mlflow_port, prefect_port = _port(), _port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--out", str(tmp_path / "out"),
+                             "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    urls = [f"http://127.0.0.1:{mlflow_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not all(_up(u) for u in urls) and proc.poll() is None:
+            time.sleep(1)
+        assert proc.poll() is None, proc.stdout.read()
+        assert all(_up(u) for u in urls)
+        assert (tmp_path / "out" / "mlflow.db").is_file()  # the UI reads the run directory's store
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-2000:]
+    assert f"http://127.0.0.1:{mlflow_port}" in out and f"PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in out
+    assert not any(_up(u) for u in urls)  # both children stopped with it
+
+
+def test_serve_refuses_without_a_prefect_server_or_with_a_bad_cron(monkeypatch, capsys):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["serve", str(CONFIG), "--cron", "0 3 * * 1"]) == 2
+    assert "needs a Prefect server" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["serve", str(CONFIG), "--cron", "61 * * * *"]) == 2
+    assert "not a valid cron schedule" in capsys.readouterr().err
+
+
+def test_serve_deployment_has_the_schedule_and_parameters(tmp_path):
+    from prefect import get_client
+
+    deployment = build_deployment(str(CONFIG), str(tmp_path / "out"), ["training.steps=5"], "0 3 * * 1", "weekly")
+    deployment_id = deployment.apply()
+    with get_client(sync_client=True) as client:
+        d = client.read_deployment(deployment_id)
+    assert d.name == "weekly"
+    assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
+    assert d.parameters == {"config_path": str(CONFIG), "out_dir": str(tmp_path / "out"),
+                            "overrides": ["training.steps=5"]}
+    assert d.entrypoint.endswith("flows/lineage.py:lineage_flow")
