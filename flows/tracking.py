@@ -46,7 +46,10 @@ class MlflowTracker:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        from pipelines.safety import redact_params
+
+        # never a secret in the tracking store: secret-named keys, secret env values, URL passwords
+        items = [Param(k, str(v)[:6000]) for k, v in redact_params(flatten(params)).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
