@@ -12,6 +12,7 @@ from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_LOCKED = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
     run.add_argument("--fork", default=None, metavar="NAME",
                      help="start a new lineage (registered model NAME) from the first stage whose config changed")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run holds this lineage, wait for it instead of refusing")
     sw = sub.add_parser("sweep", help="run CONFIG's lineage per (curvature, lambda, seed); table and Pareto plot")
     sw.add_argument("config")
     sw.add_argument("--lambda", dest="lambdas", default="0,1,10,100", help="comma-separated lambdas; 0 is plain LoRA")
@@ -115,6 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     _quiet_libraries()
     from flows.lineage import lineage_flow
+    from flows.lock import LockHeld, hold, lock_paths
+    from lalora.checkpoint import NonFinitePrecision
 
     if args.fork is not None:
         from pipelines.config import TrackingConfig
@@ -124,12 +129,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError:
             return _fail(f"--fork {args.fork!r}: not a usable registered model name")
     t0 = time.perf_counter()
+    locks = lock_paths(out, cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                       cfg.tracking.registered_model)
     try:
-        result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
+        with hold(locks, wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
+            result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
+    except LockHeld as e:
+        return _fail(str(e), EXIT_LOCKED)
+    except (DivergenceError, NonFinitePrecision) as e:
+        return _fail(str(e), EXIT_DIVERGED)
     except (ConfigError, DataError, CheckpointError) as e:
         return _fail(str(e))
-    except DivergenceError as e:
-        return _fail(str(e), EXIT_DIVERGED)
     except ValueError as e:  # our own checks (adapter / precision mismatch, unknown modules, ...)
         return _fail(str(e).splitlines()[0])
     seconds = time.perf_counter() - t0

@@ -63,7 +63,10 @@ class MlflowTracker:
             self._log_params(params, Param)
 
     def _log_params(self, params: dict[str, Any], Param: Any) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        from pipelines.safety import redact_params
+
+        # never a secret in the tracking store: secret-named keys, secret env values, URL passwords
+        items = [Param(k, str(v)[:6000]) for k, v in redact_params(flatten(params)).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

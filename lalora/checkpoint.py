@@ -3,8 +3,10 @@
 A checkpoint is two files in one directory: ``precision.safetensors`` and
 ``precision.json``. The JSON carries the structure, Fisher type, sample count, the LoRA
 matrix names and shapes, the prior, the accumulation history and the sha256 of the tensor
-file. Both are written to temporary names and renamed, so a crash leaves either the old
-checkpoint or the new one.
+file. Both are written to temporary names first; renaming the JSON is the commit point. A
+crash before it leaves the old checkpoint; a crash after it (before the tensors' rename)
+leaves the new JSON and the new tensors under their temporary name, which the loader
+recognises by the checksum and moves into place. Never half of each.
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ META = "precision.json"
 
 class CheckpointError(ValueError):
     """A curvature checkpoint that cannot be used, with the reason in the message."""
+
+
+class NonFinitePrecision(CheckpointError):
+    """A precision holding NaN or inf: the curvature pass diverged, or the file says so."""
+
+
+def _check_finite(state: dict[str, Tensor], what: str) -> None:
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(t.isfinite().all()):
+            bad = int((~t.isfinite()).sum())
+            raise NonFinitePrecision(f"{what}: {name} has {bad} non-finite value(s) (NaN or inf); the curvature "
+                                     "diverged (check the base model and data, or lower lalora.prior / lambda)")
 
 
 @dataclass
@@ -59,12 +73,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write: Any) -> None:
+def _write_tmp(path: Path, write: Any) -> Path:
+    """``write`` to a temporary sibling of ``path``, flushed to disk; returns the temporary path."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_precision(directory: str | os.PathLike[str], precision: Precision, *, fisher_type: str, n_samples: int,
@@ -74,7 +97,8 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
     d.mkdir(parents=True, exist_ok=True)
     # Cloned: structures may share a factor between terms (safetensors refuses shared storage).
     state = {k: v.detach().cpu().contiguous().clone() for k, v in precision.to_state_dict().items()}
-    _write_atomic(d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
+    _check_finite(state, f"refusing to save the {precision.structure} precision to {d}")
+    tensors_tmp = _write_tmp(d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
     meta = CurvatureMeta(
         structure=precision.structure,
         fisher_type=fisher_type,
@@ -84,10 +108,26 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
         prior={"tau_A": prior.tau_A, "tau_B": prior.tau_B},
         history=list(history or []),
         tensors={k: list(v.shape) for k, v in state.items()},
-        sha256=_sha256(d / TENSORS),
+        sha256=_sha256(tensors_tmp),
     )
-    _write_atomic(d / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2)))
+    meta_tmp = _write_tmp(d / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2)))
+    os.replace(meta_tmp, d / META)  # the commit point: from here the new checkpoint is the checkpoint
+    os.replace(tensors_tmp, d / TENSORS)
+    _fsync_dir(d)
     return meta
+
+
+def _roll_forward(d: Path, meta: CurvatureMeta) -> str | None:
+    """After a crash between the two renames: move the committed tensors into place; their sha256, or None."""
+    for pending in sorted(d.glob(f".{TENSORS}.tmp-*")):
+        digest = _sha256(pending)
+        if digest == meta.sha256:
+            try:
+                os.replace(pending, d / TENSORS)
+            except OSError:
+                return None  # a read-only copy: leave it, the checksum error stands
+            return digest
+    return None
 
 
 def read_meta(directory: str | os.PathLike[str]) -> CurvatureMeta:
@@ -117,9 +157,11 @@ def load_precision(directory: str | os.PathLike[str],
     d = Path(directory)
     meta = read_meta(d)
     tensors = d / TENSORS
+    digest = _sha256(tensors) if tensors.is_file() else ""
+    if digest != meta.sha256:
+        digest = _roll_forward(d, meta) or digest
     if not tensors.is_file():
         raise CheckpointError(f"curvature checkpoint {d} has metadata but no {TENSORS}")
-    digest = _sha256(tensors)
     if digest != meta.sha256:
         raise CheckpointError(f"curvature checkpoint {tensors} fails its checksum (sha256 {digest[:12]}..., "
                               f"metadata says {meta.sha256[:12]}...): the file was modified or is corrupt")
@@ -127,6 +169,7 @@ def load_precision(directory: str | os.PathLike[str],
         state: dict[str, Tensor] = load_file(str(tensors))
     except Exception as e:  # safetensors raises its own error types for malformed files
         raise CheckpointError(f"curvature checkpoint {tensors} is not a valid safetensors file: {e}") from None
+    _check_finite(state, f"curvature checkpoint {tensors}")
     listed = meta.tensors or meta.shapes
     if sorted(state) != sorted(listed):
         raise CheckpointError(f"curvature checkpoint {d}: tensor names do not match its metadata")

@@ -20,7 +20,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class ConfigError(ValueError):
@@ -216,7 +216,10 @@ class TrainingConfig(_Model):
     steps: int = Field(300, gt=0, description="Optimizer steps per stage.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the LoRA matrices (our default).")
     batch_size: int = Field(64, gt=0, description="Sequences per step.")
-    max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated.")
+    max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated "
+                            "or refused (overlong).")
+    overlong: Literal["truncate", "error"] = Field("truncate", description="A training sequence longer than "
+                                                   "max_length: truncate it, or stop the run naming the example.")
     seed: int = Field(0, description="Seed of data order and dropout.")
     log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
     checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
@@ -254,6 +257,23 @@ class TrackingConfig(_Model):
     registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one version per stage.")
     latest_alias: str = Field("newest", min_length=1, description="Alias moved to every new version. MLflow reserves "
                               "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _safe_model_name(cls, v: str) -> str:
+        if not _NAME.match(v):  # it also names directories (forks), so it may not hold '/' or '..'
+            raise ValueError(f"{v!r} is not a valid registered model name (letters, digits, '.', '_', '-'; up to 64)")
+        return v
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v and urlsplit(v).password is not None:
+            raise ValueError("holds a password; secrets come only from the environment: drop it from the URI and "
+                             "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return v
 
     @field_validator("latest_alias")
     @classmethod

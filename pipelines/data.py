@@ -211,13 +211,17 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: str = "never") -> list[int]:
     return ([bos] if bos is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> list[Encoded]:
-    """Prompt and answer tokenized apart and joined, so the label mask is exact; truncated to max_length."""
+def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, overlong: str = "truncate") -> list[Encoded]:
+    """Prompt and answer tokenized apart and joined, so the label mask is exact; truncated to max_length,
+    or (``overlong`` "error") a DataError naming the first longer example."""
     _, eos, _ = special_ids(tokenizer)
     answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     out = []
-    for r, ans in zip(rows, answers):
+    for i, (r, ans) in enumerate(zip(rows, answers)):
         p = prompt_ids(tokenizer, r["prompt"], r.get("chat", "never"))
+        if overlong == "error" and len(p) + len(ans) + 1 > max_length:
+            raise DataError(f"example {i} is {len(p) + len(ans) + 1} tokens, over training.max_length={max_length} "
+                            f"(prompt {r['prompt'][:40]!r}...); raise max_length or set training.overlong: truncate")
         ids = (p + ans + [eos])[:max_length]
         labels = ([-100] * len(p) + ans + [eos])[:max_length]
         out.append(Encoded(ids, labels))

@@ -10,7 +10,7 @@ import torch
 
 from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
-from pipelines.data import encode, load_domain, special_ids, train_batches
+from pipelines.data import DataError, encode, load_domain, special_ids, train_batches
 from pipelines.engine import train, world
 from pipelines.modeling import load_adapter, load_base, new_adapter
 from pipelines.tracking import Tracker
@@ -62,7 +62,10 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
 
     splits = load_domain(domain, Path(data_dir), lalora.samples)
     _, _, pad = special_ids(tokenizer)
-    examples = encode(tokenizer, splits.train, training.max_length)
+    try:
+        examples = encode(tokenizer, splits.train, training.max_length, training.overlong)
+    except DataError as e:
+        raise DataError(f"domain {domain.name}: training {e}") from None
     tracker.log_params({"train.examples": len(examples), "train.steps": training.steps, "train.lr": training.lr,
                         "lambda": lalora.lam})
     torch.manual_seed(training.seed + stage)

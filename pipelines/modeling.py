@@ -50,7 +50,8 @@ def load_base(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype])
+        # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True)
     except OSError as e:
         raise ValueError(f"cannot load base model {path}: {str(e).splitlines()[0]}") from None
     model.config.use_cache = True
@@ -76,4 +77,6 @@ def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) ->
     """A peft model from ``save_pretrained`` output on top of ``base``."""
     from peft import PeftModel
 
+    if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
+        raise ValueError(f"adapter {adapter_dir} has no adapter_model.safetensors; pickled adapters are not loaded")
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)

@@ -1,0 +1,179 @@
+"""Bad input through the real CLI: exit code 2, the last stderr line one 'lalora: error:' line, no traceback,
+and no registered version. Config-level cases fail before anything is loaded; data and model cases run
+the flow until the problem is met (tiny model, no pretraining)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from flows.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, main
+from tests.flows.test_lineage import ONE_DOMAIN
+
+FAST = ["--set", "model.pretrain.steps=0"]
+
+
+def run_cli(tmp_path, capsys, text, overrides=(), out="out"):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    args = ["run", str(cfg), "--out", str(tmp_path / out)] + FAST
+    for o in overrides:
+        args += ["--set", o]
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line_error(err, fragment):
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lalora: error: ") and fragment in last, last
+
+
+def assert_nothing_registered(tmp_path, out="out", model="tiny-adapter"):
+    db = tmp_path / out / "mlflow.db"
+    if not db.exists():
+        return
+    uri = f"sqlite:///{db}"
+    assert MlflowClient(uri, registry_uri=uri).search_model_versions(f"name = '{model}'") == []
+
+
+CONFIG_CASES = [
+    ("invalid-yaml", ONE_DOMAIN + "lora: [1, 2\n", [], "invalid YAML at line"),
+    ("unknown-key", ONE_DOMAIN + "bogus: 1\n", [], "bogus: unknown key"),
+    ("wrong-type", ONE_DOMAIN, ["training.steps=many"], "training.steps: Input should be a valid integer"),
+    ("negative-lambda", ONE_DOMAIN, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
+    ("gamma-above-1", ONE_DOMAIN, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than"),
+    ("rank-0", ONE_DOMAIN, ["lora.r=0"], "lora.r: Input should be greater than 0"),
+    ("infinite-lambda", ONE_DOMAIN, ["lalora.lambda=.inf"], "lalora.lambda: Input should be a finite number"),
+    ("nan-lr", ONE_DOMAIN, ["training.lr=.nan"], "training.lr: Input should be a finite number"),
+    ("unknown-curvature", ONE_DOMAIN, ["lalora.curvature.kind=kfaq"], "unknown kind 'kfaq'"),
+    ("escaping-model-name", ONE_DOMAIN, ["tracking.registered_model=../x"], "is not a valid registered model name"),
+    ("password-in-uri", ONE_DOMAIN, ["tracking.mlflow_uri=http://u:pw@h:5000"], "holds a password"),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragment", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_is_refused_before_anything_runs(tmp_path, capsys, text, overrides, fragment):
+    code, err = run_cli(tmp_path, capsys, text, overrides)
+    assert code == EXIT_BAD_INPUT
+    assert len(err.strip().splitlines()) == 1
+    assert_one_line_error(err, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def _jsonl(path: Path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path.name
+
+
+LOCAL = "{name: one, data: {kind: local, path: %s}, eval_size: 4%s}"
+SWAP = "{name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}"
+
+
+def _data_case(tmp_path, kind):
+    if kind == "missing-file":
+        return ONE_DOMAIN.replace(SWAP, LOCAL % ("nope.jsonl", "")), [], "domain one: data file"
+    if kind == "empty-file":
+        (tmp_path / "empty.jsonl").write_text("")
+        return ONE_DOMAIN.replace(SWAP, LOCAL % ("empty.jsonl", "")), [], "domain one: data file"
+    if kind == "missing-columns":
+        name = _jsonl(tmp_path / "q.jsonl", [{"question": "a", "solution": "b"}] * 20)
+        return (ONE_DOMAIN.replace(SWAP, LOCAL % (name, ", prompt_field: question, answer_field: answer")), [],
+                "column(s) answer not in the data (columns: question, solution)")
+    if kind == "missing-split":
+        repo = tmp_path / "hub"
+        repo.mkdir()
+        _jsonl(repo / "train.jsonl", [{"prompt": "a=", "answer": "a"}] * 20)
+        text = ONE_DOMAIN.replace(SWAP, "{name: one, data: {kind: hub, id: %s, split: validation}, eval_size: 4}" % repo)
+        return text, [], "domain one: cannot load dataset"
+    if kind == "overlong-error":
+        name = _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 40 + "=", "answer": "y" * 10}] * 20)
+        return (ONE_DOMAIN.replace(SWAP, LOCAL % (name, "")), ["training.overlong=error"],
+                "domain one: training example 0 is 53 tokens, over training.max_length=32")
+    if kind == "no-matching-targets":
+        return ONE_DOMAIN, ["lora.target_modules=[qkv]"], "lora.target_modules ['qkv'] match no module"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing-file", "empty-file", "missing-columns", "missing-split", "overlong-error",
+                                  "no-matching-targets"])
+def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, capsys, kind):
+    text, overrides, fragment = _data_case(tmp_path, kind)
+    code, err = run_cli(tmp_path, capsys, text, overrides)
+    assert code == EXIT_BAD_INPUT, err[-2000:]
+    assert_one_line_error(err, fragment)
+    assert_nothing_registered(tmp_path)
+
+
+def test_overlong_sequences_are_truncated_by_default(tmp_path):
+    from pipelines.data import DataError, encode
+    from pipelines.modeling import char_tokenizer
+
+    tok = char_tokenizer()
+    rows = [{"prompt": "x" * 40 + "=", "answer": "yy"}]
+    assert len(encode(tok, rows, 32)[0].input_ids) == 32
+    with pytest.raises(DataError, match="example 0 is 45 tokens, over training.max_length=32"):
+        encode(tok, rows, 32, "error")
+
+
+def _local_base(path: Path, *, eos: bool = True, nan: bool = False) -> str:
+    from pipelines.config import TinyModelConfig
+    from pipelines.modeling import build_tiny_llama, char_tokenizer
+
+    tok = char_tokenizer()
+    model = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                             max_positions=32), tok, 0)
+    if nan:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    if not eos:
+        tok.eos_token = None
+        tok.pad_token = None
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_tokenizer_without_pad_or_eos(tmp_path, capsys):
+    """No pad token: padding falls back to EOS (always masked), which the default tiny runs already do;
+    no EOS either: answers could never end, so the run stops in one line."""
+    from pipelines.data import special_ids
+    from pipelines.modeling import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.pad_token = None
+    assert special_ids(tok)[2] == tok.eos_token_id
+    base = _local_base(tmp_path / "base", eos=False)
+    code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, [f"model.path={base}"])
+    assert code == EXIT_BAD_INPUT
+    assert_one_line_error(err, "the tokenizer has no EOS token")
+    assert_nothing_registered(tmp_path)
+
+
+def test_nan_in_the_precision_stops_the_stage(tmp_path, capsys):
+    base = _local_base(tmp_path / "base", nan=True)
+    code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, [f"model.path={base}"])
+    assert code == EXIT_DIVERGED
+    assert_one_line_error(err, "non-finite value(s) (NaN or inf); the curvature diverged")
+    assert_nothing_registered(tmp_path)
+    assert not (tmp_path / "out" / "stages" / "01-one" / "precision" / "precision.json").exists()
+
+
+def test_divergence_registers_nothing_and_moves_no_alias(tmp_path, capsys):
+    code, _ = run_cli(tmp_path, capsys, ONE_DOMAIN)
+    assert code == 0
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    before = [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")]
+    assert before == ["1"]
+    nan_base = _local_base(tmp_path / "nan-base", nan=True)
+    for overrides, fragment in ((["lalora.lambda=1e300"], "non-finite penalty at step 0"),
+                                ([f"model.path={nan_base}", "lalora.lambda=0"], "non-finite loss at step 0")):
+        code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, overrides)
+        assert code == EXIT_DIVERGED, err[-2000:]
+        assert_one_line_error(err, fragment)
+        assert [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")] == before
+        assert str(client.get_model_version_by_alias("tiny-adapter", "newest").version) == "1"

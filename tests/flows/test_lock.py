@@ -1,0 +1,106 @@
+"""One run per lineage: a real second process holds the lock; refusal, waiting and take-over from a dead holder."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cli import EXIT_LOCKED, main
+from flows.lock import LOCK_NAME, LineageLock, LockHeld, lock_paths
+
+ROOT = Path(__file__).parents[2]
+
+HOLDER = """
+import sys, time
+from flows.lock import LineageLock
+lock = LineageLock(sys.argv[1]); lock.acquire()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+lock.release()
+"""
+
+
+def spawn_holder(path: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_second_acquirer_is_refused_naming_the_holder(tmp_path):
+    path = tmp_path / LOCK_NAME
+    proc = spawn_holder(path, 60)
+    try:
+        content = json.loads(path.read_text())
+        assert content["pid"] == proc.pid and content["host"] == socket.gethostname() and content["started"] > 0
+        with pytest.raises(LockHeld, match=f"locked by another run: pid {proc.pid} on {socket.gethostname()}"):
+            LineageLock(path).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cli_run_refuses_in_one_line_and_touches_nothing(tmp_path, capsys):
+    from tests.flows.test_lineage import ONE_DOMAIN
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(ONE_DOMAIN)
+    out = tmp_path / "out"
+    proc = spawn_holder(out / LOCK_NAME, 60)
+    try:
+        assert main(["run", str(cfg), "--out", str(out)]) == EXIT_LOCKED
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lalora: error: lineage is locked by another run: "
+                                                   f"pid {proc.pid}")
+        # no mlflow.db, no stages: nothing ran, nothing registered (only the lock and its take-over guard)
+        assert {p.name for p in out.iterdir()} <= {LOCK_NAME, LOCK_NAME + ".guard"}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_waiter_gets_the_lock_when_the_holder_finishes(tmp_path):
+    path = tmp_path / LOCK_NAME
+    proc = spawn_holder(path, 1.5)
+    t0 = time.monotonic()
+    lock = LineageLock(path)
+    lock.acquire(wait=True, poll=0.1, timeout=30)
+    assert time.monotonic() - t0 > 0.5 and proc.wait() == 0
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+def test_lock_of_a_killed_holder_is_taken_over_with_a_warning(tmp_path, caplog):
+    path = tmp_path / LOCK_NAME
+    proc = spawn_holder(path, 60)
+    os.kill(proc.pid, signal.SIGKILL)  # a crashed run: no release, the file stays
+    proc.wait()
+    assert path.exists()
+    with LineageLock(path) as lock:
+        lock.acquire()
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert "taking over the lineage lock" in caplog.text and f"pid {proc.pid}" in caplog.text
+    assert not path.exists()
+
+
+def test_lock_held_from_another_host_is_never_broken(tmp_path):
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": time.time(), "command": "lalora run"}))
+    with pytest.raises(LockHeld, match="pid 1 on elsewhere"):
+        LineageLock(path).acquire()
+
+
+def test_a_shared_registry_adds_a_lock_keyed_by_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("LALORA_LOCK_DIR", str(tmp_path / "locks"))
+    assert lock_paths(tmp_path / "a", None, "m") == [tmp_path / "a" / LOCK_NAME]
+    a = lock_paths(tmp_path / "a", "http://127.0.0.1:5000", "m")
+    b = lock_paths(tmp_path / "b", "http://127.0.0.1:5000", "m")
+    assert a[1] == b[1] and a[1].parent == tmp_path / "locks"  # two output dirs, one registered model: one lock
+    assert lock_paths(tmp_path / "a", "http://127.0.0.1:5000", "other")[1] != a[1]
