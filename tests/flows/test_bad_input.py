@@ -15,10 +15,10 @@ from tests.flows.test_lineage import ONE_DOMAIN
 FAST = ["--set", "model.pretrain.steps=0"]
 
 
-def run_cli(tmp_path, capsys, text, overrides=(), out="out"):
+def run_cli(tmp_path, capsys, text, overrides=(), out="out", extra=()):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    args = ["run", str(cfg), "--out", str(tmp_path / out)] + FAST
+    args = ["run", str(cfg), "--out", str(tmp_path / out), *extra] + FAST
     for o in overrides:
         args += ["--set", o]
     code = main(args)
@@ -170,10 +170,14 @@ def test_divergence_registers_nothing_and_moves_no_alias(tmp_path, capsys):
     before = [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")]
     assert before == ["1"]
     nan_base = _local_base(tmp_path / "nan-base", nan=True)
-    for overrides, fragment in ((["lalora.lambda=1e300"], "non-finite penalty at step 0"),
-                                ([f"model.path={nan_base}", "lalora.lambda=0"], "non-finite loss at step 0")):
-        code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, overrides)
+    # A changed stage 1 must be a fork of the lineage (the resume logic refuses it otherwise);
+    # the fork's diverging stage registers nothing, and the original lineage is untouched.
+    for i, (overrides, fragment) in enumerate(((["lalora.lambda=1e300"], "non-finite penalty at step 0"),
+                                               ([f"model.path={nan_base}", "lalora.lambda=0"],
+                                                "non-finite loss at step 0"))):
+        code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, overrides, extra=["--fork", f"diverged-{i}"])
         assert code == EXIT_DIVERGED, err[-2000:]
         assert_one_line_error(err, fragment)
         assert [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")] == before
         assert str(client.get_model_version_by_alias("tiny-adapter", "newest").version) == "1"
+        assert client.search_model_versions(f"name = 'diverged-{i}'") == []
