@@ -126,21 +126,6 @@ def _restore(engine: nn.Module, ckpt: Path | None) -> dict:
     return client
 
 
-def _check_finite(window: list[tuple[int, Tensor, Tensor]], desc: str) -> None:
-    """Raise DivergenceError naming the first step whose loss or penalty is not finite (one sync)."""
-    if not window:
-        return
-    values = torch.stack([torch.stack([w[1].float(), w[2].float()]) for w in window])
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return
-    i = int((~finite.all(1)).nonzero()[0])
-    step, (loss, pen) = window[i][0], values[i].tolist()
-    what = "loss" if not math.isfinite(loss) else "penalty"
-    raise DivergenceError(f"{desc}: non-finite {what} at step {step} (loss={loss}, penalty={pen}); "
-                          "lower training.lr or lalora.lambda")
-
-
 def train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -192,33 +177,27 @@ def train(
     bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, mininterval=1.0, disable=rank != 0)
     for step in bar:
         batch, num_items = _shard(next(batches), rank, size)
-        tokens += int(batch["attention_mask"].sum())  # counted on the host: no device sync
         batch = {k: v.to(device) for k, v in batch.items()}
         loss, pen = _loss_step(engine, batch, penalty, num_items)
         total = loss + pen
-        if step == start:  # the first step is checked before its update: a bad setting stops at once
-            _check_finite([(step, loss.detach(), pen.detach())], desc)
+        if not torch.isfinite(total):
+            raise DivergenceError(f"{desc}: non-finite {'loss' if not torch.isfinite(loss) else 'penalty'} at step "
+                                  f"{step} (loss={loss.item()}, penalty={pen.item()}); lower training.lr or lalora.lambda")
         engine.backward(total)
         engine.step()
+        tokens += int(batch["attention_mask"].sum())
         if size > 1:  # each rank's loss is its share of the global mean: the logged value is their mean
             loss = loss.detach().clone()
             torch.distributed.all_reduce(loss)
             loss /= size
-        # Kept on the device and read at the next boundary: no host sync per step, so the GPU
-        # never waits for Python between steps.
-        window.append((step, loss.detach(), pen.detach()))
-        log_now = (step + 1) % log_every == 0 or step + 1 == steps
-        save_now = checkpoint_dir is not None and checkpoint_every and (
-            (step + 1) % checkpoint_every == 0 or step + 1 == steps)
-        if log_now or save_now:
-            _check_finite(window, desc)  # before anything is logged or saved
-        if log_now:
-            means = torch.stack([torch.stack([w[1].float(), w[2].float()]) for w in window]).mean(0).tolist()
-            loss_v, pen_v = means
+        window.append((loss.item(), pen.item()))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            loss_v = sum(w[0] for w in window) / len(window)
+            pen_v = sum(w[1] for w in window) / len(window)
             tracker.log_metrics({"train/loss": loss_v, "train/penalty": pen_v}, step=step + 1)
             bar.set_postfix(loss=f"{loss_v:.3f}", penalty=f"{pen_v:.3g}")
             window.clear()
-        if save_now:
+        if checkpoint_dir is not None and checkpoint_every and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _save(engine, checkpoint_dir, step + 1,
                   {"step": step + 1, "rng": torch.get_rng_state(), "loss": loss_v, "penalty": pen_v})
     bar.close()
