@@ -76,3 +76,33 @@ def test_non_finite_loss_stops_the_stage():
         train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=3, lr=1e-2, batch_size=4,
               ds=DeepSpeedConfig(), tracker=NullTracker(), log_every=1, desc="diverge",
               make_penalty=lambda m: LaplacePenalty(inf, anchor, lora_parameters(m), 1.0))
+
+
+def test_a_later_non_finite_step_is_found_before_anything_is_logged_or_saved(tmp_path):
+    """Steps are checked at each log or checkpoint boundary (no per-step host sync); the error
+    names the first bad step and no checkpoint holds its state."""
+    model = tiny_lora_model(seed=0).train()
+    params = lora_parameters(model)
+    calls = itertools.count()
+
+    def make_penalty(module):
+        zero = lora_parameters(module)[0].param
+
+        def pen():
+            bad = next(calls) >= 5
+            return (zero.sum() * 0) + (float("nan") if bad else 0.0)
+        return pen
+
+    logged = []
+
+    class Recorder(NullTracker):
+        def log_metrics(self, metrics, step=None):
+            logged.append(step)
+
+    with pytest.raises(DivergenceError, match="non-finite penalty at step 5"):
+        train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=12, lr=1e-3, batch_size=4,
+              ds=DeepSpeedConfig(), tracker=Recorder(), log_every=4, desc="diverge", make_penalty=make_penalty,
+              checkpoint_dir=tmp_path / "ckpt", checkpoint_every=4)
+    assert logged == [4]  # steps 1-4 were fine and logged; the window holding step 5 never was
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip() if (tmp_path / "ckpt" / "latest").exists() else None
+    assert latest is not None and "4" in latest and "8" not in latest
