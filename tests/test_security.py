@@ -66,7 +66,7 @@ def test_servers_bind_to_localhost():
             continue
         text = path.read_text()
         assert "0.0.0.0" not in text, path
-        hosts += re.findall(r"--host\"?,?\s*\"?([\w.]+)", text)
+        hosts += re.findall(r"--host(?![\w-])\"?,?\s*\"?([\w.]+)", text)  # --host, not --hostfile
         hosts += re.findall(r"MASTER_ADDR\", \"([\w.]+)\"", text)
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
     from pipelines.engine import _free_port
