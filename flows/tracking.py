@@ -30,9 +30,40 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
+_READY: set[str] = set()
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create a new SQLite store whole or not at all.
+
+    MLflow creates its tables in many migration steps on first use; a process killed among
+    them leaves a store no later run can open (found by the fault-injection test). A missing
+    store is therefore built under a temporary name and renamed into place.
+    """
+    import os
+
+    if uri in _READY or not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.exists():
+        from mlflow import MlflowClient
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # runs every migration
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a store another process just created
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
+    _READY.add(uri)
+
+
 def _client(uri: str) -> Any:
     from mlflow import MlflowClient
 
+    ensure_sqlite_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
