@@ -214,6 +214,16 @@ def frobenius_inner(a: Factor, b: Factor) -> float:
     raise ValueError("cannot take the inner product of a dense and a compressed factor")
 
 
+def top_pair_weights(gs: Tensor, gg: Tensor) -> Tensor:
+    """Weights alpha of the top left singular vector sum_i alpha_i s_i of sum_i s_i g_i^T, given the
+    Gram matrices gs = [<s_i, s_j>] and gg = [<g_i, g_j>] (K x K): the top eigenvector of gg @ gs,
+    through the symmetric form P^T gg P with gs = P P^T. Up to scale and sign."""
+    es, vs = torch.linalg.eigh(gs)
+    p = vs * es.clamp_min(0).sqrt()
+    _, w = torch.linalg.eigh(p.T @ gg @ p)
+    return p @ w[:, -1]
+
+
 def nearest_kronecker(terms: Sequence[tuple[Factor, Factor]], k: int) -> tuple[Factor, Factor, float]:
     """The single S (x) G closest in Frobenius norm to sum_i S_i (x) G_i (Van Loan-Pitsianis).
 
@@ -225,12 +235,7 @@ def nearest_kronecker(terms: Sequence[tuple[Factor, Factor]], k: int) -> tuple[F
     kk = len(terms)
     gs = torch.tensor([[frobenius_inner(a[0], b[0]) for b in terms] for a in terms], dtype=torch.float64)
     gg = torch.tensor([[frobenius_inner(a[1], b[1]) for b in terms] for a in terms], dtype=torch.float64)
-    # Top eigenvector of gg @ gs via the symmetric form P^T gg P with gs = P P^T.
-    es, vs = torch.linalg.eigh(gs)
-    p = vs * es.clamp_min(0).sqrt()
-    ev, w = torch.linalg.eigh(p.T @ gg @ p)
-    top = w[:, -1]
-    alpha = p @ top  # coefficients of u = sum_i alpha_i S_i, up to scale
+    alpha = top_pair_weights(gs, gg)  # coefficients of u = sum_i alpha_i S_i, up to scale
     if float(alpha.sum()) < 0:
         alpha = -alpha
     alpha = alpha.clamp_min(0)

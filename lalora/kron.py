@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from lalora.factors import Factor, nearest_kronecker
+from lalora.factors import Factor, nearest_kronecker, top_pair_weights
 from lalora.precision import Precision, Prior, register_precision
 
 _SEP = "|"
@@ -280,10 +280,7 @@ def _nearest_kronecker_rect(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     s = torch.stack([t[0].double().reshape(-1) for t in terms])
     g = torch.stack([t[1].double().reshape(-1) for t in terms])
     gs, gg = s @ s.T, g @ g.T
-    es, vs = torch.linalg.eigh(gs)
-    p = vs * es.clamp_min(0).sqrt()
-    _, w = torch.linalg.eigh(p.T @ gg @ p)
-    alpha = p @ w[:, -1]
+    alpha = top_pair_weights(gs, gg)
     norm = float(alpha @ gs @ alpha)
     if norm <= 0:
         return terms[0][0] * 0, terms[0][1] * 0
