@@ -278,7 +278,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from lalora.checkpoint import CheckpointError
     from pipelines.config import ConfigError, load_config
     from pipelines.data import DataError
-    from pipelines.sweep import sweep_points
+    from pipelines.sweep import point_overrides, sweep_points
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -288,6 +288,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if unknown:
             return _fail(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
         points = sweep_points(lambdas, curvatures, args.seeds)
+        for point in points:  # every point's config is valid before any lineage starts
+            load_config(args.config, [*args.overrides, *point_overrides(point, cfg, "sqlite:///check.db", args.stages)])
     except ConfigError as e:
         return _fail(f"{e.source}: {'; '.join(e.errors)}")
     except ValueError as e:

@@ -68,7 +68,7 @@ def point_overrides(point: SweepPoint, cfg: LineageConfig, tracking_uri: str, st
     if stages is not None:
         if not 1 <= stages <= len(cfg.domains):
             raise ValueError(f"--stages must be between 1 and {len(cfg.domains)} (the config's domains), got {stages}")
-        kept = [d.model_dump(mode="json", by_alias=True) for d in cfg.domains[:stages]]
+        kept = [d.model_dump(mode="json", by_alias=True, exclude_unset=True) for d in cfg.domains[:stages]]
         out.append(f"domains={json.dumps(kept)}")
     return out
 

@@ -77,3 +77,30 @@ def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running
         [(r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]]
     client = MlflowClient(after["mlflow_uri"], registry_uri=after["mlflow_uri"])
     assert all(len(client.search_model_versions(f"name = '{m.name}'")) == 1 for m in client.search_registered_models())
+
+
+def test_stages_keeps_only_what_each_kept_domain_set(tmp_path):
+    """--stages re-states the kept domains; a preset with eval_data must survive the round trip
+    (dumping every default made the preset look overridden and the point's config invalid)."""
+    from pipelines.config import load_config
+    from pipelines.sweep import SweepPoint, point_overrides
+
+    rows = "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
+                     for i in range(40))
+    (tmp_path / "train.jsonl").write_text(rows)
+    (tmp_path / "eval.jsonl").write_text(rows)
+    cfg_path = tmp_path / "math.yaml"
+    cfg_path.write_text(TINY.split("domains:")[0] + """domains:
+  - name: math
+    data: {kind: local, path: train.jsonl}
+    preset: gsm8k
+    eval_data: {data: {kind: local, path: eval.jsonl}, preset: gsm8k}
+  - name: more-math
+    data: {kind: local, path: train.jsonl}
+    preset: gsm8k
+""" + "training:" + TINY.split("training:")[1])
+    cfg = load_config(cfg_path)
+    point = load_config(cfg_path, point_overrides(SweepPoint("diag", 10.0, 0), cfg, "sqlite:///x.db", 1))
+    assert [d.name for d in point.domains] == ["math"]
+    assert point.domains[0].eval_data == cfg.domains[0].eval_data
+    assert point.domains[0].data == cfg.domains[0].data
