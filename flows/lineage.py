@@ -12,6 +12,7 @@ values, never models or tensors.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 import time
@@ -22,7 +23,9 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import state, timing
-from flows.tracking import MlflowRegistry, RunRef, end_run, is_local_store, start_run, tracking_uri
+from flows.lock import hold, lock_paths
+from flows.tracking import (MlflowRegistry, RunRef, close_orphaned_runs, end_run, is_local_store, start_run,
+                            tracking_uri)
 from pipelines import evaluate as evaluate_mod
 from pipelines import finetune as finetune_mod
 from pipelines import lineage_state as ls
@@ -158,8 +161,19 @@ def _refusal(uri: str, cfg: LineageConfig, conflict: ls.LineageConflict, cache: 
 @flow(name="lalora-lineage")
 def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = None,
                  fork: str | None = None) -> dict[str, Any]:
-    """Bring the lineage up to date with the config; return the contents of metrics.json."""
+    """Bring the lineage up to date with the config; return the contents of metrics.json.
+
+    Holds the lineage lock (waiting for another run of it; `lalora run` takes it first and refuses
+    instead unless --wait), so a scheduled run and a manual one never write the same lineage at once.
+    """
     cfg = load_config(config_path, overrides)
+    locks = lock_paths(Path(out_dir).resolve(), cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                       cfg.tracking.registered_model)
+    with hold(locks, wait=True):
+        return _lineage(cfg, out_dir, fork)
+
+
+def _lineage(cfg: LineageConfig, out_dir: str, fork: str | None) -> dict[str, Any]:
     shared = Workspace(Path(out_dir).resolve())  # data, base model, local MLflow store
     shared.root.mkdir(parents=True, exist_ok=True)
     ws = Workspace(shared.root / "forks" / fork) if fork else shared  # this lineage's stages and report
@@ -168,6 +182,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     model = fork or cfg.tracking.registered_model
     cache = shared.root / "registry"
 
+    close_orphaned_runs(uri, cfg.tracking.experiment, "lalora.lineage", model)  # runs a killed process left RUNNING
     # 1. where the lineage stands: data fingerprints against the registered versions
     fingerprints = fingerprint_task(cfg, str(shared.data))
     keys = ls.stage_keys(cfg, fingerprints)

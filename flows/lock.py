@@ -142,16 +142,31 @@ def lock_paths(out_dir: str | os.PathLike[str], registry_uri: str | None, regist
     return paths
 
 
+_held: set[Path] = set()
+"""Lock paths this process holds (Prefect may run the flow body in another thread than the CLI's)."""
+
+
 @contextlib.contextmanager
 def hold(paths: list[Path], wait: bool = False) -> Iterator[None]:
-    """Hold every lock in ``paths`` (in order) for the block; released on any exit but SIGKILL."""
+    """Hold every lock in ``paths`` (in order) for the block; released on any exit but SIGKILL.
+
+    Reentrant within a process: a path this process already holds (the CLI holds the lineage, then
+    the flow asks again) is not taken twice. Another process waits or refuses. (Scheduled runs
+    each get their own process from Prefect's runner.)
+    """
+    mine = _held
     locks: list[LineageLock] = []
     try:
         for p in paths:
+            key = Path(p).resolve()
+            if key in mine:
+                continue
             lock = LineageLock(p)
             lock.acquire(wait=wait)
             locks.append(lock)
+            mine.add(key)
         yield
     finally:
         for lock in reversed(locks):
             lock.release()
+            mine.discard(lock.path.resolve())

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from flows.lineage import lineage_flow
-from flows.tracking import _client, end_run, is_local_store, start_run, tracking_uri
+from flows.tracking import _client, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from pipelines.config import load_config
 from pipelines.engine import DivergenceError
 from pipelines.sweep import PointResult, aggregate, format_table, plot_pareto, point_overrides, sweep_json, sweep_points
@@ -37,6 +37,7 @@ def sweep_flow(config_path: str, out_dir: str, lambdas: list[float], curvatures:
     uri = tracking_uri(cfg.tracking.mlflow_uri, root)
     points = sweep_points(lambdas, curvatures, seeds)
     per_point = {p.label: point_overrides(p, cfg, uri, stages) for p in points}  # validates --stages up front
+    close_orphaned_runs(uri, cfg.tracking.experiment, "lalora.sweep", cfg.name)  # left RUNNING by a killed sweep
     parent = start_run(uri, cfg.tracking.experiment, root / "mlartifacts" if is_local_store(uri) else None,
                        f"sweep: {cfg.name}",
                        tags={"lalora.sweep": cfg.name})

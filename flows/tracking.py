@@ -6,10 +6,15 @@ tasks can run in any thread and only pass URIs and ids between them.
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 RESERVED_ALIASES = {"latest"}
 """MLflow reserves ``latest``: ``models:/NAME/latest`` already resolves to the newest version."""
@@ -159,7 +164,7 @@ def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, 
     exp = client.get_experiment_by_name(experiment)
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=location)
-    all_tags = dict(tags or {})
+    all_tags = {"lalora.host": socket.gethostname(), "lalora.pid": str(os.getpid()), **(tags or {})}
     if parent:
         all_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
@@ -168,6 +173,45 @@ def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, 
 
 def end_run(ref: RunRef, status: str = "FINISHED") -> None:
     _client(ref.uri).set_terminated(ref.run_id, status=status)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
+    """Mark KILLED the runs tagged ``tag = value`` left RUNNING by a process on this host that no longer exists.
+
+    A SIGKILLed or crashed run cannot close its MLflow runs; the next run of the lineage (or sweep)
+    does, tagging why. Runs started on another host, or by a live process, are left alone.
+    """
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    closed = []
+    for run in client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}' and "
+                                                       "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("lalora.host") != host or not tags.get("lalora.pid", "").isdigit():
+            continue
+        if _process_alive(int(tags["lalora.pid"])):
+            continue
+        client.set_tag(run.info.run_id, "lalora.closed", f"KILLED: its process (pid {tags['lalora.pid']} on {host}) "
+                       "ended without closing it; closed by the next run")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("closed %d run(s) of %s %s left RUNNING by a process that died: %s", len(closed), tag, value,
+                    ", ".join(closed))
+    return closed
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -114,3 +114,7 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
         assert load_file(stage / "adapter" / "adapter_model.safetensors")
         assert json.loads((stage / "eval.json").read_text())
     assert json.loads((out / "metrics.json").read_text())["R"] == resumed["R"]
+    # every run a killed process left RUNNING was closed by a later run, none is left dangling
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'")
+    assert running == [], [(r.info.run_name, r.data.tags) for r in running]

@@ -92,3 +92,10 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
     for k in a:
         assert_close(a[k], b[k], rtol=0, atol=1e-6)
     assert json.loads((out / "metrics.json").read_text())["R"] == resumed["R"]
+    # the killed process could not close its MLflow runs; the rerun closed them as KILLED, saying why
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments, "attributes.status = 'RUNNING'") == []
+    killed = client.search_runs(experiments, "attributes.status = 'KILLED'")
+    assert len(killed) == 2  # the killed process's lineage run and its stage run
+    assert all(r.data.tags["lalora.closed"].startswith("KILLED: its process (pid ") for r in killed)
+    assert {r.data.tags["lalora.pid"] for r in killed} == {str(proc.pid)}

@@ -104,3 +104,21 @@ def test_a_shared_registry_adds_a_lock_keyed_by_the_model(tmp_path, monkeypatch)
     b = lock_paths(tmp_path / "b", "http://127.0.0.1:5000", "m")
     assert a[1] == b[1] and a[1].parent == tmp_path / "locks"  # two output dirs, one registered model: one lock
     assert lock_paths(tmp_path / "a", "http://127.0.0.1:5000", "other")[1] != a[1]
+
+
+def test_hold_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):
+    """`lalora run` holds the lineage, then the flow asks for it again: no self-deadlock, one lock file."""
+    from flows.lock import hold
+
+    path = tmp_path / LOCK_NAME
+    with hold([path]):
+        first = path.read_text()
+        with hold([path], wait=False):  # the flow inside the CLI's hold
+            assert path.read_text() == first
+        assert path.read_text() == first  # the inner exit did not release the outer hold
+        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom flows.lock import hold, LockHeld\n"
+                                "try:\n    hold([sys.argv[1]]).__enter__()\nexcept LockHeld:\n    print('refused')",
+                                str(path)], capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert probe.stdout.strip() == "refused"
+    assert not path.exists()
