@@ -1,6 +1,7 @@
 """`lalora ui` starts real servers on 127.0.0.1 and stops them; `lalora serve` builds a real
 Prefect deployment with a cron schedule (applied to the session's temporary Prefect API)."""
 
+import json
 import os
 import signal
 import socket
@@ -76,3 +77,50 @@ def test_serve_deployment_has_the_schedule_and_parameters(tmp_path):
     assert d.parameters == {"config_path": str(CONFIG), "out_dir": str(tmp_path / "out"),
                             "overrides": ["training.steps=5"]}
     assert d.entrypoint.endswith("flows/lineage.py:lineage_flow")
+
+
+def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
+    """`lalora serve` in its own process picks up a run of its deployment (what the cron schedule
+    creates) and runs the real lineage: the registry gets a version per stage, the flow run completes."""
+    from mlflow import MlflowClient
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.flows.test_lineage import TINY
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env |= {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(cfg), "--cron", "0 3 * * 1",
+                             "--name", "served", "--out", str(out)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        with get_client(sync_client=True) as client:
+            while True:  # serve() registers the deployment, then polls for its runs
+                try:
+                    client.read_deployment_by_name("lalora-lineage/served")
+                    break
+                except ObjectNotFound:
+                    assert proc.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                    time.sleep(0.5)
+        run = run_deployment("lalora-lineage/served", timeout=600)  # as the schedule would, now
+        assert run.state.is_completed(), (run.state, (tmp_path / "serve.log").read_text()[-3000:])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    versions = MlflowClient(uri, registry_uri=uri).search_model_versions("name = 'tiny-adapter'")
+    assert sorted(v.tags["lalora.stage"] for v in versions) == ["1", "2"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["R"]) == 3 and metrics["versions"] == ["1", "2"]
