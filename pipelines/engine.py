@@ -36,11 +36,19 @@ def ensure_distributed() -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # DeepSpeed reads LOCAL_RANK later too
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rendezvous = {k: v for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())))
+                  if k not in os.environ}
+    os.environ.update(rendezvous)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    finally:
+        # Only the process group's creation reads them; left set, every child process would inherit
+        # this process's port and fail to bind it for its own group.
+        for key in rendezvous:
+            os.environ.pop(key, None)
 
 
 def world() -> tuple[int, int]:

@@ -106,3 +106,24 @@ def test_a_later_non_finite_step_is_found_before_anything_is_logged_or_saved(tmp
     assert logged == [4]  # steps 1-4 were fine and logged; the window holding step 5 never was
     latest = (tmp_path / "ckpt" / "latest").read_text().strip() if (tmp_path / "ckpt" / "latest").exists() else None
     assert latest is not None and "4" in latest and "8" not in latest
+
+
+def test_the_rendezvous_this_process_picked_is_not_inherited_by_children():
+    """ensure_distributed picks a free port for its own group; a child process (a `lalora run` a
+    test or a notebook starts) must pick its own, not inherit one this process holds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    script = ("import os, subprocess, sys\n"
+              "from pipelines.engine import ensure_distributed, world\n"
+              "ensure_distributed()\n"
+              "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"MASTER_PORT\"))'],\n"
+              "                       capture_output=True, text=True).stdout.strip()\n"
+              "print(world(), os.environ.get('MASTER_PORT'), child)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                         env={**env, "PYTHONPATH": str(root)}, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "(0, 1) None None", out.stderr[-2000:]
