@@ -117,7 +117,7 @@ def test_the_rendezvous_this_process_picked_is_not_inherited_by_children():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     script = ("import os, subprocess, sys\n"
               "from pipelines.engine import ensure_distributed, world\n"
               "ensure_distributed()\n"
