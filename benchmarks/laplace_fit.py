@@ -36,7 +36,6 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from lalora import LaplacePenalty, build_estimator, lora_parameters
     from pipelines.config import load_config
     from pipelines.data import encode, fixed_batches, load_domain, special_ids, train_batches

@@ -117,8 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail(f"{e.source}: {'; '.join(e.errors)}")
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     _quiet_libraries()
-    from flows.lineage import lineage_flow
-    from flows.lock import LockHeld, hold, lock_paths
+    from flows.lineage import lineage_flow, lineage_locks
+    from flows.lock import LockHeld, hold
     from lalora.checkpoint import NonFinitePrecision
 
     if args.fork is not None:
@@ -129,10 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError:
             return _fail(f"--fork {args.fork!r}: not a usable registered model name")
     t0 = time.perf_counter()
-    locks = lock_paths(out, cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                       cfg.tracking.registered_model)
     try:
-        with hold(locks, wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
+        with hold(lineage_locks(cfg, out), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
             result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
     except LockHeld as e:
         return _fail(str(e), EXIT_LOCKED)

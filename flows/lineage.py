@@ -167,10 +167,14 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     instead unless --wait), so a scheduled run and a manual one never write the same lineage at once.
     """
     cfg = load_config(config_path, overrides)
-    locks = lock_paths(Path(out_dir).resolve(), cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                       cfg.tracking.registered_model)
-    with hold(locks, wait=True):
+    with hold(lineage_locks(cfg, out_dir), wait=True):
         return _lineage(cfg, out_dir, fork)
+
+
+def lineage_locks(cfg: LineageConfig, out_dir: str | Path) -> list[Path]:
+    """The locks a run of this lineage holds: its output directory's, and the shared registry's."""
+    return lock_paths(Path(out_dir).resolve(), cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                      cfg.tracking.registered_model)
 
 
 def _lineage(cfg: LineageConfig, out_dir: str, fork: str | None) -> dict[str, Any]:

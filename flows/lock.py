@@ -42,7 +42,8 @@ class Holder:
         return f"pid {self.pid} on {self.host} since {when} ({self.command})"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -90,7 +91,7 @@ class LineageLock:
             holder = _read(self.path)
             if holder is None:
                 return None
-            if holder.host != socket.gethostname() or (holder.pid > 0 and _alive(holder.pid)):
+            if holder.host != socket.gethostname() or (holder.pid > 0 and process_alive(holder.pid)):
                 return holder
             log.warning("taking over the lineage lock %s from a dead run (%s)", self.path, holder.describe())
             with contextlib.suppress(FileNotFoundError):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flows.lock import process_alive
+
 log = logging.getLogger(__name__)
 
 RESERVED_ALIASES = {"latest"}
@@ -175,16 +177,6 @@ def end_run(ref: RunRef, status: str = "FINISHED") -> None:
     _client(ref.uri).set_terminated(ref.run_id, status=status)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
     """Mark KILLED the runs tagged ``tag = value`` left RUNNING by a process on this host that no longer exists.
 
@@ -202,7 +194,7 @@ def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list
         tags = run.data.tags
         if tags.get("lalora.host") != host or not tags.get("lalora.pid", "").isdigit():
             continue
-        if _process_alive(int(tags["lalora.pid"])):
+        if process_alive(int(tags["lalora.pid"])):
             continue
         client.set_tag(run.info.run_id, "lalora.closed", f"KILLED: its process (pid {tags['lalora.pid']} on {host}) "
                        "ended without closing it; closed by the next run")

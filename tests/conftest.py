@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -43,3 +46,13 @@ def padded_batch(seed: int = 1, vocab: int = VOCAB, lengths=(7, 5, 6, 3)):
         mask[i, :n] = 1
         labels[i, 2:n] = ids[i, 2:n]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a child process (`python -m flows.cli ...`): the repository importable, and
+    none of this process's rendezvous (in-process DeepSpeed tests set MASTER_* explicitly)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return env | {"PYTHONPATH": str(ROOT), **extra}

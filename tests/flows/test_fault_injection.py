@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from flows.lineage import lineage_flow
 from lalora import load_precision
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -72,8 +73,7 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
     cfg = tmp_path / "faults.yaml"
     cfg.write_text(CONFIG)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env |= {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
     rng = random.Random(time.time_ns())
     chosen = sorted(rng.sample(range(len(milestones(out))), KILLS))
     points, finished_early = [], 0

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from flows.lineage import lineage_flow
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -54,8 +55,7 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
     kill_at = random.Random(time.time_ns()).choice(range(8, 37, 4))
     # A fresh process picks its own rendezvous: the test process's own (in-process DeepSpeed tests
     # ran before) is not inherited, or the child would find the port taken.
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env |= {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
     log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: nothing blocks the child while we poll
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import build_deployment, main
+from tests.conftest import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo.yaml"
@@ -93,9 +94,7 @@ def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
-    env |= {"PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(cfg), "--cron", "0 3 * * 1",
                              "--name", "served", "--out", str(out)], cwd=ROOT, env=env, stdout=log,

@@ -10,7 +10,7 @@ from lalora import DiagPrecision, LaplacePenalty, Prior, build_estimator, lora_p
 from pipelines.config import DeepSpeedConfig
 from pipelines.engine import DivergenceError, train
 from pipelines.tracking import NullTracker
-from tests.conftest import padded_batch, tiny_lora_model
+from tests.conftest import child_env, padded_batch, tiny_lora_model
 
 
 class Recorder(NullTracker):
@@ -117,7 +117,6 @@ def test_the_rendezvous_this_process_picked_is_not_inherited_by_children():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     script = ("import os, subprocess, sys\n"
               "from pipelines.engine import ensure_distributed, world\n"
               "ensure_distributed()\n"
@@ -125,5 +124,5 @@ def test_the_rendezvous_this_process_picked_is_not_inherited_by_children():
               "                       capture_output=True, text=True).stdout.strip()\n"
               "print(world(), os.environ.get('MASTER_PORT'), child)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
-                         env={**env, "PYTHONPATH": str(root)}, timeout=300)
+                         env=child_env(), timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "(0, 1) None None", out.stderr[-2000:]
