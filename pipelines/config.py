@@ -51,6 +51,11 @@ class PretrainConfig(_Model):
     steps: int = Field(600, ge=0, description="Full-parameter training steps on the source domain for the tiny base.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate for pretraining.")
     batch_size: int = Field(64, gt=0, description="Sequences per pretraining step.")
+    extra_data: list[DomainConfig] = Field(default_factory=list, description="More data mixed into pretraining beside "
+                                           "the source's training split (all of its rows, up to train_size; never scored). The demo "
+                                           "gives the base a glimpse of each domain's task, as a pretrained LLM has "
+                                           "seen a little of everything. Give generators a split_seed other than the "
+                                           "domains' so the rows differ from theirs.")
 
 
 class ModelConfig(_Model):
@@ -209,6 +214,10 @@ class DomainConfig(RowFormat):
         if not _NAME.match(v):
             raise ValueError(f"{v!r} is not a valid domain name (letters, digits, '.', '_', '-'; up to 64)")
         return v
+
+
+PretrainConfig.model_rebuild()
+ModelConfig.model_rebuild()
 
 
 # --- training, engine, evaluation, tracking ----------------------------------------------
@@ -447,7 +456,9 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
     """Local data files are relative to the config file."""
-    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or [])
+    pretrain = ((data.get("model") or {}).get("pretrain") or {}) if isinstance(data.get("model"), dict) else {}
+    extra = (pretrain.get("extra_data") or []) if isinstance(pretrain, dict) else []
+    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or []) + list(extra)
     for d in domains:
         if not isinstance(d, dict):
             continue

@@ -142,6 +142,15 @@ def _rows(ds: Any, fmt: RowFormat, domain: str, seed: int, limit: int | None) ->
     return out
 
 
+def load_rows(cfg: DomainConfig, data_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """Every usable row of a domain's ``data``, shuffled (seeded), with their fingerprint; no splits."""
+    rows = _rows(_load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name), cfg, cfg.name, cfg.split_seed,
+                 cfg.train_size)
+    if not rows:
+        raise DataError(f"{cfg.name}: no usable rows (every record was skipped)")
+    return rows, hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
 def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, eval_only: bool = False) -> DomainSplits:
     """Load a domain and fix its splits: eval first, train the rest, curvature a prefix of train.
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
-from pipelines.data import encode, load_domain, special_ids, train_batches
+from pipelines.data import encode, load_domain, load_rows, special_ids, train_batches
 from pipelines.engine import train
 from pipelines.modeling import build_tiny_llama, char_tokenizer
 from pipelines.tracking import Tracker
@@ -29,19 +30,40 @@ class BaseResult:
     final_loss: float | None = None
 
 
+def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_dir: Path) -> tuple[list[dict], str]:
+    """The source's training rows, then every row of each ``extra`` data set, and their fingerprint.
+
+    Without ``extra`` the fingerprint is the source's own, as before the setting existed, so
+    bases pretrained then stay up to date.
+    """
+    splits = load_domain(source, data_dir, default_curvature=1)
+    if not extra:
+        return list(splits.train), splits.fingerprint
+    rows, fingerprints = list(splits.train), [splits.fingerprint]
+    for data in extra:
+        more, fingerprint = load_rows(data, data_dir)
+        rows += more
+        fingerprints.append(fingerprint)
+    log.info("pretraining on %d source rows and %d more from %s", len(splits.train), len(rows) - len(splits.train),
+             ", ".join(d.name for d in extra))
+    return rows, hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
+
+
 def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, *, max_length: int, seed: int,
                  out_dir: str, tracker: Tracker) -> BaseResult:
     """Return the base model's path, pretraining the tiny Llama first when ``model.path`` is empty.
 
-    The pretrained base is reused when its recipe (model shape, pretraining settings, source
-    data) is unchanged, so a rerun does not pay for it twice.
+    The pretraining data is the source's training split and ``model.pretrain.extra_data``. The
+    pretrained base is reused when its recipe (model shape, pretraining settings, data) is
+    unchanged, so a rerun does not pay for it twice.
     """
     if model.path:
         return BaseResult(model.path, pretrained_here=False)
     ws = Workspace(Path(out_dir))
-    splits = load_domain(source, ws.data, default_curvature=1)
-    recipe = json.dumps({"tiny": model.tiny.model_dump(), "pretrain": model.pretrain.model_dump(), "seed": seed,
-                         "data": splits.fingerprint, "max_length": max_length, "ds": ds.model_dump()}, sort_keys=True)
+    rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
+    pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
+    recipe = json.dumps({"tiny": model.tiny.model_dump(), "pretrain": pretrain, "seed": seed, "data": fingerprint,
+                         "max_length": max_length, "ds": ds.model_dump()}, sort_keys=True)
     digest = hashlib.sha256(recipe.encode()).hexdigest()
     marker = ws.base / "lalora_base.json"
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
@@ -53,7 +75,7 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
     n_params = sum(p.numel() for p in net.parameters())
     tracker.log_params({"base.params": n_params, "base.pretrain_steps": model.pretrain.steps})
     _, _, pad = special_ids(tokenizer)
-    examples = encode(tokenizer, splits.train, max_length)
+    examples = encode(tokenizer, rows, max_length)
     torch.manual_seed(seed)
     result = train(net, list(net.parameters()), train_batches(examples, model.pretrain.batch_size, pad, seed),
                    steps=model.pretrain.steps, lr=model.pretrain.lr, batch_size=model.pretrain.batch_size, ds=ds,
