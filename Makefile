@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lambda0 test bench bench-eval clean
+.PHONY: install demo demo-lambda0 demo-check test bench bench-eval clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 
 demo-lambda0: install
 	$(BIN)/lalora run configs/demo.yaml --out runs/demo-lambda0 --set lalora.lambda=0
+
+# Both demo lineages, then whether the demo's target holds (benchmarks/demo_target.py; exit 1 if not)
+demo-check: demo-lambda0 demo
+	$(BIN)/python benchmarks/demo_target.py runs/demo-lambda0/metrics.json runs/demo/metrics.json
 
 test: install
 	$(BIN)/python -m pytest -q

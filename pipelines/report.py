@@ -198,3 +198,35 @@ def pareto_front(points: Sequence[TradeOffPoint]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i].forgetting, -points[i].learning))
+
+
+# --- the demo's target -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetCheck:
+    """The demo's target, from plain LoRA's and LaLoRA's metrics.json of the same lineage."""
+
+    plain_max_drop: float
+    """Largest forgetting of any earlier domain (source included) under plain LoRA; needs >= 0.20."""
+    plain_mean_forgetting: float
+    mean_forgetting: float
+    """LaLoRA's; needs <= half of plain LoRA's."""
+    learned_ratio: dict[str, float]
+    """R[i][i] of LaLoRA over R[i][i] of plain LoRA, per stage's domain; each needs >= 0.80."""
+
+    @property
+    def met(self) -> bool:
+        return (self.plain_max_drop >= 0.20 and self.mean_forgetting <= 0.5 * self.plain_mean_forgetting
+                and all(r >= 0.80 for r in self.learned_ratio.values()))
+
+
+def check_target(plain: dict[str, Any], lalora: dict[str, Any]) -> TargetCheck:
+    """Compare two metrics.json of the same domains: plain LoRA (lambda 0) and LaLoRA."""
+    if plain["domains"] != lalora["domains"]:
+        raise ValueError(f"the runs cover different domains: {plain['domains']} and {lalora['domains']}")
+    stages = len(plain["R"]) - 1
+    stage_domains = plain["domains"][1 : stages + 1]
+    ratio = {d: (lalora["R"][i][i] / plain["R"][i][i] if plain["R"][i][i] > 0 else float("inf"))
+             for i, d in enumerate(stage_domains, start=1)}
+    return TargetCheck(plain_max_drop=max(plain["forgetting"].values()),
+                       plain_mean_forgetting=plain["mean_forgetting"], mean_forgetting=lalora["mean_forgetting"],
+                       learned_ratio=ratio)

@@ -53,3 +53,29 @@ def test_pareto_front_by_hand(tmp_path):
             for i, p in enumerate(points)]
     path = plot_pareto(rows, tmp_path / "pareto.png", "lambda sweep")
     assert path.stat().st_size > 5000
+
+
+def _metrics(R):
+    from lalora import continual_metrics
+
+    m = continual_metrics(R)
+    domains = ["source", "a", "b"]
+    forgetting = dict(zip(domains, m.forgetting))
+    return {"domains": domains, "R": R, "forgetting": forgetting, "mean_forgetting": sum(m.forgetting) / len(m.forgetting)}
+
+
+def test_demo_target_by_hand():
+    from pipelines.report import check_target
+
+    plain = _metrics([[0.9, 0.2, 0.1], [0.1, 1.0, 0.1], [0.0, 0.2, 0.9]])  # forgets 0.9 and 0.8: mean 0.85
+    good = _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.75]])  # forgets 0.2, 0.25: mean 0.225; 85%, 83%
+    check = check_target(plain, good)
+    assert check.plain_max_drop == pytest.approx(0.9) and check.plain_mean_forgetting == pytest.approx(0.85)
+    assert check.mean_forgetting == pytest.approx(0.225)
+    assert check.learned_ratio == pytest.approx({"a": 0.85, "b": 0.75 / 0.9}) and check.met
+    slow = _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.7]])  # b: 0.7 / 0.9 < 0.8
+    assert not check_target(plain, slow).met
+    leaky = _metrics([[0.9, 0.2, 0.1], [0.3, 0.85, 0.1], [0.2, 0.3, 0.9]])  # forgets 0.7, 0.55: over half of 0.85
+    assert not check_target(plain, leaky).met
+    with pytest.raises(ValueError, match="different domains"):
+        check_target(plain, {**good, "domains": ["source", "a", "c"]})
