@@ -66,10 +66,12 @@ study-deps: $(BIN)/.study-deps
 study-data: study-deps
 	$(BIN)/python -m pipelines.study_assets --data .cache/study-data --model .cache/smollm2-135m-instruct
 
-# The demo's first stage, three seeds: the baselines and both structures with their spread (~25 minutes)
+# The from-scratch demo's first stage, three seeds: the baselines and both structures with their
+# spread (~25 minutes; README, "The same lineage from scratch")
+DEMO_SWEEP_CONFIG ?= configs/demo-scratch.yaml
 DEMO_SWEEP_OUT ?= runs/demo-sweep-seeds
 study-demo: install
-	$(BIN)/lalora sweep configs/demo.yaml --stages 1 --lambda 0,1,3,10,100 --curvature diag,kfac,identity --seeds 3 \
+	$(BIN)/lalora sweep $(DEMO_SWEEP_CONFIG) --stages 1 --lambda 0,1,3,10,100 --curvature diag,kfac,identity --seeds 3 \
 		--out $(DEMO_SWEEP_OUT)
 
 study: study-demo study-data
