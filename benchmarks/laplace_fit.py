@@ -1,6 +1,7 @@
 """Does the Laplace penalty see the forgetting? Predicted against actual source-loss increase.
 
     python benchmarks/laplace_fit.py                     # configs/demo.yaml: tiny base, first domain
+    python benchmarks/laplace_fit.py --config configs/demo-scratch.yaml   # the base has not seen the domain
     python benchmarks/laplace_fit.py --steps 5,20,100,300 --json
 
 The penalty is a second-order model of the loss on earlier data: after a move delta from the
@@ -39,6 +40,7 @@ def main() -> int:
     from lalora import LaplacePenalty, build_estimator, lora_parameters
     from pipelines.config import load_config
     from pipelines.data import encode, fixed_batches, load_domain, special_ids, train_batches
+    from pipelines.pretrain import pretraining_rows
     from pipelines.modeling import build_tiny_llama, char_tokenizer, load_base, new_adapter
 
     cfg = load_config(args.config, args.overrides)
@@ -69,7 +71,8 @@ def main() -> int:
         base = build_tiny_llama(cfg.model.tiny, tok, cfg.seed)
         torch.manual_seed(cfg.seed)
         pre = cfg.model.pretrain
-        fit(base, list(base.parameters()), source.train, pre.steps, pre.lr, pre.batch_size, cfg.seed)
+        rows, _ = pretraining_rows(cfg.source, pre.extra_data, data)  # the source and model.pretrain.extra_data
+        fit(base, list(base.parameters()), rows, pre.steps, pre.lr, pre.batch_size, cfg.seed)
     base.requires_grad_(False)
     model = new_adapter(base, cfg.lora)
     params = lora_parameters(model)

@@ -79,3 +79,29 @@ def test_demo_target_by_hand():
     assert not check_target(plain, leaky).met
     with pytest.raises(ValueError, match="different domains"):
         check_target(plain, {**good, "domains": ["source", "a", "c"]})
+
+
+def test_demo_target_script_exit_codes(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "benchmarks" / "demo_target.py"
+    plain = _metrics([[0.9, 0.2, 0.1], [0.1, 1.0, 0.1], [0.0, 0.2, 0.9]])
+    runs = {"plain": plain, "good": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.75]]),
+            "slow": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.7]])}
+    for name, m in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(m))
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True)
+
+    ok = run(tmp_path / "plain.json", tmp_path / "good.json")
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("target met"), ok.stdout + ok.stderr
+    slow = run(tmp_path / "plain.json", tmp_path / "slow.json")
+    assert slow.returncode == 1 and "stage 2 b: R[2][2] LaLoRA 0.700 / plain 0.900 = 78% (>= 80%: NO)" in slow.stdout
+    as_json = json.loads(run(tmp_path / "plain.json", tmp_path / "good.json", "--json").stdout)
+    assert as_json["met"] is True and as_json["mean_forgetting"] == pytest.approx(0.225)
+    missing = run(tmp_path / "nope.json", tmp_path / "good.json")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nope.json" in missing.stderr
