@@ -17,7 +17,6 @@ what the structure loses on top. Plain torch AdamW on the CPU, no tracking: a di
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import tempfile
@@ -114,7 +113,8 @@ def main() -> int:
         delta = torch.cat([(q.param.detach() - anchor[q.name]).flatten() for q in params])
         row = {"step": step, "actual": per_sequence_nll(model) - before,
                "full_fisher": 0.5 * float(((G @ delta) ** 2).mean())}
-        row |= {k: float(pen()) for k, pen in quads.items()}
+        with torch.no_grad():
+            row |= {k: float(pen()) for k, pen in quads.items()}
         rows.append(row)
 
     torch.manual_seed(cfg.training.seed + 1)
