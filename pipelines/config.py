@@ -51,11 +51,11 @@ class PretrainConfig(_Model):
     steps: int = Field(600, ge=0, description="Full-parameter training steps on the source domain for the tiny base.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate for pretraining.")
     batch_size: int = Field(64, gt=0, description="Sequences per pretraining step.")
-    extra_data: list[DomainConfig] = Field(default_factory=list, description="More data mixed into pretraining beside "
-                                           "the source's training split (all of its rows, up to train_size; never scored). The demo "
-                                           "gives the base a glimpse of each domain's task, as a pretrained LLM has "
-                                           "seen a little of everything. Give generators a split_seed other than the "
-                                           "domains' so the rows differ from theirs.")
+    extra_data: list[DomainConfig] = Field(default_factory=list, description="More data mixed into pretraining "
+                                           "beside the source's training split (all of its rows, up to train_size; "
+                                           "never scored). The demo gives the base a glimpse of each domain's task, "
+                                           "as a pretrained LLM has seen a little of everything. Give generators a "
+                                           "split_seed other than the domains' so the rows differ from theirs.")
 
 
 class ModelConfig(_Model):
@@ -347,6 +347,11 @@ class LineageConfig(_Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
+        extra = [d.name for d in self.model.pretrain.extra_data]  # each name is a data file under data/
+        dup = sorted({n for n in extra if extra.count(n) > 1 or n in names})
+        if dup:
+            raise ValueError(f"model.pretrain.extra_data names must differ from each other and from the domains' "
+                             f"(they name data files); rename: {', '.join(dup)}")
         return self
 
     @property

@@ -1,5 +1,7 @@
 """The tiny base's pretraining data: the source's training split and ``model.pretrain.extra_data``."""
 
+import pytest
+
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig, load_config
 from pipelines.data import load_domain
 from pipelines.pretrain import prepare_base, pretraining_rows
@@ -45,3 +47,13 @@ def test_extra_local_files_are_relative_to_the_config(tmp_path):
         "domains:\n  - {name: d}\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.model.pretrain.extra_data[0].data.path == str((tmp_path / "glimpse.jsonl").resolve())
+
+
+def test_extra_data_names_must_not_clash_with_the_domains(tmp_path):
+    from pipelines.config import ConfigError
+
+    (tmp_path / "c.yaml").write_text(
+        "name: t\nmodel:\n  pretrain:\n    extra_data:\n      - {name: d, split_seed: 1}\n      - {name: g}\n"
+        "      - {name: g}\ndomains:\n  - {name: d}\n")
+    with pytest.raises(ConfigError, match="model.pretrain.extra_data names must differ .* rename: d, g"):
+        load_config(tmp_path / "c.yaml")
