@@ -45,7 +45,7 @@ Rows = list[dict[str, dict[str, Any]]]
 
 @task(name="fingerprint-data", **_TASK)
 def fingerprint_task(cfg: LineageConfig, data_dir: str) -> dict[str, str]:
-    return ls.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples)
+    return ls.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples, cfg.model.pretrain.extra_data)
 
 
 @task(name="plan", **_TASK)

@@ -39,6 +39,11 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
         out[section] = {k: v for k, v in out[section].items() if k not in keys}
     out["source"] = _domain_identity(out["source"])
     out["domains"] = [_domain_identity(d) for d in dump["domains"][:stage]]
+    pretrain = out["model"]["pretrain"]
+    if pretrain.get("extra_data"):
+        pretrain["extra_data"] = [_domain_identity(d) for d in pretrain["extra_data"]]
+    else:  # configs from before the setting keep the hashes their versions recorded
+        pretrain.pop("extra_data", None)
     return out
 
 
@@ -46,11 +51,14 @@ def sha256_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int) -> dict[str, str]:
-    """sha256 of every domain's rows (all splits), by name: changes whenever the data does."""
-    from pipelines.data import load_domain
+def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int,
+                      pretrain_extra: list[DomainConfig] = ()) -> dict[str, str]:
+    """sha256 of every domain's rows (all splits), by name: changes whenever the data does; the
+    tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``."""
+    from pipelines.data import load_domain, load_rows
 
-    return {d.name: load_domain(d, Path(data_dir), default_curvature).fingerprint for d in domains}
+    out = {d.name: load_domain(d, Path(data_dir), default_curvature).fingerprint for d in domains}
+    return out | {f"pretrain:{d.name}": load_rows(d, Path(data_dir))[1] for d in pretrain_extra}
 
 
 @dataclass(frozen=True)
@@ -59,13 +67,16 @@ class StageKey:
     domain: str
     config_sha256: str
     data_sha256: str
-    """Fingerprint of the data the stage used: the source's and every domain's up to it."""
+    """Fingerprint of the data the stage used: the source's, every domain's up to it, and the tiny
+    base's extra pretraining data."""
 
 
 def stage_keys(cfg: LineageConfig, fingerprints: dict[str, str]) -> list[StageKey]:
     keys = []
     for t, d in enumerate(cfg.domains, start=1):
-        data = sha256_json([fingerprints[x.name] for x in cfg.all_domains[: t + 1]])
+        data = [fingerprints[x.name] for x in cfg.all_domains[: t + 1]]
+        data += [fingerprints[f"pretrain:{x.name}"] for x in cfg.model.pretrain.extra_data]
+        data = sha256_json(data)
         keys.append(StageKey(t, d.name, sha256_json(stage_config(cfg, t)), data))
     return keys
 

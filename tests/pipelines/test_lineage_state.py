@@ -47,6 +47,23 @@ def test_local_data_is_identified_by_content_not_path():
     assert stage_config(one, 1) == stage_config(two, 1)
 
 
+def test_the_bases_extra_pretraining_data_is_part_of_every_stage(tmp_path):
+    from pipelines.lineage_state import data_fingerprints
+
+    assert "extra_data" not in stage_config(cfg(), 1)["model"]["pretrain"]  # hashes recorded before the setting hold
+    glimpse = {"name": "g", "split_seed": 1, "data": {"kind": "generator", "op": "next", "alphabet": "abc", "size": 50}}
+    with_extra = cfg(model__pretrain__extra_data=[glimpse])
+    fps = data_fingerprints(with_extra.all_domains[:1], str(tmp_path), 8, with_extra.model.pretrain.extra_data)
+    assert set(fps) == {"source", "pretrain:g"}
+    keys = stage_keys(with_extra, FP | {"pretrain:g": fps["pretrain:g"]})
+    assert all(k.config_sha256 != b.config_sha256 for k, b in zip(keys, stage_keys(cfg(), FP)))
+    changed = stage_keys(with_extra, FP | {"pretrain:g": "other rows"})
+    assert all(k.data_sha256 != c.data_sha256 for k, c in zip(keys, changed))
+    local = [{"name": "g", "data": {"kind": "local", "path": p}} for p in ("/x/g.jsonl", "/y/g.jsonl")]
+    assert stage_config(cfg(model__pretrain__extra_data=local[:1]), 1) == stage_config(
+        cfg(model__pretrain__extra_data=local[1:]), 1)
+
+
 def test_plan_skips_finished_stages_and_runs_the_rest():
     keys = stage_keys(cfg(), FP)
     p = plan(keys, record(keys, 2), "m")
