@@ -12,8 +12,8 @@ values, never models or tensors.
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import shutil
 import time
 from pathlib import Path

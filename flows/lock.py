@@ -155,19 +155,18 @@ def hold(paths: list[Path], wait: bool = False) -> Iterator[None]:
     the flow asks again) is not taken twice. Another process waits or refuses. (Scheduled runs
     each get their own process from Prefect's runner.)
     """
-    mine = _held
     locks: list[LineageLock] = []
     try:
         for p in paths:
             key = Path(p).resolve()
-            if key in mine:
+            if key in _held:
                 continue
             lock = LineageLock(p)
             lock.acquire(wait=wait)
             locks.append(lock)
-            mine.add(key)
+            _held.add(key)
         yield
     finally:
         for lock in reversed(locks):
             lock.release()
-            mine.discard(lock.path.resolve())
+            _held.discard(lock.path.resolve())

@@ -201,22 +201,40 @@ def pareto_front(points: Sequence[TradeOffPoint]) -> list[int]:
 
 
 # --- the demo's target -----------------------------------------------------------------------------
+MIN_PLAIN_DROP = 0.20
+"""Plain LoRA must forget at least this much of some earlier domain."""
+MAX_FORGETTING_SHARE = 0.5
+"""LaLoRA's mean forgetting may be at most this share of plain LoRA's."""
+MIN_LEARNED_RATIO = 0.80
+"""Each stage's R[i][i] under LaLoRA must reach this share of plain LoRA's."""
+
+
 @dataclass(frozen=True)
 class TargetCheck:
     """The demo's target, from plain LoRA's and LaLoRA's metrics.json of the same lineage."""
 
     plain_max_drop: float
-    """Largest forgetting of any earlier domain (source included) under plain LoRA; needs >= 0.20."""
+    """Largest forgetting of any earlier domain (source included) under plain LoRA."""
     plain_mean_forgetting: float
     mean_forgetting: float
-    """LaLoRA's; needs <= half of plain LoRA's."""
+    """LaLoRA's."""
     learned_ratio: dict[str, float]
-    """R[i][i] of LaLoRA over R[i][i] of plain LoRA, per stage's domain; each needs >= 0.80."""
+    """R[i][i] of LaLoRA over R[i][i] of plain LoRA, per stage's domain."""
+
+    @property
+    def plain_forgets(self) -> bool:
+        return self.plain_max_drop >= MIN_PLAIN_DROP
+
+    @property
+    def forgets_less(self) -> bool:
+        return self.mean_forgetting <= MAX_FORGETTING_SHARE * self.plain_mean_forgetting
+
+    def learned(self, domain: str) -> bool:
+        return self.learned_ratio[domain] >= MIN_LEARNED_RATIO
 
     @property
     def met(self) -> bool:
-        return (self.plain_max_drop >= 0.20 and self.mean_forgetting <= 0.5 * self.plain_mean_forgetting
-                and all(r >= 0.80 for r in self.learned_ratio.values()))
+        return self.plain_forgets and self.forgets_less and all(map(self.learned, self.learned_ratio))
 
 
 def check_target(plain: dict[str, Any], lalora: dict[str, Any]) -> TargetCheck:
