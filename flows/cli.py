@@ -4,15 +4,15 @@ config, ``serve`` it on a schedule, start the ``ui`` servers."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_LOCKED = 4
+from flows.console import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOCKED, fail, prepare_environment, report
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_LOCKED", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,46 +57,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
-    print(f"lalora: error: {message}", file=sys.stderr)
-    return code
-
-
-def _quiet_libraries() -> None:
-    """Defaults for a local run; anything already set in the environment wins."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "lalora" / "torch_extensions"))
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
-    for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic", "httpx", "transformers", "peft"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="deepspeed")
-
-
-def _has_cuda() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Every problem the config has that can be known without training, one line each; exit 2 if any."""
     from pipelines.config import ConfigError, load_config
+    from pipelines.preflight import preflight
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         for line in e.errors:
             print(f"{e.source}: {line}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    problems = preflight(cfg)
+    for line in problems:
+        print(f"{args.config}: {line}", file=sys.stderr)
+    if problems:
         return EXIT_BAD_INPUT
     probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
     print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
@@ -105,49 +80,39 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from lalora.checkpoint import CheckpointError
-    from pipelines.config import ConfigError, load_config
-    from pipelines.data import DataError
-    from pipelines.engine import DivergenceError
-    from pipelines.report import format_matrix, format_summary
+    from pipelines.config import ConfigError, TrackingConfig, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)  # fail before anything heavy is imported or loaded
     except ConfigError as e:
-        return _fail(f"{e.source}: {'; '.join(e.errors)}")
-    out = Path(args.out or Path("runs") / Path(args.config).stem)
-    _quiet_libraries()
-    from flows.lineage import lineage_flow, lineage_locks
-    from flows.lock import LockHeld, hold
-    from lalora.checkpoint import NonFinitePrecision
-
+        return fail(f"{e.source}: {'; '.join(e.errors)}")
     if args.fork is not None:
-        from pipelines.config import TrackingConfig
-
         try:
             TrackingConfig(registered_model=args.fork)
         except ValueError:
-            return _fail(f"--fork {args.fork!r}: not a usable registered model name")
-    t0 = time.perf_counter()
-    try:
-        with hold(lineage_locks(cfg, out), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
-            result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
-    except LockHeld as e:
-        return _fail(str(e), EXIT_LOCKED)
-    except (DivergenceError, NonFinitePrecision) as e:
-        return _fail(str(e), EXIT_DIVERGED)
-    except (ConfigError, DataError, CheckpointError) as e:
-        return _fail(str(e))
-    except ValueError as e:  # our own checks (adapter / precision mismatch, unknown modules, ...)
-        return _fail(str(e).splitlines()[0])
-    seconds = time.perf_counter() - t0
-    from pipelines.report import LineageReport
+            return fail(f"--fork {args.fork!r}: not a usable registered model name")
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    prepare_environment()
+    return report(lambda: _run(args, cfg, out))
 
-    report = LineageReport(result["domains"], result["R"], result["R_nll"], result)
+
+def _run(args: argparse.Namespace, cfg: Any, out: Path) -> int:
+    from flows.console import keep_run_failures_off_the_console
+
+    keep_run_failures_off_the_console()
+    from flows.lineage import lineage_flow, lineage_locks
+    from flows.lock import hold
+    from pipelines.report import LineageReport, format_matrix, format_summary
+
+    t0 = time.perf_counter()
+    with hold(lineage_locks(cfg, out), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
+        result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
+    seconds = time.perf_counter() - t0
+    report_ = LineageReport(result["domains"], result["R"], result["R_nll"], result)
     print()
     print(format_matrix(result["domains"], result["R"], scores=list(result.get("scores", {}).values())))
     print()
-    print(format_summary(report))
+    print(format_summary(report_))
     print()
     ran, skipped = result["stages_run"], result["stages_skipped"]
     if not ran:
@@ -165,9 +130,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"metrics:    {where / 'metrics.json'}   heatmap: {where / 'R.png'}")
     print(f"registered: {result['registered_model']} versions {', '.join(result['versions'])} "
           f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result['aliases'].items())})")
-    print(f"MLflow UI:  lalora ui --out {out}   (or: mlflow ui --backend-store-uri {result['mlflow_uri']} "
-          "--host 127.0.0.1)")
+    print(ui_hint(result["mlflow_uri"], out))
     return 0
+
+
+def ui_hint(uri: str, out: Path) -> str:
+    """How to look at the runs: a tracking server has its own UI; a local store needs one started."""
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI:  {uri}   (the tracking server's own UI)"
+    if uri == f"sqlite:///{(out / 'mlflow.db').resolve()}":
+        return f"MLflow UI:  lalora ui --out {out}   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)"
+    return f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1"
 
 
 def build_deployment(config: str, out: str, overrides: list[str], cron: str, name: str, timezone: str = "UTC"):
@@ -190,18 +163,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         load_config(args.config, args.overrides)
     except ConfigError as e:
-        return _fail(f"{e.source}: {'; '.join(e.errors)}")
+        return fail(f"{e.source}: {'; '.join(e.errors)}")
     from prefect.schedules import Cron
 
     try:
         Cron(args.cron, timezone=args.timezone)
     except ValueError:
-        return _fail(f"--cron {args.cron!r} / --timezone {args.timezone!r}: not a valid cron schedule "
+        return fail(f"--cron {args.cron!r} / --timezone {args.timezone!r}: not a valid cron schedule "
                      "(e.g. --cron \"0 3 * * 1\")")
     if not os.environ.get("PREFECT_API_URL"):
-        return _fail("lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
+        return fail("lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
                      "127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api")
-    _quiet_libraries()
+    prepare_environment()
     from prefect import serve
 
     out = args.out or str(Path("runs") / Path(args.config).stem)
@@ -273,44 +246,49 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from lalora import CURVATURES
-    from lalora.checkpoint import CheckpointError
     from pipelines.config import ConfigError, load_config
-    from pipelines.data import DataError
+    from pipelines.errors import BadInput
     from pipelines.sweep import point_overrides, sweep_points
 
     try:
         cfg = load_config(args.config, args.overrides)
-        lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+        try:
+            lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
+        except ValueError:
+            return fail(f"--lambda {args.lambdas!r}: expected comma-separated numbers, e.g. --lambda 0,1,10")
         curvatures = [c.strip() for c in args.curvatures.split(",") if c.strip()]
         unknown = [c for c in curvatures if c not in CURVATURES]
         if unknown:
-            return _fail(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
+            return fail(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
         points = sweep_points(lambdas, curvatures, args.seeds)
         for point in points:  # every point's config is valid before any lineage starts
             load_config(args.config, [*args.overrides, *point_overrides(point, cfg, "sqlite:///check.db", args.stages)])
     except ConfigError as e:
-        return _fail(f"{e.source}: {'; '.join(e.errors)}")
-    except ValueError as e:
-        return _fail(f"--lambda / --seeds: {e}" if "could not convert" in str(e) else str(e))
+        return fail(f"{e.source}: {'; '.join(e.errors)}")
+    except BadInput as e:
+        return fail(str(e))
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
-    _quiet_libraries()
+    prepare_environment()
+    return report(lambda: _sweep(args, cfg, out, lambdas, curvatures, points))
+
+
+def _sweep(args: argparse.Namespace, cfg: Any, out: Path, lambdas: list[float], curvatures: list[str],
+           points: list[Any]) -> int:
+    from flows.console import keep_run_failures_off_the_console
+
+    keep_run_failures_off_the_console()
     from flows.sweep import sweep_flow
 
     print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
     t0 = time.perf_counter()
-    try:
-        summary = sweep_flow(str(args.config), str(out), lambdas, curvatures, args.seeds, list(args.overrides),
-                             args.stages)
-    except (ConfigError, DataError, CheckpointError) as e:
-        return _fail(str(e))
-    except ValueError as e:
-        return _fail(str(e).splitlines()[0])
+    summary = sweep_flow(str(args.config), str(out), lambdas, curvatures, args.seeds, list(args.overrides),
+                         args.stages)
     print((out / "sweep.md").read_text())
     for f in summary["failed"]:
         print(f"left out (diverged): {f['point']}: {f['reason']}")
     print(f"sweep of {len(summary['points'])} lineages in {time.perf_counter() - t0:.0f} s")
     print(f"table: {out / 'sweep.md'}   plot: {out / 'pareto.png'}   all figures: {out / 'sweep.json'}")
-    print(f"MLflow UI:  mlflow ui --backend-store-uri {summary['mlflow_uri']} --host 127.0.0.1")
+    print(ui_hint(summary["mlflow_uri"], out))
     return 0
 
 

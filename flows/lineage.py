@@ -30,11 +30,13 @@ from pipelines import evaluate as evaluate_mod
 from pipelines import finetune as finetune_mod
 from pipelines import lineage_state as ls
 from pipelines import precision as precision_mod
+from pipelines import preflight
 from pipelines import pretrain as pretrain_mod
 from pipelines import promote as promote_mod
 from pipelines import register as register_mod
 from pipelines import report as report_mod
 from pipelines.config import DomainConfig, LineageConfig, load_config
+from pipelines.errors import BadInput, DivergenceError
 from pipelines.launch import launch, uses_launcher
 from pipelines.workspace import Workspace, write_json_atomic
 
@@ -56,6 +58,11 @@ def plan_task(keys: list[ls.StageKey], recorded: list[ls.Recorded], model: str) 
 @task(name="fetch", **_TASK)
 def fetch_task(uri: str, artifact_uri: str, dest: str) -> str:
     return state.fetch(uri, artifact_uri, Path(dest))
+
+
+@task(name="fetch-precision", **_TASK)
+def fetch_precision_task(uri: str, model: str, recorded: ls.Recorded, dest: str) -> str:
+    return state.fetch_precision(uri, model, recorded, Path(dest))
 
 
 @task(name="base-model", **_TASK)
@@ -84,11 +91,9 @@ def precision_task(base_path: str, anchor: str, cfg: LineageConfig, stage: int, 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry what may pass a second time (a lost node, OOM, a killed launcher), not bad input or divergence."""
-    from pipelines.engine import DivergenceError
-
     try:
         state.result()
-    except (DivergenceError, ValueError):
+    except (DivergenceError, BadInput):
         return False
     except Exception:
         return True
@@ -167,6 +172,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     instead unless --wait), so a scheduled run and a manual one never write the same lineage at once.
     """
     cfg = load_config(config_path, overrides)
+    preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
     with hold(lineage_locks(cfg, out_dir), wait=True):
         return _lineage(cfg, out_dir, fork)
 
@@ -236,7 +242,7 @@ def _lineage(cfg: LineageConfig, out_dir: str, fork: str | None) -> dict[str, An
         init = None
         if last:
             anchor = fetch_task(uri, last.uri("adapter"), _cached(cache, last.uri("adapter"), "adapter"))
-            precision_path = (fetch_task(uri, last.uri("precision"), _cached(cache, last.uri("precision"), "precision"))
+            precision_path = (fetch_precision_task(uri, model, last, _cached(cache, last.uri("precision"), "precision"))
                               if last.uri("precision") else None)
             rows: Rows = state.fetch_json(uri, last.uri("rows"), Path(_cached(cache, last.uri("rows"), "rows.json")))
         else:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.tracking import _client
+from pipelines.errors import BadInput
 from pipelines.lineage_state import Recorded
 
 
@@ -55,6 +56,34 @@ def fetch(uri: str, artifact_uri: str, dest: Path) -> str:
     os.replace(got, dest)
     shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+class RecordDamaged(BadInput):
+    """A recorded artifact that no longer matches what was recorded (its checksum fails)."""
+
+
+def fetch_precision(uri: str, model: str, rec: Recorded, dest: Path) -> str:
+    """The accumulated precision a version records, fetched and checked against its checksum.
+
+    A damaged local copy is fetched again once; a damaged record is refused naming the version
+    and its ``runs:/`` URI, before anything runs or is recorded.
+    """
+    from lalora.checkpoint import CheckpointError, verify
+
+    artifact = rec.uri("precision")
+    for attempt in range(2):
+        path = fetch(uri, artifact, dest)
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            if attempt == 0:
+                shutil.rmtree(dest, ignore_errors=True)
+                continue
+            reason = str(e).replace(str(Path(path)), artifact)
+    raise RecordDamaged(f"version {rec.version} of {model} (stage {rec.stage}, {rec.domain}): {reason}; nothing was "
+                        f"run or recorded. Restore the artifact in the store, or delete version {rec.version} so stage "
+                        f"{rec.stage} runs again")
 
 
 def fetch_json(uri: str, artifact_uri: str, cache: Path) -> Any:

@@ -147,13 +147,9 @@ def read_meta(directory: str | os.PathLike[str]) -> CurvatureMeta:
     return meta
 
 
-def load_precision(directory: str | os.PathLike[str],
-                   expected_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[Precision, CurvatureMeta]:
-    """Load a checkpoint, verifying its checksum, and its names and shapes against an adapter.
-
-    ``expected_shapes`` maps each LoRA matrix name of the adapter the precision will be
-    used with to its shape; each disagreement raises CheckpointError naming it.
-    """
+def verify(directory: str | os.PathLike[str]) -> CurvatureMeta:
+    """The metadata of a checkpoint whose tensor file matches its checksum (a crash between the two
+    renames rolled forward); raises CheckpointError otherwise. Reads no tensors."""
     d = Path(directory)
     meta = read_meta(d)
     tensors = d / TENSORS
@@ -165,6 +161,19 @@ def load_precision(directory: str | os.PathLike[str],
     if digest != meta.sha256:
         raise CheckpointError(f"curvature checkpoint {tensors} fails its checksum (sha256 {digest[:12]}..., "
                               f"metadata says {meta.sha256[:12]}...): the file was modified or is corrupt")
+    return meta
+
+
+def load_precision(directory: str | os.PathLike[str],
+                   expected_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[Precision, CurvatureMeta]:
+    """Load a checkpoint, verifying its checksum, and its names and shapes against an adapter.
+
+    ``expected_shapes`` maps each LoRA matrix name of the adapter the precision will be
+    used with to its shape; each disagreement raises CheckpointError naming it.
+    """
+    d = Path(directory)
+    meta = verify(d)
+    tensors = d / TENSORS
     try:
         state: dict[str, Tensor] = load_file(str(tensors))
     except Exception as e:  # safetensors raises its own error types for malformed files

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.domain_format import GenerateScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat, Scoring
+from pipelines.errors import BadInput
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -23,7 +24,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A configuration that cannot be used; ``errors`` holds one line per problem."""
 
     def __init__(self, source: str, errors: list[str]) -> None:

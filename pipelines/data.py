@@ -21,11 +21,12 @@ from torch import Tensor
 
 from pipelines.config import DataSource, DomainConfig, GeneratorSource, HubSource, LocalSource
 from pipelines.domain_format import RowFormat
+from pipelines.errors import BadInput
 from pipelines.generators import GENERATORS
 from pipelines.presets import Converter, RowError, converter
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """Domain data that cannot be used, with what to fix."""
 
 

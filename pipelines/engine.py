@@ -15,13 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.config import DeepSpeedConfig
+from pipelines.errors import DivergenceError
 from pipelines.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class DivergenceError(RuntimeError):
-    """The loss or the penalty stopped being finite."""
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import DomainConfig, LineageConfig
+from pipelines.errors import BadInput
 
 # Settings that cannot change what a stage produces (bookkeeping, resources, scoring).
 _IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile"),
@@ -97,7 +98,7 @@ class Recorded:
         return self.tags.get(f"lalora.{what}_uri", "")
 
 
-class LineageConflict(ValueError):
+class LineageConflict(BadInput):
     """The config disagrees with what the lineage has already recorded."""
 
     def __init__(self, message: str, stage: int, recorded: Recorded | None) -> None:

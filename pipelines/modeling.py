@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from pipelines.config import LoraSettings, TinyModelConfig
+from pipelines.config import LoraSettings, ModelConfig, TinyModelConfig
+from pipelines.errors import BadInput
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHAR_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -42,32 +43,87 @@ def build_tiny_llama(cfg: TinyModelConfig, tokenizer: Any, seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
+class ModelError(BadInput):
+    """A base model or adapter that cannot be used (the message names the setting to fix)."""
+
+
+def is_local_path(path: str) -> bool:
+    """Whether ``from_pretrained`` should read ``path`` from disk: it exists, or is written as a path
+    (absolute, ``./``, ``../``, ``~``, or more than one ``/``; a hub id is ``name`` or ``namespace/name``)."""
+    return Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why a local ``model.path`` cannot be a transformers model directory, or None."""
+    if not is_local_path(path):
+        return None
+    p = Path(path).expanduser()
+    if not p.exists():
+        return (f"model.path {path}: no such directory; point it at a directory written by save_pretrained "
+                "(config.json, tokenizer files, *.safetensors) or give a hub id such as HuggingFaceTB/SmolLM2-135M")
+    if not p.is_dir():
+        return f"model.path {path}: is a file, not a model directory (the directory holding config.json)"
+    if not (p / "config.json").is_file():
+        return (f"model.path {path}: holds no config.json, so it is not a transformers model directory "
+                "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
+    return None
+
+
 def load_base(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
     """(model, tokenizer) via from_pretrained: a hub id or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    problem = model_path_problem(str(path))
+    if problem:
+        raise ModelError(problem)
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True)
     except OSError as e:
-        raise ValueError(f"cannot load base model {path}: {str(e).splitlines()[0]}") from None
+        where = "" if is_local_path(str(path)) else " (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads only the local cache)"
+        raise ModelError(f"cannot load base model {path}{where}: {str(e).strip().splitlines()[0]}") from None
     model.config.use_cache = True
     return model, tokenizer
 
+
+def meta_model(cfg: ModelConfig) -> Any | None:
+    """The base model's modules on the meta device (no weights read or allocated): the tiny Llama of the
+    config, or ``from_config`` of the model's config.json; None for a hub model not in the local cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        if not cfg.path:
+            return build_tiny_llama(cfg.tiny, char_tokenizer(), seed=0)
+        try:
+            config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        except (OSError, ValueError):
+            if is_local_path(cfg.path):
+                raise ModelError(model_path_problem(cfg.path) or f"model.path {cfg.path}: config.json is unreadable") from None
+            return None
+        return AutoModelForCausalLM.from_config(config)
+
+
+def unmatched_targets(model: Any, targets: list[str]) -> str | None:
+    """Why ``lora.target_modules`` cannot adapt ``model`` (names that match no module), or None."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    unknown = [t for t in targets if t not in present]
+    if not unknown:
+        return None
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    return (f"lora.target_modules {unknown} match no module of the base model; its linear layers are: "
+            f"{', '.join(linear[:12])}")
 
 
 def new_adapter(base: Any, cfg: LoraSettings) -> Any:
     """A freshly initialised LoRA adapter (B = 0: the model equals the base)."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
-    unknown = [t for t in cfg.target_modules if t not in present]
-    if unknown:
-        raise ValueError(f"lora.target_modules {unknown} match no module of the base model; "
-                         f"linear layers it has include: {sorted(n for n in present if n.endswith('proj'))[:8]}")
+    problem = unmatched_targets(base, list(cfg.target_modules))
+    if problem:
+        raise ModelError(problem)
     torch.manual_seed(cfg.init_seed)
     return get_peft_model(base, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                            target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
@@ -78,5 +134,5 @@ def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) ->
     from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
-        raise ValueError(f"adapter {adapter_dir} has no adapter_model.safetensors; pickled adapters are not loaded")
+        raise ModelError(f"adapter {adapter_dir} has no adapter_model.safetensors; pickled adapters are not loaded")
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)

@@ -12,13 +12,14 @@ from lalora.curvature import MemoryEstimate
 from pipelines.config import DomainConfig, LaLoRAConfig
 from pipelines.data import encode, fixed_batches, load_domain, special_ids
 from pipelines.engine import world
+from pipelines.errors import BadInput
 from pipelines.modeling import load_adapter, load_base
 from pipelines.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-class MemoryBudgetError(ValueError):
+class MemoryBudgetError(BadInput):
     """The curvature pass would need more memory than the configured budget."""
 
 

@@ -8,13 +8,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from pipelines.errors import BadInput
+
 REDACTED = "***"
 _SECRET_KEY = re.compile(r"pass(word|wd)?|secret|token|api[_-]?key|private[_-]?key|credential|auth", re.I)
 _KEY_WORD = re.compile(r"(^|[._-])key$", re.I)
 _MIN_SECRET_LEN = 4  # shorter env values ("1", "yes") would redact ordinary numbers
 
 
-class PathEscape(ValueError):
+class PathEscape(BadInput):
     """A path built from configuration that leaves the directory it belongs in."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import LineageConfig
+from pipelines.errors import BadInput
 from pipelines.report import TradeOffPoint, pareto_front
 
 PLAIN = "plain"
@@ -41,16 +42,16 @@ class SweepPoint:
 def sweep_points(lambdas: list[float], curvatures: list[str], seeds: int) -> list[SweepPoint]:
     """Plain LoRA once per seed, then every curvature at every positive lambda."""
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise BadInput(f"--seeds must be >= 1, got {seeds}")
     if any(v < 0 for v in lambdas):
-        raise ValueError(f"lambda values must be >= 0, got {lambdas}")
+        raise BadInput(f"lambda values must be >= 0, got {lambdas}")
     points = []
     for seed in range(seeds):
         if 0.0 in lambdas:
             points.append(SweepPoint(PLAIN, 0.0, seed))
         points += [SweepPoint(c, lam, seed) for c in curvatures for lam in lambdas if lam > 0]
     if not points:
-        raise ValueError("the sweep has no points: give at least one lambda (0 for plain LoRA) and one curvature")
+        raise BadInput("the sweep has no points: give at least one lambda (0 for plain LoRA) and one curvature")
     return points
 
 
@@ -67,7 +68,7 @@ def point_overrides(point: SweepPoint, cfg: LineageConfig, tracking_uri: str, st
         out.append(f"lalora.curvature={json.dumps(spec)}")
     if stages is not None:
         if not 1 <= stages <= len(cfg.domains):
-            raise ValueError(f"--stages must be between 1 and {len(cfg.domains)} (the config's domains), got {stages}")
+            raise BadInput(f"--stages must be between 1 and {len(cfg.domains)} (the config's domains), got {stages}")
         kept = [d.model_dump(mode="json", by_alias=True, exclude_unset=True) for d in cfg.domains[:stages]]
         out.append(f"domains={json.dumps(kept)}")
     return out

@@ -56,3 +56,27 @@ def child_env(**extra: str) -> dict[str, str]:
     none of this process's rendezvous (in-process DeepSpeed tests set MASTER_* explicitly)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     return env | {"PYTHONPATH": str(ROOT), **extra}
+
+
+def lalora_script() -> str:
+    """The installed ``lalora`` console script of this interpreter's environment (what a user runs)."""
+    import shutil
+    import sys
+
+    script = Path(sys.executable).parent / "lalora"
+    found = str(script) if script.is_file() else shutil.which("lalora")
+    assert found, "the lalora console script is not installed (pip install -e .)"
+    return found
+
+
+def run_lalora(args: list[str], tmp_path: Path, *, timeout: float = 600, **env: str) -> tuple[int, str]:
+    """``lalora ARGS`` in a subprocess, as a terminal runs it: (exit code, stdout and stderr together).
+
+    Its Prefect home is a fresh, not yet existing directory under ``tmp_path`` (the command must create it).
+    """
+    import subprocess
+
+    home = tmp_path / "prefect-home" / "nested"
+    proc = subprocess.run([lalora_script(), *args], env=child_env(PREFECT_HOME=str(home), **env),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout

@@ -1,6 +1,8 @@
-"""Bad input through the real CLI: exit code 2, the last stderr line one 'lalora: error:' line, no traceback,
-and no registered version. Config-level cases fail before anything is loaded; data and model cases run
-the flow until the problem is met (tiny model, no pretraining)."""
+"""Bad input as a terminal shows it: the installed ``lalora`` script in a subprocess, stdout and stderr
+read together (what Prefect's own log handlers print included). Every case exits 2 with exactly one
+``lalora: error:`` line, no traceback anywhere, and nothing registered; a bug in the project exits 1
+with its traceback. Config cases fail before anything is loaded; data and model cases run the flow
+until the problem is met (tiny model, no pretraining)."""
 
 import json
 from pathlib import Path
@@ -9,27 +11,29 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.cli import EXIT_BAD_INPUT, EXIT_DIVERGED, main
+from flows.console import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED
+from tests.conftest import run_lalora
 from tests.flows.test_lineage import ONE_DOMAIN
 
 FAST = ["--set", "model.pretrain.steps=0"]
 
 
-def run_cli(tmp_path, capsys, text, overrides=(), out="out", extra=()):
+def run_cli(tmp_path, text, overrides=(), out="out", extra=(), **env):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
     args = ["run", str(cfg), "--out", str(tmp_path / out), *extra] + FAST
     for o in overrides:
         args += ["--set", o]
-    code = main(args)
-    err = capsys.readouterr().err
-    return code, err
+    return run_lalora(args, tmp_path, **env)
 
 
-def assert_one_line_error(err, fragment):
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("lalora: error: ") and fragment in last, last
+def assert_one_line_error(output, fragment):
+    """No traceback anywhere; exactly one error line, the last one, holding ``fragment``."""
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, errors
+    last = output.strip().splitlines()[-1]
+    assert last == errors[0] and last.startswith("lalora: error: ") and fragment in last, last
 
 
 def assert_nothing_registered(tmp_path, out="out", model="tiny-adapter"):
@@ -56,11 +60,11 @@ CONFIG_CASES = [
 
 
 @pytest.mark.parametrize("text,overrides,fragment", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
-def test_bad_config_is_refused_before_anything_runs(tmp_path, capsys, text, overrides, fragment):
-    code, err = run_cli(tmp_path, capsys, text, overrides)
+def test_bad_config_is_refused_before_anything_runs(tmp_path, text, overrides, fragment):
+    code, output = run_cli(tmp_path, text, overrides)
     assert code == EXIT_BAD_INPUT
-    assert len(err.strip().splitlines()) == 1
-    assert_one_line_error(err, fragment)
+    assert len(output.strip().splitlines()) == 1, output
+    assert_one_line_error(output, fragment)
     assert not (tmp_path / "out").exists()
 
 
@@ -75,7 +79,7 @@ SWAP = "{name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 1
 
 def _data_case(tmp_path, kind):
     if kind == "missing-file":
-        return ONE_DOMAIN.replace(SWAP, LOCAL % ("nope.jsonl", "")), [], "domain one: data file"
+        return ONE_DOMAIN.replace(SWAP, LOCAL % ("nope.jsonl", "")), [], "domains.0.data.path: "
     if kind == "empty-file":
         (tmp_path / "empty.jsonl").write_text("")
         return ONE_DOMAIN.replace(SWAP, LOCAL % ("empty.jsonl", "")), [], "domain one: data file"
@@ -95,17 +99,52 @@ def _data_case(tmp_path, kind):
                 "domain one: training example 0 is 53 tokens, over training.max_length=32")
     if kind == "no-matching-targets":
         return ONE_DOMAIN, ["lora.target_modules=[qkv]"], "lora.target_modules ['qkv'] match no module"
+    if kind == "model-path-missing":
+        return ONE_DOMAIN, [f"model.path={tmp_path / 'no-such-model'}"], "no-such-model: no such directory"
+    if kind == "model-path-without-config":
+        (tmp_path / "not-a-model").mkdir()
+        return ONE_DOMAIN, [f"model.path={tmp_path / 'not-a-model'}"], "not-a-model: holds no config.json"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing-file", "empty-file", "missing-columns", "missing-split", "overlong-error",
-                                  "no-matching-targets"])
-def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, capsys, kind):
+DATA_CASES = ["missing-file", "empty-file", "missing-columns", "missing-split", "overlong-error", "no-matching-targets",
+              "model-path-missing", "model-path-without-config"]
+
+
+@pytest.mark.parametrize("kind", DATA_CASES)
+def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, kind):
     text, overrides, fragment = _data_case(tmp_path, kind)
-    code, err = run_cli(tmp_path, capsys, text, overrides)
-    assert code == EXIT_BAD_INPUT, err[-2000:]
-    assert_one_line_error(err, fragment)
+    code, output = run_cli(tmp_path, text, overrides)
+    assert code == EXIT_BAD_INPUT, output[-3000:]
+    assert_one_line_error(output, fragment)
     assert_nothing_registered(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["missing-file", "no-matching-targets", "model-path-missing",
+                                  "model-path-without-config"])
+def test_validate_refuses_what_is_known_without_training(tmp_path, kind):
+    """Each in one line, exit 2, without loading weights or data (a hub model is not needed either)."""
+    import time
+
+    text, overrides, fragment = _data_case(tmp_path, kind)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    t0 = time.perf_counter()
+    code, output = run_lalora(["validate", str(cfg), *[a for o in overrides for a in ("--set", o)]], tmp_path)
+    assert code == EXIT_BAD_INPUT, output
+    assert "Traceback" not in output
+    lines = output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{cfg}: ") and fragment in lines[0], lines
+    assert time.perf_counter() - t0 < 30  # imports only: it loads no weights and trains nothing
+
+
+def test_validate_is_quick_on_the_demo_config(tmp_path):
+    import time
+
+    t0 = time.perf_counter()
+    code, output = run_lalora(["validate", "configs/demo.yaml"], tmp_path)
+    assert code == 0 and output.startswith("configs/demo.yaml: OK (3 stages"), output
+    assert time.perf_counter() - t0 < 30
 
 
 def test_overlong_sequences_are_truncated_by_default(tmp_path):
@@ -137,7 +176,7 @@ def _local_base(path: Path, *, eos: bool = True, nan: bool = False) -> str:
     return str(path)
 
 
-def test_tokenizer_without_pad_or_eos(tmp_path, capsys):
+def test_tokenizer_without_pad_or_eos(tmp_path):
     """No pad token: padding falls back to EOS (always masked), which the default tiny runs already do;
     no EOS either: answers could never end, so the run stops in one line."""
     from pipelines.data import special_ids
@@ -147,24 +186,24 @@ def test_tokenizer_without_pad_or_eos(tmp_path, capsys):
     tok.pad_token = None
     assert special_ids(tok)[2] == tok.eos_token_id
     base = _local_base(tmp_path / "base", eos=False)
-    code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, [f"model.path={base}"])
+    code, output = run_cli(tmp_path, ONE_DOMAIN, [f"model.path={base}"])
     assert code == EXIT_BAD_INPUT
-    assert_one_line_error(err, "the tokenizer has no EOS token")
+    assert_one_line_error(output, "the tokenizer has no EOS token")
     assert_nothing_registered(tmp_path)
 
 
-def test_nan_in_the_precision_stops_the_stage(tmp_path, capsys):
+def test_nan_in_the_precision_stops_the_stage(tmp_path):
     base = _local_base(tmp_path / "base", nan=True)
-    code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, [f"model.path={base}"])
+    code, output = run_cli(tmp_path, ONE_DOMAIN, [f"model.path={base}"])
     assert code == EXIT_DIVERGED
-    assert_one_line_error(err, "non-finite value(s) (NaN or inf); the curvature diverged")
+    assert_one_line_error(output, "non-finite value(s) (NaN or inf); the curvature diverged")
     assert_nothing_registered(tmp_path)
     assert not (tmp_path / "out" / "stages" / "01-one" / "precision" / "precision.json").exists()
 
 
-def test_divergence_registers_nothing_and_moves_no_alias(tmp_path, capsys):
-    code, _ = run_cli(tmp_path, capsys, ONE_DOMAIN)
-    assert code == 0
+def test_divergence_registers_nothing_and_moves_no_alias(tmp_path):
+    code, output = run_cli(tmp_path, ONE_DOMAIN)
+    assert code == 0, output[-3000:]
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     before = [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")]
@@ -175,9 +214,57 @@ def test_divergence_registers_nothing_and_moves_no_alias(tmp_path, capsys):
     for i, (overrides, fragment) in enumerate(((["lalora.lambda=1e300"], "non-finite penalty at step 0"),
                                                ([f"model.path={nan_base}", "lalora.lambda=0"],
                                                 "non-finite loss at step 0"))):
-        code, err = run_cli(tmp_path, capsys, ONE_DOMAIN, overrides, extra=["--fork", f"diverged-{i}"])
-        assert code == EXIT_DIVERGED, err[-2000:]
-        assert_one_line_error(err, fragment)
+        code, output = run_cli(tmp_path, ONE_DOMAIN, overrides, extra=["--fork", f"diverged-{i}"])
+        assert code == EXIT_DIVERGED, output[-3000:]
+        assert_one_line_error(output, fragment)
         assert [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")] == before
         assert str(client.get_model_version_by_alias("tiny-adapter", "newest").version) == "1"
         assert client.search_model_versions(f"name = 'diverged-{i}'") == []
+
+
+TWO = "  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}\n"
+
+
+def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
+    """Appending a domain from another machine fetches the recorded precision; when its file no longer
+    matches its checksum, the run refuses in one line naming the version and its runs:/ URI (not the
+    local cache copy), and nothing is registered or overwritten."""
+    code, output = run_cli(tmp_path, ONE_DOMAIN)
+    assert code == 0, output[-3000:]
+    uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name = 'tiny-adapter'")
+    precision_uri = version.tags["lalora.precision_uri"]
+    run_id = precision_uri.removeprefix("runs:/").split("/")[0]
+    stored = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "curvature" / "precision.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    appended = ONE_DOMAIN.replace("\ntraining:", "\n" + TWO + "training:", 1)
+    code, output = run_cli(tmp_path, appended, [f"tracking.mlflow_uri={uri}"], out="elsewhere")
+    assert code == EXIT_BAD_INPUT, output[-3000:]
+    assert_one_line_error(output, f"version 1 of tiny-adapter (stage 1, one): curvature checkpoint {precision_uri}/"
+                                  "precision.safetensors fails its checksum")
+    assert "elsewhere/registry" not in output and "delete version 1 so stage 1 runs again" in output
+    assert [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")] == ["1"]
+    assert bytes(data) == stored.read_bytes()  # the record is left as it is
+
+
+def test_a_bug_in_the_project_exits_1_with_its_traceback(tmp_path):
+    """A ValueError raised inside a stage is not the user's mistake: exit 1, the traceback, no 'lalora: error:'."""
+    hook = tmp_path / "inject"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import pipelines.finetune as f\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('injected bug')\n"
+        "f.finetune = broken\n")
+    from tests.conftest import ROOT
+
+    code, output = run_cli(tmp_path, ONE_DOMAIN, PYTHONPATH=f"{hook}:{ROOT}")
+    assert code == EXIT_BUG, output[-3000:]
+    assert "Traceback (most recent call last)" in output and "ValueError: injected bug" in output
+    assert "lalora: error:" not in output
+    assert output.count("Traceback (most recent call last)") == 1  # reported once, not once per Prefect handler
+    assert "lalora: internal error: ValueError: injected bug" in output
+    assert_nothing_registered(tmp_path)

@@ -114,7 +114,7 @@ def test_missing_data_fails_in_one_line_and_registers_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err  # progress bars share stderr; the error is its own last line
     last = err.strip().splitlines()[-1]
-    assert last.startswith("lalora: error: domain two: data file") and last.endswith("relative to the config file)")
+    assert last.startswith("lalora: error: domains.1.data.path: ") and last.endswith("relative to the config file)")
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.get_experiment_by_name("tiny")  # the data is checked before any run is opened
