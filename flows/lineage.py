@@ -38,6 +38,7 @@ from pipelines import report as report_mod
 from pipelines.config import DomainConfig, LineageConfig, load_config
 from pipelines.errors import BadInput, DivergenceError
 from pipelines.launch import launch, uses_launcher
+from pipelines.runtime import torch_threads
 from pipelines.workspace import Workspace, write_json_atomic
 
 _TASK = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -173,7 +174,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     """
     cfg = load_config(config_path, overrides)
     preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
-    with hold(lineage_locks(cfg, out_dir), wait=True):
+    with hold(lineage_locks(cfg, out_dir), wait=True), torch_threads(cfg.runtime.threads):
         return _lineage(cfg, out_dir, fork)
 
 

@@ -312,6 +312,14 @@ class OrchestrationConfig(_Model):
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
 
 
+class RuntimeConfig(_Model):
+    threads: int | None = Field(None, ge=1, description="torch threads for every step (pretraining, curvature, "
+                                "fine-tuning, scoring); empty: torch's default (the machine's cores, or "
+                                "OMP_NUM_THREADS). On a CPU the thread count changes the order of floating-point "
+                                "sums, so pin it for results that do not depend on the machine. Not part of a "
+                                "stage's identity (like deepspeed.world_size).")
+
+
 class LineageConfig(_Model):
     name: str = Field("lineage", description="Lineage name (MLflow run name, tags).")
     seed: int = Field(0, description="Global seed (model init, pretraining).")
@@ -331,6 +339,7 @@ class LineageConfig(_Model):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="Gate on the champion alias.")
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Prefect retries.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Compute resources of this process.")
     catalogue: str | None = Field(None, description="YAML file listing further domains (a list, or a mapping with "
                                   "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
                                   "picks up new ones. Relative to the config file or absolute.")

@@ -1,0 +1,40 @@
+"""runtime.threads: a pinned thread count gives the same numbers whatever the environment's thread count."""
+
+import subprocess
+import sys
+
+from tests.conftest import child_env
+
+TRAIN = """
+import hashlib, sys, torch
+from pipelines.config import TinyModelConfig
+from pipelines.modeling import build_tiny_llama, char_tokenizer
+from pipelines.runtime import torch_threads
+
+with torch_threads(int(sys.argv[1]) if sys.argv[1] != "none" else None):
+    tok = char_tokenizer()
+    model = build_tiny_llama(TinyModelConfig(), tok, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        ids = torch.randint(4, len(tok), (64, 32), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    inside = torch.get_num_threads()
+print(inside, torch.get_num_threads(), hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+"""
+
+
+def _train(env_threads: int, pin: str) -> tuple[int, int, str]:
+    out = subprocess.run([sys.executable, "-c", TRAIN, pin], env=child_env(OMP_NUM_THREADS=str(env_threads)),
+                         capture_output=True, text=True, check=True).stdout.split()
+    return int(out[0]), int(out[1]), out[2]
+
+
+def test_pinned_threads_make_training_independent_of_the_environment():
+    free = {t: _train(t, "none") for t in (1, 2)}
+    pinned = {t: _train(t, "1") for t in (1, 2)}
+    assert free[1][2] != free[2][2]  # the control: the thread count does change the result
+    assert pinned[1][2] == pinned[2][2] == free[1][2]
+    assert pinned[2][:2] == (1, 2)  # one thread inside the block, the environment's count restored after it
