@@ -11,7 +11,11 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo demo-lambda0 demo-check test bench bench-eval clean
+.PHONY: install dirs demo demo-lambda0 demo-check test bench bench-eval clean
+
+# Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
+dirs:
+	@mkdir -p "$(PREFECT_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +24,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
-install: $(BIN)/.installed
+install: $(BIN)/.installed dirs
 
 demo: install
 	$(BIN)/lalora run configs/demo.yaml --out runs/demo
