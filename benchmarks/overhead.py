@@ -31,9 +31,9 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from flows.cli import _quiet_libraries
+    from flows.console import prepare_environment
 
-    _quiet_libraries()
+    prepare_environment()
     from flows.lineage import lineage_flow
 
     out = args.out or tempfile.mkdtemp(prefix="lalora-overhead-")

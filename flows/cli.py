@@ -1,5 +1,5 @@
 """The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
-config, ``serve`` it on a schedule, start the ``ui`` servers."""
+config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers."""
 
 from __future__ import annotations
 
@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
     srv.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    exp = sub.add_parser("export", help="write a registered version as a peft adapter folder (or, with --merge, "
+                         "a standalone transformers model) that other tools load without MLflow")
+    exp.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    exp.add_argument("--out", required=True, help="a new (or empty) directory")
+    exp.add_argument("--merge", action="store_true", help="merge the adapter into the base weights (merge_and_unload)")
+    exp.add_argument("--tracking-uri", default=None, help="the MLflow store (default $MLFLOW_TRACKING_URI)")
     ui = sub.add_parser("ui", help="start the MLflow UI and a Prefect server on 127.0.0.1 until interrupted")
     ui.add_argument("--out", default="runs/demo", help="run directory whose mlflow.db the UI shows")
     ui.add_argument("--backend-store-uri", default=None, help="MLflow store (default sqlite:///OUT/mlflow.db)")
@@ -105,7 +111,7 @@ def _run(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     from pipelines.report import LineageReport, format_matrix, format_summary
 
     t0 = time.perf_counter()
-    with hold(lineage_locks(cfg, out), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
+    with hold(lineage_locks(cfg, out, args.fork), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
         result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
     seconds = time.perf_counter() - t0
     report_ = LineageReport(result["domains"], result["R"], result["R_nll"], result)
@@ -292,9 +298,28 @@ def _sweep(args: argparse.Namespace, cfg: Any, out: Path, lambdas: list[float], 
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return fail("export needs the tracking store: set MLFLOW_TRACKING_URI or pass --tracking-uri "
+                    "(e.g. sqlite:///runs/demo/mlflow.db)")
+    prepare_environment()
+
+    def run() -> int:
+        from flows.export import export
+
+        done = export(uri, args.model_uri, Path(args.out), merge=args.merge)
+        what = "merged transformers model" if done.merged else "peft adapter folder"
+        print(f"exported {done.model} version {done.version} (stage {done.record.stage}: {done.record.domain}) as a "
+              f"{what}: {done.out}")
+        return 0
+
+    return report(run)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve,
+    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "export": cmd_export,
             "ui": cmd_ui}[args.command](args)
 
 

@@ -1,31 +1,32 @@
 """The lineage flow: one Prefect flow run brings a lineage up to date with its config.
 
 The lineage's state is its registered model in MLflow (one version per finished stage, see
-flows/state.py). A run plans against it first: finished stages are skipped, an interrupted
+flows/registry.py). A run plans against it first: finished stages are skipped, an interrupted
 stage restarts from its DeepSpeed checkpoint, new domains become the next stages, and a
 changed finished stage is refused before anything is recorded (or forked with ``fork``).
 
-Each task wraps exactly one ``pipelines`` function and passes paths, URIs and small result
-values, never models or tensors.
+Each task wraps exactly one ``pipelines`` (or registry) function and passes paths, URIs and
+small result values, never models or tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import state, timing
+from flows import generator, timing
+from flows.lease import StoreLease
 from flows.lock import hold, lock_paths
-from flows.tracking import (MlflowRegistry, RunRef, close_orphaned_runs, end_run, is_local_store, start_run,
-                            tracking_uri)
+from flows.registry import LineageRegistry
+from flows.tracking import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from pipelines import evaluate as evaluate_mod
 from pipelines import finetune as finetune_mod
 from pipelines import lineage_state as ls
@@ -33,9 +34,9 @@ from pipelines import precision as precision_mod
 from pipelines import preflight
 from pipelines import pretrain as pretrain_mod
 from pipelines import promote as promote_mod
-from pipelines import register as register_mod
 from pipelines import report as report_mod
 from pipelines.config import DomainConfig, LineageConfig, load_config
+from pipelines.record import VersionRecord
 from pipelines.errors import BadInput, DivergenceError
 from pipelines.launch import launch, uses_launcher
 from pipelines.runtime import torch_threads
@@ -57,13 +58,13 @@ def plan_task(keys: list[ls.StageKey], recorded: list[ls.Recorded], model: str) 
 
 
 @task(name="fetch", **_TASK)
-def fetch_task(uri: str, artifact_uri: str, dest: str) -> str:
-    return state.fetch(uri, artifact_uri, Path(dest))
+def fetch_task(registry: LineageRegistry, artifact_uri: str, name: str) -> str:
+    return registry.fetch(artifact_uri, name)
 
 
 @task(name="fetch-precision", **_TASK)
-def fetch_precision_task(uri: str, model: str, recorded: ls.Recorded, dest: str) -> str:
-    return state.fetch_precision(uri, model, recorded, Path(dest))
+def fetch_precision_task(registry: LineageRegistry, recorded: ls.Recorded) -> str:
+    return registry.fetch_precision(recorded)
 
 
 @task(name="base-model", **_TASK)
@@ -130,38 +131,23 @@ def gate_task(domains: list[str], R: list[list[float]], higher_is_better: list[b
     return promote_mod.gate(domains, R, cfg.promotion, higher_is_better)
 
 
+@task(name="package", **_TASK)
+def package_task(adapter: str, base: dict[str, Any], cfg: LineageConfig, example: str, dest: str) -> str:
+    """The version's python_function model: the adapter, the base referenced."""
+    return str(generator.save(Path(dest), adapter, base, dtype=cfg.model.dtype,
+                              max_new_tokens=cfg.evaluation.max_new_tokens, stop=[],
+                              batch_size=cfg.evaluation.batch_size, example=example))
+
+
 @task(name="register", **_TASK)
-def register_task(run: RunRef, model_name: str, cfg: LineageConfig, adapter: str, stage: int, domain: str,
-                  precision_sha256: str | None, scores: dict[str, float], lineage_state: dict[str, str],
-                  gate: promote_mod.GateResult) -> register_mod.RegisterResult:
-    registry = MlflowRegistry(run.uri, model_name, run.run_id)
-    return register_mod.register_stage(registry, model_name, adapter, stage=stage, domain=domain,
-                                       precision_sha256=precision_sha256, scores=scores,
-                                       alias=cfg.tracking.latest_alias, state=lineage_state, gate=gate,
-                                       champion_alias=cfg.promotion.alias)
+def register_task(registry: LineageRegistry, run: RunRef, model_dir: str, record: VersionRecord, description: str,
+                  aliases: list[str], lease: Any) -> str:
+    lease.check()  # still this lineage's writer: a run whose lease expired registers nothing
+    return registry.register(run, Path(model_dir), record, description, aliases)
 
 
 def config_hash(cfg: LineageConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
-
-
-def _cached(cache: Path, artifact_uri: str, name: str) -> str:
-    """Local copy of a recorded artifact, keyed by its URI (records never change once written)."""
-    return str(cache / f"{hashlib.sha256(artifact_uri.encode()).hexdigest()[:16]}-{name}")
-
-
-def _refusal(uri: str, cfg: LineageConfig, conflict: ls.LineageConflict, cache: Path) -> ls.LineageConflict:
-    """The conflict as one actionable line, naming the changed settings when the record has them."""
-    detail = ""
-    rec = conflict.recorded
-    if rec is not None and rec.uri("config") and "config" in str(conflict):
-        try:
-            old = state.fetch_json(uri, rec.uri("config"), Path(_cached(cache, rec.uri("config"), "stage_config.json")))
-            detail = " (" + "; ".join(ls.config_diff(old, ls.stage_config(cfg, conflict.stage))) + ")"
-        except Exception:  # the diff is a courtesy; the refusal stands without it
-            detail = ""
-    return ls.LineageConflict(f"{conflict}{detail}; nothing was run or recorded. Restore the config, or start a new "
-                              f"lineage from stage {conflict.stage} with --fork NAME", conflict.stage, rec)
 
 
 @flow(name="lalora-lineage")
@@ -169,178 +155,310 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
                  fork: str | None = None) -> dict[str, Any]:
     """Bring the lineage up to date with the config; return the contents of metrics.json.
 
-    Holds the lineage lock (waiting for another run of it; `lalora run` takes it first and refuses
-    instead unless --wait), so a scheduled run and a manual one never write the same lineage at once.
+    Holds the lineage: its output directory's lock and the store's lease, waiting for another run of
+    it (`lalora run` takes them first and refuses instead unless --wait), so a scheduled run and a
+    manual one, or two workers on two hosts, never write the same lineage at once.
     """
     cfg = load_config(config_path, overrides)
     preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
-    with hold(lineage_locks(cfg, out_dir), wait=True), torch_threads(cfg.runtime.threads):
-        return _lineage(cfg, out_dir, fork)
+    with hold(lineage_locks(cfg, out_dir, fork), wait=True) as (_, lease), torch_threads(cfg.runtime.threads):
+        return _lineage(Lineage.open(cfg, config_path, out_dir, fork, lease))
 
 
-def lineage_locks(cfg: LineageConfig, out_dir: str | Path) -> list[Path]:
-    """The locks a run of this lineage holds: its output directory's, and the shared registry's."""
-    return lock_paths(Path(out_dir).resolve(), cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI"),
-                      cfg.tracking.registered_model)
+def lineage_locks(cfg: LineageConfig, out_dir: str | Path, fork: str | None = None) -> list[Any]:
+    """What a run of this lineage holds: its output directory's lock and the store's lease on the model."""
+    root = Path(out_dir).resolve()
+    return [*lock_paths(root), StoreLease(tracking_uri(cfg.tracking.mlflow_uri, root),
+                                          fork or cfg.tracking.registered_model, cfg.orchestration.lease_ttl_seconds)]
 
 
-def _lineage(cfg: LineageConfig, out_dir: str, fork: str | None) -> dict[str, Any]:
-    shared = Workspace(Path(out_dir).resolve())  # data, base model, local MLflow store
-    shared.root.mkdir(parents=True, exist_ok=True)
-    ws = Workspace(shared.root / "forks" / fork) if fork else shared  # this lineage's stages and report
-    uri = tracking_uri(cfg.tracking.mlflow_uri, shared.root)
-    artifacts = shared.root / "mlartifacts" if is_local_store(uri) else None
-    model = fork or cfg.tracking.registered_model
-    cache = shared.root / "registry"
+@dataclass
+class Lineage:
+    """One run of a lineage: its config, where its files go, its store and registered model."""
 
-    close_orphaned_runs(uri, cfg.tracking.experiment, "lalora.lineage", model)  # runs a killed process left RUNNING
-    # 1. where the lineage stands: data fingerprints against the registered versions
-    fingerprints = fingerprint_task(cfg, str(shared.data))
-    keys = ls.stage_keys(cfg, fingerprints)
-    recorded = state.recorded_stages(uri, model)
-    if fork and fork != cfg.tracking.registered_model and not state.model_exists(uri, fork):
-        source = state.recorded_stages(uri, cfg.tracking.registered_model)
-        recorded = state.fork(uri, cfg.tracking.registered_model, fork,
-                              ls.fork_point(keys, source, cfg.tracking.registered_model))
-    try:
-        plan = plan_task(keys, recorded, model)
-    except ls.LineageConflict as conflict:
-        raise _refusal(uri, cfg, conflict, cache) from None
-    domains = [d.name for d in cfg.eval_domains]  # R's columns: the source, the stages' domains, the probes
-    probes = [d.name for d in cfg.probes]
-    versions = [r.version for r in plan.done]
+    cfg: LineageConfig
+    config_path: str
+    shared: Workspace
+    """data, base model, the local MLflow store (shared with forks)"""
+    ws: Workspace
+    """this lineage's stages and report"""
+    registry: LineageRegistry
+    lease: Any
+    artifacts: Path | None
+    """the local store's artifact root (None: a tracking server's own)"""
+
+    @classmethod
+    def open(cls, cfg: LineageConfig, config_path: str, out_dir: str, fork: str | None, lease: Any) -> Lineage:
+        shared = Workspace(Path(out_dir).resolve())
+        shared.root.mkdir(parents=True, exist_ok=True)
+        uri = tracking_uri(cfg.tracking.mlflow_uri, shared.root)
+        return cls(cfg, config_path, shared, Workspace(shared.root / "forks" / fork) if fork else shared,
+                   LineageRegistry(uri, fork or cfg.tracking.registered_model, shared.root / "registry"), lease,
+                   shared.root / "mlartifacts" if is_local_store(uri) else None)
+
+    @property
+    def uri(self) -> str:
+        return self.registry.uri
+
+    @property
+    def model(self) -> str:
+        return self.registry.model
+
+    @property
+    def domains(self) -> list[str]:
+        """R's columns: the source, the stages' domains, the probes."""
+        return [d.name for d in self.cfg.eval_domains]
+
+    def start_run(self, name: str, parent: str | None = None, tags: dict[str, str] | None = None) -> RunRef:
+        return start_run(self.uri, self.cfg.tracking.experiment, self.artifacts, name, parent=parent, tags=tags)
+
+    def model_description(self) -> str:
+        cfg = self.cfg
+        return (f"LaLoRA lineage '{cfg.name}' (config {self.config_path}): one version per stage, each a "
+                "python_function model (greedy completions by the base model with that stage's adapter). "
+                f"Alias '{cfg.tracking.latest_alias}': the newest stage; '{cfg.promotion.alias}': the last version "
+                f"the promotion gate accepted. Load: mlflow.pyfunc.load_model('models:/{self.model}@"
+                f"{cfg.promotion.alias}').")
+
+
+@dataclass(frozen=True)
+class Base:
+    path: str
+    """from_pretrained-loadable directory or hub id, on this machine"""
+    uri: str
+    """what versions record: a ``runs:/`` URI of the logged base, or a hub id"""
+    recipe: str = ""
+
+
+@dataclass
+class Start:
+    """Where the stages to run start: the anchor adapter, the accumulated precision, R's rows so far."""
+
+    anchor: str
+    precision: str | None
+    rows: Rows
+    init: str | None = None
+    """the LoRA initialisation, when this run made it (row 0's adapter)"""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: int
+    version: str
+    promoted: bool
+    reason: str
+    adapter: str
+    precision: str | None
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def _lineage(lx: Lineage) -> dict[str, Any]:
+    cfg = lx.cfg
+    close_orphaned_runs(lx.uri, cfg.tracking.experiment, "lalora.lineage", lx.model)  # left RUNNING by a killed run
+    plan = _where_it_stands(lx)  # 1.
     if not plan.todo:  # 2. nothing new: report what is recorded, record nothing (unless a new probe needs scores)
-        rows = state.fetch_json(uri, plan.done[-1].uri("rows"), Path(_cached(cache, plan.done[-1].uri("rows"), "rows.json")))
-        if all(d in row for row in rows for d in domains):
-            aliases = state.reconcile_aliases(uri, model, cfg.tracking.latest_alias, cfg.promotion.alias)
-            return _finish(cfg, ws, model, domains, rows, versions, uri, None, plan, {}, aliases, [])
-
-    parent = start_run(uri, cfg.tracking.experiment, artifacts, cfg.name,
-                       tags={"lalora.lineage": model, "lalora.config_sha256": config_hash(cfg),
-                             "lalora.resume_from": str(plan.resume_from)})
+        rows = lx.registry.fetch_json(plan.done[-1].uri("rows"), "rows.json")
+        if all(d in row for row in rows for d in lx.domains):
+            aliases = lx.registry.reconcile_aliases(cfg.tracking.latest_alias, cfg.promotion.alias)
+            return _finish(lx, rows, plan, None, [], aliases)
+    parent = lx.start_run(cfg.name, tags={"lalora.lineage": lx.model, "lalora.config_sha256": config_hash(cfg),
+                                          "lalora.resume_from": str(plan.resume_from)})
     parent.tracker().log_params(cfg.model_dump(mode="json", by_alias=True))
-    stage: RunRef | None = None
     try:
-        # 3. the base model: the recorded one, else prepared (the tiny one pretrained) and recorded
         last = plan.done[-1] if plan.done else None
-        recipe_file = shared.base / "lalora_base.json"
-        if cfg.model.path:
-            base_path, base_uri, recipe = cfg.model.path, cfg.model.path, ""
-        elif last and (not recipe_file.is_file()
-                       or json.loads(recipe_file.read_text()).get("recipe_sha256") != last.tags.get("lalora.base_recipe")):
-            base_path = fetch_task(uri, last.uri("base"), _cached(cache, last.uri("base"), "base"))
-            base_uri, recipe = last.uri("base"), last.tags["lalora.base_recipe"]
-        else:
-            base_path = base_task(cfg, str(shared.root), parent).path
-            recipe = json.loads(recipe_file.read_text())["recipe_sha256"]
-            if last and last.uri("base"):
-                base_uri = last.uri("base")
-            else:
-                parent.tracker().log_artifact(base_path, "base")
-                base_uri = f"runs:/{parent.run_id}/base"
-
-        # 4. the anchor, precision and R rows where the lineage stands (or the LoRA initialisation, row 0)
-        init = None
-        if last:
-            anchor = fetch_task(uri, last.uri("adapter"), _cached(cache, last.uri("adapter"), "adapter"))
-            precision_path = (fetch_precision_task(uri, model, last, _cached(cache, last.uri("precision"), "precision"))
-                              if last.uri("precision") else None)
-            rows: Rows = state.fetch_json(uri, last.uri("rows"), Path(_cached(cache, last.uri("rows"), "rows.json")))
-        else:
-            anchor = init = init_adapter_task(base_path, cfg, str(ws.init_adapter))
-            precision_path = None
-            rows = [evaluate_task(base_path, anchor, cfg, cfg.eval_domains, str(ws.init_adapter.parent / "eval.json"),
-                                  str(shared.data))]
-        # 5. domains (or probes) appended since a row was scored: score that row's adapter on them once
-        for i, row in enumerate(rows):
-            missing = [d for d in cfg.eval_domains if d.name not in row]
-            if missing:
-                if i == 0:
-                    adapter_i = init or init_adapter_task(base_path, cfg, str(ws.init_adapter))
-                else:
-                    rec = plan.done[i - 1]
-                    adapter_i = fetch_task(uri, rec.uri("adapter"), _cached(cache, rec.uri("adapter"), "adapter"))
-                row |= evaluate_task(base_path, adapter_i, cfg, missing, str(ws.root / "fill" / f"row{i}.json"),
-                                     str(shared.data))
-
-        promotion: dict[str, dict[str, Any]] = {}
-        stage_times = []
-        for key in plan.todo:
-            t, domain = key.stage, cfg.domains[key.stage - 1]
-            t0 = time.perf_counter()
-            stage_dir = ws.stage(t, domain.name)
-            stage = start_run(uri, cfg.tracking.experiment, artifacts, f"stage {t}: {domain.name}",
-                              parent=parent.run_id, tags={"lalora.stage": str(t), "lalora.domain": domain.name,
-                                                          "lalora.lineage": model,
-                                                          "lalora.stage_config_sha256": key.config_sha256})
-            # 6. precision at the anchor on the previous domain, accumulated (skipped for plain LoRA)
-            precision = None
-            if cfg.lalora.lam > 0:
-                precision = precision_task(base_path, anchor, cfg, t, precision_path, str(shared.data),
-                                           str(stage_dir), stage)
-                precision_path = precision.path
-            # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run)
-            ckpt = stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"
-            tuned = finetune_task.with_options(retries=cfg.orchestration.finetune_retries,
-                                               retry_delay_seconds=cfg.orchestration.retry_delay_seconds)(
-                base_path, anchor, precision_path, cfg, t, str(shared.data), str(stage_dir), str(ckpt), stage)
-            # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
-            scores = evaluate_task(base_path, tuned.adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
-                                   str(shared.data), stage.run_id)
-            rows.append(scores)
-            stage.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.items() for k, v in s.items()
-                                         if isinstance(v, float)})
-            gated = [*domains[: t + 1], *probes]
-            R = [[float(row[d]["score"]) for d in gated] for row in rows]
-            verdict = gate_task(gated, R, [bool(rows[0][d]["higher_is_better"]) for d in gated], cfg)
-            # 9. the lineage state travels with the version: R so far, stage config, artifact URIs
-            write_json_atomic(stage_dir / "lineage" / "rows.json", rows)
-            write_json_atomic(stage_dir / "lineage" / "stage_config.json", ls.stage_config(cfg, t))
-            stage.tracker().log_artifact(stage_dir / "lineage", "lineage")
-            lineage_state = {
-                "lalora.lineage": model, "lalora.stage_config_sha256": key.config_sha256,
-                "lalora.data_sha256": key.data_sha256, "lalora.adapter_uri": f"runs:/{stage.run_id}/adapter",
-                "lalora.precision_uri": f"runs:/{stage.run_id}/curvature" if precision else "",
-                "lalora.rows_uri": f"runs:/{stage.run_id}/lineage/rows.json",
-                "lalora.config_uri": f"runs:/{stage.run_id}/lineage/stage_config.json",
-                "lalora.base_uri": base_uri, "lalora.base_recipe": recipe}
-            reg = register_task(stage, model, cfg, tuned.adapter, t, domain.name,
-                                precision.sha256 if precision else None,
-                                {d: s["score"] for d, s in scores.items()}, lineage_state, verdict)
-            versions.append(reg.version)
-            promotion[reg.version] = {"stage": t, "promoted": reg.promoted, "reason": reg.reason}
-            shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
-            wall = time.perf_counter() - t0
-            work = timing.compute_seconds(stage.run_id)
-            stage.tracker().log_metrics({"stage/wall_seconds": wall, "stage/compute_seconds": work,
-                                         "stage/overhead_seconds": wall - work})
-            stage_times.append({"stage": t, "wall_seconds": wall, "compute_seconds": work,
-                                "overhead_seconds": wall - work})
-            end_run(stage)
-            stage = None
-            anchor = tuned.adapter
-        aliases = state.reconcile_aliases(uri, model, cfg.tracking.latest_alias, cfg.promotion.alias)
-        result = _finish(cfg, ws, model, domains, rows, versions, uri, parent, plan, promotion, aliases, stage_times)
+        base = _base(lx, parent, last)  # 3.
+        start = _starting_point(lx, base, last)  # 4.
+        _fill_new_columns(lx, base, plan, start)  # 5.
+        outcomes = []
+        lx.registry.describe(lx.model_description())
+        for key in plan.todo:  # 6.-10., one stage each
+            outcome = _stage(lx, base, key, start, parent)
+            outcomes.append(outcome)
+            start = Start(outcome.adapter, outcome.precision, start.rows)
+        aliases = lx.registry.reconcile_aliases(cfg.tracking.latest_alias, cfg.promotion.alias)
+        result = _finish(lx, start.rows, plan, parent, outcomes, aliases)  # 11.
         end_run(parent)
         return result
     except BaseException:
-        if stage is not None:
-            end_run(stage, "FAILED")
         end_run(parent, "FAILED")
         raise
 
 
-def _finish(cfg: LineageConfig, ws: Workspace, model: str, domains: list[str], rows: Rows, versions: list[str],
-            uri: str, parent: RunRef | None, plan: ls.Plan, promotion: dict[str, dict[str, Any]],
-            aliases: dict[str, str], stage_times: list[dict[str, float]]) -> dict[str, Any]:
-    """10. the report: R per score, continual-learning metrics, plots; logged on the run when there is one."""
+def _where_it_stands(lx: Lineage) -> ls.Plan:
+    """1. The data fingerprints against the registered versions: finished stages and stages to run."""
+    cfg = lx.cfg
+    keys = ls.stage_keys(cfg, fingerprint_task(cfg, str(lx.shared.data)))
+    source = cfg.tracking.registered_model
+    if lx.model != source and not lx.registry.exists():  # a new fork: copies of the unchanged versions
+        original = LineageRegistry(lx.uri, source, lx.registry.cache)
+        recorded = lx.registry.fork(source, ls.fork_point(keys, original.stages(), source),
+                                    f"LaLoRA adapters, forked from {source}. " + lx.model_description())
+    else:
+        recorded = lx.registry.stages()
+    try:
+        return plan_task(keys, recorded, lx.model)
+    except ls.LineageConflict as conflict:
+        raise _refusal(lx, conflict) from None
+
+
+def _refusal(lx: Lineage, conflict: ls.LineageConflict) -> ls.LineageConflict:
+    """The conflict as one actionable line, naming the changed settings when the record has them."""
+    detail = ""
+    rec = conflict.recorded
+    if rec is not None and rec.uri("config") and "config" in str(conflict):
+        try:
+            old = lx.registry.fetch_json(rec.uri("config"), "stage_config.json")
+            detail = " (" + "; ".join(ls.config_diff(old, ls.stage_config(lx.cfg, conflict.stage))) + ")"
+        except Exception:  # the diff is a courtesy; the refusal stands without it
+            detail = ""
+    return ls.LineageConflict(f"{conflict}{detail}; nothing was run or recorded. Restore the config, or start a new "
+                              f"lineage from stage {conflict.stage} with --fork NAME", conflict.stage, rec)
+
+
+def _base(lx: Lineage, parent: RunRef, last: ls.Recorded | None) -> Base:
+    """3. The base model: as configured (logged once when it is a local directory), or the recorded tiny
+    base, or the tiny base prepared (pretrained) here and logged once."""
+    from pipelines.modeling import is_local_path
+
+    cfg, recorded = lx.cfg, last.uri("base") if last else ""
+    if cfg.model.path:
+        if recorded.startswith("runs:/") or not is_local_path(cfg.model.path):
+            return Base(cfg.model.path, recorded or cfg.model.path)
+        return Base(cfg.model.path, lx.registry.shared_base(parent, cfg.tracking.experiment, cfg.model.path))
+    marker = lx.shared.base / "lalora_base.json"
+    local_recipe = json.loads(marker.read_text()).get("recipe_sha256") if marker.is_file() else None
+    if last and local_recipe != last.record.base_recipe:
+        return Base(fetch_task(lx.registry, recorded, "base"), recorded, last.record.base_recipe)
+    path = base_task(cfg, str(lx.shared.root), parent).path
+    recipe = json.loads(marker.read_text())["recipe_sha256"]
+    return Base(path, recorded or lx.registry.shared_base(parent, cfg.tracking.experiment, path), recipe)
+
+
+def _starting_point(lx: Lineage, base: Base, last: ls.Recorded | None) -> Start:
+    """4. The anchor, precision and R rows where the lineage stands (or the LoRA initialisation, row 0)."""
+    cfg = lx.cfg
+    if last:
+        precision = fetch_precision_task(lx.registry, last) if last.uri("precision") else None
+        return Start(fetch_task(lx.registry, last.uri("adapter"), "adapter"), precision,
+                     lx.registry.fetch_json(last.uri("rows"), "rows.json"))
+    init = init_adapter_task(base.path, cfg, str(lx.ws.init_adapter))
+    row0 = evaluate_task(base.path, init, cfg, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"),
+                         str(lx.shared.data))
+    return Start(init, None, [row0], init)
+
+
+def _fill_new_columns(lx: Lineage, base: Base, plan: ls.Plan, start: Start) -> None:
+    """5. Domains (or probes) appended since a row was scored: that row's adapter scores them once."""
+    cfg = lx.cfg
+    for i, row in enumerate(start.rows):
+        missing = [d for d in cfg.eval_domains if d.name not in row]
+        if not missing:
+            continue
+        if i == 0:
+            adapter = start.init or init_adapter_task(base.path, cfg, str(lx.ws.init_adapter))
+        else:
+            adapter = fetch_task(lx.registry, plan.done[i - 1].uri("adapter"), "adapter")
+        row |= evaluate_task(base.path, adapter, cfg, missing, str(lx.ws.root / "fill" / f"row{i}.json"),
+                             str(lx.shared.data))
+
+
+def _stage(lx: Lineage, base: Base, key: ls.StageKey, start: Start, parent: RunRef) -> StageOutcome:
+    """6.-10. One stage, as one MLflow run under the lineage's."""
+    cfg, t, domain = lx.cfg, key.stage, lx.cfg.domains[key.stage - 1]
+    t0 = time.perf_counter()
+    stage_dir = lx.ws.stage(t, domain.name)
+    run = lx.start_run(f"stage {t}: {domain.name}", parent=parent.run_id,
+                       tags={"lalora.stage": str(t), "lalora.domain": domain.name, "lalora.lineage": lx.model,
+                             "lalora.stage_config_sha256": key.config_sha256})
+    try:
+        # 6. precision at the anchor on the previous domain, accumulated (skipped for plain LoRA)
+        precision = None
+        if cfg.lalora.lam > 0:
+            precision = precision_task(base.path, start.anchor, cfg, t, start.precision, str(lx.shared.data),
+                                       str(stage_dir), run)
+        precision_path = precision.path if precision else start.precision
+        # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run)
+        ckpt = stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"
+        tuned = finetune_task.with_options(retries=cfg.orchestration.finetune_retries,
+                                           retry_delay_seconds=cfg.orchestration.retry_delay_seconds)(
+            base.path, start.anchor, precision_path, cfg, t, str(lx.shared.data), str(stage_dir), str(ckpt), run)
+        # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
+        scores = evaluate_task(base.path, tuned.adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
+                               str(lx.shared.data), run.run_id)
+        start.rows.append(scores)
+        run.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.items() for k, v in s.items()
+                                   if isinstance(v, float)})
+        gated = [*lx.domains[: t + 1], *(d.name for d in cfg.probes)]
+        R = [[float(row[d]["score"]) for d in gated] for row in start.rows]
+        verdict = gate_task(gated, R, [bool(start.rows[0][d]["higher_is_better"]) for d in gated], cfg)
+        # 9. the lineage state travels with the version: R so far, stage config
+        write_json_atomic(stage_dir / "lineage" / "rows.json", start.rows)
+        write_json_atomic(stage_dir / "lineage" / "stage_config.json", ls.stage_config(cfg, t))
+        run.tracker().log_artifact(stage_dir / "lineage", "lineage")
+        # 10. the version: the adapter as a python_function model, its record, the aliases it earns
+        version = _register(lx, base, key, run, tuned.adapter, precision, scores, verdict, stage_dir)
+        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
+        wall = time.perf_counter() - t0
+        work = timing.compute_seconds(run.run_id)
+        times = {"stage": t, "wall_seconds": wall, "compute_seconds": work, "overhead_seconds": wall - work}
+        run.tracker().log_metrics({f"stage/{k}": v for k, v in times.items() if k != "stage"})
+        end_run(run)
+    except BaseException:
+        end_run(run, "FAILED")
+        raise
+    return StageOutcome(t, version, verdict.promoted, verdict.reason, tuned.adapter, precision_path, times)
+
+
+def _register(lx: Lineage, base: Base, key: ls.StageKey, run: RunRef, adapter: str, precision: Any,
+              scores: dict[str, dict[str, Any]], verdict: promote_mod.GateResult, stage_dir: Path) -> str:
+    cfg, t = lx.cfg, key.stage
+    domain = cfg.domains[t - 1]
+    record = VersionRecord(
+        lineage=lx.model, stage=t, domain=domain.name, config_sha256=key.config_sha256, data_sha256=key.data_sha256,
+        adapter_uri=f"runs:/{run.run_id}/model/artifacts/adapter", rows_uri=f"runs:/{run.run_id}/lineage/rows.json",
+        config_uri=f"runs:/{run.run_id}/lineage/stage_config.json", base_uri=base.uri, base_recipe=base.recipe,
+        precision_uri=f"runs:/{run.run_id}/curvature" if precision else "",
+        precision_sha256=precision.sha256 if precision else "", promoted=verdict.promoted,
+        promotion_reason=verdict.reason)
+    model_dir = package_task(adapter, _base_reference(lx, base), cfg, _example_prompt(lx, t),
+                             str(stage_dir / "model"))
+    description = report_mod.version_description(
+        lx.model, t, domain.name, lx.domains, [float(scores[d]["score"]) for d in lx.domains],
+        [str(scores[d]["metric"]) for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias)
+    aliases = [cfg.tracking.latest_alias] + ([cfg.promotion.alias] if verdict.promoted else [])
+    return register_task(lx.registry, run, model_dir, record, description, aliases, lx.lease)
+
+
+def _base_reference(lx: Lineage, base: Base) -> dict[str, Any]:
+    """How a version's model finds its base: the logged artifact's location, or the hub id at its revision."""
+    if base.uri.startswith("runs:/"):
+        return {"kind": "artifact", "uri": base.uri, "location": lx.registry.location(base.uri)}
+    from pipelines.modeling import hub_revision
+
+    return {"kind": "hub", "id": base.uri, "revision": hub_revision(base.uri)}
+
+
+def _example_prompt(lx: Lineage, stage: int) -> str:
+    """A prompt of the stage's domain for the model's input example (the first evaluation row)."""
+    from pipelines.data import load_domain
+
+    domain = lx.cfg.domains[stage - 1]
+    return load_domain(domain, lx.shared.data, lx.cfg.lalora.samples, eval_only=True).eval[0]["prompt"]
+
+
+def _finish(lx: Lineage, rows: Rows, plan: ls.Plan, parent: RunRef | None, outcomes: list[StageOutcome],
+            aliases: dict[str, str]) -> dict[str, Any]:
+    """11. The report: R per score, continual-learning metrics, plots; logged on the run when there is one,
+    and as a Markdown artifact of the Prefect flow run."""
+    cfg, ws, domains = lx.cfg, lx.ws, lx.domains
     rows = [{d: row[d] for d in domains} for row in rows]  # columns of domains the config no longer lists drop out
     report = report_mod.build_report(domains, rows)
-    result = report.as_json(model, versions, {
-        "mlflow_uri": uri, "run_id": parent.run_id if parent else None, "lambda": cfg.lalora.lam,
+    promotion = {o.version: {"stage": o.stage, "promoted": o.promoted, "reason": o.reason} for o in outcomes}
+    result = report.as_json(lx.model, [r.version for r in plan.done] + [o.version for o in outcomes], {
+        "mlflow_uri": lx.uri, "run_id": parent.run_id if parent else None, "lambda": cfg.lalora.lam,
         "curvature": cfg.lalora.curvature.kind, "config_sha256": config_hash(cfg),
         "stages_skipped": [r.stage for r in plan.done], "stages_run": [k.stage for k in plan.todo],
-        "promotion": promotion, "aliases": aliases, "timing": stage_times})
+        "promotion": promotion, "aliases": aliases, "timing": [o.timing for o in outcomes]})
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.root / "metrics.json", result)
     plots = report_mod.write_plots(report, ws.root, f"{cfg.name}: lambda = {cfg.lalora.lam:g}")
@@ -352,4 +470,16 @@ def _finish(cfg: LineageConfig, ws: Workspace, model: str, domains: list[str], r
         tracker.log_artifact(ws.root / "metrics.json")
         for plot in plots:
             tracker.log_artifact(plot)
+    _publish(lx, report, promotion)
     return result
+
+
+def _publish(lx: Lineage, report: report_mod.LineageReport, promotion: dict[str, dict[str, Any]]) -> None:
+    """The outcome in the Prefect UI: a Markdown artifact of this flow run (R, metrics, promotions)."""
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    key = re.sub(r"[^a-z0-9-]+", "-", f"lalora-{lx.model}".lower()).strip("-")
+    create_markdown_artifact(markdown=report_mod.markdown_summary(report, promotion, lx.model, lx.cfg.promotion.alias),
+                             key=key, description=f"LaLoRA lineage {lx.model}: R and promotions")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class LineageLock:
         self.path = Path(path)
         self.me = Holder(os.getpid(), socket.gethostname(), time.time(), " ".join(sys.argv[:4]) or "python")
         self.held = False
+        self.key = str(self.path.resolve())
 
     def _try_create(self) -> bool:
         try:
@@ -132,41 +133,41 @@ class LineageLock:
         self.release()
 
 
-def lock_paths(out_dir: str | os.PathLike[str], registry_uri: str | None, registered_model: str) -> list[Path]:
-    """The output directory's lock, and one keyed by the registry and model name when the registry is shared
-    (an explicit tracking URI): two output directories then still cannot write the same model at once."""
-    paths = [Path(out_dir) / LOCK_NAME]
-    if registry_uri:
-        key = hashlib.sha256(f"{registry_uri}\n{registered_model}".encode()).hexdigest()[:24]
-        root = Path(os.environ.get("LALORA_LOCK_DIR") or Path.home() / ".cache" / "lalora" / "locks")
-        paths.append(root / f"{key}.lock")
-    return paths
+def lock_paths(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """The output directory's lock: two runs never write one output directory at once. (Writers of one
+    registered model from several output directories or hosts are kept apart by the store's lease,
+    flows/lease.py.)"""
+    return [Path(out_dir) / LOCK_NAME]
 
 
-_held: set[Path] = set()
-"""Lock paths this process holds (Prefect may run the flow body in another thread than the CLI's)."""
+_held: dict[str, Any] = {}
+"""The locks this process holds, by key (Prefect may run the flow body in another thread than the CLI's)."""
 
 
 @contextlib.contextmanager
-def hold(paths: list[Path], wait: bool = False) -> Iterator[None]:
-    """Hold every lock in ``paths`` (in order) for the block; released on any exit but SIGKILL.
+def hold(locks: list[Any], wait: bool = False) -> Iterator[list[Any]]:
+    """Hold every lock in ``locks`` (paths of lock files, or objects with ``key``, ``acquire`` and
+    ``release``, in order) for the block; yields the live locks; released on any exit but SIGKILL.
 
-    Reentrant within a process: a path this process already holds (the CLI holds the lineage, then
-    the flow asks again) is not taken twice. Another process waits or refuses. (Scheduled runs
-    each get their own process from Prefect's runner.)
+    Reentrant within a process: a lock this process already holds (the CLI holds the lineage, then
+    the flow asks again) is not taken twice, and the live one is yielded. Another process waits or
+    refuses. (Scheduled runs each get their own process from Prefect's runner.)
     """
-    locks: list[LineageLock] = []
+    taken: list[Any] = []
+    live: list[Any] = []
     try:
-        for p in paths:
-            key = Path(p).resolve()
-            if key in _held:
+        for lock in locks:
+            if isinstance(lock, (str, os.PathLike)):
+                lock = LineageLock(lock)
+            if lock.key in _held:
+                live.append(_held[lock.key])
                 continue
-            lock = LineageLock(p)
             lock.acquire(wait=wait)
-            locks.append(lock)
-            _held.add(key)
-        yield
+            taken.append(lock)
+            _held[lock.key] = lock
+            live.append(lock)
+        yield live
     finally:
-        for lock in reversed(locks):
+        for lock in reversed(taken):
             lock.release()
-            _held.discard(lock.path.resolve())
+            _held.pop(lock.key, None)

@@ -1,4 +1,4 @@
-"""MLflow behind the pipelines' Tracker and Registry protocols.
+"""MLflow behind the pipelines' Tracker protocol: runs, their parameters, metrics and artifacts.
 
 Everything goes through ``MlflowClient`` with explicit run ids (no global active run), so
 tasks can run in any thread and only pass URIs and ids between them.
@@ -132,30 +132,6 @@ class MlflowTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, v)
-
-
-class MlflowRegistry:
-    """pipelines.register.Registry on an MLflow model registry; versions point at a run's artifacts."""
-
-    def __init__(self, uri: str, model_name: str, run_id: str) -> None:
-        self.client = _client(uri)
-        self.model_name = model_name
-        self.run_id = run_id
-
-    def register(self, adapter_dir: str, artifact_path: str, tags: dict[str, str]) -> str:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.get_registered_model(self.model_name)
-        except MlflowException:
-            self.client.create_registered_model(self.model_name, description="LaLoRA adapters, one version per stage")
-        run = self.client.get_run(self.run_id)
-        source = f"{run.info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(self.model_name, source=source, run_id=self.run_id, tags=tags)
-        return str(version.version)
-
-    def set_alias(self, alias: str, version: str) -> None:
-        self.client.set_registered_model_alias(self.model_name, alias, version)
 
 
 def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, parent: str | None = None,

@@ -310,6 +310,10 @@ class OrchestrationConfig(_Model):
     finetune_retries: int = Field(1, ge=0, description="Prefect retries of the fine-tune task; a retry resumes "
                                   "from the stage's latest DeepSpeed checkpoint.")
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
+    lease_ttl_seconds: float = Field(120.0, gt=0, description="Workers on several hosts sharing one tracking "
+                                     "server write a lineage one at a time, under a lease kept in the store; a "
+                                     "holder heartbeats every quarter of this, and a lease whose last heartbeat is "
+                                     "older is taken over (its holder died).")
 
 
 class RuntimeConfig(_Model):

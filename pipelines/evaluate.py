@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pipelines.config import DomainConfig, EvaluationConfig
 from pipelines.data import load_domain
-from pipelines.modeling import load_adapter, load_base
+from pipelines.modeling import load_for_inference
 from pipelines.scoring import score_generate, score_multiple_choice, score_perplexity, target_nll
 from pipelines.workspace import write_json_atomic
 
@@ -84,10 +82,7 @@ def evaluate(base_path: str, adapter_dir: str, domains: list[DomainConfig], cfg:
              max_length: int, default_curvature: int, data_dir: str, out_path: str) -> dict[str, DomainScore]:
     """Scores per domain name, also written as JSON to ``out_path``."""
     t0 = time.perf_counter()
-    base, tokenizer = load_base(base_path, dtype)
-    model = load_adapter(base, adapter_dir).eval()
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model, tokenizer = load_for_inference(base_path, adapter_dir, dtype)
     scores: dict[str, DomainScore] = {}
     for domain in domains:
         rows = load_domain(domain, Path(data_dir), default_curvature, eval_only=True).eval

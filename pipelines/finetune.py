@@ -81,5 +81,4 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
         write_dir_atomic(target, lambda d: model.save_pretrained(d))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
-    tracker.log_artifact(target, "adapter")
     return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)

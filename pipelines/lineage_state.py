@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import DomainConfig, LineageConfig
 from pipelines.errors import BadInput
+from pipelines.record import VersionRecord
 
 # Settings that cannot change what a stage produces (bookkeeping, resources, scoring).
 _IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile"),
@@ -84,18 +85,30 @@ def stage_keys(cfg: LineageConfig, fingerprints: dict[str, str]) -> list[StageKe
 
 @dataclass(frozen=True)
 class Recorded:
-    """A finished stage as its registered version records it."""
+    """A finished stage: its registered version and what the version records."""
 
     version: str
-    stage: int
-    domain: str
-    config_sha256: str
-    data_sha256: str
-    tags: dict[str, str] = field(default_factory=dict)
+    record: VersionRecord
+
+    @property
+    def stage(self) -> int:
+        return self.record.stage
+
+    @property
+    def domain(self) -> str:
+        return self.record.domain
+
+    @property
+    def config_sha256(self) -> str:
+        return self.record.config_sha256
+
+    @property
+    def data_sha256(self) -> str:
+        return self.record.data_sha256
 
     def uri(self, what: str) -> str:
-        """``adapter``, ``precision``, ``rows``, ``config`` or ``base``: the artifact URI tagged on the version."""
-        return self.tags.get(f"lalora.{what}_uri", "")
+        """``adapter``, ``precision``, ``rows``, ``config`` or ``base``: the artifact URI the version records."""
+        return self.record.uri(what)
 
 
 class LineageConflict(BadInput):

@@ -69,8 +69,8 @@ def model_path_problem(path: str) -> str | None:
     return None
 
 
-def load_base(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) via from_pretrained: a hub id or a local directory."""
+def load_base(path: str | Path, dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) via from_pretrained: a hub id (at ``revision``) or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -79,14 +79,25 @@ def load_base(path: str | Path, dtype: str = "float32") -> tuple[Any, Any]:
         raise ModelError(problem)
     hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
         # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True,
+                                                     revision=revision)
     except OSError as e:
         where = "" if is_local_path(str(path)) else " (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads only the local cache)"
         raise ModelError(f"cannot load base model {path}{where}: {str(e).strip().splitlines()[0]}") from None
     model.config.use_cache = True
     return model, tokenizer
+
+
+def hub_revision(model_id: str) -> str | None:
+    """The commit a hub id resolves to (from the local cache or the hub); None when it cannot be known."""
+    from transformers import AutoConfig
+
+    try:
+        return getattr(AutoConfig.from_pretrained(model_id), "_commit_hash", None)
+    except (OSError, ValueError):
+        return None
 
 
 def meta_model(cfg: ModelConfig) -> Any | None:
@@ -136,3 +147,43 @@ def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) ->
     if not (Path(adapter_dir) / "adapter_model.safetensors").is_file():
         raise ModelError(f"adapter {adapter_dir} has no adapter_model.safetensors; pickled adapters are not loaded")
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def load_for_inference(base_path: str | Path, adapter_dir: str | Path, dtype: str = "float32",
+                       revision: str | None = None) -> tuple[Any, Any]:
+    """(peft model in eval mode, on the GPU when there is one; tokenizer): what scoring and serving run."""
+    base, tokenizer = load_base(base_path, dtype, revision)
+    model = load_adapter(base, adapter_dir).eval()
+    if torch.cuda.is_available():
+        model.to("cuda")
+    return model, tokenizer
+
+
+def export_adapter(adapter_dir: str | Path, base: str, out: Path, revision: str | None = None,
+                   base_name: str | None = None) -> None:
+    """A peft adapter folder (adapter_config.json, adapter_model.safetensors) with the base's tokenizer, as
+    peft, vLLM's LoRA serving and TGI load it; its config names ``base_name`` (default ``base``) as the base."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = base_name or base
+    if revision:
+        config["revision"] = revision
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    shutil.copy2(Path(adapter_dir) / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    AutoTokenizer.from_pretrained(base, revision=revision).save_pretrained(out)
+
+
+def export_merged(base: str, adapter_dir: str | Path, out: Path, dtype: str = "float32",
+                  revision: str | None = None) -> None:
+    """A standalone transformers model: the adapter merged into the base weights (``merge_and_unload``),
+    safetensors, tokenizer and generation config; ``AutoModelForCausalLM.from_pretrained(out)`` loads it
+    without peft."""
+    model, tokenizer = load_base(base, dtype, revision)
+    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

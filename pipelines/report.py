@@ -97,6 +97,35 @@ def format_summary(report: LineageReport) -> str:
             f"forgetting: {forg}\nlearning:   {learn}")
 
 
+def version_description(model: str, stage: int, domain: str, domains: list[str], row: list[float],
+                        scores: list[str], promoted: bool, reason: str, champion: str) -> str:
+    """What a person reads on a registered version: the stage, R after it, the gate's verdict, how to load it."""
+    r = ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, row))
+    verdict = f"promoted (alias {champion} moved here)" if promoted else f"not promoted: {reason}"
+    return (f"Stage {stage} of lineage {model}: adapted to {domain}.\n\n"
+            f"R after the stage ({', '.join(dict.fromkeys(scores))}): {r}.\n\n"
+            f"Promotion gate: {verdict}.\n\n"
+            "A python_function model: greedy completions of prompts by the base model with this stage's adapter "
+            "(the base is referenced, not copied). Serve it with `mlflow models serve -m models:/NAME/VERSION`; "
+            "export it with `lalora export models:/NAME/VERSION --out DIR [--merge]`.")
+
+
+def markdown_summary(report: LineageReport, promotion: dict[str, dict[str, Any]], model: str, champion: str) -> str:
+    """The outcome of a lineage run as Markdown (the Prefect UI shows it): R, the metrics, the promotions."""
+    head = "| after stage | " + " | ".join(report.domains) + " |"
+    lines = [f"# Lineage {model}", "", head, "|" + "---|" * (len(report.domains) + 1)]
+    for i, row in enumerate(report.R):
+        label = "before any stage" if i == 0 else f"{i}: {report.domains[i]}"
+        lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    lines += ["", "```", format_summary(report), "```", "", "## Promotion", ""]
+    for version, p in promotion.items():
+        verdict = f"promoted to `{champion}`" if p["promoted"] else f"not promoted: {p['reason']}"
+        lines.append(f"- version {version} (stage {p['stage']}): {verdict}")
+    if not promotion:
+        lines.append("- no new version in this run")
+    return "\n".join(lines) + "\n"
+
+
 # --- plots -----------------------------------------------------------------------------------
 def _pyplot() -> Any:
     import matplotlib

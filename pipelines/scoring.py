@@ -78,13 +78,23 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batc
     return texts
 
 
+def complete(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
+             stop: Sequence[str] = (), chat: str | Sequence[str] = "never", desc: str = "generate") -> list[str]:
+    """Greedy completions of text prompts: BOS + each prompt (or its chat-template turn), its context cut
+    to what leaves room for ``max_new_tokens``; what scoring, the registered model and export all run."""
+    limit = context_limit(model, max_new_tokens)
+    chats = [chat] * len(prompts) if isinstance(chat, str) else list(chat)
+    ids = [prompt_ids(tokenizer, p, c)[-limit if limit else 0 :] for p, c in zip(prompts, chats)]
+    return generate_texts(model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop,
+                          desc=desc)
+
+
 def score_generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: GenerateScoring, *, batch_size: int,
                    max_new_tokens: int, desc: str = "generate") -> dict[str, float]:
     """``accuracy``: share of rows whose extracted generation equals the extracted reference answer."""
-    limit = context_limit(model, max_new_tokens)
-    prompts = [prompt_ids(tokenizer, r["prompt"], r.get("chat", "never"))[-limit if limit else 0 :] for r in rows]
-    texts = generate_texts(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                           stop=cfg.stop, desc=desc)
+    texts = complete(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, stop=cfg.stop, chat=[r.get("chat", "never") for r in rows],
+                     desc=desc)
     correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows))
     return {"accuracy": correct / len(rows)}
 

@@ -104,3 +104,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def tree_sha256(root: Path) -> str:
+    """sha256 over a directory's files: their paths relative to ``root`` and their contents."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()

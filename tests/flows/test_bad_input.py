@@ -12,6 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 from flows.console import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED
+from pipelines.record import VersionRecord
 from tests.conftest import run_lalora
 from tests.flows.test_lineage import ONE_DOMAIN
 
@@ -234,7 +235,7 @@ def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
     uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     (version,) = client.search_model_versions("name = 'tiny-adapter'")
-    precision_uri = version.tags["lalora.precision_uri"]
+    precision_uri = VersionRecord.from_tags(version.tags).precision_uri
     run_id = precision_uri.removeprefix("runs:/").split("/")[0]
     stored = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "curvature" / "precision.safetensors"
     data = bytearray(stored.read_bytes())

@@ -66,7 +66,10 @@ def test_mlflow_runs_hold_params_metrics_and_artifacts(finished):
         assert "train/penalty" in run.data.metrics and "eval/src/accuracy" in run.data.metrics
         assert "curvature/n_samples" in run.data.metrics
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"adapter", "curvature"} <= arts
+        assert arts == {"model", "curvature", "lineage"}  # the adapter once, inside the version's model
+        adapter = {a.path for a in client.list_artifacts(run.info.run_id, "model/artifacts/adapter")}
+        assert adapter == {"model/artifacts/adapter/adapter_config.json",
+                           "model/artifacts/adapter/adapter_model.safetensors"}
         files = {a.path for a in client.list_artifacts(run.info.run_id, "curvature")}
         assert {"curvature/precision.safetensors", "curvature/precision.json"} <= files
     stage1 = next(r for r in children if r.data.tags["lalora.domain"] == "one")
@@ -81,7 +84,7 @@ def test_registry_has_one_version_per_stage(finished):
     assert [v.tags["lalora.domain"] for v in versions] == ["one", "two"]
     assert [v.tags["lalora.stage"] for v in versions] == ["1", "2"]
     assert str(client.get_model_version_by_alias("tiny-adapter", "newest").version) == "2"
-    assert versions[0].source.endswith("/adapter")
+    assert all(v.source.endswith(f"{v.run_id}/artifacts/model") for v in versions)  # a python_function model
 
 
 def test_adapter_and_precision_checkpoints_on_disk(finished):
@@ -146,3 +149,19 @@ def test_curvature_over_the_memory_budget_is_refused_in_one_line(tmp_path, capsy
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lalora: error: kfac curvature needs") and "lalora.memory_budget_gb=1e-09" in last
+
+
+def test_the_prefect_flow_run_publishes_the_outcome_as_a_markdown_artifact(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(ONE_DOMAIN)
+    result = lineage_flow(str(cfg), str(tmp_path / "out"), ["tracking.registered_model=Artifact_Check"])
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lalora-artifact-check"])))
+    assert artifact.type == "markdown" and artifact.flow_run_id is not None
+    text = artifact.data
+    assert text.startswith("# Lineage Artifact_Check") and "| after stage | src | one |" in text
+    assert f"| 1: one | {' | '.join(f'{v:.3f}' for v in result['R'][1])} |" in text
+    assert "ACC " in text and "- version 1 (stage 1): promoted to `champion`" in text

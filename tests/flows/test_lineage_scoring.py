@@ -66,4 +66,4 @@ def test_mlflow_has_per_domain_metrics_score_history_and_plots(finished):
                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
     assert {"eval/arc/acc", "eval/arc/acc_norm", "eval/wiki/perplexity", "eval/one/accuracy"} <= set(child.data.metrics)
     version = client.search_model_versions("name = 'mixed-adapter'")[0]
-    assert float(version.tags["score.wiki"]) == pytest.approx(result["R"][1][3], abs=1e-4)
+    assert f"wiki {result['R'][1][3]:.3f}" in version.description  # R after the stage, in each domain's own score

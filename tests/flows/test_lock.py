@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import EXIT_LOCKED, main
-from flows.lock import LOCK_NAME, LineageLock, LockHeld, lock_paths
+from flows.lock import LOCK_NAME, LineageLock, LockHeld
 
 ROOT = Path(__file__).parents[2]
 
@@ -97,13 +97,18 @@ def test_lock_held_from_another_host_is_never_broken(tmp_path):
         LineageLock(path).acquire()
 
 
-def test_a_shared_registry_adds_a_lock_keyed_by_the_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("LALORA_LOCK_DIR", str(tmp_path / "locks"))
-    assert lock_paths(tmp_path / "a", None, "m") == [tmp_path / "a" / LOCK_NAME]
-    a = lock_paths(tmp_path / "a", "http://127.0.0.1:5000", "m")
-    b = lock_paths(tmp_path / "b", "http://127.0.0.1:5000", "m")
-    assert a[1] == b[1] and a[1].parent == tmp_path / "locks"  # two output dirs, one registered model: one lock
-    assert lock_paths(tmp_path / "a", "http://127.0.0.1:5000", "other")[1] != a[1]
+def test_a_lineage_holds_its_output_directory_and_the_stores_lease_on_its_model(tmp_path):
+    from flows.lineage import lineage_locks
+    from pipelines.config import LineageConfig
+
+    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "tracking": {"mlflow_uri": "http://127.0.0.1:5000",
+                                                                                 "registered_model": "m"}})
+    a, b = lineage_locks(cfg, tmp_path / "a"), lineage_locks(cfg, tmp_path / "b")
+    assert a[0] == tmp_path / "a" / LOCK_NAME and b[0] == tmp_path / "b" / LOCK_NAME
+    assert a[1].key == b[1].key  # two output directories, one registered model: one lease
+    assert lineage_locks(cfg, tmp_path / "a", fork="f")[1].key != a[1].key  # a fork writes its own model
+    local = lineage_locks(LineageConfig.model_validate({"domains": [{"name": "a"}]}), tmp_path / "a")[1]
+    assert local.uri == f"sqlite:///{(tmp_path / 'a' / 'mlflow.db').resolve()}"
 
 
 def test_hold_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_path):

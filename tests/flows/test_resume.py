@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from flows.lineage import lineage_flow
+from pipelines.record import VersionRecord
 
 BASE = """\
 # Run: lalora run tiny.yaml
@@ -61,12 +62,16 @@ def test_first_run_records_the_lineage_state_on_each_version(lineage):
     v1, v2 = _versions(client, "tiny-adapter")
     for v, stage in ((v1, 1), (v2, 2)):
         t = v.tags
+        assert set(t) == {"lalora.lineage", "lalora.stage", "lalora.domain", "lalora.promotion", "lalora.state"}
         assert t["lalora.stage"] == str(stage) and t["lalora.lineage"] == "tiny-adapter"
-        assert len(t["lalora.stage_config_sha256"]) == 64 and len(t["lalora.data_sha256"]) == 64
-        for what in ("adapter", "precision", "rows", "config", "base"):
-            assert t[f"lalora.{what}_uri"].startswith("runs:/"), what
         assert t["lalora.promotion"] == "promoted"
-    assert v1.tags["lalora.stage_config_sha256"] != v2.tags["lalora.stage_config_sha256"]
+        record = VersionRecord.from_tags(t)
+        assert len(record.config_sha256) == 64 and len(record.data_sha256) == 64
+        for what in ("adapter", "precision", "rows", "config", "base"):
+            assert record.uri(what).startswith("runs:/"), what
+        assert f"Stage {stage} of lineage tiny-adapter" in v.description and "Promotion gate: promoted" in v.description
+    assert VersionRecord.from_tags(v1.tags).config_sha256 != VersionRecord.from_tags(v2.tags).config_sha256
+    assert "models:/tiny-adapter@champion" in client.get_registered_model("tiny-adapter").description
     rows = json.loads((root / "out" / "stages" / "02-two" / "lineage" / "rows.json").read_text())
     assert [list(r) for r in rows] == [["src", "one", "two"]] * 3
     assert _aliases(client, "tiny-adapter") == {"newest": "2", "champion": "2"}
@@ -117,7 +122,7 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     assert forked[0].tags["lalora.forked_from"] == "tiny-adapter/1"
     assert forked[0].source == original[0].source and forked[0].run_id == original[0].run_id
     assert "lalora.forked_from" not in forked[1].tags
-    assert forked[1].tags["lalora.stage_config_sha256"] != original[1].tags["lalora.stage_config_sha256"]
+    assert VersionRecord.from_tags(forked[1].tags).config_sha256 != VersionRecord.from_tags(original[1].tags).config_sha256
     assert (root / "out" / "forks" / "tiny-fork" / "metrics.json").is_file()
     assert json.loads((root / "out" / "metrics.json").read_text())["registered_model"] == "tiny-adapter"
     assert main(argv) == 0  # the fork is a lineage like any other: a rerun resumes it

@@ -7,6 +7,7 @@ from pipelines.config import LineageConfig, PromotionConfig, load_config
 from pipelines.lineage_state import (LineageConflict, Recorded, config_diff, fork_point, plan, stage_config,
                                      stage_keys)
 from pipelines.promote import gate
+from pipelines.record import VersionRecord
 
 
 def cfg(**changes):
@@ -23,8 +24,13 @@ def cfg(**changes):
 FP = {"source": "s0", "a": "a0", "b": "b0", "c": "c0"}
 
 
+def _recorded(version, stage, domain, config_sha256, data_sha256):
+    return Recorded(str(version), VersionRecord("m", stage, domain, config_sha256, data_sha256, adapter_uri="runs:/a",
+                                                rows_uri="runs:/r", config_uri="runs:/c", base_uri="runs:/b"))
+
+
 def record(keys, upto):
-    return [Recorded(str(k.stage), k.stage, k.domain, k.config_sha256, k.data_sha256) for k in keys[:upto]]
+    return [_recorded(k.stage, k.stage, k.domain, k.config_sha256, k.data_sha256) for k in keys[:upto]]
 
 
 def test_a_stage_is_defined_by_what_changes_its_result_only():

@@ -1,0 +1,85 @@
+"""``lalora export``: a registered version as files other tools load, without MLflow.
+
+Without ``merge``: a peft adapter folder and the base's tokenizer (what peft, vLLM's LoRA serving
+and TGI load); its adapter_config.json names the base by its hub id, or, for a base the lineage
+logged (the tiny one, a local directory), by the copy exported beside it in ``DIR/base``. With
+``merge``: a standalone transformers model, the adapter merged into the base weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.registry import LineageRegistry
+from pipelines.errors import BadInput
+from pipelines.record import VersionRecord
+
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
+
+
+@dataclass(frozen=True)
+class Exported:
+    out: Path
+    model: str
+    version: str
+    record: VersionRecord
+    merged: bool
+
+
+def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
+    """(registered model, version, its record) of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    m = _URI.match(model_uri)
+    if not m:
+        raise BadInput(f"{model_uri!r} is not a model URI: give models:/NAME/VERSION or models:/NAME@ALIAS "
+                       "(e.g. models:/lalora-demo@champion)")
+    name = m["name"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise BadInput(f"no registered model {name!r} in {uri} (check the name, or --tracking-uri)") from None
+    try:
+        v = client.get_model_version(name, m["version"]) if m["version"] else \
+            client.get_model_version_by_alias(name, m["alias"])
+    except MlflowException:
+        what = f"version {m['version']}" if m["version"] else f"alias {m['alias']!r}"
+        have = ", ".join(f"{a} -> {n}" for a, n in model.aliases.items()) or "none"
+        raise BadInput(f"{name} has no {what} in {uri} (aliases: {have})") from None
+    record = VersionRecord.from_tags(dict(v.tags))
+    if record is None:
+        raise BadInput(f"version {v.version} of {name} records no LaLoRA stage (it was not registered by lalora)")
+    return name, str(v.version), record
+
+
+def export(uri: str, model_uri: str, out: Path, merge: bool = False) -> Exported:
+    from pipelines.modeling import export_adapter, export_merged, is_local_path
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BadInput(f"--out {out} exists and is not empty; give a new directory (nothing was written)")
+    name, version, record = resolve(uri, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        registry = LineageRegistry(uri, name, Path(tmp))
+        adapter = registry.fetch(record.adapter_uri, "adapter")
+        logged = record.base_uri.startswith("runs:/") or is_local_path(record.base_uri)
+        base = registry.fetch(record.base_uri, "base") if record.base_uri.startswith("runs:/") else record.base_uri
+        out.mkdir(parents=True, exist_ok=True)
+        if merge:
+            export_merged(base, adapter, out)
+        elif logged:
+            import shutil
+
+            shutil.copytree(base, out / "base", dirs_exist_ok=True)
+            export_adapter(adapter, str(out / "base"), out, base_name=str((out / "base").resolve()))
+        else:
+            export_adapter(adapter, base, out)
+    (out / "lalora_export.json").write_text(json.dumps(
+        {"model_uri": model_uri, "registered_model": name, "version": version, "stage": record.stage,
+         "domain": record.domain, "base": record.base_uri, "merged": merge}, indent=2))
+    return Exported(out, name, version, record, merge)

@@ -1,0 +1,133 @@
+"""Every registered version is an MLflow ``python_function`` model: greedy completions of prompts by the
+base model with the version's adapter, exactly as the pipeline's own scoring generates them.
+
+A version's model holds the adapter (``artifacts/adapter``: adapter_config.json and the safetensors
+weights) and refers to the base in its ``model_config``, never copying it: a hub id at a revision,
+or the base artifact the lineage logged once, resolved when the model loads (a local file store
+is read in place, anything else downloaded once to ``$LALORA_CACHE_DIR/bases``). MLflow loads the
+class from ``flows/generator_code.py`` ("models from code"); the environment that loads it needs
+the lalora-pipelines package (``pip_requirements`` name it with its version).
+
+Input: a column of prompts (``prompt``), a list of strings or one string. Params: ``max_new_tokens``
+and ``stop`` (strings that end a completion). Output: one completion per prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from mlflow.pyfunc import PythonModel
+
+CODE = Path(__file__).with_name("generator_code.py")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EXAMPLE_PROMPT = "abc"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LALORA_CACHE_DIR") or Path.home() / ".cache" / "lalora")
+
+
+def resolve_base(ref: dict[str, Any]) -> tuple[str, str | None]:
+    """(from_pretrained path or hub id, revision) of a version's base reference."""
+    if ref["kind"] == "hub":
+        return ref["id"], ref.get("revision")
+    if ref["kind"] != "artifact":
+        raise ValueError(f"unknown base reference {ref!r}")
+    location = ref["location"]
+    if location.startswith("file://") and Path(location.removeprefix("file://")).is_dir():
+        return location.removeprefix("file://"), None
+    from mlflow.artifacts import download_artifacts
+
+    dest = cache_dir() / "bases" / hashlib.sha256(location.encode()).hexdigest()[:24]
+    if not (dest / "config.json").is_file():
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        got = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(got, dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest), None
+
+
+def prompts_of(model_input: Any) -> list[str]:
+    """The prompts of a pyfunc input: a DataFrame (column ``prompt``, else its first), a list, a string."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):
+        column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+        return [str(p) for p in model_input[column].tolist()]
+    if isinstance(model_input, dict):
+        return [str(p) for p in model_input.get("prompt", next(iter(model_input.values())))]
+    return [str(p) for p in list(model_input)]
+
+
+# MLflow suggests type hints on predict when the class is defined (once, whatever the filters say); the
+# signature is given explicitly instead, so the suggestion is recorded and dropped.
+with warnings.catch_warnings(record=True):
+
+    class LaLoRAGenerator(PythonModel):
+        """Greedy completions from the base model and a LaLoRA adapter."""
+
+        def load_context(self, context: Any) -> None:
+            from pipelines.modeling import load_for_inference
+
+            config = context.model_config
+            base, revision = resolve_base(config["base"])
+            self.model, self.tokenizer = load_for_inference(base, context.artifacts["adapter"], config["dtype"], revision)
+            self.batch_size = int(config["batch_size"])
+            self.defaults = {"max_new_tokens": int(config["max_new_tokens"]), "stop": list(config["stop"])}
+
+        def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
+            """One greedy completion per prompt of ``model_input``."""
+            from pipelines.scoring import complete
+
+            p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
+            return complete(self.model, self.tokenizer, prompts_of(model_input), batch_size=self.batch_size,
+                            max_new_tokens=int(p["max_new_tokens"]), stop=[str(s) for s in p["stop"]], desc="serve")
+
+
+def pip_requirements() -> list[str]:
+    """What loading a version needs, explicitly: MLflow's inference would ask for torchvision. torch is
+    left unpinned (GPU users bring their own build)."""
+    from importlib.metadata import version
+
+    return ["torch", f"transformers=={version('transformers')}", f"peft=={version('peft')}",
+            f"safetensors=={version('safetensors')}", f"mlflow=={version('mlflow')}",
+            f"lalora-pipelines=={version('lalora-pipelines')}"]
+
+
+def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: str, max_new_tokens: int,
+         stop: list[str], batch_size: int, example: str = EXAMPLE_PROMPT) -> Path:
+    """Write the version's model to ``dest``: MLmodel, the code, the adapter's two files, the environment;
+    ``example`` is the input example (a prompt of the stage's domain)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens),
+                            ParamSpec("stop", "string", list(stop), shape=(-1,))]))
+    shutil.rmtree(dest, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter = Path(tmp) / "adapter"  # peft's README model card is not part of the model
+        adapter.mkdir()
+        for name in ADAPTER_FILES:
+            shutil.copy2(Path(adapter_dir) / name, adapter / name)
+        with warnings.catch_warnings():  # MLflow suggests type hints on predict; the signature is explicit
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(
+                path=str(dest), python_model=str(CODE), artifacts={"adapter": str(adapter)},
+                model_config={"base": base, "dtype": dtype, "max_new_tokens": max_new_tokens, "stop": list(stop),
+                              "batch_size": batch_size},
+                signature=signature, input_example=([example], {"max_new_tokens": max_new_tokens}),
+                pip_requirements=pip_requirements())
+    return dest
