@@ -43,6 +43,8 @@ def main() -> int:
     from pipelines.modeling import build_tiny_llama, char_tokenizer, load_base, new_adapter
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.runtime.threads:  # the config's thread count, as a lineage of it runs (the demos pin one)
+        torch.set_num_threads(cfg.runtime.threads)
     checkpoints = sorted({int(s) for s in args.steps.split(",")})
     data = Path(tempfile.mkdtemp(prefix="lalora-fit-"))
     source = load_domain(cfg.source, data, args.sequences)
