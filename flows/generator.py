@@ -75,7 +75,7 @@ with warnings.catch_warnings(record=True):
         """Greedy completions from the base model and a LaLoRA adapter."""
 
         def load_context(self, context: Any) -> None:
-            from pipelines.modeling import load_for_inference
+            from pipelines.runtime.models import load_for_inference
 
             config = context.model_config
             base, revision = resolve_base(config["base"])
@@ -85,7 +85,7 @@ with warnings.catch_warnings(record=True):
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
             """One greedy completion per prompt of ``model_input``."""
-            from pipelines.scoring import complete
+            from pipelines.scoring.scorers import complete
 
             p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
             return complete(self.model, self.tokenizer, prompts_of(model_input), batch_size=self.batch_size,

@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from flows.lock import LockHeld, process_alive
-from flows.tracking import _client
+from flows.runs import _client
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from flows.lock import LockHeld
-from flows.tracking import RunRef, _client
+from flows.runs import RunRef, _client
 from pipelines.errors import BadInput
-from pipelines.lineage_state import Recorded
-from pipelines.record import VersionRecord
+from pipelines.lineage.plan import Recorded
+from pipelines.lineage.record import VersionRecord
 
 DUPLICATE_TAG = "lalora.duplicate_of"
 

@@ -12,7 +12,7 @@ from pipelines.safety import REDACTED, PathEscape, contained, redact_params
 from pipelines.workspace import Workspace
 
 ROOT = Path(__file__).parents[1]
-SOURCES = sorted(p for d in ("lalora", "pipelines", "flows", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("lalora", "pipelines", "flows", "studies", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py"))
 
 
 def _calls(text: str, name: str) -> list[str]:
@@ -48,9 +48,9 @@ def test_no_pickle_in_any_load_path():
 
 
 def test_model_loading_insists_on_safetensors(tmp_path):
-    from pipelines.modeling import load_adapter
+    from pipelines.runtime.models import load_adapter
 
-    text = (ROOT / "pipelines" / "modeling.py").read_text()
+    text = (ROOT / "pipelines" / "runtime" / "models.py").read_text()
     assert "use_safetensors=True" in text
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
@@ -69,9 +69,9 @@ def test_servers_bind_to_localhost():
         hosts += re.findall(r"--host(?![\w-])\"?,?\s*\"?([\w.]+)", text)  # --host, not --hostfile
         hosts += re.findall(r"MASTER_ADDR\", \"([\w.]+)\"", text)
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
-    from pipelines.engine import _free_port
+    from pipelines.runtime.distributed import free_port
 
-    port = _free_port()  # the rendezvous port probe binds the loopback interface only
+    port = free_port()  # the rendezvous port probe binds the loopback interface only
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
 
@@ -94,7 +94,7 @@ def test_secret_params_are_redacted():
 def test_the_mlflow_tracker_never_stores_a_secret(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    from flows.tracking import default_tracking_uri, start_run
+    from flows.runs import default_tracking_uri, start_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-value")
     uri = default_tracking_uri(tmp_path)
@@ -129,5 +129,5 @@ def test_workspace_and_config_refuse_escaping_names(tmp_path):
     for field, value in (("domains.0.name", "../up"), ("source.name", "/abs"), ("tracking.registered_model", "../m"),
                          ("tracking.registered_model", "a/b")):
         cfg.write_text("domains: [{name: d1}]\n")
-        with pytest.raises(ConfigError, match=f"{field.replace('.0.', '.0.')}: .*is not a valid"):
+        with pytest.raises(ConfigError, match=f"{re.escape(field)}: .*is not a valid"):
             load_config(cfg, [f"{field}={value}"])

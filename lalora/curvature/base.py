@@ -39,6 +39,16 @@ class MemoryEstimate:
     stored_bytes: int
 
 
+@dataclass(frozen=True)
+class FisherSettings:
+    """What a user sets of a curvature estimated from data: the keyword arguments of its estimator, and the
+    fields the config's ``lalora.curvature`` section has beside ``kind`` (pipelines/config.py builds it from these)."""
+
+    fisher_type: FisherType = field(default="empirical", metadata={
+        "doc": "empirical: observed labels; mc: labels sampled from the model (the 'true' Fisher)."})
+    mc_samples: int = field(default=1, metadata={"doc": "Label draws per sequence for fisher_type mc.", "ge": 1})
+
+
 class CurvatureEstimator(ABC):
     """Estimates F_hat(theta*; D_c), a per-sequence mean, over the LoRA matrices of a model.
 
@@ -50,6 +60,8 @@ class CurvatureEstimator(ABC):
     """
 
     kind: ClassVar[str]
+    settings: ClassVar[type] = FisherSettings
+    """The estimator's user settings, a frozen dataclass: its fields are keyword arguments of ``__init__``."""
 
     def __init__(self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0,
                  adapter_name: str = "default") -> None:

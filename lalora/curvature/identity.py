@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import final
 
 import torch
@@ -14,10 +15,17 @@ from lalora.lora import LoraParam, lora_parameters
 from lalora.precision import DiagPrecision
 
 
+@dataclass(frozen=True)
+class NoSettings:
+    """The identity reads no data: there is nothing to set."""
+
+
 @final
 @register_curvature("identity")
 class IdentityCurvature(CurvatureEstimator):
     """Unit curvature for every LoRA parameter; reads no data."""
+
+    settings = NoSettings
 
     def estimate(self, model: nn.Module, batches: Iterable[Batch],
                  progress: Callable[[int], None] | None = None) -> CurvatureEstimate:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar, final
 
 import torch
 from torch import Tensor
 
-from lalora.curvature.base import CurvatureEstimator, FisherType, MemoryEstimate, register_curvature
+from lalora.curvature.base import CurvatureEstimator, FisherSettings, FisherType, MemoryEstimate, register_curvature
 from lalora.curvature.hooks import ModuleGrads
 from lalora.factors import DenseFactor, Factor, compress
 from lalora.kron import KronPrecision, KronTerm
 from lalora.lora import LoraParam
 
 _TOKENS = "__tokens__"
+
+
+@dataclass(frozen=True)
+class KronSettings(FisherSettings):
+    """The Kronecker structures' settings: the Fisher's, and how the large factors are stored."""
+
+    top_k: int = field(default=32, metadata={"doc": "Eigenpairs kept of each large (d x d) factor, plus its diagonal "
+                                                    "(our default).", "ge": 1})
+    max_terms: int = field(default=4, metadata={"doc": "Kronecker terms kept per matrix across domains before the two "
+                                                       "oldest merge into their nearest Kronecker product.", "ge": 1})
 
 
 class KronCurvatureBase(CurvatureEstimator):
@@ -28,6 +39,7 @@ class KronCurvatureBase(CurvatureEstimator):
     """
 
     precision_cls: ClassVar[type[KronPrecision]] = KronPrecision
+    settings = KronSettings
 
     def __init__(self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0,
                  adapter_name: str = "default", top_k: int = 32, max_terms: int = 4) -> None:

@@ -3,7 +3,6 @@
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines.runtime.distributed import free_port
 from tests.conftest import child_env
+
+__all__ = ["free_port", "mlflow_server", "model_server", "running", "up"]
 
 BIN = str(Path(sys.executable).parent)
 """The environment's bin: `mlflow models serve` execs uvicorn from PATH."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def up(url: str) -> bool:

@@ -12,9 +12,11 @@ import torch
 from mlflow import MlflowClient
 
 from flows.console import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED
-from pipelines.record import VersionRecord
+from pipelines.lineage.record import VersionRecord
 from tests.conftest import run_lalora
-from tests.flows.test_lineage import ONE_DOMAIN
+from tests.configs import ONE_DOMAIN, tiny
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 FAST = ["--set", "model.pretrain.steps=0"]
 
@@ -74,29 +76,30 @@ def _jsonl(path: Path, rows):
     return path.name
 
 
-LOCAL = "{name: one, data: {kind: local, path: %s}, eval_size: 4%s}"
-SWAP = "{name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}"
+def _local(path, **fields):
+    """The tiny lineage with its one domain read from a local file."""
+    return tiny({"name": "one", "data": {"kind": "local", "path": path}, "eval_size": 4, **fields})
 
 
 def _data_case(tmp_path, kind):
     if kind == "missing-file":
-        return ONE_DOMAIN.replace(SWAP, LOCAL % ("nope.jsonl", "")), [], "domains.0.data.path: "
+        return _local("nope.jsonl"), [], "domains.0.data.path: "
     if kind == "empty-file":
         (tmp_path / "empty.jsonl").write_text("")
-        return ONE_DOMAIN.replace(SWAP, LOCAL % ("empty.jsonl", "")), [], "domain one: data file"
+        return _local("empty.jsonl"), [], "domain one: data file"
     if kind == "missing-columns":
         name = _jsonl(tmp_path / "q.jsonl", [{"question": "a", "solution": "b"}] * 20)
-        return (ONE_DOMAIN.replace(SWAP, LOCAL % (name, ", prompt_field: question, answer_field: answer")), [],
+        return (_local(name, prompt_field="question", answer_field="answer"), [],
                 "column(s) answer not in the data (columns: question, solution)")
     if kind == "missing-split":
         repo = tmp_path / "hub"
         repo.mkdir()
         _jsonl(repo / "train.jsonl", [{"prompt": "a=", "answer": "a"}] * 20)
-        text = ONE_DOMAIN.replace(SWAP, "{name: one, data: {kind: hub, id: %s, split: validation}, eval_size: 4}" % repo)
+        text = tiny({"name": "one", "data": {"kind": "hub", "id": str(repo), "split": "validation"}, "eval_size": 4})
         return text, [], "domain one: cannot load dataset"
     if kind == "overlong-error":
         name = _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 40 + "=", "answer": "y" * 10}] * 20)
-        return (ONE_DOMAIN.replace(SWAP, LOCAL % (name, "")), ["training.overlong=error"],
+        return (_local(name), ["training.overlong=error"],
                 "domain one: training example 0 is 53 tokens, over training.max_length=32")
     if kind == "no-matching-targets":
         return ONE_DOMAIN, ["lora.target_modules=[qkv]"], "lora.target_modules ['qkv'] match no module"
@@ -149,8 +152,9 @@ def test_validate_is_quick_on_the_demo_config(tmp_path):
 
 
 def test_overlong_sequences_are_truncated_by_default(tmp_path):
-    from pipelines.data import DataError, encode
-    from pipelines.modeling import char_tokenizer
+    from pipelines.data.sources import DataError
+    from pipelines.data.tokens import encode
+    from pipelines.runtime.models import char_tokenizer
 
     tok = char_tokenizer()
     rows = [{"prompt": "x" * 40 + "=", "answer": "yy"}]
@@ -161,7 +165,7 @@ def test_overlong_sequences_are_truncated_by_default(tmp_path):
 
 def _local_base(path: Path, *, eos: bool = True, nan: bool = False) -> str:
     from pipelines.config import TinyModelConfig
-    from pipelines.modeling import build_tiny_llama, char_tokenizer
+    from pipelines.runtime.models import build_tiny_llama, char_tokenizer
 
     tok = char_tokenizer()
     model = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -180,8 +184,8 @@ def _local_base(path: Path, *, eos: bool = True, nan: bool = False) -> str:
 def test_tokenizer_without_pad_or_eos(tmp_path):
     """No pad token: padding falls back to EOS (always masked), which the default tiny runs already do;
     no EOS either: answers could never end, so the run stops in one line."""
-    from pipelines.data import special_ids
-    from pipelines.modeling import char_tokenizer
+    from pipelines.data.tokens import special_ids
+    from pipelines.runtime.models import char_tokenizer
 
     tok = char_tokenizer()
     tok.pad_token = None
@@ -223,9 +227,6 @@ def test_divergence_registers_nothing_and_moves_no_alias(tmp_path):
         assert client.search_model_versions(f"name = 'diverged-{i}'") == []
 
 
-TWO = "  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}\n"
-
-
 def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
     """Appending a domain from another machine fetches the recorded precision; when its file no longer
     matches its checksum, the run refuses in one line naming the version and its runs:/ URI (not the
@@ -241,7 +242,7 @@ def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))
-    appended = ONE_DOMAIN.replace("\ntraining:", "\n" + TWO + "training:", 1)
+    appended = tiny("one", "two")
     code, output = run_cli(tmp_path, appended, [f"tracking.mlflow_uri={uri}"], out="elsewhere")
     assert code == EXIT_BAD_INPUT, output[-3000:]
     assert_one_line_error(output, f"version 1 of tiny-adapter (stage 1, one): curvature checkpoint {precision_uri}/"
@@ -256,7 +257,7 @@ def test_a_bug_in_the_project_exits_1_with_its_traceback(tmp_path):
     hook = tmp_path / "inject"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import pipelines.finetune as f\n"
+        "import pipelines.stages.finetune as f\n"
         "def broken(*args, **kwargs):\n"
         "    raise ValueError('injected bug')\n"
         "f.finetune = broken\n")

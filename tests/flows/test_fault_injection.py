@@ -20,28 +20,17 @@ import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
-from flows.lineage import lineage_flow
+from flows.lineage_flow import lineage_flow
 from lalora import load_precision
+from tests.configs import tiny
 from tests.conftest import child_env
 
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """\
-# Run: lalora run faults.yaml
-name: faults
-model:
-  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
-  pretrain: {steps: 20, lr: 3.0e-3, batch_size: 16}
-lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
-lalora: {lambda: 5, samples: 16, batch_size: 8}
-source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
-domains:
-  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
-  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}
-  - {name: three, data: {kind: generator, op: next, alphabet: abcdefghij, size: 80}, eval_size: 12}
-training: {steps: 24, batch_size: 8, lr: 5.0e-3, log_every: 4, checkpoint_every: 4}
-evaluation: {batch_size: 12, max_new_tokens: 6}
-tracking: {experiment: faults, registered_model: faults-adapter}
-"""
+CONFIG = tiny("one", "two", "three", name="faults",
+              training={"steps": 24, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
+              tracking={"experiment": "faults", "registered_model": "faults-adapter"})
 KILLS = int(os.environ.get("LALORA_FAULT_KILLS", "10"))
 STAGES = ((1, "one"), (2, "two"), (3, "three"))
 
@@ -74,9 +63,11 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
     cfg.write_text(CONFIG)
     out = tmp_path / "out"
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    rng = random.Random(time.time_ns())
+    seed = int(os.environ.get("LALORA_FAULT_SEED") or time.time_ns() % 2**32)
+    print(f"fault injection seed {seed} (rerun with LALORA_FAULT_SEED={seed})")
+    rng = random.Random(seed)
     chosen = sorted(rng.sample(range(len(milestones(out))), KILLS))
-    points, finished_early = [], 0
+    points, finished_early, landed = [], 0, 0
     for i, m in enumerate(chosen):
         name, reached = milestones(out)[m]
         jitter = rng.uniform(0.0, 0.5)
@@ -86,6 +77,7 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
         deadline = time.time() + 300
         while not reached() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
+        assert reached() or proc.poll() is not None, f"seed {seed}: {name} not reached in 300 s"
         time.sleep(jitter)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -93,16 +85,19 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
             finished_early += 1
         proc.wait(timeout=30)
         log.close()
-        assert proc.returncode in (0, -signal.SIGKILL), (tmp_path / f"run{i}.log").read_text()[-3000:]
-        points.append(f"{name} +{jitter:.2f}s")
-    print(f"killed at: {points}; {finished_early} runs finished before their kill")
+        assert proc.returncode in (0, -signal.SIGKILL), (seed, (tmp_path / f"run{i}.log").read_text()[-3000:])
+        landed += proc.returncode == -signal.SIGKILL
+        points.append(f"{name} +{jitter:.2f}s" + ("" if proc.returncode else " (finished first)"))
+    print(f"seed {seed}: killed at {points}; {landed} kills landed, {finished_early} runs finished before theirs")
+    # a run finishes before its kill only when its milestone is among the lineage's last; most kills must land
+    assert landed >= KILLS - 3, (seed, points)
 
-    resumed = lineage_flow(str(cfg), str(out), [])  # the rerun completes
-    reference = lineage_flow(str(cfg), str(tmp_path / "reference"), [])
+    resumed = lineage_flow(str(cfg), str(out), []).as_json()  # the rerun completes
+    reference = lineage_flow(str(cfg), str(tmp_path / "reference"), []).as_json()
     for key in ("R", "R_nll"):
         assert len(resumed[key]) == len(reference[key]) == 4
         for got, want in zip(resumed[key], reference[key]):
-            assert got == pytest.approx(want, abs=1e-6), (key, points)
+            assert got == pytest.approx(want, abs=1e-6), (seed, key, points)
 
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)

@@ -15,25 +15,16 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from flows.lineage import lineage_flow
+from flows.lineage_flow import lineage_flow
+from tests.configs import tiny
 from tests.conftest import child_env
 
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = """\
-# Run: lalora run tiny.yaml
-name: killed
-model:
-  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
-  pretrain: {steps: 10, lr: 3.0e-3, batch_size: 16}
-lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
-lalora: {lambda: 5, samples: 16, batch_size: 8}
-source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
-domains:
-  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
-training: {steps: 48, batch_size: 8, lr: 5.0e-3, log_every: 4, checkpoint_every: 4}
-evaluation: {batch_size: 12, max_new_tokens: 6}
-tracking: {experiment: killed, registered_model: killed-adapter}
-"""
+CONFIG = tiny("one", name="killed", model={"pretrain": {"steps": 10}},
+              training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
+              tracking={"experiment": "killed", "registered_model": "killed-adapter"})
 
 
 def _latest_step(out: Path) -> int:
@@ -52,7 +43,9 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(CONFIG)
     out = tmp_path / "killed"
-    kill_at = random.Random(time.time_ns()).choice(range(8, 37, 4))
+    seed = int(os.environ.get("LALORA_KILL_SEED") or time.time_ns() % 2**32)
+    kill_at = random.Random(seed).choice(range(8, 37, 4))
+    print(f"kill seed {seed} (rerun with LALORA_KILL_SEED={seed}): SIGKILL at step {kill_at}")
     # A fresh process picks its own rendezvous: the test process's own (in-process DeepSpeed tests
     # ran before) is not inherited, or the child would find the port taken.
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
@@ -71,13 +64,13 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
             proc.kill()
     log.close()
     killed_at = _latest_step(out)
-    assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (kill_at, killed_at)
+    assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (seed, kill_at, killed_at)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     assert client.search_model_versions("name = 'killed-adapter'") == []  # the killed stage recorded no version
 
-    resumed = lineage_flow(str(cfg), str(out), [])
-    reference = lineage_flow(str(cfg), str(tmp_path / "reference"), [])
+    resumed = lineage_flow(str(cfg), str(out), []).as_json()
+    reference = lineage_flow(str(cfg), str(tmp_path / "reference"), []).as_json()
 
     assert resumed["stages_run"] == [1] and resumed["versions"] == ["1"]
     stage_run = client.get_model_version("killed-adapter", "1").run_id

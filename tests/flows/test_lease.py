@@ -12,10 +12,12 @@ from flows.lease import HEARTBEAT, HOLDER, SUFFIX, LeaseLost, StoreLease
 from flows.lock import LockHeld
 from tests.conftest import ROOT, child_env
 
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
 
 @pytest.fixture
 def store(tmp_path):
-    from flows.tracking import ensure_sqlite_store
+    from flows.runs import ensure_sqlite_store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ensure_sqlite_store(uri)
@@ -103,8 +105,8 @@ def test_of_several_processes_starting_together_exactly_one_holds(store):
 
 def test_a_second_version_of_a_stage_is_a_duplicate_and_moves_no_alias(store, tmp_path):
     from flows.registry import LineageRegistry, StageTaken
-    from flows.tracking import start_run
-    from pipelines.record import VersionRecord
+    from flows.runs import start_run
+    from pipelines.lineage.record import VersionRecord
 
     registry = LineageRegistry(store, "m", tmp_path / "cache")
     registry.describe("test lineage")

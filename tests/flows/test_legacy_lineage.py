@@ -6,9 +6,12 @@ import json
 import mlflow
 from mlflow import MlflowClient
 
-from flows.lineage import lineage_flow
-from pipelines.record import VersionRecord
+from flows.lineage_flow import lineage_flow
+from pipelines.lineage.record import VersionRecord
 from tests.flows.legacy import config_text, restore
+import pytest
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 THREE = "  - {name: three, data: {kind: generator, op: next, alphabet: abcdefghij, size: 80}, eval_size: 12}\n"
 
@@ -22,12 +25,12 @@ def test_an_old_lineage_reports_and_takes_a_new_domain(tmp_path):
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(config_text().replace("tracking: {", f"tracking: {{mlflow_uri: '{uri}', "))
-    report = lineage_flow(str(cfg), str(tmp_path / "out"), [])  # resume reads the old record: nothing to run
+    report = lineage_flow(str(cfg), str(tmp_path / "out"), []).as_json()  # resume reads the old record: nothing to run
     assert report["stages_run"] == [] and report["stages_skipped"] == [1, 2] and report["versions"] == ["1", "2"]
     assert len(report["R"]) == 3
 
     cfg.write_text(cfg.read_text().replace("training:", THREE + "training:"))
-    result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), [])  # another machine: all from the store
+    result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), []).as_json()  # another machine: all from the store
     assert result["stages_skipped"] == [1, 2] and result["stages_run"] == [3] and result["versions"] == ["1", "2", "3"]
     assert [r[:3] for r in result["R"][:3]] == report["R"]  # the recorded rows as they were
     assert all(len(row) == 4 for row in result["R"])

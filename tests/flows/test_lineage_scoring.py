@@ -5,27 +5,21 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from flows.lineage import lineage_flow
+from flows.lineage_flow import lineage_flow
+from tests.configs import tiny
 from tests.pipelines.test_presets import ARC, TEXT
 
-CONFIG = """\
-# Run: lalora run mixed.yaml
-name: mixed
-model:
-  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
-  pretrain: {steps: 10, lr: 3.0e-3, batch_size: 16}
-lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
-lalora: {lambda: 5, samples: 8, batch_size: 8}
-source: {name: src, data: {kind: generator, op: copy, size: 60}, eval_size: 8}
-domains:
-  - {name: one, data: {kind: generator, op: reverse, size: 60}, eval_size: 8, scoring: {kind: generate, max_new_tokens: 4}}
-probes:
-  - {name: arc, data: {kind: local, path: arc.jsonl}, preset: arc}
-  - {name: wiki, data: {kind: local, path: wiki.jsonl}, preset: text, scoring: {kind: perplexity, metric: perplexity}}
-training: {steps: 4, batch_size: 8, log_every: 2, group_by_length: true}
-evaluation: {batch_size: 8, max_new_tokens: 6}
-tracking: {experiment: mixed, registered_model: mixed-adapter}
-"""
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
+CONFIG = tiny({"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 60}, "eval_size": 8,
+               "scoring": {"kind": "generate", "max_new_tokens": 4}},
+              name="mixed", model={"pretrain": {"steps": 10}}, lalora={"samples": 8},
+              source={"data": {"size": 60}, "eval_size": 8},
+              probes=[{"name": "arc", "data": {"kind": "local", "path": "arc.jsonl"}, "preset": "arc"},
+                      {"name": "wiki", "data": {"kind": "local", "path": "wiki.jsonl"}, "preset": "text",
+                       "scoring": {"kind": "perplexity", "metric": "perplexity"}}],
+              training={"steps": 4, "group_by_length": True}, evaluation={"batch_size": 8},
+              tracking={"experiment": "mixed", "registered_model": "mixed-adapter"})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +28,7 @@ def finished(tmp_path_factory):
     (root / "mixed.yaml").write_text(CONFIG)
     (root / "arc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ARC))
     (root / "wiki.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TEXT))
-    return root, lineage_flow(str(root / "mixed.yaml"), str(root / "out"), [])
+    return root, lineage_flow(str(root / "mixed.yaml"), str(root / "out"), []).as_json()
 
 
 def test_metrics_json_holds_r_per_score_and_probe_forgetting(finished):

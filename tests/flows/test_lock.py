@@ -14,6 +14,8 @@ import pytest
 from flows.cli import EXIT_LOCKED, main
 from flows.lock import LOCK_NAME, LineageLock, LockHeld
 
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
 ROOT = Path(__file__).parents[2]
 
 HOLDER = """
@@ -47,7 +49,7 @@ def test_second_acquirer_is_refused_naming_the_holder(tmp_path):
 
 
 def test_cli_run_refuses_in_one_line_and_touches_nothing(tmp_path, capsys):
-    from tests.flows.test_lineage import ONE_DOMAIN
+    from tests.configs import ONE_DOMAIN
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(ONE_DOMAIN)
@@ -98,7 +100,7 @@ def test_lock_held_from_another_host_is_never_broken(tmp_path):
 
 
 def test_a_lineage_holds_its_output_directory_and_the_stores_lease_on_its_model(tmp_path):
-    from flows.lineage import lineage_locks
+    from flows.lineage_flow import lineage_locks
     from pipelines.config import LineageConfig
 
     cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "tracking": {"mlflow_uri": "http://127.0.0.1:5000",

@@ -11,11 +11,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from flows.lineage import lineage_flow
-from pipelines.record import VersionRecord
+from flows.lineage_flow import lineage_flow
+from pipelines.lineage.record import VersionRecord
 from tests.conftest import run_lalora
 from tests.flows.servers import model_server
-from tests.flows.test_lineage import TINY
+from tests.configs import TINY
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 PROMPTS = ["reverse 123=", "increment 45=", "reverse 9081="]
 
@@ -24,14 +26,14 @@ PROMPTS = ["reverse 123=", "increment 45=", "reverse 9081="]
 def lineage(tmp_path_factory):
     root = tmp_path_factory.mktemp("delivery")
     (root / "tiny.yaml").write_text(TINY)
-    result = lineage_flow(str(root / "tiny.yaml"), str(root / "out"), [])
+    result = lineage_flow(str(root / "tiny.yaml"), str(root / "out"), []).as_json()
     return root, result
 
 
 def _pipeline_completions(root: Path, stage_dir: str, max_new_tokens: int = 6) -> list[str]:
     """What the pipeline's own scoring generates with the stage's adapter (batch as the model's default)."""
-    from pipelines.modeling import load_for_inference
-    from pipelines.scoring import complete
+    from pipelines.runtime.models import load_for_inference
+    from pipelines.scoring.scorers import complete
 
     model, tok = load_for_inference(root / "out" / "base", root / "out" / "stages" / stage_dir / "adapter")
     return complete(model, tok, PROMPTS, batch_size=12, max_new_tokens=max_new_tokens)
@@ -89,7 +91,7 @@ def _logits(model, ids):
 def test_export_merged_is_a_standalone_model_equal_to_base_plus_adapter(lineage, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pipelines.modeling import load_for_inference
+    from pipelines.runtime.models import load_for_inference
 
     root, result = lineage
     out = tmp_path / "merged"
@@ -108,7 +110,7 @@ def test_export_merged_is_a_standalone_model_equal_to_base_plus_adapter(lineage,
 def test_export_without_merge_is_a_peft_adapter_folder(lineage, tmp_path):
     from peft import AutoPeftModelForCausalLM
 
-    from pipelines.modeling import load_for_inference
+    from pipelines.runtime.models import load_for_inference
 
     root, result = lineage
     out = tmp_path / "adapter"

@@ -8,27 +8,15 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import main
-from flows.lineage import lineage_flow
-from pipelines.record import VersionRecord
+from flows.lineage_flow import lineage_flow
+from pipelines.lineage.record import VersionRecord
+from tests.configs import tiny
+from tests.flows.stores import clone
 
-BASE = """\
-# Run: lalora run tiny.yaml
-name: tiny
-model:
-  tiny: {hidden_size: 32, num_layers: 1, num_heads: 2, intermediate_size: 64, max_positions: 32}
-  pretrain: {steps: 20, lr: 3.0e-3, batch_size: 16}
-lora: {r: 2, alpha: 4, target_modules: [q_proj, v_proj]}
-lalora: {lambda: 5, samples: 16, batch_size: 8}
-source: {name: src, data: {kind: generator, op: copy, size: 80}, eval_size: 12}
-domains:
-  - {name: one, data: {kind: generator, op: reverse, size: 80}, eval_size: 12}
-  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}
-training: {steps: 6, batch_size: 8, log_every: 2, checkpoint_every: 2}
-evaluation: {batch_size: 12, max_new_tokens: 6}
-tracking: {experiment: tiny, registered_model: tiny-adapter}
-promotion: {min_bwt: -1.0, max_forgetting: 1.0, min_learning: -1.0}
-"""
-THREE = "  - {name: three, data: {kind: generator, op: next, alphabet: abcdefghij, size: 80}, eval_size: 12}\n"
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
+PROMOTE_ALL = {"min_bwt": -1.0, "max_forgetting": 1.0, "min_learning": -1.0}
+BASE = tiny("one", "two", training={"checkpoint_every": 2}, promotion=PROMOTE_ALL)
 
 
 def _client(uri):
@@ -48,11 +36,20 @@ def _runs(client):
 
 
 @pytest.fixture(scope="module")
-def lineage(tmp_path_factory):
+def recorded(tmp_path_factory):
+    """The two-stage lineage, run once for the module."""
     root = tmp_path_factory.mktemp("resume")
     (root / "tiny.yaml").write_text(BASE)
-    result = lineage_flow(str(root / "tiny.yaml"), str(root / "out"), [])
-    return root, result
+    return root / "out", lineage_flow(str(root / "tiny.yaml"), str(root / "out"), []).as_json()
+
+
+@pytest.fixture
+def lineage(recorded, tmp_path):
+    """Each test's own copy of the recorded lineage (store, artifacts, files), so no test sees another's changes."""
+    out, result = recorded
+    uri = clone(out, tmp_path / "out")
+    (tmp_path / "tiny.yaml").write_text(BASE)
+    return tmp_path, {**result, "mlflow_uri": uri}
 
 
 def test_first_run_records_the_lineage_state_on_each_version(lineage):
@@ -129,7 +126,7 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
 
 
-PROBE = "probes:\n  - {name: probe, data: {kind: generator, op: next, alphabet: abcdefghij, size: 40}, eval_size: 8}\n"
+PROBE = {"name": "probe", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 40}, "eval_size": 8}
 
 
 def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_without_a_new_version(lineage):
@@ -138,8 +135,8 @@ def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_witho
     root, first = lineage
     client = _client(first["mlflow_uri"])
     cfg = root / "probe.yaml"
-    cfg.write_text(BASE.replace("training:", PROBE + "training:"))
-    result = lineage_flow(str(cfg), str(root / "out"), [])
+    cfg.write_text(tiny("one", "two", training={"checkpoint_every": 2}, promotion=PROMOTE_ALL, probes=[PROBE]))
+    result = lineage_flow(str(cfg), str(root / "out"), []).as_json()
     assert result["stages_run"] == [] and result["stages_skipped"] == [1, 2]
     assert result["domains"] == ["src", "one", "two", "probe"] and result["probes"] == ["probe"]
     assert [r[:3] for r in result["R"]] == first["R"] and all(len(r) == 4 for r in result["R"])
@@ -153,11 +150,10 @@ def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_g
     root, first = lineage
     client = _client(first["mlflow_uri"])
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(BASE.replace("training:", THREE + "training:").replace(
-        "tracking: {", f"tracking: {{mlflow_uri: '{first['mlflow_uri']}', ").replace(
-        "promotion: {min_bwt: -1.0, max_forgetting: 1.0, min_learning: -1.0}",
-        "promotion: {min_learning: 2.0, max_forgetting: 0.0}"))
-    result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), [])
+    cfg.write_text(tiny("one", "two", "three", training={"checkpoint_every": 2},
+                        tracking={"mlflow_uri": first["mlflow_uri"]},
+                        promotion={"min_learning": 2.0, "max_forgetting": 0.0}))
+    result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), []).as_json()
     assert result["stages_skipped"] == [1, 2] and result["stages_run"] == [3]
     assert not (tmp_path / "elsewhere" / "stages" / "01-one").exists()  # nothing of stage 1 recomputed
     assert result["domains"] == ["src", "one", "two", "three"] and len(result["R"]) == 4

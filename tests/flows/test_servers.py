@@ -4,38 +4,25 @@ Prefect deployment with a cron schedule (applied to the session's temporary Pref
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from flows.cli import build_deployment, main
 from tests.conftest import child_env
+from tests.flows.servers import free_port, up
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "demo.yaml"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def test_ui_serves_mlflow_and_prefect_on_localhost_until_interrupted(tmp_path):
-    mlflow_port, prefect_port = _port(), _port()
+    mlflow_port, prefect_port = free_port(), free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
@@ -45,17 +32,17 @@ def test_ui_serves_mlflow_and_prefect_on_localhost_until_interrupted(tmp_path):
     urls = [f"http://127.0.0.1:{mlflow_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"]
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not all(_up(u) for u in urls) and proc.poll() is None:
+        while time.time() < deadline and not all(up(u) for u in urls) and proc.poll() is None:
             time.sleep(1)
         assert proc.poll() is None, proc.stdout.read()
-        assert all(_up(u) for u in urls)
+        assert all(up(u) for u in urls)
         assert (tmp_path / "out" / "mlflow.db").is_file()  # the UI reads the run directory's store
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-2000:]
     assert f"http://127.0.0.1:{mlflow_port}" in out and f"PREFECT_API_URL=http://127.0.0.1:{prefect_port}/api" in out
-    assert not any(_up(u) for u in urls)  # both children stopped with it
+    assert not any(up(u) for u in urls)  # both children stopped with it
 
 
 def test_serve_refuses_without_a_prefect_server_or_with_a_bad_cron(monkeypatch, capsys):
@@ -77,7 +64,7 @@ def test_serve_deployment_has_the_schedule_and_parameters(tmp_path):
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
     assert d.parameters == {"config_path": str(CONFIG), "out_dir": str(tmp_path / "out"),
                             "overrides": ["training.steps=5"]}
-    assert d.entrypoint.endswith("flows/lineage.py:lineage_flow")
+    assert d.entrypoint.endswith("flows/lineage_flow.py:lineage_flow")
 
 
 def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
@@ -89,7 +76,7 @@ def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    from tests.flows.test_lineage import TINY
+    from tests.configs import TINY
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)

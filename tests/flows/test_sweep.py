@@ -6,7 +6,9 @@ import pytest
 from mlflow import MlflowClient
 
 from flows.cli import main
-from tests.flows.test_lineage import TINY
+from tests.configs import TINY, tiny
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +85,19 @@ def test_stages_keeps_only_what_each_kept_domain_set(tmp_path):
     """--stages re-states the kept domains; a preset with eval_data must survive the round trip
     (dumping every default made the preset look overridden and the point's config invalid)."""
     from pipelines.config import load_config
-    from pipelines.sweep import SweepPoint, point_overrides
+    from pipelines.lineage.sweep import CURVATURE, LAMBDA, SweepPoint, point_config
 
     rows = "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
                      for i in range(40))
     (tmp_path / "train.jsonl").write_text(rows)
     (tmp_path / "eval.jsonl").write_text(rows)
     cfg_path = tmp_path / "math.yaml"
-    cfg_path.write_text(TINY.split("domains:")[0] + """domains:
-  - name: math
-    data: {kind: local, path: train.jsonl}
-    preset: gsm8k
-    eval_data: {data: {kind: local, path: eval.jsonl}, preset: gsm8k}
-  - name: more-math
-    data: {kind: local, path: train.jsonl}
-    preset: gsm8k
-""" + "training:" + TINY.split("training:")[1])
+    math = {"data": {"kind": "local", "path": "train.jsonl"}, "preset": "gsm8k"}
+    cfg_path.write_text(tiny({"name": "math", **math, "eval_data": {"data": {"kind": "local", "path": "eval.jsonl"},
+                                                                  "preset": "gsm8k"}},
+                             {"name": "more-math", **math}))
     cfg = load_config(cfg_path)
-    point = load_config(cfg_path, point_overrides(SweepPoint("diag", 10.0, 0), cfg, "sqlite:///x.db", 1))
+    point = point_config(cfg, SweepPoint(((CURVATURE, "diag"), (LAMBDA, 10.0)), 0), "sqlite:///x.db", 1)
     assert [d.name for d in point.domains] == ["math"]
     assert point.domains[0].eval_data == cfg.domains[0].eval_data
     assert point.domains[0].data == cfg.domains[0].data

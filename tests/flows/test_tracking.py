@@ -6,7 +6,10 @@ import sys
 
 from mlflow import MlflowClient
 
-from flows.tracking import close_orphaned_runs, start_run
+from flows.runs import close_orphaned_runs, start_run
+import pytest
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 
 def test_only_runs_of_dead_processes_on_this_host_are_closed(tmp_path):

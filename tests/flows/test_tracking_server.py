@@ -14,12 +14,13 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.record import VersionRecord
+from pipelines.lineage.record import VersionRecord
 from tests.conftest import child_env, lalora_script, run_lalora
 from tests.flows.servers import mlflow_server
-from tests.flows.test_lineage import ONE_DOMAIN
+from tests.configs import ONE_DOMAIN, TINY
 
-TWO = "  - {name: two, data: {kind: generator, op: increment, size: 80}, eval_size: 12}\n"
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
+
 FAST = ["--set", "model.pretrain.steps=0"]
 
 
@@ -52,7 +53,7 @@ def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_p
     assert code == 0, output[-3000:]
     assert output.strip().splitlines()[-1] == f"MLflow UI:  {server}   (the tracking server's own UI)"
     assert not (tmp_path / "a" / "mlflow.db").exists()  # everything went to the server
-    appended = ONE_DOMAIN.replace("\ntraining:", "\n" + TWO + "training:", 1)
+    appended = TINY  # one, then two
     code, output = run_lalora(["run", _config(tmp_path, appended, "appended.yaml"), "--out", str(tmp_path / "b"),
                                *FAST], tmp_path, **_worker_env(tmp_path, "b", server))
     assert code == 0, output[-3000:]
@@ -103,7 +104,7 @@ def test_two_workers_started_together_register_the_new_stage_once(tmp_path, serv
     code, output = run_lalora(["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "first"), *FAST],
                               tmp_path, **_worker_env(tmp_path, "first", server))
     assert code == 0, output[-3000:]
-    config = _config(tmp_path, ONE_DOMAIN.replace("\ntraining:", "\n" + TWO + "training:", 1), "appended.yaml")
+    config = _config(tmp_path, TINY, "appended.yaml")  # one, then the new domain two
     workers = [_start(tmp_path, name, config, server, "--wait") for name in ("w1", "w2")]
     outputs = []
     for proc, log in workers:

@@ -123,3 +123,21 @@ def test_llama_math_config_is_the_paper_lineage_and_validates_offline(capsys):
     assert cfg.source.score.kind == "perplexity"
     assert main(["validate", str(path)]) == 0
     assert "probes: hellaswag, arc-challenge, winogrande" in capsys.readouterr().out
+
+
+def test_the_curvature_section_is_built_from_the_estimators_registry():
+    """Each kind declares its settings next to its estimator; the config has exactly those kinds and fields."""
+    import dataclasses
+
+    from lalora import CURVATURES, build_estimator
+    from pipelines.config import CURVATURE_CONFIGS
+
+    assert set(CURVATURE_CONFIGS) == set(CURVATURES)
+    for kind, cls in CURVATURES.items():
+        section = CURVATURE_CONFIGS[kind]()
+        settings = {f.name: f.default for f in dataclasses.fields(cls.settings)}
+        assert section.model_dump() == {"kind": kind, **settings}
+        estimator = build_estimator(kind, **section.model_dump(exclude={"kind"}))
+        assert type(estimator) is cls
+    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
+    assert cfg.lalora.curvature.top_k == 4 and cfg.lalora.curvature.max_terms == 4

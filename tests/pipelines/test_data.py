@@ -3,9 +3,10 @@ import json
 import pytest
 
 from pipelines.config import DomainConfig, EvalDataConfig, GeneratorSource, HubSource, LocalSource
-from pipelines.data import DataError, collate, encode, length_grouped, load_domain, train_batches
-from pipelines.generators import symbol_ops
-from pipelines.modeling import char_tokenizer
+from pipelines.data.sources import DataError, load_domain
+from pipelines.data.tokens import collate, encode, length_grouped, train_batches
+from pipelines.data.generators import symbol_ops
+from pipelines.runtime.models import char_tokenizer
 from tests.pipelines.fixtures import hub_dir
 
 

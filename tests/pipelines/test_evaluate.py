@@ -5,10 +5,10 @@ import json
 import pytest
 
 from pipelines.config import DomainConfig, EvaluationConfig, GeneratorSource, LocalSource, LoraSettings, TinyModelConfig
-from pipelines.data import load_domain
-from pipelines.evaluate import evaluate
-from pipelines.modeling import build_tiny_llama, char_tokenizer, load_adapter, load_base, new_adapter
-from pipelines.scoring import score_generate, score_multiple_choice, score_perplexity, target_nll
+from pipelines.data.sources import load_domain
+from pipelines.stages.evaluate import evaluate
+from pipelines.runtime.models import build_tiny_llama, char_tokenizer, load_adapter, load_base, new_adapter
+from pipelines.scoring.scorers import score_generate, score_multiple_choice, score_perplexity, target_nll
 from tests.pipelines.test_presets import ARC, TEXT
 
 

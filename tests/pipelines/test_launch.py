@@ -6,12 +6,13 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from lalora import load_precision
-from pipelines.config import DeepSpeedConfig, DomainConfig, GeneratorSource, LaLoRAConfig, LoraSettings, TinyModelConfig, TrainingConfig
-from pipelines.finetune import finetune, init_adapter
-from pipelines.launch import launch
-from pipelines.modeling import build_tiny_llama, char_tokenizer
-from pipelines.precision import compute_precision
-from pipelines.tracking import NullTracker
+from pipelines.config import LineageConfig, LoraSettings, TinyModelConfig
+from pipelines.runtime.launch import StepPaths, run_step
+from pipelines.runtime.models import build_tiny_llama, char_tokenizer
+from pipelines.stages.finetune import init_adapter
+from pipelines.tracker import NullTracker
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 
 class Recorder(NullTracker):
@@ -35,33 +36,32 @@ def setup(tmp_path_factory):
     return root, anchor
 
 
-SOURCE = DomainConfig(name="src", data=GeneratorSource(op="copy", size=80), eval_size=8)
-TARGET = DomainConfig(name="one", data=GeneratorSource(op="reverse", size=80), eval_size=8)
-LALORA = LaLoRAConfig(samples=24, batch_size=8, **{"lambda": 5.0})
-TRAINING = TrainingConfig(steps=8, batch_size=8, lr=5e-3, log_every=4)
+CONFIG = {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+          "lalora": {"lambda": 5.0, "samples": 24, "batch_size": 8},
+          "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 80}, "eval_size": 8},
+          "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 80}, "eval_size": 8}],
+          "training": {"steps": 8, "batch_size": 8, "lr": 5e-3, "log_every": 4, "max_length": 32}}
 
 
-def _precision(root, anchor, ds, out, tracker):
-    kwargs = dict(base_path=str(root / "base"), anchor_adapter=anchor, cfg=LALORA, curvature_domain=SOURCE,
-                  previous=None, stage=1, dtype="float32", max_length=32, seed=0, data_dir=str(root / "data"),
-                  out_dir=str(root / out))
-    if ds.world_size == 1:
-        return compute_precision(**kwargs, tracker=tracker)
-    return launch("precision", kwargs, ds, root / out, tracker)
+def _cfg(world_size: int) -> LineageConfig:
+    return LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": world_size}})
 
 
-def _finetune(root, anchor, precision, ds, out, tracker):
-    kwargs = dict(base_path=str(root / "base"), anchor_adapter=anchor, precision_dir=precision, lalora=LALORA,
-                  domain=TARGET, training=TRAINING, ds=ds, dtype="float32", stage=1, data_dir=str(root / "data"),
-                  out_dir=str(root / out))
-    if ds.world_size == 1:
-        return finetune(**kwargs, tracker=tracker)
-    return launch("finetune", kwargs, ds, root / out, tracker)
+def _paths(root, anchor, out, precision=None):
+    return StepPaths(str(root / "base"), anchor, precision, str(root / "data"), str(root / out))
+
+
+def _precision(root, anchor, world_size, out, tracker):
+    return run_step("precision", _cfg(world_size), 1, _paths(root, anchor, out), tracker)
+
+
+def _finetune(root, anchor, precision, world_size, out, tracker):
+    return run_step("finetune", _cfg(world_size), 1, _paths(root, anchor, out, precision), tracker)
 
 
 def test_world_size_two_equals_one_process(setup):
     root, anchor = setup
-    one, two = DeepSpeedConfig(), DeepSpeedConfig(world_size=2)
+    one, two = 1, 2
     p1 = _precision(root, anchor, one, "ws1", NullTracker())
     rec = Recorder()
     p2 = _precision(root, anchor, two, "ws2", rec)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from pipelines.config import DomainConfig, HubSource, LocalSource
-from pipelines.data import DataError, load_domain
+from pipelines.data.sources import DataError, load_domain
 from tests.pipelines.fixtures import hub_dir
 
 GSM8K = [{"question": "Ann has 3 pens and buys 4 more. How many pens?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},

@@ -3,9 +3,9 @@
 import pytest
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig, load_config
-from pipelines.data import load_domain
-from pipelines.pretrain import prepare_base, pretraining_rows
-from pipelines.tracking import NullTracker
+from pipelines.data.sources import load_domain
+from pipelines.stages.pretrain import prepare_base, pretraining_rows
+from pipelines.tracker import NullTracker
 
 
 def _data(name, op, alphabet, size=120, seed=0, eval_size=20):

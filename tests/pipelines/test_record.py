@@ -2,7 +2,7 @@
 
 import json
 
-from pipelines.record import STATE_TAG, VersionRecord
+from pipelines.lineage.record import STATE_TAG, VersionRecord
 
 RECORD = VersionRecord("m", 2, "two", "c" * 64, "d" * 64, adapter_uri="runs:/r2/model/artifacts/adapter",
                        rows_uri="runs:/r2/lineage/rows.json", config_uri="runs:/r2/lineage/stage_config.json",

@@ -4,12 +4,15 @@ import subprocess
 import sys
 
 from tests.conftest import child_env
+import pytest
+
+pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 TRAIN = """
 import hashlib, sys, torch
 from pipelines.config import TinyModelConfig
-from pipelines.modeling import build_tiny_llama, char_tokenizer
-from pipelines.runtime import torch_threads
+from pipelines.runtime.models import build_tiny_llama, char_tokenizer
+from pipelines.runtime.threads import torch_threads
 
 with torch_threads(int(sys.argv[1]) if sys.argv[1] != "none" else None):
     tok = char_tokenizer()

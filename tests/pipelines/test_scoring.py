@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.data import prompt_ids
-from pipelines.domain_format import GenerateScoring
-from pipelines.extract import extract, is_correct, reference
-from pipelines.modeling import char_tokenizer
-from pipelines.scoring import (choice_pairs, generate_texts, pair_loglikelihoods, score_generate,
+from pipelines.data.tokens import prompt_ids
+from pipelines.data.formats import GenerateScoring
+from pipelines.scoring.extract import extract, is_correct, reference
+from pipelines.runtime.models import char_tokenizer
+from pipelines.scoring.scorers import (choice_pairs, generate_texts, pair_loglikelihoods, score_generate,
                                score_multiple_choice, score_perplexity)
 
 

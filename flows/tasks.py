@@ -1,0 +1,130 @@
+"""The lineage flow's Prefect tasks: each wraps exactly one pipelines (or registry) function and passes
+paths, URIs and small typed results, never models or tensors.
+
+A task that does a stage's work returns it ``Timed``: the seconds of the pipelines call less the
+MLflow calls made from inside it, so a stage's overhead (Prefect, MLflow runs, logging, the
+registry) is its wall time less the sum of its tasks' work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows import generator
+from flows.registry import LineageRegistry
+from flows.runs import RunRef
+from pipelines.config import DomainConfig, LineageConfig
+from pipelines.errors import BadInput, DivergenceError
+from pipelines.lineage import plan
+from pipelines.lineage.record import VersionRecord
+from pipelines.runtime.launch import StepPaths, run_step
+from pipelines.scoring.scores import Row
+from pipelines.stages import evaluate, finetune, gate, pretrain
+from pipelines.stages.curvature import PrecisionResult
+from pipelines.tracker import NullTracker, Tracker
+
+_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    value: T
+    compute_seconds: float
+
+
+def _timed(run: RunRef | None, call: Callable[[Tracker], T]) -> Timed[T]:
+    tracker: Any = run.tracker() if run is not None else NullTracker()
+    t0 = time.perf_counter()
+    value = call(tracker)
+    return Timed(value, time.perf_counter() - t0 - getattr(tracker, "seconds", 0.0))
+
+
+@task(name="fingerprint-data", **_TASK)
+def fingerprint_task(cfg: LineageConfig, data_dir: str) -> dict[str, str]:
+    return plan.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples, cfg.model.pretrain.extra_data)
+
+
+@task(name="plan", **_TASK)
+def plan_task(keys: list[plan.StageKey], recorded: list[plan.Recorded], model: str) -> plan.Plan:
+    return plan.plan(keys, recorded, model)
+
+
+@task(name="fetch", **_TASK)
+def fetch_task(registry: LineageRegistry, artifact_uri: str, name: str) -> str:
+    return registry.fetch(artifact_uri, name)
+
+
+@task(name="fetch-precision", **_TASK)
+def fetch_precision_task(registry: LineageRegistry, recorded: plan.Recorded) -> str:
+    return registry.fetch_precision(recorded)
+
+
+@task(name="base-model", **_TASK)
+def base_task(cfg: LineageConfig, out_dir: str, run: RunRef) -> Timed[pretrain.BaseResult]:
+    return _timed(run, lambda tracker: pretrain.prepare_base(
+        cfg.model, cfg.source, cfg.deepspeed, max_length=cfg.training.max_length, seed=cfg.seed, out_dir=out_dir,
+        tracker=tracker))
+
+
+@task(name="init-adapter", **_TASK)
+def init_adapter_task(base_path: str, cfg: LineageConfig, out_dir: str) -> str:
+    return finetune.init_adapter(base_path, cfg.lora, dtype=cfg.model.dtype, out_dir=out_dir)
+
+
+@task(name="precision", **_TASK)
+def precision_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[PrecisionResult]:
+    return _timed(run, lambda tracker: run_step("precision", cfg, stage, paths, tracker))
+
+
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry what may pass a second time (a lost node, OOM, a killed launcher), not bad input or divergence."""
+    try:
+        state.result()
+    except (DivergenceError, BadInput):
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(name="finetune", retry_condition_fn=_transient, **_TASK)
+def finetune_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[finetune.FinetuneResult]:
+    """Safe to retry: a retry continues from the stage's latest DeepSpeed checkpoint."""
+    return _timed(run, lambda tracker: run_step("finetune", cfg, stage, paths, tracker))
+
+
+@task(name="evaluate", **_TASK)
+def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, domains: list[DomainConfig], out_path: str,
+                  data_dir: str) -> Timed[Row]:
+    return _timed(None, lambda _: evaluate.evaluate(
+        base_path, adapter, domains, cfg.evaluation, dtype=cfg.model.dtype, max_length=cfg.training.max_length,
+        default_curvature=cfg.lalora.samples, data_dir=data_dir, out_path=out_path))
+
+
+@task(name="gate", **_TASK)
+def gate_task(domains: list[str], R: list[list[float]], higher_is_better: list[bool], cfg: LineageConfig
+              ) -> gate.GateResult:
+    return gate.gate(domains, R, cfg.promotion, higher_is_better)
+
+
+@task(name="package", **_TASK)
+def package_task(adapter: str, base: dict[str, Any], cfg: LineageConfig, example: str, dest: str) -> str:
+    """The version's python_function model: the adapter, the base referenced."""
+    return str(generator.save(Path(dest), adapter, base, dtype=cfg.model.dtype,
+                              max_new_tokens=cfg.evaluation.max_new_tokens, stop=[],
+                              batch_size=cfg.evaluation.batch_size, example=example))
+
+
+@task(name="register", **_TASK)
+def register_task(registry: LineageRegistry, run: RunRef, model_dir: str, record: VersionRecord, description: str,
+                  aliases: list[str], lease: Any) -> str:
+    lease.check()  # still this lineage's writer: a run whose lease expired registers nothing
+    return registry.register(run, Path(model_dir), record, description, aliases)

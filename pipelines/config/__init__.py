@@ -1,0 +1,17 @@
+"""The lineage configuration: pydantic v2 models (``schema``, ``domains``), loaded from YAML in exactly one
+place (``load``). Every name a stage or flow needs is here."""
+
+from pipelines.config.base import ConfigError
+from pipelines.config.domains import (DataSource, DomainConfig, EvalDataConfig, GeneratorSource, HubSource,
+                                      LocalSource, SymbolOp)
+from pipelines.config.load import format_errors, load_config, parse_override, set_path
+from pipelines.config.schema import (CURVATURE_CONFIGS, AccumulationConfig, CurvatureConfig, DeepSpeedConfig,
+                                     EvaluationConfig, LaLoRAConfig, LineageConfig, LoraSettings, ModelConfig,
+                                     OrchestrationConfig, PretrainConfig, PriorConfig, PromotionConfig,
+                                     RuntimeConfig, TinyModelConfig, TrackingConfig, TrainingConfig)
+
+__all__ = ["CURVATURE_CONFIGS", "AccumulationConfig", "ConfigError", "CurvatureConfig", "DataSource", "DeepSpeedConfig",
+           "DomainConfig", "EvalDataConfig", "EvaluationConfig", "GeneratorSource", "HubSource", "LaLoRAConfig",
+           "LineageConfig", "LocalSource", "LoraSettings", "ModelConfig", "OrchestrationConfig", "PretrainConfig",
+           "PriorConfig", "PromotionConfig", "RuntimeConfig", "SymbolOp", "TinyModelConfig", "TrackingConfig",
+           "TrainingConfig", "format_errors", "load_config", "parse_override", "set_path"]

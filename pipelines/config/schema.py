@@ -1,0 +1,271 @@
+"""The lineage configuration's models (pydantic v2). Every field has a description and a default that works;
+unknown keys are errors. Each stage function receives only the sub-config it needs. Defaults where the
+paper gives no value (prior precision, sample count, rank, learning rate) are our choices, marked so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from typing import Annotated, Any, Literal, Union
+
+import pydantic
+from pydantic import Field, field_validator, model_validator
+
+from lalora.curvature import CURVATURES
+from pipelines.config.base import NAME, Model
+from pipelines.config.domains import DomainConfig
+
+
+# --- model ----------------------------------------------------------------------------
+class TinyModelConfig(Model):
+    hidden_size: int = Field(64, gt=0, description="Width of the tiny Llama built when model.path is empty.")
+    num_layers: int = Field(2, gt=0, description="Decoder layers of the tiny Llama.")
+    num_heads: int = Field(4, gt=0, description="Attention heads (must divide hidden_size).")
+    intermediate_size: int = Field(256, gt=0, description="MLP width of the tiny Llama.")
+    max_positions: int = Field(64, gt=0, description="Maximum sequence length the tiny Llama supports.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class PretrainConfig(Model):
+    steps: int = Field(600, ge=0, description="Full-parameter training steps on the source domain for the tiny base.")
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate for pretraining.")
+    batch_size: int = Field(64, gt=0, description="Sequences per pretraining step.")
+    extra_data: list[DomainConfig] = Field(default_factory=list, description="More data mixed into pretraining "
+                                           "beside the source's training split (all of its rows, up to train_size; "
+                                           "never scored). The demo gives the base a glimpse of each domain's task, "
+                                           "as a pretrained LLM has seen a little of everything. Give generators a "
+                                           "split_seed other than the domains' so the rows differ from theirs.")
+
+
+class ModelConfig(Model):
+    path: str | None = Field(None, description="Hugging Face hub id or local directory of a causal LM and its "
+                             "tokenizer (from_pretrained). Empty: build a tiny Llama and pretrain it on the source domain.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama (model.path empty).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the tiny Llama.")
+
+
+# --- LoRA and LaLoRA --------------------------------------------------------------------
+class LoraSettings(Model):
+    r: int = Field(8, gt=0, description="LoRA rank (our default; the paper's rank is not given).")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in Biderman et al.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during fine-tuning (never during curvature).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Module names that get LoRA matrices (peft target_modules).")
+    init_seed: int = Field(0, description="Seed of the LoRA initialisation (the first stage's anchor).")
+
+
+def _curvature_config(kind: str, settings: type) -> type[Model]:
+    """The config section of curvature ``kind``: ``kind`` and the fields of its estimator's settings (their
+    types, defaults, descriptions and bounds), as the estimator declares them next to itself in lalora.curvature."""
+    hints = typing.get_type_hints(settings)
+    fields = {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("doc", ""),
+                                            **{k: f.metadata[k] for k in ("ge", "gt", "le") if k in f.metadata}))
+              for f in dataclasses.fields(settings)}
+    name = "".join(part.title() for part in kind.split("-")) + "CurvatureConfig"
+    return pydantic.create_model(name, __base__=Model, __doc__=f"lalora.curvature with kind {kind!r}.",
+                                 kind=(Literal[kind], kind), **fields)  # type: ignore[call-overload]
+
+
+CURVATURE_CONFIGS: dict[str, type[Model]] = {kind: _curvature_config(kind, cls.settings)
+                                              for kind, cls in CURVATURES.items()}
+"""One config model per registered curvature kind (lalora.curvature.CURVATURES), built from its settings."""
+CurvatureConfig = Annotated[Union[tuple(CURVATURE_CONFIGS.values())],  # noqa: UP007  (a runtime tuple of models)
+                            Field(discriminator="kind")]
+
+
+class PriorConfig(Model):
+    tau_A: float = Field(1.0, ge=0, description="Prior precision of A matrices. At the first anchor (B = 0) A has zero "
+                         "curvature, so this alone holds A; our default, not the paper's.")
+    tau_B: float = Field(1e-4, ge=0, description="Prior precision of B matrices (our default).")
+
+
+class AccumulationConfig(Model):
+    mode: Literal["sum", "online", "replace"] = Field("sum", description="sum: recursive Laplace; online: gamma-decayed "
+                                                      "(online EWC); replace: newest domain only.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier domains' curvature for mode online.")
+
+
+class LaLoRAConfig(Model):
+    lam: float = Field(10.0, alias="lambda", ge=0, description="Penalty strength lambda; 0 is plain LoRA.")
+    curvature: CurvatureConfig = Field(default_factory=CURVATURE_CONFIGS["diag"],  # type: ignore[valid-type]
+                                       description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
+                                       "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
+                                       "identity (plain L2).")
+    samples: int = Field(256, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy sets suffice).")
+    batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
+    prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
+    accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' curvature combines.")
+    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed this "
+                                    "many GiB (estimated and printed before the pass).")
+
+
+# --- training, engine, evaluation, tracking ----------------------------------------------
+class TrainingConfig(Model):
+    steps: int = Field(300, gt=0, description="Optimizer steps per stage.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the LoRA matrices (our default).")
+    batch_size: int = Field(64, gt=0, description="Sequences per step.")
+    max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated "
+                            "or refused (overlong).")
+    overlong: Literal["truncate", "error"] = Field("truncate", description="A training sequence longer than "
+                                                   "max_length: truncate it, or stop the run naming the example.")
+    seed: int = Field(0, description="Seed of data order and dropout.")
+    log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
+    checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
+                                  "optimizer; an interrupted stage restarts from the latest one (0: only at the end).")
+    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
+                                  "batch order stays shuffled).")
+
+
+class DeepSpeedConfig(Model):
+    zero_stage: Literal[0, 1, 2] = Field(0, description="ZeRO stage. Stage 3 partitions the LoRA matrices, which the "
+                                         "Laplace penalty needs whole, so it is not offered.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
+    gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
+    world_size: int = Field(1, ge=1, description="Processes per node for fine-tuning and curvature; above 1 (or with "
+                            "a hostfile) both steps run through the deepspeed launcher, data parallel.")
+    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
+                                 "relative to the config file or absolute.")
+
+    @field_validator("zero_stage", mode="before")
+    @classmethod
+    def _no_stage3(cls, v: Any) -> Any:
+        if v == 3:
+            raise ValueError("zero_stage 3 partitions the LoRA parameters, which the Laplace penalty needs whole; use 0, 1 or 2")
+        return v
+
+
+class EvaluationConfig(Model):
+    batch_size: int = Field(200, gt=0, description="Prompts per generation batch.")
+    max_new_tokens: int = Field(12, gt=0, description="Greedy generation length limit.")
+
+
+class TrackingConfig(Model):
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; empty: sqlite:///<out>/mlflow.db.")
+    experiment: str = Field("lalora", min_length=1, description="MLflow experiment name.")
+    registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one version per stage.")
+    latest_alias: str = Field("newest", min_length=1, description="Alias moved to every new version. MLflow reserves "
+                              "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.")
+
+    @field_validator("registered_model")
+    @classmethod
+    def _safe_model_name(cls, v: str) -> str:
+        if not NAME.match(v):  # it also names directories (forks), so it may not hold '/' or '..'
+            raise ValueError(f"{v!r} is not a valid registered model name (letters, digits, '.', '_', '-'; up to 64)")
+        return v
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if v and urlsplit(v).password is not None:
+            raise ValueError("holds a password; secrets come only from the environment: drop it from the URI and "
+                             "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+        return v
+
+    @field_validator("latest_alias")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"alias {v!r} is reserved by MLflow; choose another (default 'newest')")
+        return v
+
+
+class PromotionConfig(Model):
+    alias: str = Field("champion", min_length=1, description="Alias that moves to a new version only when every "
+                       "condition below holds; a version that fails stays registered, tagged with the reason.")
+    min_bwt: float | None = Field(None, description="Backward transfer after the stage must be >= this (e.g. -0.05); "
+                                  "empty: not checked.")
+    max_forgetting: float | None = Field(None, ge=0, description="No earlier domain (source and probes included) "
+                                         "may have forgotten more than this, in its own score's units (accuracy: "
+                                         "0..1; a perplexity-scored domain: its NLL); empty: not checked.")
+    min_learning: float | None = Field(None, description="The stage's own domain must gain at least this "
+                                       "(R[t][t] - R[t-1][t], sign flipped for a lower-is-better score); empty: "
+                                       "not checked.")
+
+
+class OrchestrationConfig(Model):
+    finetune_retries: int = Field(1, ge=0, description="Prefect retries of the fine-tune task; a retry resumes "
+                                  "from the stage's latest DeepSpeed checkpoint.")
+    retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
+    lease_ttl_seconds: float = Field(120.0, gt=0, description="Workers on several hosts sharing one tracking "
+                                     "server write a lineage one at a time, under a lease kept in the store; a "
+                                     "holder heartbeats every quarter of this, and a lease whose last heartbeat is "
+                                     "older is taken over (its holder died).")
+
+
+class RuntimeConfig(Model):
+    threads: int | None = Field(None, ge=1, description="torch threads for every step (pretraining, curvature, "
+                                "fine-tuning, scoring); empty: torch's default (the machine's cores, or "
+                                "OMP_NUM_THREADS). On a CPU the thread count changes the order of floating-point "
+                                "sums, so pin it for results that do not depend on the machine. Not part of a "
+                                "stage's identity (like deepspeed.world_size).")
+
+
+class LineageConfig(Model):
+    name: str = Field("lineage", description="Lineage name (MLflow run name, tags).")
+    seed: int = Field(0, description="Global seed (model init, pretraining).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter shape.")
+    lalora: LaLoRAConfig = Field(default_factory=LaLoRAConfig, description="The Laplace penalty.")
+    source: DomainConfig = Field(default_factory=lambda: DomainConfig(name="source"), description="What the base "
+                                 "model knows: curvature data of the first stage and a forgetting probe; pretraining "
+                                 "data of the tiny base.")
+    domains: list[DomainConfig] = Field(min_length=1, description="New domains, one stage each, in order.")
+    probes: list[DomainConfig] = Field(default_factory=list, description="Evaluation-only domains (benchmarks of what "
+                                       "the base model knows, e.g. HellaSwag): scored after every stage as extra "
+                                       "columns of R, never trained on or used for curvature.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning per stage.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scoring after every stage.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking and registry.")
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="Gate on the champion alias.")
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Prefect retries.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Compute resources of this process.")
+    catalogue: str | None = Field(None, description="YAML file listing further domains (a list, or a mapping with "
+                                  "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
+                                  "picks up new ones. Relative to the config file or absolute.")
+
+    @model_validator(mode="after")
+    def _world_divides_batch(self) -> LineageConfig:
+        if self.training.batch_size % self.deepspeed.world_size:
+            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
+                             f"deepspeed.world_size ({self.deepspeed.world_size})")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_domains(self) -> LineageConfig:
+        names = [d.name for d in self.eval_domains]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
+        extra = [d.name for d in self.model.pretrain.extra_data]  # each name is a data file under data/
+        dup = sorted({n for n in extra if extra.count(n) > 1 or n in names})
+        if dup:
+            raise ValueError(f"model.pretrain.extra_data names must differ from each other and from the domains' "
+                             f"(they name data files); rename: {', '.join(dup)}")
+        return self
+
+    def as_json(self) -> dict[str, Any]:
+        """The config as JSON, only what was set: validating it again gives the same config (a full dump
+        would not: a preset's mapping fields would read as set). What a launched rank or a sweep point gets."""
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+    @property
+    def all_domains(self) -> list[DomainConfig]:
+        """Source first, then the stages' domains: the columns of R."""
+        return [self.source, *self.domains]
+
+    @property
+    def eval_domains(self) -> list[DomainConfig]:
+        """Every scored domain: ``all_domains`` then the probes."""
+        return [*self.all_domains, *self.probes]

@@ -1,0 +1,1 @@
+"""Domain data: sources, splits, formats, presets, generators, tokenization and batches."""

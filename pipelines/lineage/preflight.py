@@ -1,0 +1,77 @@
+"""What can be known to be wrong before anything trains: the model path, the LoRA targets, local files.
+
+No weights are read: the base model's modules are built on the meta device from its config.
+Each problem is one line naming the config field and the fix; ``lalora validate`` prints them
+all, ``lalora run`` refuses on the first run of a lineage that has any.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.config import DomainConfig, HubSource, LineageConfig, LocalSource
+from pipelines.errors import BadInput
+
+
+class PreflightError(BadInput):
+    """Problems found before training; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _domains(cfg: LineageConfig) -> list[tuple[str, DomainConfig]]:
+    """Every configured data set with its field path."""
+    return ([("source", cfg.source)] + [(f"domains.{i}", d) for i, d in enumerate(cfg.domains)]
+            + [(f"probes.{i}", d) for i, d in enumerate(cfg.probes)]
+            + [(f"model.pretrain.extra_data.{i}", d) for i, d in enumerate(cfg.model.pretrain.extra_data)])
+
+
+def data_problems(cfg: LineageConfig) -> list[str]:
+    """Local data files (and local dataset directories given as hub ids) that do not exist."""
+    from pipelines.runtime.models import is_local_path
+
+    problems = []
+    for where, d in _domains(cfg):
+        sources = [("data", d.data)] + ([("eval_data.data", d.eval_data.data)] if d.eval_data else [])
+        for field, src in sources:
+            if isinstance(src, LocalSource) and not Path(src.path).is_file():
+                problems.append(f"{where}.{field}.path: {src.path} not found (a local path is relative to the "
+                                "config file)")
+            elif isinstance(src, HubSource) and is_local_path(src.id) and not Path(src.id).expanduser().exists():
+                problems.append(f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
+                                "(give an existing dataset directory or a hub id such as openai/gsm8k)")
+    if cfg.deepspeed.hostfile and not Path(cfg.deepspeed.hostfile).is_file():
+        problems.append(f"deepspeed.hostfile: {cfg.deepspeed.hostfile} not found")
+    return problems
+
+
+def model_problems(cfg: LineageConfig) -> list[str]:
+    """A local model path without a model, or LoRA targets that match no module of the base."""
+    from pipelines.runtime.models import ModelError, meta_model, model_path_problem, unmatched_targets
+
+    if cfg.model.path:
+        problem = model_path_problem(cfg.model.path)
+        if problem:
+            return [problem]
+    try:
+        model = meta_model(cfg.model)
+    except ModelError as e:
+        return [str(e)]
+    if model is None:  # a hub model not in the local cache: checked when it is loaded
+        return []
+    problem = unmatched_targets(model, list(cfg.lora.target_modules))
+    return [problem] if problem else []
+
+
+def preflight(cfg: LineageConfig) -> list[str]:
+    """Every problem that can be known without training, one line each (empty: none)."""
+    return model_problems(cfg) + data_problems(cfg)
+
+
+def check(cfg: LineageConfig) -> None:
+    """Raise PreflightError listing every problem ``preflight`` finds."""
+    problems = preflight(cfg)
+    if problems:
+        raise PreflightError(problems)

@@ -1,0 +1,216 @@
+"""The DeepSpeed training loop shared by pretraining and LaLoRA fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipelines.config import DeepSpeedConfig
+from pipelines.errors import DivergenceError
+from pipelines.runtime.distributed import distributed, world
+from pipelines.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def deepspeed_config(cfg: DeepSpeedConfig, batch_size: int) -> dict:
+    """``batch_size`` is the global batch; each of the world's ranks takes an equal share of it."""
+    _, size = world()
+    if batch_size % size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the world size {size}")
+    return {
+        "train_micro_batch_size_per_gpu": batch_size // size,
+        "train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "gradient_clipping": cfg.gradient_clipping,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float
+    final_penalty: float
+    seconds: float
+    tokens: int
+
+
+def _shard(batch: dict[str, Tensor], rank: int, size: int) -> tuple[dict[str, Tensor], Tensor | None]:
+    """This rank's rows of the global batch, and the normaliser that makes data parallelism exact.
+
+    DeepSpeed averages gradients over ranks, so each rank divides its summed token NLL by
+    (global target tokens / world size): the average is then the single-process token mean.
+    """
+    if size == 1:
+        return batch, None
+    n = batch["input_ids"].shape[0] // size
+    local = {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+    tokens = (batch["labels"][:, 1:] != -100).sum().to(torch.float64)  # every rank holds the global batch
+    return local, tokens / size
+
+
+def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[], Tensor] | None,
+               num_items: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean target-token NLL of the batch (transformers' own loss) and the penalty."""
+    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 **({"num_items_in_batch": num_items} if num_items is not None else {}))
+    pen = penalty() if penalty is not None else out.loss.new_zeros(())
+    return out.loss, pen
+
+
+def _save(engine: nn.Module, ckpt: Path, step: int, client: dict) -> None:
+    """Trainable state (adapter, optimizer) at ``step``; older checkpoints go once ``latest`` points here.
+
+    DeepSpeed writes ``latest`` after the tag's files, so a kill mid-save leaves the previous one usable.
+    """
+    tag = f"step{step:08d}"
+    engine.save_checkpoint(str(ckpt), tag=tag, client_state=client, exclude_frozen_parameters=True)
+    if world()[0] == 0:
+        for old in ckpt.glob("step*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(engine: nn.Module, ckpt: Path | None) -> dict:
+    """Load the latest checkpoint under ``ckpt`` into the engine; its client state ({} when none)."""
+    if ckpt is None or not (ckpt / "latest").is_file():
+        return {}
+    path, client = engine.load_checkpoint(str(ckpt), load_module_strict=False, load_optimizer_states=True,
+                                          load_lr_scheduler_states=False)
+    if path is None:
+        return {}
+    log.info("resuming from %s at step %d", path, client["step"])
+    return client
+
+
+class _Window:
+    """Loss and penalty of the steps since the last log, summed on the device: the training step makes
+    no host sync (it would stall a GPU's queue). ``flush`` reads them in one transfer, at the log
+    interval and before every checkpoint, and raises if a step was not finite."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, penalty, steps
+        self.bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # first non-finite step, its loss, penalty
+
+    def add(self, step: int, loss: Tensor, pen: Tensor) -> None:
+        values = torch.stack([loss.detach().double(), pen.detach().double()])
+        fresh = (self.bad[0] < 0) & ~torch.isfinite(values).all()
+        self.bad = torch.where(fresh, torch.cat([values.new_full((1,), float(step)), values]), self.bad)
+        self.sums += torch.cat([values, values.new_ones(1)])
+
+    def flush(self, desc: str, size: int) -> tuple[float, float]:
+        """(mean loss, mean penalty) of the window over every rank; this is the one host sync per interval."""
+        sums = self.sums.clone()
+        if size > 1:  # each rank's loss is its share of the global mean: the logged value is their mean
+            torch.distributed.all_reduce(sums)
+            sums /= size  # the step count is every rank's: it averages to itself
+            torch.distributed.all_reduce(self.bad, op=torch.distributed.ReduceOp.MAX)
+        (loss, pen, n), (step, bad_loss, bad_pen) = torch.stack([sums, self.bad]).tolist()  # CPU-GPU sync point
+        if step >= 0:
+            what = "loss" if not math.isfinite(bad_loss) else "penalty"
+            raise DivergenceError(f"{desc}: non-finite {what} at step {int(step)} (loss={bad_loss}, penalty={bad_pen}); "
+                                  "lower training.lr or lalora.lambda")
+        self.sums.zero_()
+        return loss / n, pen / n
+
+
+def train(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    batches: Iterator[dict[str, Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    ds: DeepSpeedConfig,
+    make_penalty: Callable[[nn.Module], Callable[[], Tensor]] | None,
+    tracker: Tracker,
+    log_every: int,
+    desc: str,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 0,
+    seed: int = 0,
+) -> TrainResult:
+    """Train ``params`` of ``model`` inside a DeepSpeed engine for ``steps`` steps.
+
+    ``make_penalty`` receives the engine's module once the engine exists (so the anchor and
+    precision are cast to the engine's dtype and device) and returns the penalty closure.
+    ``batches`` yields global batches (the same sequence on every rank); each rank trains on
+    its share. With ``checkpoint_dir``, the trainable state is saved every
+    ``checkpoint_every`` steps and at the end, and a later call with the same directory
+    continues from the latest checkpoint: same optimizer state, RNG and data position, so
+    the result equals an uninterrupted run. The engine is torn down when ``train`` returns
+    (its gradient hooks removed), so the next call can build another over the same parameters.
+    ``seed`` seeds the RNG the steps draw from (dropout), in a fork of the process's RNG.
+    """
+    import deepspeed
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with distributed(), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+                                          config=deepspeed_config(ds, batch_size))
+        try:
+            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches,
+                         steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every)
+        finally:
+            engine.destroy()
+
+
+def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]], *, steps: int,
+          tracker: Tracker, log_every: int, desc: str, checkpoint_dir: Path | None,
+          checkpoint_every: int) -> TrainResult:
+    """The training steps of ``train``: resume, step, log and checkpoint."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    rank, size = world()
+    client = _restore(engine, checkpoint_dir)
+    start = int(client.get("step", 0))
+    if start:
+        torch.set_rng_state(client["rng"])
+        for _ in range(start):  # the data order is a pure function of the seed: skip what was trained
+            next(batches)
+    engine.train()
+    t0 = time.perf_counter()
+    window, tokens = _Window(engine.device), torch.zeros((), dtype=torch.long)
+    loss_v, pen_v = float(client.get("loss", "nan")), float(client.get("penalty", "nan"))
+    bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, mininterval=1.0, disable=rank != 0)
+    for step in bar:
+        batch, num_items = _shard(next(batches), rank, size)
+        tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
+        loss, pen = _loss_step(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}, penalty,
+                               num_items)
+        window.add(step, loss, pen)
+        engine.backward(loss + pen)
+        engine.step()
+        done = step + 1
+        save = checkpoint_dir is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps)
+        if done % log_every == 0 or done == steps or save:  # divergence is caught here, before anything is saved
+            loss_v, pen_v = window.flush(desc, size)
+            tracker.log_metrics({"train/loss": loss_v, "train/penalty": pen_v}, step=done)
+            bar.set_postfix(loss=f"{loss_v:.3f}", penalty=f"{pen_v:.3g}")
+        if save:
+            _save(engine, checkpoint_dir, done, {"step": done, "rng": torch.get_rng_state(), "loss": loss_v,
+                                                 "penalty": pen_v})
+    bar.close()
+    engine.eval()
+    if math.isnan(loss_v):
+        raise DivergenceError(f"{desc}: no steps were run")
+    return TrainResult(steps, loss_v, pen_v, time.perf_counter() - t0, int(tokens))

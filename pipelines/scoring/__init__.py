@@ -1,0 +1,1 @@
+"""Scoring: the scorers, their answer extractors, the typed scores of R."""

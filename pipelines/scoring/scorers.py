@@ -1,0 +1,221 @@
+"""The scorers: greedy generation with an answer extractor, multiple choice by log-likelihood, perplexity.
+
+All are batched, sort their inputs by length (less padding) and restore the order. Generation
+and multiple choice use the KV cache: ``generate`` decodes with it, and multiple choice runs
+each distinct context once, then scores every choice's continuation against the cached
+context (HellaSwag's four endings share one context pass). Multiple-choice accuracy follows
+lm-eval-harness: ``acc`` ranks choices by summed log-likelihood, ``acc_norm`` by
+log-likelihood per character of the choice text; the continuation is the choice after a
+space (lm-eval's target delimiter).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipelines.data.tokens import encode, fixed_batches, prompt_ids, special_ids
+from pipelines.data.formats import GenerateScoring
+from pipelines.scoring.extract import is_correct
+
+Pair = tuple[list[int], list[int]]
+"""(context token ids, continuation token ids)."""
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _progress(total: int, desc: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", leave=False, mininterval=1.0)
+
+
+def context_limit(model: Any, reserve: int = 0) -> int | None:
+    """Most context tokens that leave ``reserve`` positions free (None: the model states no limit)."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return None if n is None else max(1, int(n) - reserve)
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(B, W) ids and attention mask, each sequence right-aligned."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+
+# --- generation -------------------------------------------------------------------------
+@torch.no_grad()
+def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
+                   stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
+    """Greedy continuations of token-id prompts, decoded up to EOS and cut at the first stop string."""
+    _, eos, pad = special_ids(tokenizer)
+    device = _device(model)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(prompts)
+    extra: dict[str, Any] = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+    with _progress(len(prompts), desc) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            ids, mask = left_pad([prompts[i] for i in chunk], pad, device)
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad, eos_token_id=eos, use_cache=True, **extra)
+            for i, gen in zip(chunk, out[:, ids.shape[1] :].tolist()):
+                gen = gen[: gen.index(eos)] if eos in gen else gen
+                text = tokenizer.decode(gen, skip_special_tokens=True)
+                for s in stop:
+                    text = text.split(s, 1)[0]
+                texts[i] = text
+            bar.update(len(chunk))
+    return texts
+
+
+def complete(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
+             stop: Sequence[str] = (), chat: str | Sequence[str] = "never", desc: str = "generate") -> list[str]:
+    """Greedy completions of text prompts: BOS + each prompt (or its chat-template turn), its context cut
+    to what leaves room for ``max_new_tokens``; what scoring, the registered model and export all run."""
+    limit = context_limit(model, max_new_tokens)
+    chats = [chat] * len(prompts) if isinstance(chat, str) else list(chat)
+    ids = [prompt_ids(tokenizer, p, c)[-limit if limit else 0 :] for p, c in zip(prompts, chats)]
+    return generate_texts(model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop,
+                          desc=desc)
+
+
+def score_generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: GenerateScoring, *, batch_size: int,
+                   max_new_tokens: int, desc: str = "generate") -> dict[str, float]:
+    """``accuracy``: share of rows whose extracted generation equals the extracted reference answer."""
+    texts = complete(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, stop=cfg.stop, chat=[r.get("chat", "never") for r in rows],
+                     desc=desc)
+    correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows))
+    return {"accuracy": correct / len(rows)}
+
+
+# --- multiple choice ----------------------------------------------------------------------
+def _cache_kwarg(model: Any) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache`` in forward (5.2x); accept both."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: int, pad: int,
+                        desc: str = "multiple choice") -> list[list[float]]:
+    """Summed log p(continuation | context) of every (context, continuation) pair of every example.
+
+    A batch holds whole examples, up to ``batch_size`` pairs. Its distinct contexts run once,
+    left-padded, (U, W), filling a KV cache; the cache rows are gathered per pair, (P, W), and
+    the right-padded continuations, (P, C), run on top with positions continuing each context.
+    The first continuation token is scored by the context's last logits.
+    """
+    from transformers import DynamicCache
+
+    device, cache_kw = _device(model), _cache_kwarg(model)
+    order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(t) for c, t in examples[i]))
+    result: list[list[float]] = [[] for _ in examples]
+    with _progress(len(examples), desc) as bar:
+        start = 0
+        while start < len(order):
+            chunk, n_pairs = [order[start]], len(examples[order[start]])
+            while start + len(chunk) < len(order) and n_pairs + len(examples[order[start + len(chunk)]]) <= batch_size:
+                n_pairs += len(examples[order[start + len(chunk)]])
+                chunk.append(order[start + len(chunk)])
+            start += len(chunk)
+            contexts: dict[tuple[int, ...], int] = {}
+            pairs = [(contexts.setdefault(tuple(c), len(contexts)), t) for i in chunk for c, t in examples[i]]
+            ctx_ids, ctx_mask = left_pad(list(contexts), pad, device)
+            cache = DynamicCache()
+            out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True, **{cache_kw: cache})
+            first = out.logits[:, -1].float().log_softmax(-1)  # (U, V): next-token log-probs after each context
+            index = torch.tensor([u for u, _ in pairs], device=device)
+            cache.batch_select_indices(index)
+            C = max(len(t) for _, t in pairs)
+            cont = torch.tensor([t + [pad] * (C - len(t)) for _, t in pairs], device=device)  # (P, C)
+            cont_mask = torch.tensor([[1] * len(t) + [0] * (C - len(t)) for _, t in pairs], device=device)
+            positions = ctx_mask.sum(-1)[index, None] + torch.arange(C, device=device)
+            out = model(input_ids=cont, attention_mask=torch.cat([ctx_mask[index], cont_mask], 1),
+                        position_ids=positions, use_cache=True, **{cache_kw: cache})
+            logp = torch.cat([first[index, None], out.logits[:, :-1].float().log_softmax(-1)], 1)  # (P, C, V)
+            ll = (logp.gather(-1, cont[..., None])[..., 0] * cont_mask).sum(-1).tolist()
+            k = 0
+            for i in chunk:
+                result[i] = ll[k : k + len(examples[i])]
+                k += len(examples[i])
+            bar.update(len(chunk))
+    return result
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """First index of the maximum (numpy's tie rule, as lm-eval)."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def choice_pairs(tokenizer: Any, row: dict[str, Any], limit: int | None) -> list[Pair]:
+    """A multiple-choice row as (context, ' ' + choice) token pairs; contexts cut from the left to fit ``limit``."""
+    choices = row["choices"]
+    contexts = row.get("contexts") or [row["prompt"]] * len(choices)
+    conts = tokenizer([f" {c}" for c in choices], add_special_tokens=False)["input_ids"]
+    pairs = []
+    for ctx, cont in zip(contexts, conts):
+        ids = prompt_ids(tokenizer, ctx, row.get("chat", "never"))
+        if limit is not None and len(ids) + len(cont) > limit:
+            ids = ids[-max(1, limit - len(cont)) :]
+        if not ids:
+            raise ValueError("a multiple-choice context is empty and the tokenizer has no BOS token to condition on")
+        pairs.append((ids, list(cont)))
+    return pairs
+
+
+def score_multiple_choice(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int,
+                          desc: str = "multiple choice") -> dict[str, float]:
+    """``acc``, ``acc_norm`` (lm-eval), and ``nll`` / ``perplexity`` of the gold continuation's tokens."""
+    _, _, pad = special_ids(tokenizer)
+    limit = context_limit(model)
+    examples = [choice_pairs(tokenizer, r, limit) for r in rows]
+    lls = pair_loglikelihoods(model, examples, batch_size=batch_size, pad=pad, desc=desc)
+    acc = acc_norm = 0
+    gold_ll, gold_tokens = 0.0, 0
+    for r, ll, pairs in zip(rows, lls, examples):
+        acc += _argmax(ll) == r["label"]
+        acc_norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, r["choices"])]) == r["label"]
+        gold_ll += ll[r["label"]]
+        gold_tokens += len(pairs[r["label"]][1])
+    nll = -gold_ll / max(gold_tokens, 1)
+    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "nll": nll, "perplexity": math.exp(min(nll, 50.0))}
+
+
+# --- perplexity ---------------------------------------------------------------------------
+@torch.no_grad()
+def target_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int,
+               desc: str = "nll") -> float:
+    """Mean negative log-likelihood per target token (the answer and EOS; the prompt is masked)."""
+    _, _, pad = special_ids(tokenizer)
+    device = _device(model)
+    encoded = sorted(encode(tokenizer, rows, max_length), key=lambda e: -len(e.input_ids))
+    total, count = 0.0, 0
+    with _progress(len(encoded), desc) as bar:
+        for batch in fixed_batches(encoded, batch_size, pad):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((target != -100).sum())
+            bar.update(len(batch["input_ids"]))
+    return total / max(count, 1)
+
+
+def score_perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int,
+                     desc: str = "perplexity") -> dict[str, float]:
+    """``nll`` (mean target-token NLL) and ``perplexity`` = exp(nll)."""
+    nll = target_nll(model, tokenizer, rows, batch_size, max_length, desc)
+    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}

@@ -1,0 +1,1 @@
+"""One module per stage: pretrain, curvature, finetune, evaluate, gate."""

@@ -1,0 +1,108 @@
+"""Stage step 1: the Laplace precision at the anchor, accumulated over the lineage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lalora import Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
+from lalora.curvature import MemoryEstimate
+from pipelines.config import DomainConfig, LaLoRAConfig
+from pipelines.data.tokens import encode, fixed_batches, special_ids
+from pipelines.data.sources import load_domain
+from pipelines.runtime.engine import world
+from pipelines.errors import BadInput
+from pipelines.runtime.models import load_adapter, load_base
+from pipelines.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+
+class MemoryBudgetError(BadInput):
+    """The curvature pass would need more memory than the configured budget."""
+
+
+def check_memory(estimate: MemoryEstimate, cfg: LaLoRAConfig, stage: int) -> None:
+    """Print what the structure needs and refuse it when over ``memory_budget_gb``."""
+    gib = 1024 ** 3
+    log.info("stage %d: %s curvature needs %.3g GiB during the pass and %.3g GiB stored (budget %.3g GiB)",
+                stage, cfg.curvature.kind, estimate.pass_bytes / gib, estimate.stored_bytes / gib, cfg.memory_budget_gb)
+    if estimate.pass_bytes > cfg.memory_budget_gb * gib:
+        raise MemoryBudgetError(
+            f"{cfg.curvature.kind} curvature needs {estimate.pass_bytes / gib:.3g} GiB for its accumulators, over "
+            f"lalora.memory_budget_gb={cfg.memory_budget_gb:g}; raise the budget, use curvature kind diag, or adapt fewer "
+            "modules (lora.target_modules)")
+
+
+@dataclass
+class PrecisionResult:
+    path: str
+    structure: str
+    n_samples: int
+    zero_curvature: int
+    """LoRA matrices with exactly zero data curvature (all A matrices at a B = 0 anchor)."""
+    seconds: float
+    sha256: str
+
+
+def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, curvature_domain: DomainConfig, *,
+                      previous: str | None, stage: int, dtype: str, max_length: int, seed: int, data_dir: str, out_dir: str,
+                      tracker: Tracker) -> PrecisionResult:
+    """F_hat(anchor; curvature_domain), accumulated onto ``previous``, written to ``out_dir``.
+
+    ``anchor_adapter`` is the adapter as it stands before the stage (the LoRA initialisation
+    for the first stage); ``curvature_domain`` is the domain learned before it (the source
+    for the first stage).
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    base, tokenizer = load_base(base_path, dtype)
+    model = load_adapter(base, anchor_adapter, trainable=True)
+    params = lora_parameters(model)
+    shapes = {p.name: tuple(p.param.shape) for p in params}
+    prior = Prior(cfg.prior.tau_A, cfg.prior.tau_B)
+    prev_precision, history = None, []
+    if previous is not None:
+        prev_precision, prev_meta = load_precision(previous, shapes)
+        history = prev_meta.history
+
+    splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
+    _, _, pad = special_ids(tokenizer)
+    batches = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
+    rank, size = world()
+    batches = batches[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
+    estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
+                                **cfg.curvature.model_dump(exclude={"kind"}))
+    check_memory(estimator.memory(shapes), cfg, stage)
+    with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
+              leave=False, disable=rank != 0) as bar:
+        est = estimator.estimate(model, batches, progress=bar.update)
+    zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
+    if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
+        log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
+                    "only tau_A = %g constrains A in this stage. Expected, not a bug.", stage, prior.tau_A)
+    precision = accumulate(prev_precision, est.precision, cfg.accumulate.mode, cfg.accumulate.gamma)
+    history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
+                          "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
+                          "data_sha256": splits.fingerprint}]
+    target = Path(out_dir) / "precision"
+    if rank != 0:
+        return PrecisionResult(str(target), precision.structure, est.n_samples, len(est.zero_curvature), 0.0, "")
+    meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
+                          history=history)
+    seconds = time.perf_counter() - t0
+    stats = {"curvature/seconds": seconds, "curvature/n_samples": est.n_samples,
+             "curvature/zero_matrices": len(est.zero_curvature), "curvature/zero_A_matrices": len(zero_a)}
+    state = precision.diagonal()
+    for kind in ("A", "B"):
+        vals = [v for n, v in state.items() if n.endswith(f".lora_{kind}")]
+        if vals:
+            stats[f"curvature/mean_{kind}"] = float(sum(v.sum() for v in vals) / sum(v.numel() for v in vals))
+            stats[f"curvature/max_{kind}"] = float(max(v.max() for v in vals))
+    tracker.log_metrics(stats)
+    tracker.log_artifact(target, "curvature")
+    return PrecisionResult(str(target), meta.structure, est.n_samples, len(est.zero_curvature), seconds, meta.sha256)
+

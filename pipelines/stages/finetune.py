@@ -1,0 +1,84 @@
+"""Stage step 2: fine-tune the adapter on the new domain under DeepSpeed, with the Laplace penalty."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
+from pipelines.data.sources import DataError, load_domain
+from pipelines.data.tokens import encode, special_ids, train_batches
+from pipelines.runtime.engine import train, world
+from pipelines.runtime.models import load_adapter, load_base, new_adapter
+from pipelines.tracker import Tracker
+from pipelines.workspace import write_dir_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneResult:
+    adapter: str
+    steps: int
+    final_loss: float
+    final_penalty: float
+    seconds: float
+    tokens_per_second: float
+
+
+def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str) -> str:
+    """Save the LoRA initialisation (the first stage's anchor) and return its directory."""
+    base, _ = load_base(base_path, dtype)
+    model = new_adapter(base, lora)
+    target = Path(out_dir)
+    write_dir_atomic(target, lambda d: model.save_pretrained(d))
+    return str(target)
+
+
+def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
+             domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
+             data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None) -> FinetuneResult:
+    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor.
+
+    With ``checkpoint_dir`` the stage saves DeepSpeed checkpoints every
+    ``training.checkpoint_every`` steps and, if one is there already (an interrupted run of
+    this same stage), continues from it. Under the deepspeed launcher rank 0 writes.
+    """
+    base, tokenizer = load_base(base_path, dtype)
+    model = load_adapter(base, anchor_adapter, trainable=True)
+    params = lora_parameters(model)
+    anchor = {p.name: p.param.detach().clone() for p in params}
+    precision = None
+    if precision_dir is not None and lalora.lam > 0:
+        precision, _ = load_precision(precision_dir, {p.name: tuple(p.param.shape) for p in params})
+    prior = Prior(lalora.prior.tau_A, lalora.prior.tau_B)
+
+    def make_penalty(module: torch.nn.Module) -> LaplacePenalty:
+        assert precision is not None
+        return LaplacePenalty(precision, anchor, lora_parameters(module), lalora.lam, prior)
+
+    splits = load_domain(domain, Path(data_dir), lalora.samples)
+    _, _, pad = special_ids(tokenizer)
+    try:
+        examples = encode(tokenizer, splits.train, training.max_length, training.overlong)
+    except DataError as e:
+        raise DataError(f"domain {domain.name}: training {e}") from None
+    tracker.log_params({"train.examples": len(examples), "train.steps": training.steps, "train.lr": training.lr,
+                        "lambda": lalora.lam})
+    result = train(model, [p.param for p in params],
+                   train_batches(examples, training.batch_size, pad, training.seed + stage, training.group_by_length),
+                   steps=training.steps, lr=training.lr, batch_size=training.batch_size, ds=ds,
+                   make_penalty=make_penalty if precision is not None else None, tracker=tracker,
+                   log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
+                   checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+                   checkpoint_every=training.checkpoint_every, seed=training.seed + stage)
+    target = Path(out_dir) / "adapter"
+    if world()[0] == 0:
+        write_dir_atomic(target, lambda d: model.save_pretrained(d))
+    tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
+    tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
+    return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)

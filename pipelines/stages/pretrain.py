@@ -1,0 +1,92 @@
+"""Stage 0: the base model. Loaded as given, or a tiny Llama pretrained on the source domain."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
+from pipelines.data.tokens import encode, special_ids, train_batches
+from pipelines.data.sources import load_domain, load_rows
+from pipelines.runtime.engine import train
+from pipelines.runtime.models import build_tiny_llama, char_tokenizer
+from pipelines.tracker import Tracker
+from pipelines.workspace import Workspace, write_dir_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseResult:
+    path: str
+    """from_pretrained-loadable directory or hub id."""
+    pretrained_here: bool
+    seconds: float = 0.0
+    final_loss: float | None = None
+
+
+def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_dir: Path) -> tuple[list[dict], str]:
+    """The source's training rows, then every row of each ``extra`` data set, and their fingerprint.
+
+    Without ``extra`` the fingerprint is the source's own, as before the setting existed, so
+    bases pretrained then stay up to date.
+    """
+    splits = load_domain(source, data_dir, default_curvature=1)
+    if not extra:
+        return list(splits.train), splits.fingerprint
+    rows, fingerprints = list(splits.train), [splits.fingerprint]
+    for data in extra:
+        more, fingerprint = load_rows(data, data_dir)
+        rows += more
+        fingerprints.append(fingerprint)
+    log.info("pretraining on %d source rows and %d more from %s", len(splits.train), len(rows) - len(splits.train),
+             ", ".join(d.name for d in extra))
+    return rows, hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
+
+
+def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, *, max_length: int, seed: int,
+                 out_dir: str, tracker: Tracker) -> BaseResult:
+    """Return the base model's path, pretraining the tiny Llama first when ``model.path`` is empty.
+
+    The pretraining data is the source's training split and ``model.pretrain.extra_data``. The
+    pretrained base is reused when its recipe (model shape, pretraining settings, data) is
+    unchanged, so a rerun does not pay for it twice.
+    """
+    if model.path:
+        return BaseResult(model.path, pretrained_here=False)
+    ws = Workspace(Path(out_dir))
+    rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
+    pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
+    recipe = json.dumps({"tiny": model.tiny.model_dump(), "pretrain": pretrain, "seed": seed, "data": fingerprint,
+                         "max_length": max_length, "ds": ds.model_dump()}, sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    marker = ws.base / "lalora_base.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
+        log.info("base model %s is up to date; not pretraining again", ws.base)
+        return BaseResult(str(ws.base), pretrained_here=False)
+
+    tokenizer = char_tokenizer()
+    net = build_tiny_llama(model.tiny, tokenizer, seed)
+    n_params = sum(p.numel() for p in net.parameters())
+    tracker.log_params({"base.params": n_params, "base.pretrain_steps": model.pretrain.steps})
+    _, _, pad = special_ids(tokenizer)
+    examples = encode(tokenizer, rows, max_length)
+    result = train(net, list(net.parameters()), train_batches(examples, model.pretrain.batch_size, pad, seed),
+                   steps=model.pretrain.steps, lr=model.pretrain.lr, batch_size=model.pretrain.batch_size, ds=ds,
+                   make_penalty=None, tracker=tracker, log_every=25, desc=f"pretrain base on {source.name}", seed=seed) \
+        if model.pretrain.steps > 0 else None
+
+    def write(d: Path) -> None:
+        net.save_pretrained(d)
+        tokenizer.save_pretrained(d)
+        write_json_atomic(d / "lalora_base.json", {"recipe_sha256": digest, "params": n_params})
+
+    write_dir_atomic(ws.base, write)
+    log.info("pretrained a %d-parameter base model on %s -> %s", n_params, source.name, ws.base)
+    return BaseResult(str(ws.base), pretrained_here=True, seconds=result.seconds if result else 0.0,
+                      final_loss=result.final_loss if result else None)
