@@ -49,7 +49,8 @@ def _timed(run: RunRef | None, call: Callable[[Tracker], T]) -> Timed[T]:
 
 @task(name="fingerprint-data", **_TASK)
 def fingerprint_task(cfg: LineageConfig, data_dir: str) -> dict[str, str]:
-    return plan.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples, cfg.model.pretrain.extra_data)
+    replay = cfg.training.replay.data if cfg.training.replay.enabled else []
+    return plan.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples, cfg.model.pretrain.extra_data, replay)
 
 
 @task(name="plan", **_TASK)

@@ -20,6 +20,10 @@
   index in ``label``. Countries without exactly one capital, with a capital that another
   entry shares (historical or disputed duplicates such as Burma / Myanmar) or with an
   ISO-style name ("Virgin Islands, British") are left out.
+- ``demonyms``: "A person from X is called" as four-way multiple choice from ``countryinfo``: the
+  true demonym and three other countries' drawn with a seed. A second probe of what the base knows
+  (SmolLM2-135M-Instruct scores 0.77 on it against 0.25 chance; a continents probe scored 0.48
+  against 0.20 and was not used); countries sharing a demonym are left out.
 
 Every file is JSONL; GSM rows have ``question`` and ``answer`` (the lineage's ``gsm8k`` preset),
 capitals rows ``question``, ``choices``, ``label`` and ``country``. ``manifest.json`` beside
@@ -228,6 +232,34 @@ def capitals_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
     return rows
 
 
+def demonym_table() -> list[tuple[str, str]]:
+    """(country, demonym) pairs, sorted by country, of the countries with one demonym no other country shares."""
+    try:
+        from countryinfo import all_countries
+    except ImportError:
+        raise StudyAssetsError(f"package countryinfo is not installed; {_INSTALL}") from None
+    pairs = []
+    for c in all_countries():
+        name, demonym = c.name(), c.info().get("demonym")
+        if isinstance(name, str) and isinstance(demonym, str) and demonym.strip() and not set(",()/") & set(name + demonym):
+            pairs.append((name, demonym.strip()))
+    shared = Counter(d for _, d in pairs)
+    return sorted({(n, d) for n, d in pairs if shared[d] == 1})
+
+
+def demonyms_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
+    """Multiple-choice rows: "A person from X is called" the true demonym among ``n_choices - 1`` others, seeded."""
+    table = demonym_table()
+    demonyms = sorted({d for _, d in table})
+    rng = random.Random(seed)
+    rows = []
+    for country, demonym in table:
+        choices = rng.sample([d for d in demonyms if d != demonym], n_choices - 1) + [demonym]
+        rng.shuffle(choices)
+        rows.append({"country": country, "choices": choices, "label": choices.index(demonym)})
+    return rows
+
+
 # --- files -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StudyData:
@@ -251,11 +283,12 @@ def write_jsonl(path: Path, rows: list[Row]) -> None:
 
 def build_study_data(out_dir: str | Path, *, seed: int = 0, gsm8k_eval: int = GSM8K_EVAL,
                      symbolic_size: int = 2000) -> StudyData:
-    """Write gsm8k-train/-eval, gsm_symbolic and capitals JSONL files and a manifest to ``out_dir``."""
+    """Write gsm8k-train/-eval, gsm_symbolic, capitals and demonyms JSONL files and a manifest to ``out_dir``."""
     out = Path(out_dir)
     train, evaluation = gsm8k_split(gsm8k_eval, seed)
     sets = {"gsm8k-train": train, "gsm8k-eval": evaluation,
-            "gsm_symbolic": gsm_symbolic_rows(symbolic_size, seed), "capitals": capitals_rows(seed)}
+            "gsm_symbolic": gsm_symbolic_rows(symbolic_size, seed), "capitals": capitals_rows(seed),
+            "demonyms": demonyms_rows(seed)}
     files = {name: out / f"{name}.jsonl" for name in sets}
     for name, rows in sets.items():
         write_jsonl(files[name], rows)

@@ -8,10 +8,10 @@ from pipelines.config.load import format_errors, load_config, parse_override, se
 from pipelines.config.schema import (CURVATURE_CONFIGS, AccumulationConfig, CurvatureConfig, DeepSpeedConfig,
                                      EvaluationConfig, LaLoRAConfig, LineageConfig, LoraSettings, ModelConfig,
                                      OrchestrationConfig, PretrainConfig, PriorConfig, PromotionConfig,
-                                     RuntimeConfig, TinyModelConfig, TrackingConfig, TrainingConfig)
+                                     ReplayConfig, RuntimeConfig, TinyModelConfig, TrackingConfig, TrainingConfig)
 
 __all__ = ["CURVATURE_CONFIGS", "AccumulationConfig", "ConfigError", "CurvatureConfig", "DataSource", "DeepSpeedConfig",
            "DomainConfig", "EvalDataConfig", "EvaluationConfig", "GeneratorSource", "HubSource", "LaLoRAConfig",
            "LineageConfig", "LocalSource", "LoraSettings", "ModelConfig", "OrchestrationConfig", "PretrainConfig",
-           "PriorConfig", "PromotionConfig", "RuntimeConfig", "SymbolOp", "TinyModelConfig", "TrackingConfig",
+           "PriorConfig", "PromotionConfig", "ReplayConfig", "RuntimeConfig", "SymbolOp", "TinyModelConfig", "TrackingConfig",
            "TrainingConfig", "format_errors", "load_config", "parse_override", "set_path"]

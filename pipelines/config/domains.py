@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.base import NAME, Model
-from pipelines.data.formats import GenerateScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat, Scoring
+from pipelines.data.formats import (GenerateScoring, LmEvalScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat,
+                                    Scoring)
 
 
 SymbolOp = Literal["copy", "reverse", "next", "previous", "rotate", "double", "increment"]
@@ -84,7 +85,7 @@ class DomainConfig(RowFormat):
         return self.eval_data if self.eval_data is not None else self
 
     @property
-    def score(self) -> GenerateScoring | MultipleChoiceScoring | PerplexityScoring:
+    def score(self) -> GenerateScoring | MultipleChoiceScoring | PerplexityScoring | LmEvalScoring:
         """The scorer in effect: ``scoring`` or the evaluation format's default."""
         return self.scoring if self.scoring is not None else self.eval_format.default_scoring()
 

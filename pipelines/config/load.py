@@ -109,12 +109,19 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
     """Local data files are relative to the config file."""
-    pretrain = ((data.get("model") or {}).get("pretrain") or {}) if isinstance(data.get("model"), dict) else {}
-    extra = (pretrain.get("extra_data") or []) if isinstance(pretrain, dict) else []
-    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or []) + list(extra)
+    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or [])
+    for section, key, field in (("model", "pretrain", "extra_data"), ("training", "replay", "data")):
+        node = data.get(section)
+        node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(field), list):
+            domains += node[field]
     for d in domains:
         if not isinstance(d, dict):
             continue
+        scoring = d.get("scoring")
+        if isinstance(scoring, dict) and isinstance(scoring.get("include_path"), str):  # an lm-eval task's YAMLs
+            if not Path(scoring["include_path"]).is_absolute():
+                scoring["include_path"] = str((base / scoring["include_path"]).resolve())
         for src in (d.get("data"), (d.get("eval_data") or {}).get("data") if isinstance(d.get("eval_data"), dict) else None):
             if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
                 if not Path(src["path"]).is_absolute():

@@ -109,6 +109,27 @@ class LaLoRAConfig(Model):
 
 
 # --- training, engine, evaluation, tracking ----------------------------------------------
+class ReplayConfig(Model):
+    """Rehearsal: earlier data mixed into every batch of a stage (the baseline teams use; with lambda 0,
+    replay alone; with the penalty, both)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1, description="Share of each batch drawn from earlier data: "
+                            "round(fraction * batch_size) rows a batch (0: no replay).")
+    sources: list[Literal["domains", "source"]] = Field(
+        default_factory=lambda: ["domains", "source"], description="Where replayed rows come from: 'domains', "
+        "the earlier stages' domains' training splits; 'source', the source's training split. Evaluation rows "
+        "never.")
+    data: list[DomainConfig] = Field(default_factory=list, description="Named data sets replayed too (every row, "
+                                     "up to train_size; never scored), e.g. general text a team keeps.")
+    max_per_domain: int | None = Field(None, gt=0, description="At most this many rows of each source (the first "
+                                       "of its seeded shuffle); default all.")
+    seed: int = Field(0, description="Seed of which replayed rows go into which batch.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0
+
+
 class TrainingConfig(Model):
     steps: int = Field(300, gt=0, description="Optimizer steps per stage.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the LoRA matrices (our default).")
@@ -123,6 +144,8 @@ class TrainingConfig(Model):
                                   "optimizer; an interrupted stage restarts from the latest one (0: only at the end).")
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
                                   "batch order stays shuffled).")
+    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Earlier data mixed into each batch "
+                                 "(part of the stage's identity when on).")
 
 
 class DeepSpeedConfig(Model):
@@ -248,11 +271,14 @@ class LineageConfig(Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
-        extra = [d.name for d in self.model.pretrain.extra_data]  # each name is a data file under data/
-        dup = sorted({n for n in extra if extra.count(n) > 1 or n in names})
-        if dup:
-            raise ValueError(f"model.pretrain.extra_data names must differ from each other and from the domains' "
-                             f"(they name data files); rename: {', '.join(dup)}")
+        for field, sets in (("model.pretrain.extra_data", self.model.pretrain.extra_data),
+                            ("training.replay.data", self.training.replay.data)):
+            extra = [d.name for d in sets]  # each name is a data file under data/
+            dup = sorted({n for n in extra if extra.count(n) > 1 or n in names})
+            if dup:
+                raise ValueError(f"{field} names must differ from each other and from the domains' "
+                                 f"(they name data files); rename: {', '.join(dup)}")
+            names = names + extra
         return self
 
     def as_json(self) -> dict[str, Any]:

@@ -61,6 +61,20 @@ class PerplexityScoring(_Model):
                                                  "exponential (lower is better; both are always computed).")
 
 
+class LmEvalScoring(_Model):
+    """Scored by lm-evaluation-harness itself (the ``lm-eval`` extra): a registered task, or one a YAML in
+    ``include_path`` defines (offline: ``dataset_path: json`` with local ``data_files``)."""
+
+    kind: Literal["lm_eval"] = "lm_eval"
+    task: str = Field(min_length=1, description="The lm-eval task (its output_type must be multiple_choice).")
+    include_path: str | None = Field(None, description="Directory of custom task YAMLs; relative to the config file.")
+    metric: str = Field("acc", min_length=1, description="The task's metric that goes into R (acc, acc_norm, ...).")
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples per prompt.")
+    limit: int | None = Field(None, gt=0, description="Score at most this many documents of the task.")
+    add_bos_token: bool = Field(True, description="Put BOS before each context, as the project's own scorers do "
+                                "(lm-eval otherwise leaves it to the tokenizer).")
+
+
 def _scoring_shorthand(v: Any) -> Any:
     """``scoring: perplexity`` means ``{kind: perplexity}``; the old ``exact_match`` is generate/exact."""
     if v == "exact_match":
@@ -70,8 +84,8 @@ def _scoring_shorthand(v: Any) -> Any:
     return v
 
 
-Scoring = Annotated[GenerateScoring | MultipleChoiceScoring | PerplexityScoring, Field(discriminator="kind"),
-                    BeforeValidator(_scoring_shorthand)]
+Scoring = Annotated[GenerateScoring | MultipleChoiceScoring | PerplexityScoring | LmEvalScoring,
+                    Field(discriminator="kind"), BeforeValidator(_scoring_shorthand)]
 
 PRESET_SCORING: dict[str, GenerateScoring | MultipleChoiceScoring | PerplexityScoring] = {
     "gsm8k": GenerateScoring(extractor="gsm8k", stop=["Question:"]),

@@ -98,25 +98,29 @@ def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: r
     return batches
 
 
-def train_batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int,
-                  group_by_length: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches; epoch e uses the permutation seeded by (seed, e).
+def batch_indices(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False
+                  ) -> Iterator[list[int]]:
+    """Endless shuffled batches of indices; epoch e uses the permutation seeded by (seed, e).
 
     Short batches are dropped unless the data holds less than one batch. ``group_by_length``
-    batches examples of similar length together (see ``length_grouped``), which cuts padding;
-    the per-sequence loss is unchanged (nothing is packed together).
+    batches examples of similar length together (see ``length_grouped``).
     """
     epoch = 0
-    lengths = [len(e.input_ids) for e in examples]
     while True:
-        order = list(range(len(examples)))
+        order = list(range(len(lengths)))
         rng = random.Random(f"{seed}:{epoch}")
         rng.shuffle(order)
         if group_by_length:
             batches = length_grouped(order, lengths, batch_size, rng)
         else:
             batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        full = [b for b in batches if len(b) == batch_size] or batches[:1]
-        for b in full:
-            yield collate([examples[j] for j in b], pad_id)
+        yield from [b for b in batches if len(b) == batch_size] or batches[:1]
         epoch += 1
+
+
+def train_batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int,
+                  group_by_length: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches (``batch_indices``), collated; the per-sequence loss is unchanged by
+    ``group_by_length`` (nothing is packed together)."""
+    for b in batch_indices([len(e.input_ids) for e in examples], batch_size, seed, group_by_length):
+        yield collate([examples[j] for j in b], pad_id)

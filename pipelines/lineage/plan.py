@@ -46,6 +46,9 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
         pretrain["extra_data"] = [_domain_identity(d) for d in pretrain["extra_data"]]
     else:  # configs from before the setting keep the hashes their versions recorded
         pretrain.pop("extra_data", None)
+    replay = out["training"].pop("replay")
+    if cfg.training.replay.enabled:  # off, a stage's hash is what it was before replay existed
+        out["training"]["replay"] = {**replay, "data": [_domain_identity(d) for d in replay["data"]]}
     return out
 
 
@@ -54,13 +57,14 @@ def sha256_json(value: Any) -> str:
 
 
 def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int,
-                      pretrain_extra: list[DomainConfig] = ()) -> dict[str, str]:
+                      pretrain_extra: list[DomainConfig] = (), replay: list[DomainConfig] = ()) -> dict[str, str]:
     """sha256 of every domain's rows (all splits), by name: changes whenever the data does; the
-    tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``."""
+    tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``, replayed data sets under ``replay:NAME``."""
     from pipelines.data.sources import load_domain, load_rows
 
     out = {d.name: load_domain(d, Path(data_dir), default_curvature).fingerprint for d in domains}
-    return out | {f"pretrain:{d.name}": load_rows(d, Path(data_dir))[1] for d in pretrain_extra}
+    out |= {f"pretrain:{d.name}": load_rows(d, Path(data_dir))[1] for d in pretrain_extra}
+    return out | {f"replay:{d.name}": load_rows(d, Path(data_dir))[1] for d in replay}
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ def stage_keys(cfg: LineageConfig, fingerprints: dict[str, str]) -> list[StageKe
     for t, d in enumerate(cfg.domains, start=1):
         data = [fingerprints[x.name] for x in cfg.all_domains[: t + 1]]
         data += [fingerprints[f"pretrain:{x.name}"] for x in cfg.model.pretrain.extra_data]
+        if cfg.training.replay.enabled:
+            data += [fingerprints[f"replay:{x.name}"] for x in cfg.training.replay.data]
         data = sha256_json(data)
         keys.append(StageKey(t, d.name, sha256_json(stage_config(cfg, t)), data))
     return keys

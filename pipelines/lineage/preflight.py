@@ -25,7 +25,8 @@ def _domains(cfg: LineageConfig) -> list[tuple[str, DomainConfig]]:
     """Every configured data set with its field path."""
     return ([("source", cfg.source)] + [(f"domains.{i}", d) for i, d in enumerate(cfg.domains)]
             + [(f"probes.{i}", d) for i, d in enumerate(cfg.probes)]
-            + [(f"model.pretrain.extra_data.{i}", d) for i, d in enumerate(cfg.model.pretrain.extra_data)])
+            + [(f"model.pretrain.extra_data.{i}", d) for i, d in enumerate(cfg.model.pretrain.extra_data)]
+            + [(f"training.replay.data.{i}", d) for i, d in enumerate(cfg.training.replay.data)])
 
 
 def data_problems(cfg: LineageConfig) -> list[str]:
@@ -42,6 +43,16 @@ def data_problems(cfg: LineageConfig) -> list[str]:
             elif isinstance(src, HubSource) and is_local_path(src.id) and not Path(src.id).expanduser().exists():
                 problems.append(f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
                                 "(give an existing dataset directory or a hub id such as openai/gsm8k)")
+    for where, d in _domains(cfg):
+        if d.score.kind == "lm_eval":
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                problems.append(f"{where}.scoring: kind lm_eval needs lm-eval; install the extra: pip install -e "
+                                "'.[lm-eval]'")
+            if d.score.include_path and not Path(d.score.include_path).is_dir():
+                problems.append(f"{where}.scoring.include_path: {d.score.include_path} is not a directory of task "
+                                "YAMLs (relative to the config file)")
     if cfg.deepspeed.hostfile and not Path(cfg.deepspeed.hostfile).is_file():
         problems.append(f"deepspeed.hostfile: {cfg.deepspeed.hostfile} not found")
     return problems

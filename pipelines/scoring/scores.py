@@ -81,6 +81,11 @@ def score_domain(model: Any, tokenizer: Any, domain: DomainConfig, rows: list[di
         values["nll"] = target_nll(model, tokenizer, rows, cfg.batch_size, max_length, f"{domain.name}: nll")
         values["perplexity"] = math.exp(min(values["nll"], 50.0))
         metric = "accuracy"
+    elif scoring.kind == "lm_eval":
+        from pipelines.scoring.lm_eval import score_lm_eval
+
+        values, n = score_lm_eval(model, tokenizer, scoring, batch_size=cfg.batch_size)
+        return DomainScore(scoring.kind, scoring.metric, values, n)
     elif scoring.kind == "multiple_choice":
         values = score_multiple_choice(model, tokenizer, rows, batch_size=cfg.batch_size, desc=desc)
         metric = scoring.metric

@@ -19,6 +19,9 @@ def evaluate(base_path: str, adapter_dir: str, domains: list[DomainConfig], cfg:
     model, tokenizer = load_for_inference(base_path, adapter_dir, dtype)
     scores: dict[str, DomainScore] = {}
     for domain in domains:
+        if domain.score.kind == "lm_eval":  # lm-eval reads its own task data
+            scores[domain.name] = score_domain(model, tokenizer, domain, [], cfg, max_length=max_length)
+            continue
         rows = load_domain(domain, Path(data_dir), default_curvature, eval_only=True).eval
         scores[domain.name] = score_domain(model, tokenizer, domain, rows, cfg, max_length=max_length)
     write_json_atomic(Path(out_path), {"seconds": time.perf_counter() - t0,

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
 from pipelines.data.sources import DataError, load_domain
-from pipelines.data.tokens import encode, special_ids, train_batches
+from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows
+from pipelines.data.tokens import encode, special_ids
 from pipelines.runtime.engine import train, world
 from pipelines.runtime.models import load_adapter, load_base, new_adapter
 from pipelines.tracker import Tracker
@@ -41,8 +44,11 @@ def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str
 
 def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
              domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
-             data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None) -> FinetuneResult:
-    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor.
+             data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None,
+             replay_from: list[DomainConfig] = ()) -> FinetuneResult:
+    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor, and with
+    ``training.replay`` on, rows of ``replay_from`` (training splits only) and of the replayed data sets
+    fill part of every batch.
 
     With ``checkpoint_dir`` the stage saves DeepSpeed checkpoints every
     ``training.checkpoint_every`` steps and, if one is there already (an interrupted run of
@@ -61,19 +67,11 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
         assert precision is not None
         return LaplacePenalty(precision, anchor, lora_parameters(module), lalora.lam, prior)
 
-    splits = load_domain(domain, Path(data_dir), lalora.samples)
-    _, _, pad = special_ids(tokenizer)
-    try:
-        examples = encode(tokenizer, splits.train, training.max_length, training.overlong)
-    except DataError as e:
-        raise DataError(f"domain {domain.name}: training {e}") from None
-    tracker.log_params({"train.examples": len(examples), "train.steps": training.steps, "train.lr": training.lr,
-                        "lambda": lalora.lam})
-    result = train(model, [p.param for p in params],
-                   train_batches(examples, training.batch_size, pad, training.seed + stage, training.group_by_length),
-                   steps=training.steps, lr=training.lr, batch_size=training.batch_size, ds=ds,
-                   make_penalty=make_penalty if precision is not None else None, tracker=tracker,
-                   log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
+    batches = _batches(tokenizer, domain, training, list(replay_from), Path(data_dir), lalora.samples, stage, tracker)
+    tracker.log_params({"train.steps": training.steps, "train.lr": training.lr, "lambda": lalora.lam})
+    result = train(model, [p.param for p in params], batches, steps=training.steps, lr=training.lr,
+                   batch_size=training.batch_size, ds=ds, make_penalty=make_penalty if precision is not None else None,
+                   tracker=tracker, log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
                    checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
                    checkpoint_every=training.checkpoint_every, seed=training.seed + stage)
     target = Path(out_dir) / "adapter"
@@ -82,3 +80,24 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
     return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)
+
+
+def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, replay_from: list[DomainConfig],
+             data_dir: Path, samples: int, stage: int, tracker: Tracker) -> Iterator[dict[str, torch.Tensor]]:
+    """The stage's endless training batches: the domain's training split, with the replay pool's rows mixed in."""
+    _, _, pad = special_ids(tokenizer)
+
+    def encoded(rows: list[dict[str, Any]], what: str) -> list[Any]:
+        try:
+            return encode(tokenizer, rows, training.max_length, training.overlong)
+        except DataError as e:
+            raise DataError(f"domain {domain.name}: {what} {e}") from None
+
+    examples = encoded(load_domain(domain, data_dir, samples).train, "training")
+    replay = training.replay
+    pool = replay_pool(replay, replay_from, data_dir, samples) if replay.enabled else ReplayPool()
+    tracker.log_params({"train.examples": len(examples), "train.replay.fraction": replay.fraction,
+                        "train.replay.rows_per_batch": replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,
+                        **{f"train.replay.pool.{name}": n for name, n in pool.counts.items()}})
+    return mixed_batches(examples, encoded(pool.rows, "replayed") if pool.rows else [], training.batch_size,
+                         replay.fraction, pad, training.seed + stage, replay.seed + stage, training.group_by_length)

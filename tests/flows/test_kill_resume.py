@@ -22,9 +22,11 @@ from tests.conftest import child_env
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = tiny("one", name="killed", model={"pretrain": {"steps": 10}},
-              training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
-              tracking={"experiment": "killed", "registered_model": "killed-adapter"})
+def config(replay: float) -> str:
+    return tiny("one", name="killed", model={"pretrain": {"steps": 10}},
+                training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4,
+                          "replay": {"fraction": replay}},
+                tracking={"experiment": "killed", "registered_model": "killed-adapter"})
 
 
 def _latest_step(out: Path) -> int:
@@ -37,11 +39,14 @@ def _latest_step(out: Path) -> int:
         return 0
 
 
-def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("replay", [0.0, 0.25], ids=["plain", "replay"])
+def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, replay):
+    """With replay too: the source's rows fill a quarter of every batch, and the resumed stage skips exactly
+    the batches it trained."""
     from prefect.settings import PREFECT_API_URL
 
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(config(replay))
     out = tmp_path / "killed"
     seed = int(os.environ.get("LALORA_KILL_SEED") or time.time_ns() % 2**32)
     kill_at = random.Random(seed).choice(range(8, 37, 4))

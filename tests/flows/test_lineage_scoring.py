@@ -61,3 +61,19 @@ def test_mlflow_has_per_domain_metrics_score_history_and_plots(finished):
     assert {"eval/arc/acc", "eval/arc/acc_norm", "eval/wiki/perplexity", "eval/one/accuracy"} <= set(child.data.metrics)
     version = client.search_model_versions("name = 'mixed-adapter'")[0]
     assert f"wiki {result['R'][1][3]:.3f}" in version.description  # R after the stage, in each domain's own score
+
+
+def test_an_lm_eval_probe_is_scored_by_lm_eval_as_a_column_of_r(tmp_path):
+    """A probe naming an lm-eval task (a local custom task YAML) is scored through lm-eval on each row's adapter."""
+    pytest.importorskip("lm_eval", reason="the lm-eval extra (make install installs it)")
+    from tests.pipelines.test_lm_eval import task_dir
+
+    task_dir(tmp_path)
+    (tmp_path / "c.yaml").write_text(tiny("one", probes=[{"name": "tinymc", "scoring": {
+        "kind": "lm_eval", "task": "lalora_tiny_mc", "include_path": "tasks", "metric": "acc"}}]))
+    result = lineage_flow(str(tmp_path / "c.yaml"), str(tmp_path / "out"), []).as_json()
+    assert result["domains"] == ["src", "one", "tinymc"] and result["probes"] == ["tinymc"]
+    assert result["scores"]["tinymc"] == "acc" and "tinymc" in result["forgetting"]
+    scores = json.loads((tmp_path / "out" / "stages" / "01-one" / "eval.json").read_text())["scores"]["tinymc"]
+    assert scores["scoring"] == "lm_eval" and scores["n"] == 8 and {"acc", "acc_norm", "nll"} <= set(scores)
+    assert result["R"][1][2] == scores["acc"]

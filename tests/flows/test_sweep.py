@@ -101,3 +101,37 @@ def test_stages_keeps_only_what_each_kept_domain_set(tmp_path):
     assert [d.name for d in point.domains] == ["math"]
     assert point.domains[0].eval_data == cfg.domains[0].eval_data
     assert point.domains[0].data == cfg.domains[0].data
+
+
+def test_a_grid_of_any_config_field_sweeps_like_lambda(tmp_path, capsys):
+    """--grid training.replay.fraction beside --lambda: one lineage per combination, the table labelled by the
+    fields that vary, each point's config built as a value (its stored params say so)."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--grid", "training.replay.fraction=0,0.5",
+                 "--stages", "1", "--forgetting-on", "src", "--out", str(out)]) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    labels = [p["point"]["label"] for p in summary["points"]]
+    assert labels == ["plain-lambda0-fraction0-seed0", "plain-lambda0-fraction0.5-seed0",
+                      "diag-lambda5-fraction0-seed0", "diag-lambda5-fraction0.5-seed0"]
+    table = (out / "sweep.md").read_text().splitlines()
+    assert table[0].startswith("| curvature | lambda | fraction | seeds | learning | forgetting (src) |")
+    assert "| diag | 5 | 0.5 | 1 |" in table[3 + 2]
+    client = MlflowClient(summary["mlflow_uri"])
+    for point in summary["points"]:
+        params = client.get_run(point["run_id"]).data.params
+        assert float(params["training.replay.fraction"]) == point["point"]["settings"]["training.replay.fraction"]
+    assert summary["forgetting_on"] == "forgetting (src)"
+
+
+def test_grid_bad_input_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    assert main(["sweep", str(cfg), "--grid", "training.nope=1,2"]) == 2
+    assert "training.nope: unknown key" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["sweep", str(cfg), "--grid", "training.replay.fraction"]) == 2
+    assert "expected FIELD=v1,v2" in capsys.readouterr().err
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--forgetting-on", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lalora: error: --forgetting-on: nowhere is not an earlier column of this sweep; choose from src, one"

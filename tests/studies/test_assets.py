@@ -83,12 +83,27 @@ def test_capitals_are_four_way_with_the_true_capital_at_label():
     assert all(labels.count(i) > len(rows) / 8 for i in range(4)), "the gold position is not spread"
 
 
+def test_demonyms_are_four_way_with_the_one_true_demonym_at_label():
+    pytest.importorskip("countryinfo", reason=f"countryinfo: {_SKIP}")
+    truth = dict(sa.demonym_table())
+    assert len(truth) >= 200 and truth["Germany"] == "German" and truth["Japan"] == "Japanese"
+    assert "France" not in truth, "France shares \"French\" with another country in countryinfo: left out"
+    assert len(set(truth.values())) == len(truth), "a demonym two countries share would have two right answers"
+    rows = sa.demonyms_rows(seed=0)
+    assert len(rows) == len(truth) and sa.demonyms_rows(seed=0) == rows
+    for r in rows:
+        assert set(r) == {"country", "choices", "label"}
+        assert len(r["choices"]) == 4 == len(set(r["choices"])) and r["choices"][r["label"]] == truth[r["country"]]
+    labels = [r["label"] for r in rows]
+    assert all(labels.count(i) > len(rows) / 8 for i in range(4)), "the gold position is not spread"
+
+
 def test_build_study_data_writes_documented_files_once(tmp_path):
     _need(sa.GSM8K_DIST)
     pytest.importorskip("reasoning_gym", reason=f"reasoning-gym: {_SKIP}")
     pytest.importorskip("countryinfo", reason=f"countryinfo: {_SKIP}")
     data = sa.build_study_data(tmp_path, symbolic_size=20)
-    assert set(data.files) == {"gsm8k-train", "gsm8k-eval", "gsm_symbolic", "capitals"}
+    assert set(data.files) == {"gsm8k-train", "gsm8k-eval", "gsm_symbolic", "capitals", "demonyms"}
     for name, path in data.files.items():
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert len(rows) == data.sizes[name]

@@ -1,0 +1,221 @@
+"""The learning-forgetting study (``make study``): every table of README's study section, from one command.
+
+SmolLM2-135M-Instruct learns GSM8K (and, in the two-stage lineage, gsm_symbolic after it) on this CPU;
+forgetting is measured on two probes of what it knows (capital cities, demonyms). Each part below is a
+real ``lalora sweep`` of ``configs/smollm2-math.yaml``; the parts run two at a time (the config pins one
+torch thread per lineage), then their ``sweep.json`` files are combined into:
+
+- one stage, three seeds: plain LoRA, plain L2 at two lambdas, LaLoRA diag at two, kfac at one, replay
+  alone at two fractions, replay + LaLoRA; learning and the forgetting of each probe, mean +- sd, the
+  Pareto front and a plot with error bars;
+- two stages, two seeds: plain LoRA, LaLoRA, replay, replay + LaLoRA; R (mean over seeds) and BWT;
+- the curvature data size: ``lalora.samples`` 8 / 32 / 128 at the LaLoRA point.
+
+    python -m studies.study --out runs/study --results benchmarks/results/cpu-2026-12-01
+    python -m studies.study --out runs/study --results DIR --only one-stage   # parts whose names start so
+
+Written to ``--results``: ``study.json`` (every row and point, with run ids and wall times),
+``study.md`` (the tables) and ``study-pareto.png``. A part whose sweep is already finished in ``--out``
+is reported without running again (the lineages are resumed from their registries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "smollm2-math.yaml"
+PROBES = ("capitals", "demonyms")
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    args: tuple[str, ...]
+    stages: int
+    seeds: int
+
+
+LAMBDA = ("--curvature", "diag", "--lambda")
+SAMPLES_LAMBDA = 10.0
+"""The diag point whose curvature data size is swept (and the two-stage lineage's LaLoRA point): the
+earlier study's best diag lambda, fixed before this one ran."""
+PARTS = (
+    Part("one-stage-diag", (*LAMBDA, "0,10,100"), 1, 3),
+    Part("one-stage-l2", ("--curvature", "identity", "--lambda", "0.1,1"), 1, 3),
+    Part("one-stage-kfac", ("--curvature", "kfac", "--lambda", "10"), 1, 3),
+    Part("one-stage-replay", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25,0.5"), 1, 3),
+    Part("one-stage-replay-diag", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 1, 3),
+    Part("one-stage-samples", (*LAMBDA, f"{SAMPLES_LAMBDA:g}", "--grid", "lalora.samples=8,128"), 1, 3),
+    Part("two-stage", (*LAMBDA, "0,10"), 2, 2),
+    Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
+)
+"""Two queues of about equal length: every other part."""
+
+
+def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
+    """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
+    cmd = [lalora, "sweep", str(CONFIG), *part.args, "--stages", str(part.stages), "--seeds", str(part.seeds),
+           "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    t0 = time.perf_counter()
+    with open(out / f"{part.name}.log", "w") as log:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"study part {part.name} failed (exit {code}); see {out / part.name}.log")
+    summary = json.loads((out / part.name / "sweep.json").read_text())
+    return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0,
+            "summary": summary}
+
+
+def method(setting: dict[str, Any]) -> str:
+    """A row's name in the tables, from the fields its sweep set."""
+    kind, lam = setting.get("lalora.curvature.kind"), setting.get("lalora.lambda")
+    replay, samples = setting.get("training.replay.fraction"), setting.get("lalora.samples")
+    name = {"plain": "plain LoRA", "identity": f"L2 (identity), lambda {lam:g}"}.get(kind, f"{kind} lambda {lam:g}")
+    if replay:
+        name = f"replay {replay:g}" if kind == "plain" else f"replay {replay:g} + {name}"
+    if samples:
+        name += f", N_s {samples}"
+    return name
+
+
+def _pm(mean: float, sd: float) -> str:
+    return f"{mean:.3f} +- {sd:.3f}"
+
+
+def _rows(parts: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    rows = []
+    for part in parts:
+        if part["part"].startswith(prefix):
+            for r in part["summary"]["rows"]:
+                rows.append({**r, "method": method(r["setting"]), "part": part["part"]})
+    return rows
+
+
+def one_stage_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    from pipelines.lineage.report import TradeOffPoint, pareto_front
+
+    unique = {r["method"]: r for r in rows if not r["method"].endswith(("N_s 8", "N_s 128"))}
+    table = list(unique.values())
+    for i in pareto_front([TradeOffPoint(r["learning"], r["forgetting"]) for r in table]):
+        table[i]["study_pareto"] = True
+    head = ("| method | seeds | learning (GSM8K NLL drop) | forgetting: capitals | forgetting: demonyms | "
+            "forgetting (mean of both) | capitals after | Pareto |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in table:
+        cols = r["per_column"]
+        lines.append(f"| {r['method']} | {r['n']} | {_pm(r['learning'], r['learning_sd'])} | "
+                     f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
+                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} | {_pm(r['forgetting'], r['forgetting_sd'])} | "
+                     f"{r['source_final']:.3f} | {'*' if r.get('study_pareto') else ''} |")
+    return "\n".join(lines), table
+
+
+def samples_table(rows: list[dict[str, Any]]) -> str:
+    def at_point(r: dict[str, Any]) -> bool:  # diag, lambda SAMPLES_LAMBDA, no replay
+        st = r["setting"]
+        return (st.get("lalora.curvature.kind") == "diag" and st.get("lalora.lambda") == SAMPLES_LAMBDA
+                and not st.get("training.replay.fraction"))
+
+    chosen = sorted(filter(at_point, rows), key=lambda r: r["setting"].get("lalora.samples", 32))
+    lines = ["| lalora.samples (curvature sequences) | learning | forgetting: capitals | forgetting: demonyms |",
+             "|---|---|---|---|"]
+    for r in chosen:
+        cols = r["per_column"]
+        lines.append(f"| {r['setting'].get('lalora.samples', 32)} | {_pm(r['learning'], r['learning_sd'])} | "
+                     f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
+                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} |")
+    return "\n".join(lines)
+
+
+def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """R (mean over seeds) and BWT (mean +- sd) per method."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        if part["part"].startswith("two-stage"):
+            for p in part["summary"]["points"]:
+                by_method.setdefault(method(p["point"]["settings"]), []).append(p)
+    out, text = {}, []
+    domains = ["capitals", "gsm8k", "gsm_symbolic", "demonyms"]
+    for name, points in by_method.items():
+        R = [[statistics.fmean(p["R"][i][j] for p in points) for j in range(len(points[0]["R"][0]))]
+             for i in range(len(points[0]["R"]))]
+        bwt = [p["BWT"] for p in points]
+        out[name] = {"R_mean": R, "BWT": bwt, "seeds": len(points)}
+        text += [f"{name} ({len(points)} seeds): BWT {statistics.fmean(bwt):+.3f} +- {statistics.stdev(bwt):.3f}", "",
+                 "| after stage | " + " | ".join(f"{d} ({'NLL' if d.startswith('gsm') else 'acc'})" for d in domains)
+                 + " |", "|---|---|---|---|---|"]
+        for i, row in enumerate(R):
+            text.append(f"| {'before' if i == 0 else domains[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        text.append("")
+    return "\n".join(text), out
+
+
+def plot(table: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.2, 5.2))
+    for r in table:
+        marker = "*" if r["method"] == "plain LoRA" else ("s" if "replay" in r["method"] else "o")
+        ax.errorbar(r["forgetting"], r["learning"], xerr=r["forgetting_sd"], yerr=r["learning_sd"], marker=marker,
+                    markersize=10 if marker == "*" else 6, capsize=3, linestyle="none", label=r["method"])
+    front = sorted((r for r in table if r.get("study_pareto")), key=lambda r: r["forgetting"])
+    if len(front) > 1:
+        ax.plot([r["forgetting"] for r in front], [r["learning"] for r in front], color="grey", linestyle=":",
+                linewidth=1, label="Pareto front")
+    ax.set_xlabel("forgetting (mean drop of capitals and demonyms accuracy; mean +- sd over 3 seeds)")
+    ax.set_ylabel("learning (GSM8K worked-answer NLL drop, nats/token)")
+    ax.set_title("SmolLM2-135M-Instruct learns GSM8K: one stage, 60 steps")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m studies.study", description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
+    p.add_argument("--results", type=Path, required=True, help="where study.json, study.md, study-pareto.png go")
+    p.add_argument("--only", default="", help="run only the parts whose names start with this")
+    p.add_argument("--workers", type=int, default=2, help="parts run at a time (each lineage one torch thread)")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    lalora = str(Path(sys.executable).parent / "lalora")
+    chosen = [part for part in PARTS if part.name.startswith(args.only)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        parts = list(pool.map(lambda part: _run(part, args.out, lalora), chosen))
+    wall = time.perf_counter() - t0
+    one, table = one_stage_table(_rows(parts, "one-stage"))
+    two, matrices = two_stage_tables(parts)
+    md = (f"# The study (python -m studies.study, {wall:.0f} s, {args.workers} parts at a time, one thread a lineage)\n\n"
+          f"## One stage, 3 seeds\n\n{one}\n\n## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
+          f"## Two stages, 2 seeds\n\n{two}\n\n## The commands (each a lalora sweep; wall time with the other queue "
+          f"running beside it)\n\n" + "\n".join(f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s" for p in parts) + "\n")
+    (args.results / "study.md").write_text(md)
+    (args.results / "study.json").write_text(json.dumps(
+        {"wall_seconds": wall, "workers": args.workers, "cpu_count": os.cpu_count(), "one_stage": table,
+         "two_stage": matrices, "parts": [{k: v for k, v in p.items()} for p in parts]}, indent=1))
+    if table:
+        plot(table, args.results / "study-pareto.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
