@@ -67,9 +67,13 @@ def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
     """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
     cmd = [lalora, "sweep", str(CONFIG), *part.args, "--stages", str(part.stages), "--seeds", str(part.seeds),
            "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    # Each part its own Prefect database: two ephemeral servers migrating one fresh SQLite file at once
+    # race (one fails its start-up with "no such column" and Prefect starts another).
+    env = {**os.environ, "PREFECT_HOME": str(out / part.name / ".prefect")}
+    Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(out / f"{part.name}.log", "w") as log:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise SystemExit(f"study part {part.name} failed (exit {code}); see {out / part.name}.log")
     summary = json.loads((out / part.name / "sweep.json").read_text())
