@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Every problem the config has that can be known without training, one line each; exit 2 if any."""
     from pipelines.config import ConfigError, load_config
-    from pipelines.lineage.preflight import preflight
+    from pipelines.lineage.preflight import memory_line, preflight
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -91,6 +91,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
     print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
           f"lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind})")
+    memory = memory_line(cfg)
+    if memory:
+        print(f"{args.config}: {memory}")
     return 0
 
 

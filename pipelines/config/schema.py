@@ -149,21 +149,15 @@ class TrainingConfig(Model):
 
 
 class DeepSpeedConfig(Model):
-    zero_stage: Literal[0, 1, 2] = Field(0, description="ZeRO stage. Stage 3 partitions the LoRA matrices, which the "
-                                         "Laplace penalty needs whole, so it is not offered.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage. At 3 the base's weights are partitioned across "
+                                            "the ranks (fine-tune and curvature) and the LoRA matrices kept whole on "
+                                            "every rank, where the penalty and the curvature read them.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
     world_size: int = Field(1, ge=1, description="Processes per node for fine-tuning and curvature; above 1 (or with "
                             "a hostfile) both steps run through the deepspeed launcher, data parallel.")
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
                                  "relative to the config file or absolute.")
-
-    @field_validator("zero_stage", mode="before")
-    @classmethod
-    def _no_stage3(cls, v: Any) -> Any:
-        if v == 3:
-            raise ValueError("zero_stage 3 partitions the LoRA parameters, which the Laplace penalty needs whole; use 0, 1 or 2")
-        return v
 
 
 class EvaluationConfig(Model):

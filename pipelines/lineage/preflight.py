@@ -76,6 +76,37 @@ def model_problems(cfg: LineageConfig) -> list[str]:
     return [problem] if problem else []
 
 
+def memory_line(cfg: LineageConfig) -> str | None:
+    """What one rank holds of the parameters, from the base's shapes (no weights read): the base's bytes
+    (at ZeRO-3 a partition of each matrix larger than the LoRA matrices, which stay whole) and the adapter's;
+    None for a hub model not in the local cache."""
+    import math
+
+    import torch
+
+    from pipelines.runtime.models import _DTYPES, meta_model
+
+    model = meta_model(cfg.model)
+    if model is None:
+        return None
+    size = torch.empty((), dtype=_DTYPES[cfg.model.dtype]).element_size()
+    targets = set(cfg.lora.target_modules)
+    lora = [cfg.lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    whole_below = max((cfg.lora.r * max(m.in_features, m.out_features) for name, m in model.named_modules()
+                       if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets), default=0)
+    ranks, zero3 = cfg.deepspeed.world_size, cfg.deepspeed.zero_stage == 3
+    whole = per_rank = 0
+    for p in model.parameters():
+        n = p.numel()
+        whole += n
+        per_rank += math.ceil(n / ranks) if zero3 and n > whole_below else n
+    mib = 1024**2
+    split = f" (ZeRO-3 over {ranks} rank{'s' if ranks > 1 else ''}: {whole * size / mib:.2f} MiB whole)" if zero3 else ""
+    return (f"parameters per rank: base {per_rank * size / mib:.2f} MiB{split}, LoRA {sum(lora) * size / mib:.3f} MiB "
+            f"whole on every rank (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype})")
+
+
 def preflight(cfg: LineageConfig) -> list[str]:
     """Every problem that can be known without training, one line each (empty: none)."""
     return model_problems(cfg) + data_problems(cfg)

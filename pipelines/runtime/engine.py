@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,22 +23,109 @@ from pipelines.tracker import Tracker
 log = logging.getLogger(__name__)
 
 
-def deepspeed_config(cfg: DeepSpeedConfig, batch_size: int) -> dict:
-    """``batch_size`` is the global batch; each of the world's ranks takes an equal share of it."""
+def deepspeed_config(cfg: DeepSpeedConfig, batch_size: int, whole_numel: int = 0) -> dict:
+    """``batch_size`` is the global batch; each of the world's ranks takes an equal share of it.
+
+    At ZeRO-3 the parameters of at most ``whole_numel`` elements (the LoRA matrices: pass the largest one's
+    size) are kept whole on every rank (DeepSpeed's persistent parameters: gathered once, all-gathered again
+    after every optimizer step, never released), so the penalty and the curvature read them as they are;
+    everything larger (the base's weight matrices) is partitioned across the ranks.
+    """
     _, size = world()
     if batch_size % size:
         raise ValueError(f"batch size {batch_size} is not divisible by the world size {size}")
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        zero |= {"stage3_param_persistence_threshold": whole_numel}
     return {
         "train_micro_batch_size_per_gpu": batch_size // size,
         "train_batch_size": batch_size,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.precision == "bf16"},
         "gradient_clipping": cfg.gradient_clipping,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def compute_device() -> torch.device:
+    """This rank's accelerator (the launcher's LOCAL_RANK-th GPU), else the CPU: where DeepSpeed puts an engine."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def keep_whole(params: list[nn.Parameter]) -> None:
+    """Make ZeRO-3's persistent parameters whole on this rank where they are not (a collective: every rank
+    calls it at the same points). DeepSpeed gathers them at a module's first forward and keeps them from the
+    second step on, but while it traces the first step it releases them after each module like any other, and
+    the penalty reads them after the forward. A no-op outside ZeRO-3 and once they are whole (a host-side
+    status check, no device sync)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        return
+    if not all(getattr(p, "ds_persist", False) for p in zero):
+        raise RuntimeError("ZeRO-3 partitioned a LoRA matrix: the persistence threshold is below its size")
+    missing = [p for p in zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if missing:
+        missing[0].all_gather(missing)
+
+
+@dataclass(frozen=True)
+class ParameterBytes:
+    """Bytes of a model's parameters one rank holds: the base's (a partition of each at ZeRO-3) and the
+    trainable ones (whole everywhere)."""
+
+    base_per_rank: int
+    base_whole: int
+    trainable: int
+    ranks: int
+
+    def describe(self) -> str:
+        mib = 1024**2
+        split = (f" (partitioned over {self.ranks} ranks: {self.base_whole / mib:.2f} MiB whole)"
+                 if self.base_per_rank < self.base_whole else "")
+        return (f"base parameters {self.base_per_rank / mib:.2f} MiB per rank{split}; trainable "
+                f"{self.trainable / mib:.3f} MiB whole on every rank")
+
+
+def parameter_bytes(module: nn.Module) -> ParameterBytes:
+    """What this rank holds of ``module``'s parameters, measured on the live tensors (ZeRO-3: the local
+    partition of each partitioned parameter, ``ds_tensor``)."""
+    base = whole = trainable = 0
+    for p in module.parameters():
+        size = p.element_size()
+        full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        if p.requires_grad:
+            trainable += full * size
+            continue
+        local = full if not hasattr(p, "ds_tensor") or getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+        base, whole = base + local * size, whole + full * size
+    return ParameterBytes(base, whole, trainable, world()[1])
+
+
+@contextmanager
+def partitioned(model: nn.Module, ds: DeepSpeedConfig, whole: list[nn.Parameter]) -> Iterator[nn.Module]:
+    """``model`` as a pass without an optimizer sees it: at ZeRO-3 inside a DeepSpeed engine (the base
+    partitioned, its weights gathered module by module in the forward and the backward; ``whole`` kept whole),
+    torn down after; at any other stage the model itself (its parameters are replicated already)."""
+    if ds.zero_stage != 3:
+        yield model
+        return
+    import deepspeed
+
+    with distributed() as (_, size):
+        engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(ds, size, max(p.numel() for p in whole)))
+        try:
+            keep_whole(whole)
+            log.info("ZeRO-3: %s", parameter_bytes(engine.module).describe())
+            yield engine.module
+        finally:
+            engine.destroy()
 
 
 @dataclass
@@ -63,11 +152,14 @@ def _shard(batch: dict[str, Tensor], rank: int, size: int) -> tuple[dict[str, Te
 
 
 def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[], Tensor] | None,
-               num_items: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Mean target-token NLL of the batch (transformers' own loss) and the penalty."""
+               num_items: Tensor | None, params: list[nn.Parameter]) -> tuple[Tensor, Tensor]:
+    """Mean target-token NLL of the batch (transformers' own loss) and the penalty (``params`` whole for it)."""
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                  **({"num_items_in_batch": num_items} if num_items is not None else {}))
-    pen = penalty() if penalty is not None else out.loss.new_zeros(())
+    if penalty is None:
+        return out.loss, out.loss.new_zeros(())
+    keep_whole(params)
+    pen = penalty()
     return out.loss, pen
 
 
@@ -163,16 +255,22 @@ def train(
         torch.manual_seed(seed)
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                          config=deepspeed_config(ds, batch_size))
+                                          config=deepspeed_config(ds, batch_size, max(p.numel() for p in params)))
         try:
-            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches,
+            keep_whole(params)
+            held = parameter_bytes(engine.module)
+            log.info("%s: ZeRO-%d, %s", desc, ds.zero_stage, held.describe())
+            tracker.log_params({"train.base_param_bytes_per_rank": held.base_per_rank,
+                                "train.trainable_param_bytes": held.trainable})
+            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches, params,
                          steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every)
         finally:
             engine.destroy()
 
 
-def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]], *, steps: int,
+def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]],
+          params: list[nn.Parameter], *, steps: int,
           tracker: Tracker, log_every: int, desc: str, checkpoint_dir: Path | None,
           checkpoint_every: int) -> TrainResult:
     """The training steps of ``train``: resume, step, log and checkpoint."""
@@ -196,7 +294,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
         loss, pen = _loss_step(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}, penalty,
-                               num_items)
+                               num_items, params)
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()

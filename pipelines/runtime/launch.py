@@ -50,7 +50,7 @@ def _precision(cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracke
 
     return compute_precision(paths.base, paths.anchor, cfg.lalora, cfg.all_domains[stage - 1], previous=paths.precision,
                              stage=stage, dtype=cfg.model.dtype, max_length=cfg.training.max_length, seed=cfg.seed,
-                             data_dir=paths.data, out_dir=paths.out, tracker=tracker)
+                             data_dir=paths.data, out_dir=paths.out, tracker=tracker, ds=cfg.deepspeed)
 
 
 def _finetune(cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker) -> Any:

@@ -151,6 +151,17 @@ def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) ->
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable (LoRA) tensors of a peft model by state-dict name, checked whole: a ZeRO-3 engine leaves
+    partitioned parameters empty, and peft would save such an adapter without complaint."""
+    state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    empty = [name for name, p in model.named_parameters()
+             if p.requires_grad and tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape))]
+    if empty or not state:
+        raise RuntimeError(f"the adapter's parameters are not whole (ZeRO-3 partitions: {empty[:3]}); not saved")
+    return state
+
+
 def load_for_inference(base_path: str | Path, adapter_dir: str | Path, dtype: str = "float32",
                        revision: str | None = None) -> tuple[Any, Any]:
     """(peft model in eval mode, on the GPU when there is one; tokenizer): what scoring and serving run."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+
+import torch
 from pathlib import Path
 
 from lalora import Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature import MemoryEstimate
-from pipelines.config import DomainConfig, LaLoRAConfig
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig
 from pipelines.data.tokens import encode, fixed_batches, special_ids
 from pipelines.data.sources import load_domain
-from pipelines.runtime.engine import world
+from pipelines.runtime.engine import compute_device, partitioned, world
 from pipelines.errors import BadInput
 from pipelines.runtime.models import load_adapter, load_base
 from pipelines.tracker import Tracker
@@ -49,12 +51,14 @@ class PrecisionResult:
 
 def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, curvature_domain: DomainConfig, *,
                       previous: str | None, stage: int, dtype: str, max_length: int, seed: int, data_dir: str, out_dir: str,
-                      tracker: Tracker) -> PrecisionResult:
+                      tracker: Tracker, ds: DeepSpeedConfig | None = None) -> PrecisionResult:
     """F_hat(anchor; curvature_domain), accumulated onto ``previous``, written to ``out_dir``.
 
     ``anchor_adapter`` is the adapter as it stands before the stage (the LoRA initialisation
     for the first stage); ``curvature_domain`` is the domain learned before it (the source
-    for the first stage).
+    for the first stage). At ``ds.zero_stage`` 3 the pass runs inside a DeepSpeed engine, the base
+    partitioned across the ranks and the LoRA matrices whole (their layer inputs and output gradients,
+    which the estimator reads, exist in the forward and backward as at any other stage).
     """
     from tqdm.auto import tqdm
 
@@ -71,20 +75,30 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
 
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
-    batches = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
+    every = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
     rank, size = world()
-    batches = batches[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
+    batches = every[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
+    zero3 = ds is not None and ds.zero_stage == 3
+    if zero3 and size > 1:  # each forward gathers weights with every rank: all run as many, the extra ones scoring nothing
+        filler = {**every[0], "labels": torch.full_like(every[0]["labels"], -100)}
+        batches += [filler] * (-(-len(every) // size) - len(batches))
     estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
                                 **cfg.curvature.model_dump(exclude={"kind"}))
     check_memory(estimator.memory(shapes), cfg, stage)
     with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
               leave=False, disable=rank != 0) as bar:
-        est = estimator.estimate(model, batches, progress=bar.update)
+        device = compute_device()  # a GPU when there is one (at ZeRO-3 the engine puts the module there)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        if not zero3:
+            model.to(device)
+        with partitioned(model, ds or DeepSpeedConfig(), [p.param for p in params]) as module:
+            est = estimator.estimate(module, batches, progress=bar.update)
     zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
         log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
                     "only tau_A = %g constrains A in this stage. Expected, not a bug.", stage, prior.tau_A)
-    precision = accumulate(prev_precision, est.precision, cfg.accumulate.mode, cfg.accumulate.gamma)
+    fresh = type(est.precision).from_state_dict({k: v.cpu() for k, v in est.precision.to_state_dict().items()})
+    precision = accumulate(prev_precision, fresh, cfg.accumulate.mode, cfg.accumulate.gamma)  # kept on the host
     history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
                           "data_sha256": splits.fingerprint}]

@@ -16,7 +16,7 @@ from pipelines.data.sources import DataError, load_domain
 from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows
 from pipelines.data.tokens import encode, special_ids
 from pipelines.runtime.engine import train, world
-from pipelines.runtime.models import load_adapter, load_base, new_adapter
+from pipelines.runtime.models import adapter_state, load_adapter, load_base, new_adapter
 from pipelines.tracker import Tracker
 from pipelines.workspace import write_dir_atomic
 
@@ -75,8 +75,9 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
                    checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
                    checkpoint_every=training.checkpoint_every, seed=training.seed + stage)
     target = Path(out_dir) / "adapter"
+    state = adapter_state(model)
     if world()[0] == 0:
-        write_dir_atomic(target, lambda d: model.save_pretrained(d))
+        write_dir_atomic(target, lambda d: model.save_pretrained(d, state_dict=state))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
     return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)

@@ -22,10 +22,10 @@ from tests.conftest import child_env
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 ROOT = Path(__file__).resolve().parents[2]
-def config(replay: float) -> str:
+def config(replay: float, zero_stage: int) -> str:
     return tiny("one", name="killed", model={"pretrain": {"steps": 10}},
                 training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4,
-                          "replay": {"fraction": replay}},
+                          "replay": {"fraction": replay}}, deepspeed={"zero_stage": zero_stage},
                 tracking={"experiment": "killed", "registered_model": "killed-adapter"})
 
 
@@ -39,14 +39,15 @@ def _latest_step(out: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("replay", [0.0, 0.25], ids=["plain", "replay"])
-def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, replay):
+@pytest.mark.parametrize("replay,zero_stage", [(0.0, 0), (0.25, 0), (0.0, 3)], ids=["plain", "replay", "zero3"])
+def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, replay, zero_stage):
     """With replay too: the source's rows fill a quarter of every batch, and the resumed stage skips exactly
-    the batches it trained."""
+    the batches it trained. At ZeRO-3 the checkpoint holds the adapter's partition and its optimizer state;
+    the resumed engine gathers it whole again."""
     from prefect.settings import PREFECT_API_URL
 
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(config(replay))
+    cfg.write_text(config(replay, zero_stage))
     out = tmp_path / "killed"
     seed = int(os.environ.get("LALORA_KILL_SEED") or time.time_ns() % 2**32)
     kill_at = random.Random(seed).choice(range(8, 37, 4))

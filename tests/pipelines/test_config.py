@@ -44,7 +44,7 @@ def test_overrides_reach_any_field_including_list_items(tmp_path):
     (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than 0"),
     (MINIMAL, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than or equal to 1"),
     (MINIMAL, ["lalora.curvature.kind=kfaq"], "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'"),
-    (MINIMAL, ["deepspeed.zero_stage=3"], "deepspeed.zero_stage: zero_stage 3 partitions the LoRA parameters"),
+    (MINIMAL, ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2 or 3"),
     (MINIMAL, ["tracking.latest_alias=latest"], "alias 'latest' is reserved by MLflow"),
     (MINIMAL, ["training.steps=many"], "training.steps: Input should be a valid integer"),
     (MINIMAL, ["lalora.accumulate.mode=forever"], "lalora.accumulate.mode: must be one of 'sum', 'online' or 'replace'"),

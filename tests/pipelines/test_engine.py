@@ -143,8 +143,8 @@ def _zero2_cuda_options(monkeypatch):
 
     plain = engine_mod.deepspeed_config
 
-    def config(cfg, batch_size):
-        out = plain(cfg, batch_size)
+    def config(cfg, batch_size, *whole):
+        out = plain(cfg, batch_size, *whole)
         out["zero_optimization"] |= {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 50}
         return out
 

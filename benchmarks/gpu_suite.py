@@ -1,0 +1,251 @@
+"""One device call's worth of measurements: the DeepSpeed anchor and the pipeline side by side.
+
+    python benchmarks/gpu_suite.py                                   # on the H200: Llama-3.2-1B shape, bf16
+    python benchmarks/gpu_suite.py --shape tiny --device cpu --dtype fp32 --steps 4   # the same code here (tested)
+
+In one process, one after the other on the same device:
+
+1. the anchor, ``shared/bench/gpu_anchor_ds.py`` (plain PEFT LoRA in a DeepSpeed engine, ZeRO-0 and ZeRO-2,
+   B=8 x T=1024, bf16), run as its own process; its ZeRO-2 tokens/s is the reference (CUDA only: on the CPU
+   it is skipped and said so);
+2. ours, through the pipeline's own stage functions (``compute_precision`` then ``finetune``, each loading a
+   fresh base + adapter from disk as a lineage stage does), 2 stages x 30 steps at ZeRO-2 and at ZeRO-3,
+   LoRA r=16 on every linear layer, lambda 1 with the diag precision: fine-tune tokens/s per stage (the
+   loop's own clock: the engine's start-up excluded, its first steps included), peak memory, base bytes per rank;
+3. the curvature pass (the estimator over one batch, diag and kfac) against one batched forward + backward
+   of the same batch on the same model;
+4. batched greedy generation tokens/s with the KV cache (8 prompts of 128 tokens, 128 new tokens each).
+
+The data is the built-in copy task at a length that fills T (character tokens; the base is the shape's
+random Llama with its full vocabulary, so every matrix is the real size). The last line printed is one
+JSON object; the targets (fine-tune >= 1.00x the anchor's ZeRO-2, diag curvature <= 1.3x a backward) are in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.curvature import SHAPES  # noqa: E402
+
+SHAPES = {**SHAPES, "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "intermediate": 128, "heads": 4, "kv_heads": 2}}
+ANCHOR = ROOT.parent / "shared" / "bench" / "gpu_anchor_ds.py"
+
+
+class Recorder:
+    """A tracker keeping the params and metrics the stage functions log (the last value of each)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.metrics.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.update(metrics)
+
+    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
+        return None
+
+
+def run_anchor(device: str, path: Path) -> dict[str, Any]:
+    """The anchor's JSON lines ({stage: {...}}) as {"ds_zero0": ..., "ds_zero2": ...} with tokens/s."""
+    if not device.startswith("cuda"):
+        return {"skipped": "the anchor is CUDA-only (nccl, a 1B model on cuda)"}
+    if not path.is_file():
+        return {"skipped": f"{path} not found"}
+    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=path.parent,
+                          env={**os.environ, "MASTER_PORT": "29533"})
+    out: dict[str, Any] = {"exit": proc.returncode}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            for stage, values in json.loads(line).items():
+                out[f"ds_zero{stage}"] = {**values, "tokens_per_s": 8 * 1024 / values["ms_median"] * 1e3}
+    if proc.returncode != 0:
+        out["tail"] = (proc.stdout + proc.stderr)[-1500:]
+    return out
+
+
+def save_base(shape: dict[str, int], dtype: torch.dtype, path: Path) -> None:
+    """The shape's random Llama and the character tokenizer, saved as a lineage's base is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipelines.runtime.models import char_tokenizer
+
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                      num_key_value_heads=shape["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=True,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
+    """2 stages of curvature + fine-tune through the pipeline's stage functions at one ZeRO stage."""
+    from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
+    from pipelines.stages.curvature import compute_precision
+    from pipelines.stages.finetune import finetune, init_adapter
+
+    cuda = torch.cuda.is_available()
+    length = max(2, (args.seq - 4) // 2)  # prompt + answer fill T
+    domain = DomainConfig.model_validate({"name": "copy", "data": {"kind": "generator", "op": "copy", "min_len": length,
+                                                                  "max_len": length, "size": 400}, "eval_size": 8})
+    lalora = LaLoRAConfig.model_validate({"lambda": 1.0, "samples": args.batch * args.curvature_batches,
+                                          "batch_size": args.batch, "curvature": {"kind": "diag"}})
+    training = TrainingConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=10,
+                              checkpoint_every=0)
+    ds = DeepSpeedConfig(zero_stage=zero, precision=args.dtype, gradient_clipping=1.0)
+    anchor = init_adapter(base, LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=dtype_name,
+                          out_dir=str(work / f"z{zero}-init"))
+    precision, stages = None, []
+    for stage in (1, 2):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        out = work / f"z{zero}-stage{stage}"
+        rec = Recorder()
+        t0 = time.perf_counter()
+        prec = compute_precision(base, anchor, lalora, domain, previous=precision, stage=stage, dtype=dtype_name,
+                                 max_length=args.seq, seed=0, data_dir=str(work / "data"), out_dir=str(out),
+                                 tracker=rec, ds=ds)
+        curvature_s = time.perf_counter() - t0
+        result = finetune(base, anchor, prec.path, lalora, domain, training, ds, dtype=dtype_name, stage=stage,
+                          data_dir=str(work / "data"), out_dir=str(out), tracker=rec)
+        precision, anchor = prec.path, result.adapter
+        stages.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
+                       "final_loss": result.final_loss, "final_penalty": result.final_penalty,
+                       "curvature_step_s": curvature_s,
+                       "base_bytes_per_rank": rec.metrics.get("train.base_param_bytes_per_rank"),
+                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
+        print(f"ZeRO-{zero} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step {curvature_s:.1f} s, "
+              f"base {stages[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank", flush=True)
+    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in stages), "stages": stages}
+
+
+def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, float]:
+    """One batch: the estimator (diag, kfac) against a batched forward + backward, minimum of 3, same model."""
+    from lalora import build_estimator
+    from lalora.curvature.hooks import sequence_nll
+    from pipelines.runtime.engine import compute_device
+    from pipelines.runtime.models import load_adapter, load_base
+
+    device = compute_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model = load_adapter(load_base(base, dtype_name)[0], work / "z2-stage1" / "adapter", trainable=True).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (args.batch, args.seq), generator=g).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def best(fn) -> float:
+        ts = []
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return min(ts)
+
+    def backward() -> None:
+        model.zero_grad(set_to_none=True)
+        sequence_nll(model(input_ids=ids).logits, batch["labels"]).sum().backward()
+
+    out = {"backward_ms": best(backward)}
+    model.zero_grad(set_to_none=True)
+    for kind in ("diag", "kfac"):
+        est = build_estimator(kind)
+        out[f"{kind}_ms"] = best(lambda: est.estimate(model, [batch]))
+        out[f"{kind}_vs_backward"] = out[f"{kind}_ms"] / out["backward_ms"]
+    return out
+
+
+def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, float]:
+    """Greedy batched generation as the evaluation runs it (left padding, KV cache), a fixed number of new tokens."""
+    from pipelines.runtime.models import load_for_inference
+
+    model, tok = load_for_inference(base, work / "z2-stage1" / "adapter", dtype_name)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 100, (args.gen_batch, args.gen_prompt), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
+                  do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, **kwargs)
+        sync()
+    seconds = time.perf_counter() - t0
+    new = (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    return {"tokens_per_s": new / seconds, "new_tokens": new, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
+    ap.add_argument("--device", default="cuda", help="cuda or cpu (the pipeline uses the GPU when there is one)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30, help="fine-tune steps per stage")
+    ap.add_argument("--curvature-batches", type=int, default=2)
+    ap.add_argument("--zero", default="2,3", help="ZeRO stages of the fine-tune series")
+    ap.add_argument("--gen-batch", type=int, default=8)
+    ap.add_argument("--gen-prompt", type=int, default=128)
+    ap.add_argument("--gen-new", type=int, default=128)
+    ap.add_argument("--anchor", type=Path, default=ANCHOR)
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU here; use --device cpu")
+    if args.device == "cpu" and torch.cuda.is_available():
+        raise SystemExit("--device cpu on a GPU machine: the pipeline would use the GPU; hide it (CUDA_VISIBLE_DEVICES=)")
+    dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    t_all = time.perf_counter()
+    summary: dict[str, Any] = {"shape": args.shape, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
+                               "rank": args.rank, "steps": args.steps,
+                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                               "torch_threads": torch.get_num_threads()}
+    summary["anchor"] = run_anchor(args.device, args.anchor)
+    print(f"anchor: {json.dumps(summary['anchor'])[:400]}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        save_base(SHAPES[args.shape], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], work / "base")
+        base = str(work / "base")
+        summary["finetune"] = {f"zero{z}": finetune_series(base, work, int(z), args, dtype_name)
+                               for z in args.zero.split(",")}
+        summary["curvature"] = curvature_vs_backward(base, work, args, dtype_name)
+        summary["generation"] = generation(base, work, args, dtype_name)
+    ref = summary["anchor"].get("ds_zero2", {}).get("tokens_per_s")
+    ratios = {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()} if ref else {}
+    ratios["diag_curvature_vs_backward"] = summary["curvature"]["diag_vs_backward"]
+    ratios["kfac_curvature_vs_backward"] = summary["curvature"]["kfac_vs_backward"]
+    summary["ratios"] = ratios
+    summary["targets"] = {
+        "finetune_zero2_vs_anchor_zero2 >= 1.00": (ratios["finetune_zero2_vs_anchor_zero2"] >= 1.0)
+        if "finetune_zero2_vs_anchor_zero2" in ratios else None,
+        "diag_curvature_vs_backward <= 1.3": ratios["diag_curvature_vs_backward"] <= 1.3}
+    summary["seconds"] = time.perf_counter() - t_all
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

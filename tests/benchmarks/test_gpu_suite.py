@@ -1,0 +1,36 @@
+"""benchmarks/gpu_suite.py, the one script a lent GPU runs, runs here too: --shape tiny --device cpu."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env
+
+pytestmark = pytest.mark.slow  # DeepSpeed engines in a subprocess: make test, not test-fast
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--shape", "tiny", "--device", "cpu", "--dtype",
+           "fp32", "--steps", "3", "--seq", "48", "--gen-prompt", "8", "--gen-new", "4", "--work", str(tmp_path / "w")]
+    out = subprocess.run(cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["anchor"] == {"skipped": "the anchor is CUDA-only (nccl, a 1B model on cuda)"}
+    for zero in ("zero2", "zero3"):
+        stages = summary["finetune"][zero]["stages"]
+        assert [s["stage"] for s in stages] == [1, 2]
+        assert all(s["tokens_per_s"] > 0 and s["final_penalty"] > 0 and s["base_bytes_per_rank"] > 0 for s in stages)
+    # one rank holds the whole base at either stage; the same steps give the same losses
+    z2, z3 = (summary["finetune"][z]["stages"] for z in ("zero2", "zero3"))
+    assert [s["base_bytes_per_rank"] for s in z2] == [s["base_bytes_per_rank"] for s in z3]
+    assert [s["final_loss"] for s in z2] == pytest.approx([s["final_loss"] for s in z3], rel=1e-5)
+    assert summary["curvature"]["diag_vs_backward"] > 0 and summary["curvature"]["kfac_vs_backward"] > 0
+    assert summary["generation"]["new_tokens"] == 8 * 4
+    assert set(summary["targets"]) == {"finetune_zero2_vs_anchor_zero2 >= 1.00", "diag_curvature_vs_backward <= 1.3"}
+    assert (tmp_path / "w" / "z3-stage2" / "adapter" / "adapter_model.safetensors").is_file()
