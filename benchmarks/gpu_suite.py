@@ -45,22 +45,6 @@ SHAPES = {**SHAPES, "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "intermedi
 ANCHOR = ROOT.parent / "shared" / "bench" / "gpu_anchor_ds.py"
 
 
-class Recorder:
-    """A tracker keeping the params and metrics the stage functions log (the last value of each)."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.metrics.update(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
-        return None
-
-
 def run_anchor(device: str, path: Path) -> dict[str, Any]:
     """The anchor's JSON lines ({stage: {...}}) as {"ds_zero0": ..., "ds_zero2": ...} with tokens/s."""
     if not device.startswith("cuda"):
@@ -100,6 +84,7 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
     from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
     from pipelines.stages.curvature import compute_precision
     from pipelines.stages.finetune import finetune, init_adapter
+    from pipelines.tracker import LatestTracker
 
     cuda = torch.cuda.is_available()
     length = max(2, (args.seq - 4) // 2)  # prompt + answer fill T
@@ -117,7 +102,7 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         out = work / f"z{zero}-stage{stage}"
-        rec = Recorder()
+        rec = LatestTracker()
         t0 = time.perf_counter()
         prec = compute_precision(base, anchor, lalora, domain, previous=precision, stage=stage, dtype=dtype_name,
                                  max_length=args.seq, seed=0, data_dir=str(work / "data"), out_dir=str(out),
@@ -129,7 +114,7 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
         stages.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
                        "final_loss": result.final_loss, "final_penalty": result.final_penalty,
                        "curvature_step_s": curvature_s,
-                       "base_bytes_per_rank": rec.metrics.get("train.base_param_bytes_per_rank"),
+                       "base_bytes_per_rank": rec.values.get("train.base_param_bytes_per_rank"),
                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
         print(f"ZeRO-{zero} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step {curvature_s:.1f} s, "
               f"base {stages[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank", flush=True)

@@ -25,20 +25,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        self.metrics.update(params)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.update(metrics)
-
-    def log_artifact(self, path: Any, artifact_path: str | None = None) -> None:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=str(ROOT / ".cache" / "smollm2-135m-instruct"))
@@ -55,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from lalora import load_precision
-    from pipelines.runtime.launch import StepPaths, run_step
     from pipelines.config import LineageConfig, LoraSettings
+    from pipelines.runtime.launch import StepPaths, run_step
     from pipelines.stages.finetune import init_adapter
+    from pipelines.tracker import LatestTracker
 
     n = max(2, (args.max_length - 8) // 2)
     raw = {"model": {"path": args.base},
@@ -78,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         for zero in (2, 3):
             cfg = LineageConfig.model_validate({**raw, "deepspeed": {"world_size": args.world_size, "zero_stage": zero}})
             paths = StepPaths(args.base, anchor, None, str(root / "data"), str(root / f"z{zero}"))
-            rec = Recorder()
+            rec = LatestTracker()
             t0 = time.perf_counter()
             prec = run_step("precision", cfg, 1, paths, rec)
             curvature_s = time.perf_counter() - t0
             paths = StepPaths(args.base, anchor, prec.path, str(root / "data"), str(root / f"z{zero}"))
             fine = run_step("finetune", cfg, 1, paths, rec)
             results[zero] = (prec, fine)
-            out[f"zero{zero}"] = {"base_bytes_per_rank": rec.metrics["train.base_param_bytes_per_rank"],
-                                  "trainable_bytes": rec.metrics["train.trainable_param_bytes"],
+            out[f"zero{zero}"] = {"base_bytes_per_rank": rec.values["train.base_param_bytes_per_rank"],
+                                  "trainable_bytes": rec.values["train.trainable_param_bytes"],
                                   "finetune_seconds": fine.seconds, "curvature_step_seconds": curvature_s,
                                   "final_loss": fine.final_loss}
             mib = 2**20

@@ -27,6 +27,20 @@ class NullTracker:
         return None
 
 
+class LatestTracker(NullTracker):
+    """Keeps the latest value of every param and metric logged (one flat dict): for a benchmark reading what
+    the stage functions report."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.values.update(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.values.update(metrics)
+
+
 class JsonlTracker:
     """Appends every call to a JSON-lines file, for a process that cannot reach the real tracker
     (a rank under the deepspeed launcher); ``replay`` hands the calls on afterwards."""

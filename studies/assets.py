@@ -44,6 +44,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,18 +219,21 @@ def capital_table() -> list[tuple[str, str]]:
     return sorted({(n, c) for n, c in single if shared[c] == 1})
 
 
+def _four_way(table: list[tuple[str, str]], seed: int, n_choices: int) -> Iterator[tuple[str, list[str], int]]:
+    """(key, choices, label) per (key, answer) of ``table``: the answer among ``n_choices - 1`` other answers of
+    the table, drawn and ordered by one RNG seeded with ``seed``."""
+    answers = sorted({a for _, a in table})
+    rng = random.Random(seed)
+    for key, answer in table:
+        choices = rng.sample([a for a in answers if a != answer], n_choices - 1) + [answer]
+        rng.shuffle(choices)
+        yield key, choices, choices.index(answer)
+
+
 def capitals_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
     """Multiple-choice rows: the true capital among ``n_choices - 1`` other capitals, order and label seeded."""
-    table = capital_table()
-    capitals = sorted({c for _, c in table})
-    rng = random.Random(seed)
-    rows = []
-    for country, capital in table:
-        choices = rng.sample([c for c in capitals if c != capital], n_choices - 1) + [capital]
-        rng.shuffle(choices)
-        rows.append({"question": f"What is the capital of {country}?", "choices": choices,
-                     "label": choices.index(capital), "country": country})
-    return rows
+    return [{"question": f"What is the capital of {country}?", "choices": choices, "label": label, "country": country}
+            for country, choices, label in _four_way(capital_table(), seed, n_choices)]
 
 
 def demonym_table() -> list[tuple[str, str]]:
@@ -249,15 +253,8 @@ def demonym_table() -> list[tuple[str, str]]:
 
 def demonyms_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
     """Multiple-choice rows: "A person from X is called" the true demonym among ``n_choices - 1`` others, seeded."""
-    table = demonym_table()
-    demonyms = sorted({d for _, d in table})
-    rng = random.Random(seed)
-    rows = []
-    for country, demonym in table:
-        choices = rng.sample([d for d in demonyms if d != demonym], n_choices - 1) + [demonym]
-        rng.shuffle(choices)
-        rows.append({"country": country, "choices": choices, "label": choices.index(demonym)})
-    return rows
+    return [{"country": country, "choices": choices, "label": label}
+            for country, choices, label in _four_way(demonym_table(), seed, n_choices)]
 
 
 # --- files -------------------------------------------------------------------------------
