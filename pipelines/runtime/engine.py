@@ -152,13 +152,15 @@ def _shard(batch: dict[str, Tensor], rank: int, size: int) -> tuple[dict[str, Te
 
 
 def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[], Tensor] | None,
-               num_items: Tensor | None, params: list[nn.Parameter]) -> tuple[Tensor, Tensor]:
-    """Mean target-token NLL of the batch (transformers' own loss) and the penalty (``params`` whole for it)."""
+               num_items: Tensor | None, regather: Callable[[], None] | None) -> tuple[Tensor, Tensor]:
+    """Mean target-token NLL of the batch (transformers' own loss) and the penalty (at ZeRO-3 ``regather``
+    first makes the LoRA matrices whole for it)."""
     out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                  **({"num_items_in_batch": num_items} if num_items is not None else {}))
     if penalty is None:
         return out.loss, out.loss.new_zeros(())
-    keep_whole(params)
+    if regather is not None:
+        regather()
     pen = penalty()
     return out.loss, pen
 
@@ -262,7 +264,8 @@ def train(
             log.info("%s: ZeRO-%d, %s", desc, ds.zero_stage, held.describe())
             tracker.log_params({"train.base_param_bytes_per_rank": held.base_per_rank,
                                 "train.trainable_param_bytes": held.trainable})
-            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches, params,
+            regather = (lambda: keep_whole(params)) if ds.zero_stage == 3 else None
+            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches, regather,
                          steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every)
         finally:
@@ -270,7 +273,7 @@ def train(
 
 
 def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]],
-          params: list[nn.Parameter], *, steps: int,
+          regather: Callable[[], None] | None, *, steps: int,
           tracker: Tracker, log_every: int, desc: str, checkpoint_dir: Path | None,
           checkpoint_every: int) -> TrainResult:
     """The training steps of ``train``: resume, step, log and checkpoint."""
@@ -294,7 +297,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
         loss, pen = _loss_step(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}, penalty,
-                               num_items, params)
+                               num_items, regather)
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()
