@@ -15,8 +15,10 @@ torch thread per lineage), then their ``sweep.json`` files are combined into:
     python -m studies.study --out runs/study --results DIR --only one-stage   # parts whose names start so
 
 Written to ``--results``: ``study.json`` (every row and point, with run ids and wall times),
-``study.md`` (the tables) and ``study-pareto.png``. A part whose sweep is already finished in ``--out``
-is reported without running again (the lineages are resumed from their registries).
+``study.md`` (the tables) and ``study-pareto.png``. A part whose sweep already finished in ``--out``
+(its ``sweep.json`` with no failed lineage) is reported from that file, with the wall time the sweep
+recorded, without running again; a part that stopped half-way is run again and its lineages resume from
+their registries. Delete ``--out/NAME`` to rerun a part from scratch.
 """
 
 from __future__ import annotations
@@ -65,8 +67,13 @@ PARTS = (
 
 def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
     """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
+    finished = out / part.name / "sweep.json"
     cmd = [lalora, "sweep", str(CONFIG), *part.args, "--stages", str(part.stages), "--seeds", str(part.seeds),
            "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    if finished.exists() and not (summary := json.loads(finished.read_text()))["failed"]:
+        print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
+        return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
+                "summary": summary}
     # Each part its own Prefect database: two ephemeral servers migrating one fresh SQLite file at once
     # race (one fails its start-up with "no such column" and Prefect starts another).
     env = {**os.environ, "PREFECT_HOME": str(out / part.name / ".prefect")}
