@@ -131,15 +131,16 @@ def _gold(value: Any, choices: list[str]) -> int:
     raise RowError(f"label {value!r} is neither an index, a letter A-Z nor one of the choices")
 
 
+def _field_or_template(field: str, template: str | None) -> tuple[Callable[[dict[str, Any]], str], list[str]]:
+    """The text of a row from ``template`` when given, else the column ``field``; and the columns it reads."""
+    if template is not None:
+        return _template(template)
+    return (lambda r: str(r[field])), [field]
+
+
 def mapping_converter(fmt: RowFormat) -> tuple[Converter, list[str]]:
     """The converter of a field mapping / templates, and the columns it needs (in mapping order)."""
-    needed: list[str] = []
-    if fmt.prompt_template is not None:
-        prompt_fn, names = _template(fmt.prompt_template)
-        needed += names
-    else:
-        needed.append(fmt.prompt_field)
-        prompt_fn = lambda r: str(r[fmt.prompt_field])  # noqa: E731
+    prompt_fn, needed = _field_or_template(fmt.prompt_field, fmt.prompt_template)
     if fmt.choices_field is not None:
         assert fmt.label_field is not None
         needed += [fmt.choices_field, fmt.label_field]
@@ -152,12 +153,8 @@ def mapping_converter(fmt: RowFormat) -> tuple[Converter, list[str]]:
             return _mc(prompt_fn(r), list(choices), _gold(r[fmt.label_field], choices))
 
         return convert_mc, list(dict.fromkeys(needed))
-    if fmt.answer_template is not None:
-        answer_fn, names = _template(fmt.answer_template)
-        needed += names
-    else:
-        needed.append(fmt.answer_field)
-        answer_fn = lambda r: str(r[fmt.answer_field])  # noqa: E731
+    answer_fn, names = _field_or_template(fmt.answer_field, fmt.answer_template)
+    needed += names
     return (lambda r: {"prompt": prompt_fn(r), "answer": answer_fn(r)}), list(dict.fromkeys(needed))
 
 
