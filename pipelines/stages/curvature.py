@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-
-import torch
 from pathlib import Path
 
-from lalora import Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
+import torch
+
+from lalora import Precision, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature import MemoryEstimate
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig
 from pipelines.data.tokens import encode, fixed_batches, special_ids
@@ -76,17 +76,13 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
     every = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
-    rank, size = world()
-    batches = every[rank::size]  # under the deepspeed launcher each rank sums its share; the estimator all-reduces
     zero3 = ds is not None and ds.zero_stage == 3
-    if zero3 and size > 1:  # each forward gathers weights with every rank: all run as many, the extra ones scoring nothing
-        filler = {**every[0], "labels": torch.full_like(every[0]["labels"], -100)}
-        batches += [filler] * (-(-len(every) // size) - len(batches))
+    batches = _rank_share(every, zero3)
     estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
                                 **cfg.curvature.model_dump(exclude={"kind"}))
     check_memory(estimator.memory(shapes), cfg, stage)
     with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
-              leave=False, disable=rank != 0) as bar:
+              leave=False, disable=world()[0] != 0) as bar:
         device = compute_device()  # a GPU when there is one (at ZeRO-3 the engine puts the module there)
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         if not zero3:
@@ -103,20 +99,37 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
                           "data_sha256": splits.fingerprint}]
     target = Path(out_dir) / "precision"
-    if rank != 0:
+    if world()[0] != 0:
         return PrecisionResult(str(target), precision.structure, est.n_samples, len(est.zero_curvature), 0.0, "")
     meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
                           history=history)
     seconds = time.perf_counter() - t0
-    stats = {"curvature/seconds": seconds, "curvature/n_samples": est.n_samples,
-             "curvature/zero_matrices": len(est.zero_curvature), "curvature/zero_A_matrices": len(zero_a)}
+    tracker.log_metrics(_curvature_stats(precision, seconds, est.n_samples, len(est.zero_curvature), len(zero_a)))
+    tracker.log_artifact(target, "curvature")
+    return PrecisionResult(str(target), meta.structure, est.n_samples, len(est.zero_curvature), seconds, meta.sha256)
+
+
+def _rank_share(every: list[dict[str, torch.Tensor]], zero3: bool) -> list[dict[str, torch.Tensor]]:
+    """This rank's curvature batches: under the deepspeed launcher each rank sums its share (the estimator
+    all-reduces). At ZeRO-3 each forward gathers weights with every rank, so all run as many batches, the
+    extra ones labelled -100 throughout (they score nothing)."""
+    rank, size = world()
+    batches = every[rank::size]
+    if zero3 and size > 1:
+        filler = {**every[0], "labels": torch.full_like(every[0]["labels"], -100)}
+        batches += [filler] * (-(-len(every) // size) - len(batches))
+    return batches
+
+
+def _curvature_stats(precision: Precision, seconds: float, n_samples: int, zero: int, zero_a: int) -> dict[str, float]:
+    """The pass's metrics: time, samples, matrices with zero curvature, mean and max curvature of A and B."""
+    stats = {"curvature/seconds": seconds, "curvature/n_samples": n_samples, "curvature/zero_matrices": zero,
+             "curvature/zero_A_matrices": zero_a}
     state = precision.diagonal()
     for kind in ("A", "B"):
         vals = [v for n, v in state.items() if n.endswith(f".lora_{kind}")]
         if vals:
             stats[f"curvature/mean_{kind}"] = float(sum(v.sum() for v in vals) / sum(v.numel() for v in vals))
             stats[f"curvature/max_{kind}"] = float(max(v.max() for v in vals))
-    tracker.log_metrics(stats)
-    tracker.log_artifact(target, "curvature")
-    return PrecisionResult(str(target), meta.structure, est.n_samples, len(est.zero_curvature), seconds, meta.sha256)
+    return stats
 
