@@ -68,8 +68,8 @@ PARTS = (
 def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
     """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
     finished = out / part.name / "sweep.json"
-    cmd = [lalora, "sweep", str(CONFIG), *part.args, "--stages", str(part.stages), "--seeds", str(part.seeds),
-           "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    cmd = [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
+           "--seeds", str(part.seeds), "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
     if finished.exists() and not (summary := json.loads(finished.read_text()))["failed"]:
         print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
         return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
@@ -172,6 +172,17 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(text), out
 
 
+def commands(parts: list[dict[str, Any]]) -> str:
+    """Each part's command, its sweep's wall time (the other queue running beside it) and its median lineage."""
+    lines = ["## The commands (each a lalora sweep; wall time with the other queue running beside it; a part "
+             "resumed after an interruption records the time of its last invocation)", ""]
+    for p in parts:
+        lineages = [q["seconds"] for q in p["summary"]["points"]]
+        lines.append(f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s, {len(lineages)} lineages, median "
+                     f"{statistics.median(lineages):.0f} s a lineage")
+    return "\n".join(lines)
+
+
 def plot(table: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -214,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     one, table = one_stage_table(_rows(parts, "one-stage"))
     two, matrices = two_stage_tables(parts)
-    md = (f"# The study (python -m studies.study, {wall:.0f} s, {args.workers} parts at a time, one thread a lineage)\n\n"
-          f"## One stage, 3 seeds\n\n{one}\n\n## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
-          f"## Two stages, 2 seeds\n\n{two}\n\n## The commands (each a lalora sweep; wall time with the other queue "
-          f"running beside it)\n\n" + "\n".join(f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s" for p in parts) + "\n")
+    md = (f"# The study (python -m studies.study, {args.workers} parts at a time, one thread a lineage; this "
+          f"invocation {wall:.0f} s)\n\n## One stage, 3 seeds\n\n{one}\n\n"
+          f"## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
+          f"## Two stages, 2 seeds\n\n{two}\n\n{commands(parts)}\n")
     (args.results / "study.md").write_text(md)
     (args.results / "study.json").write_text(json.dumps(
         {"wall_seconds": wall, "workers": args.workers, "cpu_count": os.cpu_count(), "one_stage": table,

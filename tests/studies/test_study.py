@@ -1,0 +1,57 @@
+"""The study driver (studies/study.py): its tables from the recorded sweeps, and a finished part not run again.
+
+The recorded study (benchmarks/results/cpu-2026-12-01/study.json) holds every part's sweep.json as it was
+written by ``lalora sweep``; these tests rebuild the tables from it and compare them with study.md, which
+README's study section reproduces.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from studies import study
+
+RECORDED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "cpu-2026-12-01"
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return json.loads((RECORDED / "study.json").read_text())
+
+
+def test_every_part_was_recorded_without_a_failed_lineage(recorded):
+    assert [p["part"] for p in recorded["parts"]] == [part.name for part in study.PARTS]
+    for part, spec in zip(recorded["parts"], study.PARTS):
+        summary = part["summary"]
+        assert summary["failed"] == [], part["part"]
+        assert {p["point"]["seed"] for p in summary["points"]} == set(range(spec.seeds)), part["part"]
+        assert all(len(p["R"]) == spec.stages + 1 for p in summary["points"]), part["part"]
+
+
+def test_the_tables_rebuilt_from_the_recorded_sweeps_are_study_md(recorded):
+    parts = recorded["parts"]
+    md = (RECORDED / "study.md").read_text()
+    one, table = study.one_stage_table(study._rows(parts, "one-stage"))
+    two, matrices = study.two_stage_tables(parts)
+    for text in (one, two, study.samples_table(study._rows(parts, "one-stage"))):
+        assert text in md
+    methods = [r["method"] for r in table]
+    assert methods[0] == "plain LoRA" and "replay 0.25" in methods and "replay 0.25 + diag lambda 10" in methods
+    assert not any("N_s" in m for m in methods)  # the curvature-size points have their own table
+    assert set(matrices) == {"plain LoRA", "diag lambda 10", "replay 0.25", "replay 0.25 + diag lambda 10"}
+
+
+def test_a_finished_part_is_reported_from_its_sweep_json_without_running(recorded, tmp_path):
+    part = next(p for p in study.PARTS if p.name == "one-stage-kfac")
+    summary = next(p["summary"] for p in recorded["parts"] if p["part"] == part.name)
+    (tmp_path / part.name).mkdir()
+    (tmp_path / part.name / "sweep.json").write_text(json.dumps(summary))
+    result = study._run(part, tmp_path, lalora=str(tmp_path / "no-such-lalora"))  # running it would fail
+    assert result["wall_seconds"] == summary["seconds"] and result["summary"] == summary
+    assert not (tmp_path / f"{part.name}.log").exists()  # the part's log is not overwritten
+
+    failed = [{"point": "kfac-lambda10-seed0", "reason": "diverged"}]
+    (tmp_path / part.name / "sweep.json").write_text(json.dumps({**summary, "failed": failed}))
+    with pytest.raises(FileNotFoundError):  # a part with a failed lineage runs again (its lineages resume)
+        study._run(part, tmp_path, lalora=str(tmp_path / "no-such-lalora"))
