@@ -29,13 +29,14 @@ def test_every_part_was_recorded_without_a_failed_lineage(recorded):
         assert all(len(p["R"]) == spec.stages + 1 for p in summary["points"]), part["part"]
 
 
-def test_the_tables_rebuilt_from_the_recorded_sweeps_are_study_md(recorded):
+def test_the_tables_rebuilt_from_the_recorded_sweeps_are_study_md_and_readmes(recorded):
     parts = recorded["parts"]
     md = (RECORDED / "study.md").read_text()
+    readme = (RECORDED.parents[2] / "README.md").read_text()
     one, table = study.one_stage_table(study._rows(parts, "one-stage"))
     two, matrices = study.two_stage_tables(parts)
     for text in (one, two, study.samples_table(study._rows(parts, "one-stage"))):
-        assert text in md
+        assert text in md and text in readme
     methods = [r["method"] for r in table]
     assert methods[0] == "plain LoRA" and "replay 0.25" in methods and "replay 0.25 + diag lambda 10" in methods
     assert not any("N_s" in m for m in methods)  # the curvature-size points have their own table
