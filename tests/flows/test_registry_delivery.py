@@ -42,7 +42,9 @@ def _pipeline_completions(root: Path, stage_dir: str, max_new_tokens: int = 6) -
 def test_every_version_is_a_python_function_model_that_refers_to_the_base(lineage):
     root, result = lineage
     client = MlflowClient(result["mlflow_uri"], registry_uri=result["mlflow_uri"])
-    for v in client.search_model_versions("name = 'tiny-adapter'"):
+    versions = client.search_model_versions("name = 'tiny-adapter'")
+    assert len(versions) == len(result["versions"]) >= 2
+    for v in versions:
         model_dir = Path(v.source.removeprefix("file://"))
         mlmodel = (model_dir / "MLmodel").read_text()
         assert "python_function" in mlmodel and "signature" in mlmodel

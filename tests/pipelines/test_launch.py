@@ -108,6 +108,8 @@ def test_world_size_two_equals_one_process(setup, zero_stage, kind):
         assert a2[k].numel() == a1[k].numel() > 0  # never the empty adapter of a ZeRO-3 save
         assert_close(a2[k], a1[k], rtol=1e-4, atol=1e-6)
     loaded = load_adapter(load_base(str(root / "base"))[0], f2.adapter)  # peft loads it onto the base
-    for p in lora_parameters(loaded):
+    loaded_params = lora_parameters(loaded)
+    assert len(loaded_params) == len(a2)
+    for p in loaded_params:
         key = next(k for k in a2 if k.startswith(f"base_model.model.{p.name}."))
         assert torch.equal(p.param.detach(), a2[key])

@@ -40,7 +40,7 @@ def test_every_batch_holds_the_configured_share_of_replayed_rows(fraction, k):
         ids = batch["input_ids"]
         assert ids.shape[0] == 8
         assert int((ids[:, 1] == 6).sum()) == k  # replayed rows, every batch
-        seen += k
+        seen += int((ids[:, 1] == 6).sum())
     assert seen / (40 * 8) == pytest.approx(k / 8)
 
 
@@ -48,9 +48,12 @@ def test_no_replay_is_the_plain_batches():
     new = [Encoded([1, i % 7 + 3], [-100, 3]) for i in range(20)]
     from pipelines.data.tokens import train_batches
 
+    old = [Encoded([1, 6, 6, 6], [-100, 6, 6, 6]) for _ in range(11)]
     plain = list(itertools.islice(train_batches(new, 4, 0, 3), 6))
-    mixed = list(itertools.islice(mixed_batches(new, [], 4, 0.5, 0, 3, 9), 6))
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, mixed))
+    for pool, fraction in (([], 0.5), (old, 0.0)):  # nothing to replay, or a share of nothing
+        mixed = list(itertools.islice(mixed_batches(new, pool, 4, fraction, 0, 3, 9), 6))
+        assert len(plain) == len(mixed) == 6
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, mixed))
 
 
 def test_the_pool_holds_only_the_named_training_splits_never_an_evaluation_row(tmp_path):
