@@ -58,6 +58,19 @@ def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
     return name, str(v.version), record
 
 
+def _recorded_base_settings(registry: LineageRegistry, record: VersionRecord) -> tuple[str | None, str]:
+    """(hub revision, dtype) the version's model records for its base: the commit the adapter was trained
+    on, not the hub's head. A version of the old format (a bare adapter folder, no MLmodel) records neither."""
+    import yaml
+
+    model_uri, sep, _ = record.adapter_uri.rpartition("/artifacts/adapter")
+    if not sep:
+        return None, "float32"
+    mlmodel = yaml.safe_load(Path(registry.fetch(f"{model_uri}/MLmodel", "MLmodel")).read_text())
+    config = mlmodel["flavors"]["python_function"]["config"]
+    return config["base"].get("revision"), config.get("dtype", "float32")
+
+
 def export(uri: str, model_uri: str, out: Path, merge: bool = False) -> Exported:
     from pipelines.runtime.models import export_adapter, export_merged, is_local_path
 
@@ -67,18 +80,19 @@ def export(uri: str, model_uri: str, out: Path, merge: bool = False) -> Exported
     with tempfile.TemporaryDirectory() as tmp:
         registry = LineageRegistry(uri, name, Path(tmp))
         adapter = registry.fetch(record.adapter_uri, "adapter")
+        revision, dtype = _recorded_base_settings(registry, record)
         logged = record.base_uri.startswith("runs:/") or is_local_path(record.base_uri)
         base = registry.fetch(record.base_uri, "base") if record.base_uri.startswith("runs:/") else record.base_uri
         out.mkdir(parents=True, exist_ok=True)
         if merge:
-            export_merged(base, adapter, out)
+            export_merged(base, adapter, out, dtype=dtype, revision=revision)
         elif logged:
             import shutil
 
             shutil.copytree(base, out / "base", dirs_exist_ok=True)
             export_adapter(adapter, str(out / "base"), out, base_name=str((out / "base").resolve()))
         else:
-            export_adapter(adapter, base, out)
+            export_adapter(adapter, base, out, revision=revision)
     (out / "lalora_export.json").write_text(json.dumps(
         {"model_uri": model_uri, "registered_model": name, "version": version, "stage": record.stage,
          "domain": record.domain, "base": record.base_uri, "merged": merge}, indent=2))

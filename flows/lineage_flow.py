@@ -17,7 +17,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +127,8 @@ class Base:
     uri: str
     """what versions record: a ``runs:/`` URI of the logged base, or a hub id"""
     recipe: str = ""
+    reference: dict[str, Any] = field(default_factory=dict)
+    """how a version's model finds it (``_base_reference``), once per run; empty when no stage runs"""
 
 
 @dataclass
@@ -166,6 +168,8 @@ def _lineage(lx: Lineage) -> LineageResult:
     try:
         last = stands.done[-1] if stands.done else None
         base = _base(lx, parent, last)  # 3.
+        if stands.todo:
+            base = replace(base, reference=_base_reference(lx, base))
         start = _starting_point(lx, base, last)  # 4.
         _fill_new_columns(lx, base, stands, start)  # 5.
         lx.registry.describe(lx.model_description())
@@ -323,7 +327,7 @@ def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter:
         precision_uri=f"runs:/{run.run_id}/curvature" if precision else "",
         precision_sha256=precision.sha256 if precision else "", promoted=verdict.promoted,
         promotion_reason=verdict.reason)
-    model_dir = package_task(adapter, _base_reference(lx, base), cfg, _example_prompt(lx, t), str(stage_dir / "model"))
+    model_dir = package_task(adapter, base.reference, cfg, _example_prompt(lx, t), str(stage_dir / "model"))
     description = report.version_description(
         lx.model, t, domain.name, lx.domains, [scores[d].score for d in lx.domains],
         [scores[d].metric for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias)

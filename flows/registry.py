@@ -137,7 +137,7 @@ class LineageRegistry:
         version already records the stage (then this one is tagged a duplicate and StageTaken raised)."""
         client = self.client
         client.log_artifacts(run.run_id, str(model_dir), "model")
-        source = f"{client.get_run(run.run_id).info.artifact_uri.rstrip('/')}/model"
+        source = self.location(f"runs:/{run.run_id}/model")
         version = str(client.create_model_version(self.model, source=source, run_id=run.run_id,
                                                   tags=record.to_tags(), description=description).version)
         first = min(int(r.version) for r in self.stages() if r.stage == record.stage)

@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow
 
 from flows.lineage_flow import lineage_flow
-from flows.runs import _client, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
+from flows.runs import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from pipelines.config import LineageConfig, load_config
 from pipelines.errors import DivergenceError
 from pipelines.lineage.sweep import (Axis, PointResult, SweepPoint, aggregate, forgetting_label, format_table,
@@ -66,7 +66,6 @@ def _run_points(config_path: str, root: Path, cfg: LineageConfig, points: list[S
                 configs: dict[str, LineageConfig], uri: str, parent: str
                 ) -> tuple[list[PointResult], list[dict[str, str]]]:
     """Each point's lineage in turn; a diverged one is left out of the table and named."""
-    client = _client(uri)
     results: list[PointResult] = []
     failed: list[dict[str, str]] = []
     first_dir: Path | None = None
@@ -86,8 +85,8 @@ def _run_points(config_path: str, root: Path, cfg: LineageConfig, points: list[S
             continue
         first_dir = first_dir or point_dir
         if result.run_id is not None:  # None: the point's lineage was already finished (a rerun of the sweep)
-            client.set_tag(result.run_id, "mlflow.parentRunId", parent)
-            client.set_tag(result.run_id, "lalora.sweep_point", point.label)
+            RunRef(uri, result.run_id).tracker().set_tags({"mlflow.parentRunId": parent,
+                                                           "lalora.sweep_point": point.label})
         results.append(PointResult.of(point, result, time.perf_counter() - t0))
     return results, failed
 
