@@ -121,7 +121,9 @@ class CurvatureEstimator(ABC):
         if n == 0:
             raise ValueError("no curvature samples: every sequence had its labels masked (-100)")
         precision = self._finalize(state, n, params)
-        zero = [name for name, t in precision.diagonal().items() if not bool(t.any())]
+        diagonal = precision.diagonal()  # which matrices have no curvature: one device-to-host transfer
+        nonzero = torch.stack([t.any() for t in diagonal.values()]).tolist() if diagonal else []
+        zero = [name for name, any_ in zip(diagonal, nonzero) if not any_]
         return CurvatureEstimate(precision, n, self.fisher_type, zero)
 
 

@@ -196,27 +196,30 @@ class _Window:
     interval and before every checkpoint, and raises if a step was not finite."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, penalty, steps
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, penalty
+        self.steps = 0  # in the window: every rank runs as many
         self.bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # first non-finite step, its loss, penalty
 
     def add(self, step: int, loss: Tensor, pen: Tensor) -> None:
         values = torch.stack([loss.detach().double(), pen.detach().double()])
         fresh = (self.bad[0] < 0) & ~torch.isfinite(values).all()
         self.bad = torch.where(fresh, torch.cat([values.new_full((1,), float(step)), values]), self.bad)
-        self.sums += torch.cat([values, values.new_ones(1)])
+        self.sums += values
+        self.steps += 1
 
     def flush(self, desc: str, size: int) -> tuple[float, float]:
         """(mean loss, mean penalty) of the window over every rank; this is the one host sync per interval."""
         sums = self.sums.clone()
         if size > 1:  # each rank's loss is its share of the global mean: the logged value is their mean
             torch.distributed.all_reduce(sums)
-            sums /= size  # the step count is every rank's: it averages to itself
+            sums /= size
             torch.distributed.all_reduce(self.bad, op=torch.distributed.ReduceOp.MAX)
-        (loss, pen, n), (step, bad_loss, bad_pen) = torch.stack([sums, self.bad]).tolist()  # CPU-GPU sync point
+        loss, pen, step, bad_loss, bad_pen = torch.cat([sums, self.bad]).tolist()  # the CPU-GPU sync point
         if step >= 0:
             what = "loss" if not math.isfinite(bad_loss) else "penalty"
             raise DivergenceError(f"{desc}: non-finite {what} at step {int(step)} (loss={bad_loss}, penalty={bad_pen}); "
                                   "lower training.lr or lalora.lambda")
+        n, self.steps = self.steps, 0
         self.sums.zero_()
         return loss / n, pen / n
 
