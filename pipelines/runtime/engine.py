@@ -178,11 +178,26 @@ def _save(engine: nn.Module, ckpt: Path, step: int, client: dict) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+def _latest_tag(ckpt: Path) -> str | None:
+    """The tag ``ckpt/latest`` names. DeepSpeed rewrites that file in place (truncate, then write) after the
+    tag's files are complete, so a kill in between leaves it empty: then the newest tag is the complete one."""
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag:
+        tags = sorted(p.name for p in ckpt.glob("step*") if p.is_dir())
+        tag = tags[-1] if tags else ""
+        log.warning("%s was left empty by a kill while it was rewritten; resuming from %s", latest, tag or "scratch")
+    return tag or None
+
+
 def _restore(engine: nn.Module, ckpt: Path | None) -> dict:
     """Load the latest checkpoint under ``ckpt`` into the engine; its client state ({} when none)."""
-    if ckpt is None or not (ckpt / "latest").is_file():
+    tag = _latest_tag(ckpt) if ckpt is not None else None
+    if tag is None:
         return {}
-    path, client = engine.load_checkpoint(str(ckpt), load_module_strict=False, load_optimizer_states=True,
+    path, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if path is None:
         return {}

@@ -206,3 +206,24 @@ def test_a_training_step_makes_no_host_sync(monkeypatch):
     ten, twenty = steps(10), steps(20)
     assert len(twenty) - len(ten) == 1, (ten, twenty)
     assert twenty.count(("tolist", "engine.py", "flush")) == 2 and len(ten) <= 2, ten
+
+
+def test_a_latest_file_left_empty_by_a_kill_resumes_from_the_newest_checkpoint(tmp_path):
+    """DeepSpeed rewrites ``latest`` in place after the tag's files are complete; a kill in between leaves it
+    empty. The next run resumes from the newest tag (not from scratch, not a crash) and ends where an
+    uninterrupted run ends."""
+    def fit(steps, ckpt):
+        model = tiny_lora_model(seed=0).train()
+        params = lora_parameters(model)
+        train(model, [p.param for p in params], (padded_batch(seed=i) for i in itertools.count()), steps=steps,
+              lr=1e-2, batch_size=4, ds=DeepSpeedConfig(), tracker=NullTracker(), log_every=4, desc="resume",
+              make_penalty=None, checkpoint_dir=ckpt, checkpoint_every=4)
+        return {p.name: p.param.detach().clone() for p in params}
+
+    whole = fit(8, tmp_path / "whole")
+    fit(4, tmp_path / "cut")  # stops after its checkpoint at step 4
+    (tmp_path / "cut" / "latest").write_text("")  # as a kill while DeepSpeed rewrote it leaves it
+    resumed = fit(8, tmp_path / "cut")
+    assert (tmp_path / "cut" / "latest").read_text().strip() == "step00000008"
+    for name, value in whole.items():
+        assert_close(resumed[name], value, rtol=0, atol=0)
