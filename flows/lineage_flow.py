@@ -277,12 +277,12 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
         paths = StepPaths(base.path, start.anchor, start.precision, str(lx.shared.data), str(stage_dir),
                           str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
         # 6. precision at the anchor on the previous domain, accumulated (skipped for plain LoRA)
-        precision = precision_task(cfg, t, paths, run) if cfg.lalora.lam > 0 else None
+        retry = {"retries": cfg.orchestration.launch_retries, "retry_delay_seconds": cfg.orchestration.retry_delay_seconds}
+        precision = precision_task.with_options(**retry)(cfg, t, paths, run) if cfg.lalora.lam > 0 else None
         if precision is not None:
             paths = replace(paths, precision=precision.value.path)
         # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run)
-        tuned = finetune_task.with_options(retries=cfg.orchestration.finetune_retries,
-                                           retry_delay_seconds=cfg.orchestration.retry_delay_seconds)(cfg, t, paths, run)
+        tuned = finetune_task.with_options(**retry)(cfg, t, paths, run)
         # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
         scores = evaluate_task(base.path, tuned.value.adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
                                str(lx.shared.data))

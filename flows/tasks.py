@@ -14,17 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import generator
 from flows.registry import LineageRegistry
 from flows.runs import RunRef
 from pipelines.config import DomainConfig, LineageConfig
-from pipelines.errors import BadInput, DivergenceError
 from pipelines.lineage import plan
 from pipelines.lineage.record import VersionRecord
-from pipelines.runtime.launch import StepPaths, run_step
+from pipelines.runtime.launch import StepPaths, is_transient, run_step
 from pipelines.scoring.scores import Row
 from pipelines.stages import evaluate, finetune, gate, pretrain
 from pipelines.stages.curvature import PrecisionResult
@@ -80,25 +79,37 @@ def init_adapter_task(base_path: str, cfg: LineageConfig, out_dir: str) -> str:
     return finetune.init_adapter(base_path, cfg.lora, dtype=cfg.model.dtype, out_dir=out_dir)
 
 
-@task(name="precision", **_TASK)
-def precision_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[PrecisionResult]:
-    return _timed(run, lambda tracker: run_step("precision", cfg, stage, paths, tracker))
-
-
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry what may pass a second time (a lost node, OOM, a killed launcher), not bad input or divergence."""
+    """Retry only what may pass a second time (``pipelines.runtime.launch.is_transient``: a launched rank
+    killed by a signal, a failed rendezvous); a step's own exception fails the same way again."""
     try:
         state.result()
-    except (DivergenceError, BadInput):
-        return False
-    except Exception:
-        return True
-    return True
+    except Exception as e:
+        return is_transient(e)
+    return False
+
+
+def _attempt(run: RunRef, step: str) -> None:
+    """Record which attempt of the step this is (1 the first; a retry after a transient failure counts on)."""
+    from prefect.runtime import task_run
+
+    attempt = int(task_run.run_count or 1)
+    run.tracker().log_metrics({f"launch/{step}_attempt": float(attempt)})
+    if attempt > 1:
+        get_run_logger().warning("%s: attempt %d after a transient failure", step, attempt)
+
+
+@task(name="precision", retry_condition_fn=_transient, **_TASK)
+def precision_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[PrecisionResult]:
+    """Safe to retry: the precision is recomputed from the same anchor, data and previous precision."""
+    _attempt(run, "precision")
+    return _timed(run, lambda tracker: run_step("precision", cfg, stage, paths, tracker))
 
 
 @task(name="finetune", retry_condition_fn=_transient, **_TASK)
 def finetune_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[finetune.FinetuneResult]:
     """Safe to retry: a retry continues from the stage's latest DeepSpeed checkpoint."""
+    _attempt(run, "finetune")
     return _timed(run, lambda tracker: run_step("finetune", cfg, stage, paths, tracker))
 
 

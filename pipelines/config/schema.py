@@ -11,7 +11,7 @@ import typing
 from typing import Annotated, Any, Literal, Union
 
 import pydantic
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from lalora.curvature import CURVATURES
 from pipelines.config.base import NAME, Model
@@ -211,8 +211,12 @@ class PromotionConfig(Model):
 
 
 class OrchestrationConfig(Model):
-    finetune_retries: int = Field(1, ge=0, description="Prefect retries of the fine-tune task; a retry resumes "
-                                  "from the stage's latest DeepSpeed checkpoint.")
+    launch_retries: int = Field(1, ge=0, validation_alias=AliasChoices("launch_retries", "finetune_retries"),
+                                description="Prefect retries of a stage's precision and fine-tune steps after a "
+                                "transient failure (a launched rank killed by a signal, a failed rendezvous; "
+                                "pipelines.runtime.launch.is_transient), never after the step's own error. Safe: the "
+                                "precision is recomputed from the same inputs, a fine-tune resumes from its latest "
+                                "DeepSpeed checkpoint. Formerly finetune_retries (still read).")
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
     lease_ttl_seconds: float = Field(120.0, gt=0, description="Workers on several hosts sharing one tracking "
                                      "server write a lineage one at a time, under a lease kept in the store; a "

@@ -63,6 +63,29 @@ def distributed() -> Iterator[tuple[int, int]]:
         _restore(saved)
 
 
+def shutdown() -> None:
+    """End a launched rank's part in the process group: wait for every rank, then destroy the group.
+
+    Called by each rank of a launched job after its work (and rank 0's result) is done, never in the
+    in-process path, whose group stays for the process's later engines. Without it a rank exits with
+    gloo's worker threads alive, and the last collective's work object may be released by such a thread
+    while the interpreter finalizes: releasing its tensors takes the GIL, which a finalizing interpreter
+    answers with ``pthread_exit``; the forced unwind crosses a ``noexcept`` destructor
+    (``ProcessGroupGloo::AsyncWork::~AsyncWork``) and the C++ runtime calls ``std::terminate``
+    ("terminate called without an active exception", SIGABRT, the launcher's exit 250). The barrier makes
+    every rank's last collective complete before any rank leaves; destroying the group joins gloo's
+    threads (NCCL: aborts its communicators) while the interpreter is whole. DeepSpeed's own call is
+    used so that its cached group references go too.
+    """
+    import deepspeed.comm as ds_comm
+
+    dist = torch.distributed
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    ds_comm.destroy_process_group()
+
+
 def _backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 

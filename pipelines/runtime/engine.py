@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pipelines.config import DeepSpeedConfig
 from pipelines.errors import DivergenceError
+from pipelines.runtime import timeline
 from pipelines.runtime.distributed import distributed, world
 from pipelines.tracker import Tracker
 
@@ -311,6 +312,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
     window, tokens = _Window(engine.device), torch.zeros((), dtype=torch.long)
     loss_v, pen_v = float(client.get("loss", "nan")), float(client.get("penalty", "nan"))
     bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, mininterval=1.0, disable=rank != 0)
+    timeline.mark("first_batch")
     for step in bar:
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
@@ -329,6 +331,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
             _save(engine, checkpoint_dir, done, {"step": done, "rng": torch.get_rng_state(), "loss": loss_v,
                                                  "penalty": pen_v})
     bar.close()
+    timeline.mark("last_batch")
     engine.eval()
     if math.isnan(loss_v):
         raise DivergenceError(f"{desc}: no steps were run")

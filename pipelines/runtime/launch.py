@@ -15,17 +15,44 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.config import DeepSpeedConfig, LineageConfig
+from pipelines.runtime import timeline
 from pipelines.tracker import JsonlTracker, NullTracker, Tracker, replay
 
 
+_SIGNAL_EXIT = 128
+"""Exit statuses above this are a signal's (the launcher exits ``256 - N`` when a rank died of signal N)."""
+
+_TRANSIENT_OUTPUT = ("Address already in use", "Connection reset by peer", "Connection refused",
+                     "terminate called without an active exception")
+"""Output that marks a failure of the launch rather than of the step: the rendezvous port taken between
+choosing and binding it, a peer's connection lost, a rank aborted at exit."""
+
+
 class LaunchError(RuntimeError):
-    """The launched ranks failed; the message names the job and the tail of their output."""
+    """The launched ranks failed; the message names the job, the exit status and the tail of their output."""
+
+    def __init__(self, step: str, world_size: int, returncode: int, output: str) -> None:
+        self.step, self.returncode = step, returncode
+        tail = " | ".join(output.strip().splitlines()[-5:])
+        self.transient = returncode < 0 or returncode > _SIGNAL_EXIT or any(s in output for s in _TRANSIENT_OUTPUT)
+        why = "transient: a rank was killed or the launch itself failed" if self.transient else "the step failed"
+        super().__init__(f"{step} on {world_size} ranks failed (exit {returncode}; {why}): {tail}")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a step's failure may pass when the step runs again, which is safe for both steps (the
+    precision is recomputed from the same inputs; a fine-tune continues from its latest checkpoint): a
+    launched job whose rank was killed by a signal (the OOM killer, a lost node, an abort at exit) or whose
+    rendezvous or connections failed. Not a rank's own exception (a bug, bad input, divergence: it fails
+    the same way again)."""
+    return isinstance(error, LaunchError) and error.transient
 
 
 @dataclass(frozen=True)
@@ -89,7 +116,7 @@ def _launch(step: str, cfg: LineageConfig, stage: int, paths: StepPaths, tracker
     ds = cfg.deepspeed
     work = Path(paths.out) / f"launch-{step}"
     work.mkdir(parents=True, exist_ok=True)
-    for stale in ("events.jsonl", "result.json"):
+    for stale in ("events.jsonl", "result.json", "timeline.jsonl", "output.log"):
         (work / stale).unlink(missing_ok=True)
     job = work / "job.json"
     job.write_text(json.dumps({"step": step, "stage": stage, "paths": dataclasses.asdict(paths),
@@ -102,29 +129,42 @@ def _launch(step: str, cfg: LineageConfig, stage: int, paths: StepPaths, tracker
     cmd += ["--module", "pipelines.runtime.launch", str(job)]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    started = time.time()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ended = time.time()
+    (work / "output.log").write_text(proc.stdout)
     replay(work / "events.jsonl", tracker)
-    if proc.returncode != 0 or not (work / "result.json").is_file():
-        tail = " | ".join(proc.stdout.strip().splitlines()[-5:])
-        raise LaunchError(f"{step} on {ds.world_size} ranks failed (exit {proc.returncode}): {tail}")
+    if proc.returncode != 0:  # a result file beside a failed launch is not a result
+        raise LaunchError(step, ds.world_size, proc.returncode, proc.stdout)
+    if not (work / "result.json").is_file():
+        raise LaunchError(step, ds.world_size, proc.returncode, f"{proc.stdout}\nthe ranks exited 0, no result.json")
+    marks = timeline.read(work / "timeline.jsonl")
+    if {"first_batch", "last_batch"} <= marks.keys():
+        tracker.log_metrics({f"launch/{step}_startup_seconds": marks["first_batch"] - started,
+                             f"launch/{step}_teardown_seconds": ended - marks["last_batch"]})
     return result_type(**json.loads((work / "result.json").read_text()))
 
 
 def _main(job_path: str) -> None:
-    """One rank of a launched job."""
-    from pipelines.runtime.distributed import distributed
+    """One rank of a launched job: the step, rank 0's result, then every rank leaves the group together."""
+    import gc
+
+    from pipelines.runtime.distributed import distributed, shutdown
 
     job = json.loads(Path(job_path).read_text())
     fn, _ = _steps()[job["step"]]
     cfg = LineageConfig.model_validate(job["config"])
     work = Path(job_path).parent
     with distributed() as (rank, _):
+        timeline.record_to(work / "timeline.jsonl" if rank == 0 else None)
         result = fn(cfg, job["stage"], StepPaths(**job["paths"]),
                     JsonlTracker(work / "events.jsonl") if rank == 0 else NullTracker())
-    if rank == 0:
-        tmp = work / ".result.json.tmp"
-        tmp.write_text(json.dumps(dataclasses.asdict(result)))
-        os.replace(tmp, work / "result.json")
+        if rank == 0:
+            tmp = work / ".result.json.tmp"
+            tmp.write_text(json.dumps(dataclasses.asdict(result)))
+            os.replace(tmp, work / "result.json")
+        gc.collect()  # the step's engines and their communication buffers, while the group still exists
+        shutdown()  # a step that raised skips this: the other ranks may still be inside a collective
 
 
 if __name__ == "__main__":

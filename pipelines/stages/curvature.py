@@ -14,6 +14,7 @@ from lalora.curvature import MemoryEstimate
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig
 from pipelines.data.tokens import encode, fixed_batches, special_ids
 from pipelines.data.sources import load_domain
+from pipelines.runtime import timeline
 from pipelines.runtime.engine import compute_device, partitioned, world
 from pipelines.errors import BadInput
 from pipelines.runtime.models import load_adapter, load_base
@@ -88,7 +89,9 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
         if not zero3:
             model.to(device)
         with partitioned(model, ds or DeepSpeedConfig(), [p.param for p in params]) as module:
+            timeline.mark("first_batch")
             est = estimator.estimate(module, batches, progress=bar.update)
+            timeline.mark("last_batch")
     zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
         log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
