@@ -1,5 +1,6 @@
 """The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
-config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers."""
+config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers; report the ``env``
+for a bug report, ``--version``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows import version
 from flows.console import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOCKED, fail, prepare_environment, report
 from pipelines.errors import BadInput
 
@@ -18,6 +20,7 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_LOCKED", "main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lalora", description="Continual LoRA adaptation with a Laplace penalty (LaLoRA).")
+    p.add_argument("--version", action="version", version=f"lalora {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="adapt the base model through every domain of CONFIG")
     run.add_argument("config", help="lineage YAML, e.g. configs/demo.yaml")
@@ -69,7 +72,15 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
+    sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
     return p
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from flows.about import environment_lines
+
+    print("\n".join(environment_lines()))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -351,7 +362,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "export": cmd_export,
-            "ui": cmd_ui}[args.command](args)
+            "ui": cmd_ui, "env": cmd_env}[args.command](args)
 
 
 if __name__ == "__main__":
