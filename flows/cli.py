@@ -1,6 +1,6 @@
 """The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
-config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers; report the ``env``
-for a bug report, ``--version``."""
+config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers; ``init`` a starter
+config, report the ``env`` for a bug report, ``--version``."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lalora {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="adapt the base model through every domain of CONFIG")
-    run.add_argument("config", help="lineage YAML, e.g. configs/demo.yaml")
+    run.add_argument("config", help="lineage YAML, e.g. the one `lalora init DIR` writes (configs/demo.yaml in a "
+                     "checkout)")
     run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
@@ -72,8 +73,25 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
+    init = sub.add_parser("init", help="write a starter config (the demo's, with its comments) as DIR/lalora.yaml")
+    init.add_argument("dir", metavar="DIR", help="directory to write it in (created if missing)")
+    init.add_argument("--force", action="store_true", help="overwrite an existing DIR/lalora.yaml")
     sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
     return p
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from flows.starter import write_starter
+
+    try:
+        starter = write_starter(Path(args.dir), force=args.force)
+    except BadInput as e:
+        return fail(str(e))
+    print(f"wrote {starter.config} (the demo's config: a tiny Llama, nothing downloaded; edit it for your data)")
+    print("check it, then run it:")
+    for command in starter.commands():
+        print(f"    {command}")
+    return 0
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -362,7 +380,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "export": cmd_export,
-            "ui": cmd_ui, "env": cmd_env}[args.command](args)
+            "ui": cmd_ui, "init": cmd_init, "env": cmd_env}[args.command](args)
 
 
 if __name__ == "__main__":

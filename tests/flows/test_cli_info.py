@@ -46,3 +46,50 @@ def test_env_names_what_a_bug_report_needs(tmp_path):
 
 def test_a_missing_library_is_named_not_installed():
     assert installed_version("lalora-no-such-distribution") == "not installed"
+
+
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def test_the_packaged_demo_is_configs_demo_yaml():
+    """One source of truth: the package's copy is a link to the checkout's file (the wheel build copies it)."""
+    from flows.starter import demo_config_text
+
+    link = ROOT / "flows" / "demo.yaml"
+    assert link.is_symlink() and link.resolve() == DEMO.resolve()
+    assert demo_config_text() == DEMO.read_text()
+
+
+def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
+    from pipelines.config import load_config
+
+    d = tmp_path / "new" / "project"
+    code, out = run_lalora(["init", str(d)], tmp_path)
+    assert code == 0, out
+    written = d / "lalora.yaml"
+    assert f"    lalora validate {written}\n" in out and f"    lalora run {written} --out {d}/runs/demo\n" in out
+    text, demo = written.read_text().splitlines(), DEMO.read_text().splitlines()
+    assert text[0] == f"# Run: lalora run {written} --out {d}/runs/demo"
+    assert text[1] == f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 --set lalora.lambda=0"
+    assert text[2:] == demo[2:]  # every other line, comments included, as the demo has it
+    assert load_config(written).model_dump() == load_config(DEMO).model_dump()
+    code, out = run_lalora(["validate", str(written)], tmp_path)
+    assert code == 0 and f"{written}: OK (3 stages" in out, out
+
+
+def test_init_refuses_an_existing_config_unless_forced(tmp_path):
+    written = tmp_path / "p" / "lalora.yaml"
+    assert run_lalora(["init", str(tmp_path / "p")], tmp_path)[0] == 0
+    written.write_text("# mine\n")
+    code, out = run_lalora(["init", str(tmp_path / "p")], tmp_path)
+    assert (code, out) == (2, f"lalora: error: {written} already exists (pass --force to overwrite it)\n")
+    assert written.read_text() == "# mine\n"
+    code, out = run_lalora(["init", str(tmp_path / "p"), "--force"], tmp_path)
+    assert code == 0, out
+    assert written.read_text().splitlines()[2:] == DEMO.read_text().splitlines()[2:]
+
+
+def test_init_refuses_a_file_as_its_directory(tmp_path):
+    (tmp_path / "f").write_text("")
+    code, out = run_lalora(["init", str(tmp_path / "f")], tmp_path)
+    assert (code, out) == (2, f"lalora: error: {tmp_path / 'f'}: exists and is not a directory\n")

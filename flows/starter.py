@@ -1,0 +1,57 @@
+"""``lalora init DIR``: the demo's config (``configs/demo.yaml``, comments and all) as a starting point.
+
+It ships inside the package as ``flows/demo.yaml``: a link to ``configs/demo.yaml`` in the checkout (one
+source of truth), which the wheel build copies as a file, so an installed ``lalora`` has it without a checkout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pipelines.errors import BadInput
+
+PACKAGED_DEMO = "demo.yaml"
+STARTER_NAME = "lalora.yaml"
+
+
+def demo_config_text() -> str:
+    """The demo config as the installed package holds it."""
+    return resources.files("flows").joinpath(PACKAGED_DEMO).read_text()
+
+
+def starter_text(config: Path, out: Path) -> str:
+    """The demo config whose opening comment (the command that runs it) names ``config`` and ``out``, not the
+    checkout's ``configs/demo.yaml`` and ``make demo``; every other line as shipped."""
+    lines = demo_config_text().splitlines(keepends=True)
+    header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
+    for i in range(header):
+        line = re.sub(r"\s+\(or: make demo\)", "", lines[i])
+        lines[i] = line.replace("configs/demo.yaml", str(config)).replace("--out runs/", f"--out {out}/")
+    return "".join(lines)
+
+
+@dataclass(frozen=True)
+class Starter:
+    config: Path
+    out: Path
+
+    def commands(self) -> list[str]:
+        return [f"lalora validate {self.config}", f"lalora run {self.config} --out {self.out / 'demo'}"]
+
+
+def write_starter(directory: Path, force: bool = False) -> Starter:
+    """``directory/lalora.yaml`` (the directory created); BadInput if it exists and ``force`` is not given."""
+    starter = Starter(directory / STARTER_NAME, directory / "runs")
+    if directory.exists() and not directory.is_dir():
+        raise BadInput(f"{directory}: exists and is not a directory")
+    if starter.config.exists() and not force:
+        raise BadInput(f"{starter.config} already exists (pass --force to overwrite it)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        starter.config.write_text(starter_text(starter.config, starter.out))
+    except OSError as e:
+        raise BadInput(f"{starter.config}: cannot write it ({e.strerror or e})") from None
+    return starter
