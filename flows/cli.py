@@ -151,7 +151,8 @@ def _run(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     from flows.lock import hold
 
     t0 = time.perf_counter()
-    with hold(lineage_locks(cfg, out, args.fork), wait=args.wait):  # one writer per lineage: see flows/lease.py
+    # one writer per lineage: see flows/lease.py
+    with hold(lineage_locks(cfg, out, args.fork), wait=args.wait, timeout=cfg.orchestration.lock_timeout_seconds):
         result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
     _print_result(result, cfg, out / "forks" / args.fork if args.fork else out, out, time.perf_counter() - t0)
     return 0

@@ -94,8 +94,9 @@ class StoreLease:
         self.name = name
         return True
 
-    def acquire(self, wait: bool = False) -> None:
+    def acquire(self, wait: bool = False, timeout: float | None = None) -> None:
         announced = False
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             leases = self._leases()
             top = leases[-1] if leases else None
@@ -111,6 +112,9 @@ class StoreLease:
             if not wait:
                 raise LockHeld(f"lineage {self.model} is held by another run: {self._describe(top[1])}; lease "
                                f"{top[1].name} in {self.uri} (wait for it with --wait)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise LockHeld(f"gave up after {timeout:g} s waiting for the run holding lineage {self.model}: "
+                               f"{self._describe(top[1])} (orchestration.lock_timeout_seconds)")
             if not announced:
                 print(f"lalora: waiting for the run holding lineage {self.model}: {self._describe(top[1])}",
                       file=sys.stderr)

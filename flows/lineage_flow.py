@@ -57,7 +57,8 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     """
     cfg = LineageConfig.model_validate(config) if config is not None else load_config(config_path, overrides)
     preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
-    with hold(lineage_locks(cfg, out_dir, fork), wait=True) as (_, lease), torch_threads(cfg.runtime.threads):
+    with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
+          as (_, lease), torch_threads(cfg.runtime.threads)):
         return _lineage(Lineage.open(cfg, config_path, out_dir, fork, lease))
 
 

@@ -1,9 +1,11 @@
-"""One run per lineage at a time: a lock file that names its holder and survives a crashed one.
+"""One run per lineage at a time: a kernel lock on a file that names its holder.
 
-The lock is a small JSON file (pid, hostname, start time, command) created with
-``O_CREAT | O_EXCL``, so exactly one process wins. A second run refuses in one line naming the
-holder, or waits for it. A lock left by a dead process on this host (SIGKILL, power loss) is
-taken over with a warning; a lock held from another host is never broken automatically.
+The lock is ``fcntl.flock`` on the lock file, held as long as the holder's file descriptor is open: the
+kernel releases it when the holder exits or dies (SIGKILL, a container recreated under a new hostname),
+whatever host the holder ran on, so a lock is never left behind. The JSON in the file (pid, hostname,
+start time, command) only says who holds it. A second run refuses in one line naming the holder, or
+waits for it, printing the holder once, and gives up after its timeout
+(``orchestration.lock_timeout_seconds``).
 """
 
 from __future__ import annotations
@@ -59,9 +61,8 @@ def _read(path: Path) -> Holder | None:
         return Holder(int(raw["pid"]), str(raw["host"]), float(raw["started"]), str(raw.get("command", "")))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, TypeError):
-        # Half-written by a holder killed between open and write: treat as a dead holder on this host.
-        return Holder(-1, socket.gethostname(), 0.0, "unreadable lock file")
+    except (ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing its name
+        return Holder(-1, "?", 0.0, "starting")
 
 
 class LineageLock:
@@ -70,61 +71,59 @@ class LineageLock:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.me = Holder(os.getpid(), socket.gethostname(), time.time(), " ".join(sys.argv[:4]) or "python")
-        self.held = False
+        self.fd: int | None = None
         self.key = str(self.path.resolve())
 
-    def _try_create(self) -> bool:
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def _try_lock(self) -> bool:
+        """Take the kernel lock on the file now at ``path`` (never on one a releasing holder just unlinked)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.me.__dict__, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder unlinked it between our open and our lock: take the new file
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(self.me.__dict__).encode())
+        os.fsync(fd)
+        self.fd = fd
         return True
 
-    def _break_if_stale(self) -> Holder | None:
-        """Remove the lock if its holder is a dead process on this host; return the live holder otherwise."""
-        guard = self.path.with_name(self.path.name + ".guard")
-        with open(guard, "a") as g:  # serialises take-overs, so two waiters never both break the same lock
-            fcntl.flock(g.fileno(), fcntl.LOCK_EX)
-            holder = _read(self.path)
-            if holder is None:
-                return None
-            if holder.host != socket.gethostname() or (holder.pid > 0 and process_alive(holder.pid)):
-                return holder
-            log.warning("taking over the lineage lock %s from a dead run (%s)", self.path, holder.describe())
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return None
-
     def acquire(self, wait: bool = False, poll: float = 1.0, timeout: float | None = None) -> None:
+        """Hold the lock; with ``wait``, wait for the holder at most ``timeout`` seconds (None: no limit)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         announced = False
-        while True:
-            if self._try_create():
-                self.held = True
-                return
-            holder = self._break_if_stale()
-            if holder is None:
-                continue
-            if not wait or (deadline is not None and time.monotonic() > deadline):
+        while not self._try_lock():
+            holder = _read(self.path) or Holder(-1, "?", 0.0, "releasing")
+            if not wait:
                 raise LockHeld(f"lineage is locked by another run: {holder.describe()}; lock file {self.path} "
-                               "(wait for it with --wait; delete the file only if that run is gone)")
+                               "(wait for it with --wait)")
+            if deadline is not None and time.monotonic() > deadline:
+                raise LockHeld(f"gave up after {timeout:g} s waiting for the run holding {self.path}: "
+                               f"{holder.describe()} (orchestration.lock_timeout_seconds)")
             if not announced:
                 print(f"lalora: waiting for the run holding {self.path}: {holder.describe()}", file=sys.stderr)
                 announced = True
             time.sleep(poll)
 
     def release(self) -> None:
-        if not self.held:
+        if self.fd is None:
             return
-        holder = _read(self.path)
-        if holder is not None and (holder.pid, holder.host, holder.started) == (self.me.pid, self.me.host, self.me.started):
-            self.path.unlink()
-        self.held = False
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # while still locked: a waiter that opened this file sees it is gone
+        os.close(self.fd)
+        self.fd = None
 
     def __enter__(self) -> LineageLock:
         return self
@@ -145,13 +144,14 @@ _held: dict[str, Any] = {}
 
 
 @contextlib.contextmanager
-def hold(locks: list[Any], wait: bool = False) -> Iterator[list[Any]]:
+def hold(locks: list[Any], wait: bool = False, timeout: float | None = None) -> Iterator[list[Any]]:
     """Hold every lock in ``locks`` (paths of lock files, or objects with ``key``, ``acquire`` and
     ``release``, in order) for the block; yields the live locks; released on any exit but SIGKILL.
 
     Reentrant within a process: a lock this process already holds (the CLI holds the lineage, then
     the flow asks again) is not taken twice, and the live one is yielded. Another process waits or
-    refuses. (Scheduled runs each get their own process from Prefect's runner.)
+    refuses; a waiter gives up after ``timeout`` seconds for each lock. (Scheduled runs each get their own
+    process from Prefect's runner.)
     """
     taken: list[Any] = []
     live: list[Any] = []
@@ -162,7 +162,7 @@ def hold(locks: list[Any], wait: bool = False) -> Iterator[list[Any]]:
             if lock.key in _held:
                 live.append(_held[lock.key])
                 continue
-            lock.acquire(wait=wait)
+            lock.acquire(wait=wait, timeout=timeout)
             taken.append(lock)
             _held[lock.key] = lock
             live.append(lock)

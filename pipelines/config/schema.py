@@ -218,6 +218,9 @@ class OrchestrationConfig(Model):
                                 "precision is recomputed from the same inputs, a fine-tune resumes from its latest "
                                 "DeepSpeed checkpoint. Formerly finetune_retries (still read).")
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
+    lock_timeout_seconds: float = Field(6 * 3600.0, gt=0, description="How long a run waits for the run holding "
+                                        "its lineage (the output directory's lock, the store's lease) before it "
+                                        "gives up in one line with exit 4.")
     lease_ttl_seconds: float = Field(120.0, gt=0, description="Workers on several hosts sharing one tracking "
                                      "server write a lineage one at a time, under a lease kept in the store; a "
                                      "holder heartbeats every quarter of this, and a lease whose last heartbeat is "
