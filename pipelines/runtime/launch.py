@@ -41,7 +41,10 @@ class LaunchError(RuntimeError):
     def __init__(self, step: str, world_size: int, returncode: int, output: str) -> None:
         self.step, self.returncode = step, returncode
         tail = " | ".join(output.strip().splitlines()[-5:])
-        self.transient = returncode < 0 or returncode > _SIGNAL_EXIT or any(s in output for s in _TRANSIENT_OUTPUT)
+        # exit 0 without a result: the node's launcher was killed (DeepSpeed's runner exits 0 when its child
+        # dies of a signal, and propagates only positive statuses)
+        self.transient = (returncode < 0 or returncode > _SIGNAL_EXIT or returncode == 0
+                          or any(s in output for s in _TRANSIENT_OUTPUT))
         why = "transient: a rank was killed or the launch itself failed" if self.transient else "the step failed"
         super().__init__(f"{step} on {world_size} ranks failed (exit {returncode}; {why}): {tail}")
 
@@ -49,8 +52,9 @@ class LaunchError(RuntimeError):
 def is_transient(error: BaseException) -> bool:
     """Whether a step's failure may pass when the step runs again, which is safe for both steps (the
     precision is recomputed from the same inputs; a fine-tune continues from its latest checkpoint): a
-    launched job whose rank was killed by a signal (the OOM killer, a lost node, an abort at exit) or whose
-    rendezvous or connections failed. Not a rank's own exception (a bug, bad input, divergence: it fails
+    launched job whose rank or launcher was killed by a signal (the OOM killer, a lost node, an abort at
+    exit; a launcher killed makes DeepSpeed's runner exit 0 with no result) or whose rendezvous or
+    connections failed. Not a rank's own exception (a bug, bad input, divergence: it fails
     the same way again)."""
     return isinstance(error, LaunchError) and error.transient
 

@@ -49,7 +49,7 @@ atexit.register(_record)
     (-9, "", True),                                                # the launcher itself killed
     (1, "RuntimeError: ... Address already in use", True),         # the rendezvous port taken meanwhile
     (1, "ValueError: bad thing", False),                           # the step's own exception
-    (0, "no result.json", False),                                  # exited 0 and wrote no result
+    (0, "the ranks exited 0, no result.json", True),               # the node's launcher killed: its runner exits 0
 ])
 def test_which_launch_failures_are_transient(code, output, transient):
     error = LaunchError("precision", 2, code, output)
@@ -90,7 +90,8 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
 
 
 def _pids_of_ranks(job: str) -> list[int]:
-    """The launched ranks of a job (their command line names pipelines.runtime.launch and the job's file)."""
+    """The launched ranks of a job: ``python -u -m pipelines.runtime.launch JOB`` (DeepSpeed's runner and its
+    node launcher name the module and the job too, after ``--module``)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -99,7 +100,8 @@ def _pids_of_ranks(job: str) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"pipelines.runtime.launch" in cmd and any(job.encode() in part for part in cmd):
+        ranks = any(a == b"-m" and b == b"pipelines.runtime.launch" for a, b in zip(cmd, cmd[1:]))
+        if ranks and any(job.encode() in part for part in cmd):
             found.append(int(proc.name))
     return found
 
