@@ -8,12 +8,14 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 \
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip build-essential \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY lalora lalora
 COPY pipelines pipelines
 COPY flows flows
 COPY configs configs
-# GPU torch from the CUDA wheel index; the rest from PyPI
-RUN python3.11 -m pip install torch --index-url https://download.pytorch.org/whl/cu124 && python3.11 -m pip install '.[server]'
+# GPU torch (the lock's torch version is the Makefile's; a CUDA build of it) from the CUDA wheel index; the
+# rest exactly as tested: constraints.txt
+RUN python3.11 -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124 \
+    && python3.11 -m pip install -c constraints.txt '.[server]'
 ENTRYPOINT ["lalora"]
 CMD ["--help"]

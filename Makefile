@@ -11,18 +11,35 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check test test-fast bench bench-eval clean
+.PHONY: install dirs demo demo-lambda0 demo-check test test-fast bench bench-eval clean lock
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
 	@mkdir -p "$(PREFECT_HOME)" "$(TORCH_EXTENSIONS_DIR)"
 
-$(BIN)/.installed: pyproject.toml
+# Exactly the tested set: every package but torch from constraints.txt (the lock; make lock refreshes it)
+LOCK := constraints.txt
+EXTRAS := dev,lm-eval,server
+$(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q "$(TORCH_SPEC)")
-	$(BIN)/python -m pip install -q -e '.[dev,lm-eval]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $@
+
+# Refresh the lock: pyproject's ranges (every extra) resolved afresh in a throwaway venv, then frozen;
+# torch (the Makefile's pin, or a GPU user's own build) and the project itself left out. Then make test.
+LOCK_VENV := .cache/lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(if $(TORCH_SPEC),$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)")
+	$(LOCK_VENV)/bin/python -m pip install -q '.[$(EXTRAS)]'
+	{ echo "# The tested set: make install installs exactly these (pip -c). Refresh: make lock (then make test)."; \
+	  echo "# Resolved $$(date -u +%Y-%m-%d) from pyproject.toml's ranges, extras $(EXTRAS), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'); torch not locked."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|lalora-pipelines|pip|setuptools|wheel)( |==|@)'; \
+	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 install: $(BIN)/.installed dirs
 

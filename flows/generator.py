@@ -5,8 +5,11 @@ A version's model holds the adapter (``artifacts/adapter``: adapter_config.json 
 weights) and refers to the base in its ``model_config``, never copying it: a hub id at a revision,
 or the base artifact the lineage logged once, resolved when the model loads (a local file store
 is read in place, anything else downloaded once to ``$LALORA_CACHE_DIR/bases``). MLflow loads the
-class from ``flows/generator_code.py`` ("models from code"); the environment that loads it needs
-the lalora-pipelines package (``pip_requirements`` name it with its version).
+class from ``flows/generator_code.py`` ("models from code"). The version is self-contained: the
+project's three packages travel in its ``code/`` folder (MLflow's ``code_paths``, Python sources
+only), and its requirements are real distributions pinned to the versions that logged it (torch
+included), so it loads in a fresh environment built from its own ``requirements.txt``, where this
+project is not installed.
 
 Input: a column of prompts (``prompt``), a list of strings or one string. Params: ``max_new_tokens``
 and ``stop`` (strings that end a completion). Output: one completion per prompt.
@@ -92,14 +95,35 @@ with warnings.catch_warnings(record=True):
                             max_new_tokens=int(p["max_new_tokens"]), stop=[str(s) for s in p["stop"]], desc="serve")
 
 
+CODE_PACKAGES = ("lalora", "pipelines", "flows")
+"""The project's packages a version carries in its ``code/`` folder (loading imports from all three)."""
+
+REQUIREMENTS = ("torch", "transformers", "peft", "safetensors", "tokenizers", "pydantic", "pyyaml", "tqdm", "mlflow")
+"""The distributions loading and predicting import (given explicitly: MLflow's inference would ask for
+torchvision, and would not see what the code in ``code/`` imports)."""
+
+
 def pip_requirements() -> list[str]:
-    """What loading a version needs, explicitly: MLflow's inference would ask for torchvision. torch is
-    left unpinned (GPU users bring their own build)."""
+    """Every requirement pinned to the installed version. A local build label is dropped (``2.13.0+cpu``
+    -> ``torch==2.13.0``, which a CPU wheel of that version satisfies too): a GPU host installs its own
+    build of the same version."""
     from importlib.metadata import version
 
-    return ["torch", f"transformers=={version('transformers')}", f"peft=={version('peft')}",
-            f"safetensors=={version('safetensors')}", f"mlflow=={version('mlflow')}",
-            f"lalora-pipelines=={version('lalora-pipelines')}"]
+    return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def _code_tree(dest: Path) -> list[str]:
+    """A copy of the project's packages under ``dest``, Python sources only (no caches); their paths."""
+    root = Path(__file__).resolve().parents[1]
+    paths = []
+    for package in CODE_PACKAGES:
+        for src in (root / package).rglob("*.py"):
+            if "__pycache__" not in src.parts:
+                target = dest / src.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+        paths.append(str(dest / package))
+    return paths
 
 
 def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: str, max_new_tokens: int,
@@ -122,6 +146,7 @@ def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: st
         adapter.mkdir()
         for name in ADAPTER_FILES:
             shutil.copy2(Path(adapter_dir) / name, adapter / name)
+        code_paths = _code_tree(Path(tmp) / "code")
         with warnings.catch_warnings():  # MLflow suggests type hints on predict; the signature is explicit
             warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(
@@ -129,5 +154,5 @@ def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: st
                 model_config={"base": base, "dtype": dtype, "max_new_tokens": max_new_tokens, "stop": list(stop),
                               "batch_size": batch_size},
                 signature=signature, input_example=([example], {"max_new_tokens": max_new_tokens}),
-                pip_requirements=pip_requirements())
+                pip_requirements=pip_requirements(), code_paths=code_paths)
     return dest

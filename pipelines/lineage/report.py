@@ -158,7 +158,9 @@ def version_description(model: str, stage: int, domain: str, domains: list[str],
             f"Promotion gate: {verdict}.\n\n"
             "A python_function model: greedy completions of prompts by the base model with this stage's adapter "
             "(the base is referenced, not copied). Serve it with `mlflow models serve -m models:/NAME/VERSION`; "
-            "export it with `lalora export models:/NAME/VERSION --out DIR [--merge]`.")
+            "export it with `lalora export models:/NAME/VERSION --out DIR [--merge]`. Self-contained: the code it "
+            "runs is in its code/ folder and its requirements.txt pins what logged it, torch included (a CPU build "
+            "of that version satisfies it; a GPU host installs its own build of the same torch version first).")
 
 
 def markdown_summary(report: LineageReport, promotion: dict[str, Promotion], model: str, champion: str) -> str:
