@@ -61,6 +61,16 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
     srv.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    dep = sub.add_parser("deploy", help="register the lineage as a deployment on a Prefect work pool (created if "
+                         "missing, type process), run by `prefect worker start --pool NAME` on any host with this "
+                         "package; needs PREFECT_API_URL")
+    dep.add_argument("config")
+    dep.add_argument("--pool", required=True, help="the work pool's name")
+    dep.add_argument("--cron", default=None, help='optional schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    dep.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
+    dep.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
+    dep.add_argument("--out", default=None, help="output directory on the worker's host (default runs/<config name>)")
+    dep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     exp = sub.add_parser("export", help="write a registered version as a peft adapter folder (or, with --merge, "
                          "a standalone transformers model) that other tools load without MLflow")
     exp.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
@@ -216,13 +226,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         load_config(args.config, args.overrides)
     except ConfigError as e:
         return fail(f"{e.source}: {'; '.join(e.errors)}")
-    from prefect.schedules import Cron
+    from flows.deploy import check_schedule
 
     try:
-        Cron(args.cron, timezone=args.timezone)
-    except ValueError:
-        return fail(f"--cron {args.cron!r} / --timezone {args.timezone!r}: not a valid cron schedule "
-                     "(e.g. --cron \"0 3 * * 1\")")
+        check_schedule(args.cron, args.timezone)
+    except BadInput as e:
+        return fail(str(e))
     if not os.environ.get("PREFECT_API_URL"):
         return fail("lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
                      "127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api")
@@ -235,6 +244,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving lalora-lineage/{deployment.name} on {args.cron!r} ({args.timezone}); Ctrl-C stops")
     serve(deployment, print_starting_message=False)
     return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, load_config
+
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return fail(f"{e.source}: {'; '.join(e.errors)}")
+    prepare_environment()
+
+    def run() -> int:
+        from flows.deploy import deploy
+
+        out = args.out or str(Path("runs") / Path(args.config).stem)
+        done = deploy(args.config, args.pool, out, list(args.overrides), name=args.name or Path(args.config).stem,
+                      cron=args.cron, timezone=args.timezone)
+        pool = f"work pool {done.pool!r} ({'created, ' if done.pool_created else ''}type process)"
+        when = f"on {done.schedule!r} ({args.timezone})" if done.schedule else "on demand"
+        print(f"deployed {done.name} to {pool}, {when}, one run at a time (id {done.deployment_id})")
+        print("run it now:        " + done.commands()[0])
+        print("start a worker:    " + done.commands()[1] + "   (on any host with lalora installed)")
+        return 0
+
+    return report(run)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -380,7 +414,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "export": cmd_export,
+    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "deploy": cmd_deploy,
+            "export": cmd_export,
             "ui": cmd_ui, "init": cmd_init, "env": cmd_env}[args.command](args)
 
 

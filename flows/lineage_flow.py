@@ -16,20 +16,25 @@ import hashlib
 import json
 import re
 import shutil
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.states import Completed, Failed
 
 from flows.lease import StoreLease
+from flows.console import bad_input_types
 from flows.lock import hold, lock_paths
+from flows.notify import Outcome, announce
 from flows.registry import LineageRegistry
 from flows.runs import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from flows.tasks import (base_task, evaluate_task, fetch_precision_task, fetch_task, finetune_task, fingerprint_task,
                          gate_task, init_adapter_task, package_task, plan_task, precision_task, register_task)
 from pipelines.config import LineageConfig, load_config
+from pipelines.errors import BadInput
 from pipelines.lineage import plan, preflight, report
 from pipelines.lineage.record import VersionRecord
 from pipelines.lineage.report import LineageResult, Promotion, StageTiming
@@ -55,11 +60,26 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     refuses instead unless --wait), so a scheduled run and a manual one, or two workers on two
     hosts, never write the same lineage at once.
     """
-    cfg = LineageConfig.model_validate(config) if config is not None else load_config(config_path, overrides)
-    preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
-    with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
-          as (_, lease), torch_threads(cfg.runtime.threads)):
-        return _lineage(Lineage.open(cfg, config_path, out_dir, fork, lease))
+    try:
+        cfg = LineageConfig.model_validate(config) if config is not None else load_config(config_path, overrides)
+    except BadInput as e:  # on a worker's host: the config it was deployed with is not there (or not valid)
+        return Failed(message=f"{e} (on {socket.gethostname()})", data=e)
+    try:
+        preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
+        with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
+              as (_, lease), torch_threads(cfg.runtime.threads)):
+            result = _lineage(Lineage.open(cfg, config_path, out_dir, fork, lease))
+    except Exception as e:  # someone hears of it: a Prefect event, and the webhook if one is set
+        announce(Outcome("failed", fork or cfg.tracking.registered_model, reason=f"{type(e).__name__}: {e}"),
+                 cfg.notify.webhook, cfg.notify.timeout_seconds)
+        if isinstance(e, bad_input_types()):  # its one line is the run's final message, with no traceback logged
+            return Failed(message=str(e).strip().splitlines()[0], data=e)
+        raise
+    rejected = {v: p for v, p in result.promotion.items() if not p.promoted}
+    if rejected:  # the run completed; its final state says what the gate refused
+        return Completed(message="; ".join(f"version {v} (stage {p.stage}) not promoted: {p.reason}"
+                                           for v, p in rejected.items()), data=result)
+    return result
 
 
 def lineage_locks(cfg: LineageConfig, out_dir: str | Path, fork: str | None = None) -> list[Any]:
@@ -333,7 +353,10 @@ def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter:
         lx.model, t, domain.name, lx.domains, [scores[d].score for d in lx.domains],
         [scores[d].metric for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias)
     aliases = [cfg.tracking.latest_alias] + ([cfg.promotion.alias] if verdict.promoted else [])
-    return register_task(lx.registry, run, model_dir, record, description, aliases, lx.lease)
+    version = register_task(lx.registry, run, model_dir, record, description, aliases, lx.lease)
+    for kind in ("registered", *(() if verdict.promoted else ("rejected",))):
+        announce(Outcome(kind, lx.model, t, version, verdict.reason), cfg.notify.webhook, cfg.notify.timeout_seconds)
+    return version
 
 
 def _base_reference(lx: Lineage, base: Base) -> dict[str, Any]:

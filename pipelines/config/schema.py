@@ -227,6 +227,21 @@ class OrchestrationConfig(Model):
                                      "older is taken over (its holder died).")
 
 
+class NotifyConfig(Model):
+    webhook: str | None = Field(None, description="URL that receives a small JSON POST (event, lineage, stage, "
+                                "version, reason, flow_run) when a run fails or the gate rejects a stage's "
+                                "promotion; empty: none. Prefect events are emitted either way.")
+    timeout_seconds: float = Field(10.0, gt=0, description="How long a webhook POST may take; a webhook that "
+                                   "fails is logged, never fails the run.")
+
+    @field_validator("webhook")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
 class RuntimeConfig(Model):
     threads: int | None = Field(None, ge=1, description="torch threads for every step (pretraining, curvature, "
                                 "fine-tuning, scoring); empty: torch's default (the machine's cores, or "
@@ -255,6 +270,8 @@ class LineageConfig(Model):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="Gate on the champion alias.")
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Prefect retries.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Compute resources of this process.")
+    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Who hears of a failed run or a rejected "
+                                 "promotion.")
     catalogue: str | None = Field(None, description="YAML file listing further domains (a list, or a mapping with "
                                   "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
                                   "picks up new ones. Relative to the config file or absolute.")

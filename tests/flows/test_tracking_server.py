@@ -1,4 +1,5 @@
-"""Production's shape: a real `mlflow server` (loopback, proxied artifact store) that several workers share.
+"""Production's shape: a real `mlflow server` (loopback, proxied artifact store) that several workers share,
+on SQLite and on PostgreSQL (a throwaway server started by the tests; .ci/run installs PostgreSQL if absent).
 
 A lineage runs through it, a domain is appended from a second, empty output directory (another
 machine), and the new champion loads through pyfunc from the server. Two workers started together
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipelines.lineage.record import VersionRecord
 from tests.conftest import child_env, lalora_script, run_lalora
-from tests.flows.servers import mlflow_server
+from tests.flows.servers import create_database, mlflow_server, postgres, postgres_missing
 from tests.configs import ONE_DOMAIN, TINY
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
@@ -24,9 +25,22 @@ pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: ma
 FAST = ["--set", "model.pretrain.steps=0"]
 
 
-@pytest.fixture
-def server(tmp_path):
-    with mlflow_server(tmp_path / "server") as url:
+@pytest.fixture(scope="module")
+def pg():
+    """One throwaway PostgreSQL for the module's tests (each gets its own database)."""
+    missing = postgres_missing()
+    if missing:
+        pytest.skip(f"MLflow on PostgreSQL not tested: {missing} (.ci/run installs it: apt-get install postgresql)")
+    with postgres() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def server(request, tmp_path):
+    backend = None
+    if request.param == "postgresql":
+        backend = create_database(request.getfixturevalue("pg"), f"mlflow_{tmp_path.name.lower()}")
+    with mlflow_server(tmp_path / "server", backend) as url:
         yield url
 
 
@@ -47,7 +61,8 @@ def _worker_env(tmp_path, name, url):
     return {"HOME": str(home), "MLFLOW_TRACKING_URI": url, "LALORA_CACHE_DIR": str(home / "cache")}
 
 
-def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_path, server):
+def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_path, server, request):
+    t0 = time.perf_counter()
     code, output = run_lalora(["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "a"), *FAST], tmp_path,
                               **_worker_env(tmp_path, "a", server))
     assert code == 0, output[-3000:]
@@ -57,6 +72,7 @@ def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_p
     code, output = run_lalora(["run", _config(tmp_path, appended, "appended.yaml"), "--out", str(tmp_path / "b"),
                                *FAST], tmp_path, **_worker_env(tmp_path, "b", server))
     assert code == 0, output[-3000:]
+    print(f"{request.node.callspec.id}: both runs {time.perf_counter() - t0:.1f} s")  # the store's cost, for README
     assert "ran stage(s) 2" in output and "skipped finished stage(s) 1" in output
     assert [v.tags["lalora.stage"] for v in _versions(server)] == ["1", "2"]
     assert not (tmp_path / "b" / "stages" / "01-one").exists()  # stage 1 came from the server's record
