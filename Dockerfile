@@ -15,7 +15,7 @@ COPY flows flows
 COPY configs configs
 # GPU torch (the lock's torch version is the Makefile's; a CUDA build of it) from the CUDA wheel index; the
 # rest exactly as tested: constraints.txt
-RUN python3.11 -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124 \
+RUN python3.11 -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130 \
     && python3.11 -m pip install -c constraints.txt '.[server]'
 ENTRYPOINT ["lalora"]
 CMD ["--help"]

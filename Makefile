@@ -37,7 +37,7 @@ lock:
 	$(LOCK_VENV)/bin/python -m pip install -q '.[$(EXTRAS)]'
 	{ echo "# The tested set: make install installs exactly these (pip -c). Refresh: make lock (then make test)."; \
 	  echo "# Resolved $$(date -u +%Y-%m-%d) from pyproject.toml's ranges, extras $(EXTRAS), Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version())'); torch not locked."; \
-	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|lalora-pipelines|pip|setuptools|wheel)( |==|@)'; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-[a-z0-9-]+|lalora-pipelines|pip|setuptools|wheel)( |==|@)'; \
 	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
 	rm -rf $(LOCK_VENV)
 

@@ -33,20 +33,20 @@ class Deployed:
 
 def api_url() -> str:
     """The Prefect API this process talks to; bad input when none is set or it does not answer."""
-    import urllib.request
-
     from prefect.settings import PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
     if not url:
         raise BadInput("lalora deploy needs a Prefect server: set PREFECT_API_URL (e.g. "
                        "PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start --host 127.0.0.1`)")
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=10) as r:
-            r.read()
-    except OSError as e:
-        raise BadInput(f"PREFECT_API_URL={url}: no Prefect server answers there ({e}); start one or set "
-                       "PREFECT_API_URL to the server's /api URL") from None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # with the profile's credentials (PREFECT_API_KEY, auth string)
+        error = client.api_healthcheck()
+    if error is not None:
+        raise BadInput(f"PREFECT_API_URL={url}: no Prefect server answers there ({type(error).__name__}: "
+                       f"{str(error).splitlines()[0] if str(error) else ''}); start one or set PREFECT_API_URL to "
+                       "the server's /api URL")
     return url
 
 

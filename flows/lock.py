@@ -121,7 +121,8 @@ class LineageLock:
         if self.fd is None:
             return
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # while still locked: a waiter that opened this file sees it is gone
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:  # ours, not a file someone made meanwhile
+                self.path.unlink()  # while still locked: a waiter that opened this file sees it is gone
         os.close(self.fd)
         self.fd = None
 

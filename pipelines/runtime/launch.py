@@ -29,10 +29,10 @@ from pipelines.tracker import JsonlTracker, NullTracker, Tracker, replay
 _SIGNAL_EXIT = 128
 """Exit statuses above this are a signal's (the launcher exits ``256 - N`` when a rank died of signal N)."""
 
-_TRANSIENT_OUTPUT = ("Address already in use", "Connection reset by peer", "Connection refused",
-                     "terminate called without an active exception")
+_TRANSIENT_OUTPUT = ("Address already in use",)
 """Output that marks a failure of the launch rather than of the step: the rendezvous port taken between
-choosing and binding it, a peer's connection lost, a rank aborted at exit."""
+choosing and binding it. (Not a peer's lost connection: the ranks that outlive a rank's own exception print
+that too. Not an abort at exit: its status, above 128, says so already.)"""
 
 
 class LaunchError(RuntimeError):
@@ -47,6 +47,10 @@ class LaunchError(RuntimeError):
                           or any(s in output for s in _TRANSIENT_OUTPUT))
         why = "transient: a rank was killed or the launch itself failed" if self.transient else "the step failed"
         super().__init__(f"{step} on {world_size} ranks failed (exit {returncode}; {why}): {tail}")
+        self._init_args = (step, world_size, returncode, output)
+
+    def __reduce__(self) -> tuple[type, tuple[str, int, int, str]]:  # a task runner may pickle it
+        return (LaunchError, self._init_args)
 
 
 def is_transient(error: BaseException) -> bool:

@@ -49,6 +49,7 @@ atexit.register(_record)
     (-9, "", True),                                                # the launcher itself killed
     (1, "RuntimeError: ... Address already in use", True),         # the rendezvous port taken meanwhile
     (1, "ValueError: bad thing", False),                           # the step's own exception
+    (1, "ValueError: bad | [rank1] Connection reset by peer", False),  # ... which the other rank outlives
     (0, "the ranks exited 0, no result.json", True),               # the node's launcher killed: its runner exits 0
 ])
 def test_which_launch_failures_are_transient(code, output, transient):
