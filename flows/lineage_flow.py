@@ -38,6 +38,7 @@ from pipelines.errors import BadInput
 from pipelines.lineage import plan, preflight, report
 from pipelines.lineage.record import VersionRecord
 from pipelines.lineage.report import LineageResult, Promotion, StageTiming
+from pipelines.runtime.environment import numerics
 from pipelines.runtime.launch import StepPaths
 from pipelines.runtime.threads import torch_threads
 from pipelines.scoring.scores import Row, rows_as_json, rows_from_json
@@ -63,7 +64,9 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     try:
         cfg = LineageConfig.model_validate(config) if config is not None else load_config(config_path, overrides)
     except BadInput as e:  # on a worker's host: the config it was deployed with is not there (or not valid)
-        return Failed(message=f"{e} (on {socket.gethostname()})", data=e)
+        message = f"{e} (on {socket.gethostname()})"
+        announce(Outcome("failed", Path(config_path).stem, reason=message))  # no config: no webhook to post to
+        return Failed(message=message, data=e)
     try:
         preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
         with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
@@ -186,6 +189,7 @@ def _lineage(lx: Lineage) -> LineageResult:
     parent = lx.start_run(cfg.name, tags={"lalora.lineage": lx.model, "lalora.config_sha256": config_hash(cfg),
                                           "lalora.resume_from": str(stands.resume_from)})
     parent.tracker().log_params(cfg.model_dump(mode="json", by_alias=True))
+    parent.tracker().log_params({f"environment.{k}": v for k, v in numerics(cfg.model.dtype).items()})
     try:
         last = stands.done[-1] if stands.done else None
         base = _base(lx, parent, last)  # 3.
@@ -386,7 +390,8 @@ def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | No
     result = LineageResult(lineage_report, lx.model, [r.version for r in stands.done] + [o.version for o in outcomes],
                            lx.uri, parent.run_id if parent else None, cfg.lalora.lam, cfg.lalora.curvature.kind,
                            config_hash(cfg), [r.stage for r in stands.done], [k.stage for k in stands.todo],
-                           {o.version: o.promotion for o in outcomes}, aliases, [o.timing for o in outcomes])
+                           {o.version: o.promotion for o in outcomes}, aliases, [o.timing for o in outcomes],
+                           numerics(cfg.model.dtype))
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.root / "metrics.json", result.as_json())
     plots = report.write_plots(lineage_report, ws.root, f"{cfg.name}: lambda = {cfg.lalora.lam:g}")

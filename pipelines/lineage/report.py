@@ -116,13 +116,15 @@ class LineageResult:
     """by version"""
     aliases: dict[str, str]
     timing: list[StageTiming]
+    environment: dict[str, str] = field(default_factory=dict)
+    """what can change the numbers besides the config (pipelines.runtime.environment.numerics)"""
 
     def as_json(self) -> dict[str, Any]:
         return self.report.as_json(self.registered_model, self.versions, {
             "mlflow_uri": self.mlflow_uri, "run_id": self.run_id, "lambda": self.lam, "curvature": self.curvature,
             "config_sha256": self.config_sha256, "stages_skipped": self.stages_skipped, "stages_run": self.stages_run,
             "promotion": {v: asdict(p) for v, p in self.promotion.items()}, "aliases": self.aliases,
-            "timing": [t.as_json() for t in self.timing]})
+            "timing": [t.as_json() for t in self.timing], "environment": self.environment})
 
 
 def format_matrix(domains: list[str], R: list[list[float]], title: str | None = None,

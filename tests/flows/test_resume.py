@@ -75,6 +75,20 @@ def test_first_run_records_the_lineage_state_on_each_version(lineage):
     assert not (root / "out" / "stages" / "01-one" / "checkpoints").exists()  # removed once the version holds it
 
 
+def test_every_run_records_what_can_change_its_numbers(lineage):
+    """Package versions, torch's CPU kernel path, the thread count, the device and the dtype: in metrics.json and
+    as the lineage run's params."""
+    import torch
+
+    root, result = lineage
+    env = result["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] and env["peft"] and env["deepspeed"]
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["torch_threads"].isdigit() and env["device"] and env["dtype"] == "float32"
+    params = _client(result["mlflow_uri"]).get_run(result["run_id"]).data.params
+    assert {k.removeprefix("environment."): v for k, v in params.items() if k.startswith("environment.")} == env
+
+
 def test_rerun_of_a_finished_lineage_records_and_computes_nothing(lineage, capsys):
     root, first = lineage
     client = _client(first["mlflow_uri"])
