@@ -77,7 +77,9 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     base, anchor = tiny_base(tmp_path)
     cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": 2, "zero_stage": 3}})
     precision = None
+    shm = Path("/dev/shm")
     for step in ("precision", "finetune"):
+        before = set(shm.glob("deepspeed_allreduce_buffer_*"))
         rec = LatestTracker()
         result = run_step(step, cfg, 1, StepPaths(base, anchor, precision, str(tmp_path / "data"),
                                                   str(tmp_path / "out")), rec)
@@ -86,6 +88,7 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
         assert sorted(r["rank"] for r in seen) == ["0", "1"], (step, seen)
         assert not any(r["group_alive"] for r in seen), (step, seen)
         assert rec.values[f"launch/{step}_startup_seconds"] > 0 and rec.values[f"launch/{step}_teardown_seconds"] > 0
+        assert set(shm.glob("deepspeed_allreduce_buffer_*")) <= before  # its ranks' 66 MiB buffers removed
         for p in records.glob("*.json"):
             p.unlink()
 
