@@ -81,7 +81,7 @@ def init_adapter_task(base_path: str, cfg: LineageConfig, out_dir: str) -> str:
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry only what may pass a second time (``pipelines.runtime.launch.is_transient``: a launched rank
-    killed by a signal, a failed rendezvous); a step's own exception fails the same way again."""
+    killed by a signal, a rendezvous port taken); a step's own exception fails the same way again."""
     try:
         state.result()
     except Exception as e:

@@ -58,9 +58,9 @@ def is_transient(error: BaseException) -> bool:
     """Whether a step's failure may pass when the step runs again, which is safe for both steps (the
     precision is recomputed from the same inputs; a fine-tune continues from its latest checkpoint): a
     launched job whose rank or launcher was killed by a signal (the OOM killer, a lost node, an abort at
-    exit; a launcher killed makes DeepSpeed's runner exit 0 with no result) or whose rendezvous or
-    connections failed. Not a rank's own exception (a bug, bad input, divergence: it fails
-    the same way again)."""
+    exit; a launcher killed makes DeepSpeed's runner exit 0 with no result) or whose rendezvous port was
+    taken. Not a rank's own exception (a bug, bad input, divergence: it fails the same way again), even when
+    the other ranks then print a lost connection."""
     return isinstance(error, LaunchError) and error.transient
 
 
