@@ -54,7 +54,7 @@ demo-check: demo-lambda0 demo
 	$(BIN)/python benchmarks/demo_target.py runs/demo-lambda0/metrics.json runs/demo/metrics.json
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The inner loop: the math, config, data, scoring and report tests (under 2 minutes here)
 test-fast: install

@@ -67,7 +67,10 @@ def test_servers_bind_to_localhost():
         text = path.read_text()
         assert "0.0.0.0" not in text, path
         hosts += re.findall(r"--host(?![\w-])\"?,?\s*\"?([\w.]+)", text)  # --host, not --hostfile
-        hosts += re.findall(r"MASTER_ADDR\", \"([\w.]+)\"", text)
+        # MASTER_ADDR's value in a dict, a call or a keyword ("MASTER_ADDR": "h", setdefault("MASTER_ADDR", "h"),
+        # MASTER_ADDR="h"); a tuple of variable names ("MASTER_ADDR", "RANK") gives no host
+        found = re.findall(r"MASTER_ADDR\"?\s*[:,=]\s*\"([\w.]+)\"", text)
+        hosts += [h for h in found if not re.fullmatch(r"[A-Z_]+", h)]
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
     from pipelines.runtime.distributed import free_port
 

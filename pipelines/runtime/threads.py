@@ -12,8 +12,9 @@ import torch
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` intra-op threads (None: leave torch's setting), then restore it.
 
-    The thread count fixes the order of floating-point reductions on a CPU; a run that pins it gives
-    the same numbers on any machine of the same kind, whatever its core count.
+    The thread count can decide how a CPU kernel splits a floating-point reduction (which kernels do
+    depends on the torch build and the shapes); a run that pins it gives the same numbers on any machine
+    of the same kind, whatever its core count.
     """
     if threads is None:
         yield

@@ -44,14 +44,23 @@ def running(cmd: list[str], health: str, log: Path, env: dict[str, str], timeout
         assert proc.poll() is None and up(health), log.read_text()[-3000:]
         yield
     finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, health)
+
+
+def stop_group(proc: subprocess.Popen, health: str | None = None) -> None:
+    """Stop ``proc``'s process group: SIGTERM, then SIGKILL to whatever of the group is left (a server's
+    workers outlive its leader: ``mlflow models serve`` exits before the scoring server it started), then
+    wait until ``health`` no longer answers."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=20)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 30
+    while health and up(health) and time.time() < deadline:
+        time.sleep(0.5)
 
 
 def _pg_bin() -> Path | None:

@@ -36,8 +36,12 @@ def _train(env_threads: int, pin: str) -> tuple[int, int, str]:
 
 
 def test_pinned_threads_make_training_independent_of_the_environment():
+    """Pinned, a step runs on one thread whatever OMP_NUM_THREADS says, so its numbers are those of one
+    thread. Whether two threads would change them depends on the kernels (torch 2.13's CPU kernels give
+    this small training the same bits on 1 and 2 threads; other builds and larger shapes do not), so the
+    test checks the mechanism itself: the thread count inside the block, the bits, and the count after."""
     free = {t: _train(t, "none") for t in (1, 2)}
     pinned = {t: _train(t, "1") for t in (1, 2)}
-    assert free[1][2] != free[2][2]  # the control: the thread count does change the result
+    assert free[2][:2] == (2, 2)  # the control: unpinned, the environment's count reaches torch
+    assert pinned[1][:2] == (1, 1) and pinned[2][:2] == (1, 2)  # one thread inside, the environment's after
     assert pinned[1][2] == pinned[2][2] == free[1][2]
-    assert pinned[2][:2] == (1, 2)  # one thread inside the block, the environment's count restored after it
