@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check test test-fast bench bench-eval clean lock
+.PHONY: install dirs demo demo-lambda0 demo-check demo-robustness demo-base test test-fast bench bench-eval clean lock
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
@@ -43,15 +43,30 @@ lock:
 
 install: $(BIN)/.installed dirs
 
+# Where the demo's lineages go (.ci/run checks a second kernel path in another folder)
+DEMO_RUNS ?= runs
 demo: install
-	$(BIN)/lalora run configs/demo.yaml --out runs/demo
+	$(BIN)/lalora run configs/demo.yaml --out $(DEMO_RUNS)/demo
 
 demo-lambda0: install
-	$(BIN)/lalora run configs/demo.yaml --out runs/demo-lambda0 --set lalora.lambda=0
+	$(BIN)/lalora run configs/demo.yaml --out $(DEMO_RUNS)/demo-lambda0 --set lalora.lambda=0
 
 # Both demo lineages, then whether the demo's target holds (benchmarks/demo_target.py; exit 1 if not)
 demo-check: demo-lambda0 demo
-	$(BIN)/python benchmarks/demo_target.py runs/demo-lambda0/metrics.json runs/demo/metrics.json
+	$(BIN)/python benchmarks/demo_target.py $(DEMO_RUNS)/demo-lambda0/metrics.json $(DEMO_RUNS)/demo/metrics.json
+
+# The demo's target under each of torch's x86 kernel paths x 3 seeds (README, "Does the demo hold on any CPU")
+demo-robustness: install
+	$(BIN)/python benchmarks/demo_robustness.py --json
+
+# The demo's base (configs/demo-base) rebuilt from its recipe in configs/demo.yaml (model.tiny, model.pretrain,
+# the source, seed) into runs/demo-base, then compared with the checked-in one. Torch's portable kernels and
+# MKL's reproducible mode, so the bits depend on torch's version, not on the CPU's vector units.
+demo-base: install
+	rm -rf $(DEMO_RUNS)/demo-base
+	ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE $(BIN)/lalora base configs/demo.yaml --out $(DEMO_RUNS)/demo-base
+	cmp $(DEMO_RUNS)/demo-base/model.safetensors configs/demo-base/model.safetensors && \
+	  echo "$(DEMO_RUNS)/demo-base: the same weights as configs/demo-base"
 
 test: install
 	$(BIN)/python -m pytest -q --durations=25

@@ -4,7 +4,9 @@ plain LoRA and LaLoRA on configs/demo.yaml, then the demo's target (studies/demo
     python benchmarks/demo_robustness.py                         # default, avx2 and this machine's best; seeds 0 1 2
     python benchmarks/demo_robustness.py --capabilities avx2 --seeds 0 --jobs 2 --json
 
-Each run is `lalora run configs/demo.yaml --set seed=S [--set lalora.lambda=0]` with ATEN_CPU_CAPABILITY set
+Each run is `lalora run configs/demo.yaml --set training.seed=S --set lora.init_seed=S [--set lalora.lambda=0]`
+(the seeds of what the lineage trains: data order, dropout and the LoRA initialisation; the base is fixed) with
+ATEN_CPU_CAPABILITY set
 (torch's kernel path: `default`, `avx2`, `avx512`; a path the CPU lacks falls back, and the run records the
 path it used in metrics.json's environment). The demo pins one torch thread, so --jobs 2 runs two at once on
 two cores without changing a figure. Printed: a table (capability x seed: plain's and LaLoRA's mean
@@ -33,10 +35,12 @@ def best_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability()).lower()
 
 
-def _run(config: Path, out: Path, capability: str, seed: int, lam: float | None) -> dict[str, Any]:
+def _run(config: Path, out: Path, capability: str, seed: int, lam: float | None, sets: list[str]) -> dict[str, Any]:
     if not (out / "metrics.json").is_file():
-        cmd = [str(Path(sys.executable).parent / "lalora"), "run", str(config), "--out", str(out),
-               "--set", f"seed={seed}"] + (["--set", f"lalora.lambda={lam:g}"] if lam is not None else [])
+        cmd = [str(Path(sys.executable).parent / "lalora"), "run", str(config), "--out", str(out)]
+        cmd += [a for s in sets for a in ("--set", s)]  # the cell's own settings after them: they win
+        cmd += ["--set", f"training.seed={seed}", "--set", f"lora.init_seed={seed}"]
+        cmd += ["--set", f"lalora.lambda={lam:g}"] if lam is not None else []
         env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
                "PREFECT_HOME": str(out.parent / f".prefect-{out.name}")}
         Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-robustness")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each pins one torch thread)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (as lalora run --set)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     caps = args.capabilities or list(dict.fromkeys(["default", "avx2", best_capability()]))
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {(c, s, kind): (args.out / f"{c}-seed{s}-{kind}", 0.0 if kind == "plain" else None)
             for c, s in cells for kind in ("plain", "lalora")}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(_run, args.config, out, key[0], key[1], lam) for key, (out, lam) in jobs.items()}
+        futures = {key: pool.submit(_run, args.config, out, key[0], key[1], lam, args.sets) for key, (out, lam) in jobs.items()}
         metrics = {key: f.result() for key, f in futures.items()}
     rows = []
     for c, s in cells:
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['lalora_mean_forgetting']:.3f} | {r['limit']:.3f} | {r['min_learned_ratio']:.0%} | "
               f"{'yes' if r['met'] else 'NO'} |")
     report = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+              "overrides": args.sets,
               "cells": rows, "met": all(r["met"] for r in rows),
               "smallest_forgetting_margin": min(r["forgetting_margin"] for r in rows),
               "smallest_learning_margin": min(r["learning_margin"] for r in rows),

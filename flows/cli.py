@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", metavar="DIR", help="directory to write it in (created if missing)")
     init.add_argument("--force", action="store_true", help="overwrite an existing DIR/lalora.yaml")
     sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
+    base = sub.add_parser("base", help="pretrain CONFIG's tiny base (model.tiny, model.pretrain, the source) into DIR "
+                          "and print its sha256, for a config's model.path and model.sha256 (make demo-base)")
+    base.add_argument("config")
+    base.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
+    base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
 
 
@@ -101,6 +106,39 @@ def cmd_init(args: argparse.Namespace) -> int:
     print("check it, then run it:")
     for command in starter.commands():
         print(f"    {command}")
+    return 0
+
+
+def cmd_base(args: argparse.Namespace) -> int:
+    """The config's tiny base, pretrained as a lineage with an empty model.path would, written to ``--out``."""
+    import shutil
+    import tempfile
+
+    from pipelines.config import ConfigError, load_config
+    from pipelines.runtime.models import WEIGHTS_FILE, file_sha256
+    from pipelines.runtime.threads import torch_threads
+    from pipelines.stages.pretrain import prepare_base
+    from pipelines.tracker import NullTracker
+
+    try:
+        cfg = load_config(args.config, args.overrides + ["model.path=null", "model.sha256=null"])
+    except ConfigError as e:
+        return fail(f"{e.source}: {e.errors[0]}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        return fail(f"{out}: exists and is not an empty directory (give a new one, or remove it first)")
+    with tempfile.TemporaryDirectory(prefix="lalora-base-") as tmp, torch_threads(cfg.runtime.threads):
+        try:
+            result = prepare_base(cfg.model, cfg.source, cfg.deepspeed, max_length=cfg.training.max_length,
+                                  seed=cfg.seed, out_dir=tmp, tracker=NullTracker())
+        except BadInput as e:
+            return fail(str(e))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(result.path, out, dirs_exist_ok=True)
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    print(f"wrote {out}: a tiny Llama pretrained {cfg.model.pretrain.steps} steps on {cfg.source.name} and "
+          f"{len(cfg.model.pretrain.extra_data)} extra data sets in {result.seconds:.0f} s{loss}")
+    print(f"model.sha256: {file_sha256(out / WEIGHTS_FILE)}")
     return 0
 
 
@@ -415,8 +453,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "deploy": cmd_deploy,
-            "export": cmd_export,
-            "ui": cmd_ui, "init": cmd_init, "env": cmd_env}[args.command](args)
+            "export": cmd_export, "ui": cmd_ui, "init": cmd_init, "env": cmd_env, "base": cmd_base}[args.command](args)
 
 
 if __name__ == "__main__":

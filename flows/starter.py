@@ -1,7 +1,8 @@
-"""``lalora init DIR``: the demo's config (``configs/demo.yaml``, comments and all) as a starting point.
+"""``lalora init DIR``: the demo's config (``configs/demo.yaml``, comments and all) and its base model
+(``configs/demo-base``, which the config names as ``model.path: demo-base``) as a starting point.
 
-It ships inside the package as ``flows/demo.yaml``: a link to ``configs/demo.yaml`` in the checkout (one
-source of truth), which the wheel build copies as a file, so an installed ``lalora`` has it without a checkout.
+Both ship inside the package as ``flows/demo.yaml`` and ``flows/demo-base``: links to the checkout's files (one
+source of truth), which the wheel build copies, so an installed ``lalora`` has them without a checkout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from pipelines.errors import BadInput
 
 PACKAGED_DEMO = "demo.yaml"
+PACKAGED_BASE = "demo-base"
 STARTER_NAME = "lalora.yaml"
 
 
@@ -43,7 +45,8 @@ class Starter:
 
 
 def write_starter(directory: Path, force: bool = False) -> Starter:
-    """``directory/lalora.yaml`` (the directory created); BadInput if it exists and ``force`` is not given."""
+    """``directory/lalora.yaml`` and ``directory/demo-base`` (the directory created); BadInput if the config exists
+    and ``force`` is not given."""
     starter = Starter(directory / STARTER_NAME, directory / "runs")
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"{directory}: exists and is not a directory")
@@ -52,6 +55,10 @@ def write_starter(directory: Path, force: bool = False) -> Starter:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         starter.config.write_text(starter_text(starter.config, starter.out))
+        base = directory / PACKAGED_BASE
+        base.mkdir(exist_ok=True)
+        for item in resources.files("flows").joinpath(PACKAGED_BASE).iterdir():
+            (base / item.name).write_bytes(item.read_bytes())
     except OSError as e:
-        raise BadInput(f"{starter.config}: cannot write it ({e.strerror or e})") from None
+        raise BadInput(f"{directory}: cannot write the starter into it ({e.strerror or e})") from None
     return starter

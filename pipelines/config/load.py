@@ -108,7 +108,14 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
 
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
-    """Local data files are relative to the config file."""
+    """Local data files, and a local model directory, are relative to the config file."""
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("path"), str):
+        path = model["path"]
+        # a directory beside the config is local; anything else stays as written (a hub id NAME or
+        # NAMESPACE/NAME, or a path from the working directory as before)
+        if not Path(path).expanduser().is_absolute() and (base / path).is_dir():
+            model["path"] = str((base / path).resolve())
     domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or [])
     for section, key, field in (("model", "pretrain", "extra_data"), ("training", "replay", "data")):
         node = data.get(section)

@@ -46,7 +46,12 @@ class PretrainConfig(Model):
 
 class ModelConfig(Model):
     path: str | None = Field(None, description="Hugging Face hub id or local directory of a causal LM and its "
-                             "tokenizer (from_pretrained). Empty: build a tiny Llama and pretrain it on the source domain.")
+                             "tokenizer (from_pretrained); a local directory is relative to the config file. Empty: "
+                             "build a tiny Llama and pretrain it on the source domain.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the local model's "
+                               "model.safetensors (what sha256sum prints): a run stops before training when the file "
+                               "differs. Set, it identifies the base in the stages' identity instead of the path, "
+                               "so a lineage resumes from another checkout. `lalora base` prints it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama (model.path empty).")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the tiny Llama.")

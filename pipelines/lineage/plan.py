@@ -41,7 +41,12 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
         out[section] = {k: v for k, v in out[section].items() if k not in keys}
     out["source"] = _domain_identity(out["source"])
     out["domains"] = [_domain_identity(d) for d in dump["domains"][:stage]]
-    pretrain = out["model"]["pretrain"]
+    model = out["model"]
+    if model.get("sha256"):  # a local base is identified by its weights, not where it lies on this machine
+        model.pop("path")
+    else:  # configs from before the setting keep the hashes their versions recorded
+        model.pop("sha256", None)
+    pretrain = model["pretrain"]
     if pretrain.get("extra_data"):
         pretrain["extra_data"] = [_domain_identity(d) for d in pretrain["extra_data"]]
     else:  # configs from before the setting keep the hashes their versions recorded

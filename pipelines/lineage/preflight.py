@@ -60,12 +60,17 @@ def data_problems(cfg: LineageConfig) -> list[str]:
 
 def model_problems(cfg: LineageConfig) -> list[str]:
     """A local model path without a model, or LoRA targets that match no module of the base."""
-    from pipelines.runtime.models import ModelError, meta_model, model_path_problem, unmatched_targets
+    from pipelines.runtime.models import ModelError, meta_model, model_path_problem, unmatched_targets, weights_problem
 
     if cfg.model.path:
         problem = model_path_problem(cfg.model.path)
+        if not problem and cfg.model.sha256:
+            problem = weights_problem(cfg.model.path, cfg.model.sha256)
         if problem:
             return [problem]
+    elif cfg.model.sha256:
+        return ["model.sha256 checks a local model.path, and model.path is empty (the tiny base is pretrained here): "
+                "drop model.sha256 or set model.path"]
     try:
         model = meta_model(cfg.model)
     except ModelError as e:

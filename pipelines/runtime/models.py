@@ -70,6 +70,36 @@ def model_path_problem(path: str) -> str | None:
     return None
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    """What ``sha256sum`` prints for ``path``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_problem(path: str, sha256: str) -> str | None:
+    """Why the local model at ``path`` is not the one ``model.sha256`` names, or None."""
+    if not is_local_path(path):
+        return (f"model.sha256 is checked against a local directory's {WEIGHTS_FILE}; {path} is a hub id (drop "
+                "model.sha256, or download the model and point model.path at it)")
+    weights = Path(path).expanduser() / WEIGHTS_FILE
+    if not weights.is_file():
+        return (f"model.sha256: {path} holds no {WEIGHTS_FILE} to check (a sharded model cannot be checked; drop "
+                "model.sha256)")
+    found = file_sha256(weights)
+    if found != sha256:
+        return (f"model.sha256: {weights} has sha256 {found}, not the configured {sha256}: the base is not the one "
+                "the config names (restore it, e.g. git checkout of the file, or set model.sha256 to the new value)")
+    return None
+
+
 def load_base(path: str | Path, dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) via from_pretrained: a hub id (at ``revision``) or a local directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

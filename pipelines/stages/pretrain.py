@@ -11,10 +11,11 @@ from pathlib import Path
 
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
+from pipelines.errors import BadInput
 from pipelines.data.tokens import encode, special_ids, train_batches
 from pipelines.data.sources import load_domain, load_rows
 from pipelines.runtime.engine import train
-from pipelines.runtime.models import build_tiny_llama, char_tokenizer
+from pipelines.runtime.models import build_tiny_llama, char_tokenizer, weights_problem
 from pipelines.tracker import Tracker
 from pipelines.workspace import Workspace, write_dir_atomic, write_json_atomic
 
@@ -58,6 +59,9 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
     unchanged, so a rerun does not pay for it twice.
     """
     if model.path:
+        problem = weights_problem(model.path, model.sha256) if model.sha256 else None
+        if problem:
+            raise BadInput(problem)
         return BaseResult(model.path, pretrained_here=False)
     ws = Workspace(Path(out_dir))
     rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)

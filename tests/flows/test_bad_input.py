@@ -108,11 +108,14 @@ def _data_case(tmp_path, kind):
     if kind == "model-path-without-config":
         (tmp_path / "not-a-model").mkdir()
         return ONE_DOMAIN, [f"model.path={tmp_path / 'not-a-model'}"], "not-a-model: holds no config.json"
+    if kind == "model-sha256-mismatch":  # the base is not the one the config names
+        base = _local_base(tmp_path / "base")
+        return ONE_DOMAIN, [f"model.path={base}", f"model.sha256={'0' * 64}"], f"not the configured {'0' * 64}"
     raise AssertionError(kind)
 
 
 DATA_CASES = ["missing-file", "empty-file", "missing-columns", "missing-split", "overlong-error", "no-matching-targets",
-              "model-path-missing", "model-path-without-config"]
+              "model-path-missing", "model-path-without-config", "model-sha256-mismatch"]
 
 
 @pytest.mark.parametrize("kind", DATA_CASES)
@@ -125,7 +128,7 @@ def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, kin
 
 
 @pytest.mark.parametrize("kind", ["missing-file", "no-matching-targets", "model-path-missing",
-                                  "model-path-without-config"])
+                                  "model-path-without-config", "model-sha256-mismatch"])
 def test_validate_refuses_what_is_known_without_training(tmp_path, kind):
     """Each in one line, exit 2, without loading weights or data (a hub model is not needed either)."""
     import time

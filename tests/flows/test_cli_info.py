@@ -58,6 +58,8 @@ def test_the_packaged_demo_is_configs_demo_yaml():
     link = ROOT / "flows" / "demo.yaml"
     assert link.is_symlink() and link.resolve() == DEMO.resolve()
     assert demo_config_text() == DEMO.read_text()
+    base = ROOT / "flows" / "demo-base"
+    assert base.is_symlink() and base.resolve() == (DEMO.parent / "demo-base").resolve()
 
 
 def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
@@ -72,7 +74,12 @@ def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
     assert text[0] == f"# Run: lalora run {written} --out {d}/runs/demo"
     assert text[1] == f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 --set lalora.lambda=0"
     assert text[2:] == demo[2:]  # every other line, comments included, as the demo has it
-    assert load_config(written).model_dump() == load_config(DEMO).model_dump()
+    weights = "demo-base/model.safetensors"
+    assert (d / weights).read_bytes() == (DEMO.parent / weights).read_bytes()
+    mine, demo = load_config(written).model_dump(), load_config(DEMO).model_dump()
+    assert mine["model"].pop("path") == str(d / "demo-base")
+    assert demo["model"].pop("path") == str(DEMO.parent / "demo-base")
+    assert mine == demo  # the same config but for where its base lies (the base beside it, checked by its sha256)
     code, out = run_lalora(["validate", str(written)], tmp_path)
     assert code == 0 and f"{written}: OK (3 stages" in out, out
 

@@ -34,7 +34,7 @@ NOT_BUILT_FROM = (".git", ".venv", ".cache", ".pytest_cache", "runs", "build", "
                   "benchmarks", "studies")
 
 SHORT = [  # the starter config, shortened to two stages of a few steps (about 30 s here)
-    "--set", "model.pretrain.steps=20", "--set", "model.pretrain.extra_data=[]", "--set", "training.steps=4",
+    "--set", "training.steps=4",
     "--set", "lalora.samples=16", "--set", "source.data.size=200", "--set", "source.eval_size=12",
     "--set", "domains=[{name: next-aj, data: {kind: generator, op: next, alphabet: abcdefghij, size: 100}, "
              "eval_size: 12}, {name: rotate-kt, data: {kind: generator, op: rotate, alphabet: klmnopqrst, "
@@ -97,6 +97,10 @@ def test_the_wheel_holds_the_demo_config_and_the_license(installed):
     with zipfile.ZipFile(installed.wheel) as whl:
         names = whl.namelist()
         assert whl.read("flows/demo.yaml") == (ROOT / "configs" / "demo.yaml").read_bytes()  # a file, not a link
+        base = sorted(p.name for p in (ROOT / "configs" / "demo-base").iterdir())
+        assert sorted(n.removeprefix("flows/demo-base/") for n in names if n.startswith("flows/demo-base/")) == base
+        weights = "demo-base/model.safetensors"
+        assert whl.read(f"flows/{weights}") == (ROOT / "configs" / weights).read_bytes()
         licenses = [n for n in names if ".dist-info/" in n and n.endswith("/LICENSE")]
         assert licenses and whl.read(licenses[0]) == (ROOT / "LICENSE").read_bytes()
     assert not [n for n in names if n.startswith(("tests/", "configs/", "benchmarks/"))]

@@ -53,6 +53,21 @@ def test_local_data_is_identified_by_content_not_path():
     assert stage_config(one, 1) == stage_config(two, 1)
 
 
+def test_a_checked_base_is_identified_by_its_weights_not_its_path(tmp_path):
+    sha, other = "a" * 64, "b" * 64
+    here = cfg(model__path="/here/demo-base", model__sha256=sha)
+    assert stage_keys(here, FP) == stage_keys(cfg(model__path="/there/demo-base", model__sha256=sha), FP)
+    assert stage_keys(here, FP)[0] != stage_keys(cfg(model__path="/here/demo-base", model__sha256=other), FP)[0]
+    assert "sha256" not in stage_config(cfg(model__path="/x"), 1)["model"]  # hashes recorded before the setting hold
+    assert stage_config(cfg(model__path="/x"), 1) != stage_config(cfg(model__path="/y"), 1)  # unchecked: the path
+    # a directory beside the config is read from there, wherever the command runs; a hub id stays as written
+    (tmp_path / "demo-base").mkdir()
+    (tmp_path / "c.yaml").write_text("model: {path: demo-base}\ndomains: [{name: a}]\n")
+    assert load_config(tmp_path / "c.yaml").model.path == str(tmp_path / "demo-base")
+    hub = load_config(tmp_path / "c.yaml", ["model.path=HuggingFaceTB/SmolLM2-135M"])
+    assert hub.model.path == "HuggingFaceTB/SmolLM2-135M"
+
+
 def test_the_bases_extra_pretraining_data_is_part_of_every_stage(tmp_path):
     from pipelines.lineage.plan import data_fingerprints
 
