@@ -100,3 +100,22 @@ def test_init_refuses_a_file_as_its_directory(tmp_path):
     (tmp_path / "f").write_text("")
     code, out = run_lalora(["init", str(tmp_path / "f")], tmp_path)
     assert (code, out) == (2, f"lalora: error: {tmp_path / 'f'}: exists and is not a directory\n")
+
+
+def test_base_pretrains_a_configs_tiny_base_that_a_config_then_checks(tmp_path):
+    """``lalora base`` writes the recipe's base and its sha256; a config naming that sha256 validates against it,
+    and the same directory is refused as --out once it holds something."""
+    from pipelines.runtime.models import file_sha256
+
+    out = tmp_path / "b"
+    code, text = run_lalora(["base", str(DEMO), "--out", str(out), "--set", "model.pretrain.steps=3"], tmp_path)
+    assert code == 0, text
+    sha = file_sha256(out / "model.safetensors")
+    assert text.splitlines()[-1] == f"model.sha256: {sha}", text
+    assert f"wrote {out}: a tiny Llama pretrained 3 steps on source and 3 extra data sets in " in text
+    code, text = run_lalora(["validate", str(DEMO), "--set", f"model.path={out}", "--set", f"model.sha256={sha}"],
+                            tmp_path)
+    assert code == 0, text
+    code, text = run_lalora(["base", str(DEMO), "--out", str(out)], tmp_path)
+    assert (code, text) == (2, f"lalora: error: {out}: exists and is not an empty directory (give a new one, or "
+                               "remove it first)\n")
