@@ -1,6 +1,6 @@
 """The ``lalora`` command line: ``run`` a lineage (resuming it), ``sweep`` lambda and curvature, ``validate`` a
 config, ``serve`` it on a schedule, ``export`` a registered version, start the ``ui`` servers; ``init`` a starter
-config, report the ``env`` for a bug report, ``--version``."""
+config, pretrain a config's tiny ``base``, report the ``env`` for a bug report, ``--version``."""
 
 from __future__ import annotations
 
