@@ -11,7 +11,7 @@ ATEN_CPU_CAPABILITY set
 path it used in metrics.json's environment). The demo pins one torch thread, so --jobs 2 runs two at once on
 two cores without changing a figure. Printed: a table (capability x seed: plain's and LaLoRA's mean
 forgetting, the limit, the smallest learning ratio, met) and the smallest margins; the last line is one JSON
-object, written with --json to benchmarks/results/demo_robustness-<date>.json. Exit 1 when a cell misses.
+object, written with --json to benchmarks/results/cpu-<date>/demo-robustness.json. Exit 1 when a cell misses.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['smallest_forgetting_margin']:+.3f} (limit minus LaLoRA's), learning ratio "
           f"{report['smallest_learning_margin']:+.0%} (over {MIN_LEARNED_RATIO:.0%})")
     if args.json:
-        (ROOT / "benchmarks" / "results" / f"demo_robustness-{report['date']}.json").write_text(
-            json.dumps(report, indent=1) + "\n")
+        out = ROOT / "benchmarks" / "results" / f"cpu-{report['date']}" / "demo-robustness.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report))
     return 0 if report["met"] else 1
 
