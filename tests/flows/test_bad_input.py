@@ -110,7 +110,7 @@ def _data_case(tmp_path, kind):
         return ONE_DOMAIN, [f"model.path={tmp_path / 'not-a-model'}"], "not-a-model: holds no config.json"
     if kind == "model-sha256-mismatch":  # the base is not the one the config names
         base = _local_base(tmp_path / "base")
-        return ONE_DOMAIN, [f"model.path={base}", f"model.sha256={'0' * 64}"], f"not the configured {'0' * 64}"
+        return ONE_DOMAIN, [f"model.path={base}", f"model.sha256={'f' * 64}"], f"not the configured {'f' * 64}"
     raise AssertionError(kind)
 
 
