@@ -65,7 +65,8 @@ class CurvatureMeta:
         return Prior(**self.prior)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """What ``sha256sum`` prints for ``path``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -108,7 +109,7 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
         prior={"tau_A": prior.tau_A, "tau_B": prior.tau_B},
         history=list(history or []),
         tensors={k: list(v.shape) for k, v in state.items()},
-        sha256=_sha256(tensors_tmp),
+        sha256=file_sha256(tensors_tmp),
     )
     meta_tmp = _write_tmp(d / META, lambda p: p.write_text(json.dumps(asdict(meta), indent=2)))
     os.replace(meta_tmp, d / META)  # the commit point: from here the new checkpoint is the checkpoint
@@ -120,7 +121,7 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
 def _roll_forward(d: Path, meta: CurvatureMeta) -> str | None:
     """After a crash between the two renames: move the committed tensors into place; their sha256, or None."""
     for pending in sorted(d.glob(f".{TENSORS}.tmp-*")):
-        digest = _sha256(pending)
+        digest = file_sha256(pending)
         if digest == meta.sha256:
             try:
                 os.replace(pending, d / TENSORS)
@@ -153,7 +154,7 @@ def verify(directory: str | os.PathLike[str]) -> CurvatureMeta:
     d = Path(directory)
     meta = read_meta(d)
     tensors = d / TENSORS
-    digest = _sha256(tensors) if tensors.is_file() else ""
+    digest = file_sha256(tensors) if tensors.is_file() else ""
     if digest != meta.sha256:
         digest = _roll_forward(d, meta) or digest
     if not tensors.is_file():

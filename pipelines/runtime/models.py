@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lalora.checkpoint import file_sha256
 from pipelines.config import LoraSettings, ModelConfig, TinyModelConfig
 from pipelines.errors import BadInput
 
@@ -71,17 +72,6 @@ def model_path_problem(path: str) -> str | None:
 
 
 WEIGHTS_FILE = "model.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    """What ``sha256sum`` prints for ``path``."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def weights_problem(path: str, sha256: str) -> str | None:

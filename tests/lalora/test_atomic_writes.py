@@ -108,13 +108,13 @@ def test_non_finite_precision_is_never_saved_or_loaded(tmp_path, bad):
     # written by something else (checksum valid): still refused on load
     from safetensors.torch import save_file
 
-    from lalora.checkpoint import _sha256
+    from lalora.checkpoint import file_sha256
 
     save_precision(tmp_path, DiagPrecision({"m.lora_A": torch.ones(2, 3)}), fisher_type="empirical", n_samples=1,
                    prior=Prior(1.0, 1.0))
     save_file({"m.lora_A": values}, str(tmp_path / TENSORS), metadata={"structure": "diag"})
     meta = json.loads((tmp_path / META).read_text())
-    meta["sha256"] = _sha256(tmp_path / TENSORS)
+    meta["sha256"] = file_sha256(tmp_path / TENSORS)
     (tmp_path / META).write_text(json.dumps(meta))
     with pytest.raises(NonFinitePrecision, match="non-finite"):
         load_precision(tmp_path)
