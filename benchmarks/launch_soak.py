@@ -10,8 +10,8 @@ unchanged job, so every launch does the same work. A failed launch is counted (a
 ranks' output saved), never retried here. Reported: failures (with the exit statuses), the failure rate with
 its 95% upper bound (with no failure in N launches, about 3/N), and the launch overhead: the seconds from the
 launcher's start to the step's first batch and from its last batch to the launcher's exit (medians and the
-worst), next to the work itself. The last line printed is one JSON object; ``--json`` also writes it under
-benchmarks/results/.
+worst), next to the work itself. The last line printed is one JSON object; ``--json`` also writes it to
+benchmarks/results/cpu-<date>/launch-soak.json.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if report[key]:
             print(f"{key}: median {report[key]['median']:.2f}, max {report[key]['max']:.2f}")
     if args.json:
-        out = ROOT / "benchmarks" / "results" / f"launch_soak-{report['date']}.json"
+        out = ROOT / "benchmarks" / "results" / f"cpu-{report['date']}" / "launch-soak.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({**report, "launches": launches}, indent=1) + "\n")
     print(json.dumps(report))
     return 0
