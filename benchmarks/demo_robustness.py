@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {(c, s, kind): (args.out / f"{c}-seed{s}-{kind}", 0.0 if kind == "plain" else None)
             for c, s in cells for kind in ("plain", "lalora")}
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(_run, args.config, out, key[0], key[1], lam, args.sets) for key, (out, lam) in jobs.items()}
+        futures = {key: pool.submit(_run, args.config, out, key[0], key[1], lam, args.sets)
+                   for key, (out, lam) in jobs.items()}
         metrics = {key: f.result() for key, f in futures.items()}
     rows = []
     for c, s in cells:
