@@ -11,9 +11,9 @@ from pathlib import Path
 
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
-from pipelines.errors import BadInput
-from pipelines.data.tokens import encode, special_ids, train_batches
 from pipelines.data.sources import load_domain, load_rows
+from pipelines.data.tokens import encode, special_ids, train_batches
+from pipelines.errors import BadInput
 from pipelines.runtime.engine import train
 from pipelines.runtime.models import build_tiny_llama, char_tokenizer, weights_problem
 from pipelines.tracker import Tracker
