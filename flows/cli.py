@@ -167,7 +167,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
     print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
-          f"lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind})")
+          f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})")
     memory = memory_line(cfg)
     if memory:
         print(f"{args.config}: {memory}")
@@ -222,7 +222,7 @@ def _print_result(result: Any, cfg: Any, where: Path, out: Path, seconds: float)
     else:
         print(f"lineage {result.registered_model!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
               + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
-              + f"; lambda {cfg.lalora.lam:g}, curvature {cfg.lalora.curvature.kind}")
+              + f"; lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind}")
     for version, p in result.promotion.items():
         if p.promoted:
             print(f"promotion:  version {version} (stage {p.stage}) -> alias {cfg.promotion.alias!r}")
@@ -448,6 +448,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 0
 
     return report(run)
+
+
+def _lambda(lam: float | str) -> str:
+    return lam if isinstance(lam, str) else f"{lam:g}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,7 @@ def prepare_environment() -> None:
             Path(os.environ[var]).expanduser().mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipelines").setLevel(logging.INFO)
+    logging.getLogger("flows.auto_lambda").setLevel(logging.INFO)  # each trial of a lambda search, as it ends
     for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic", "httpx", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import warnings

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow
 from prefect.states import Completed, Failed
 
+from flows import auto_lambda
 from flows.lease import StoreLease
 from flows.console import bad_input_types
 from flows.lock import hold, lock_paths
@@ -164,6 +165,10 @@ class Start:
     rows: list[Row]
     init: str | None = None
     """the LoRA initialisation, when this run made it (row 0's adapter)"""
+    val_rows: list[auto_lambda.ValRow] | None = None
+    """validation scores of R's rows (a lineage that searches lambda; None otherwise)"""
+    lam: float | None = None
+    """the lambda the newest searching stage chose: the next search starts there"""
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,8 @@ class StageOutcome:
     adapter: str
     precision: str | None
     timing: StageTiming
+    auto: dict[str, Any] | None = None
+    """what the stage's lambda search did (lambda auto; None otherwise)"""
 
 
 def _lineage(lx: Lineage) -> LineageResult:
@@ -198,11 +205,14 @@ def _lineage(lx: Lineage) -> LineageResult:
         start = _starting_point(lx, base, last)  # 4.
         _fill_new_columns(lx, base, stands, start)  # 5.
         lx.registry.describe(lx.model_description())
+        if cfg.searches and stands.todo:  # the validation scores of R's rows so far, which the search reads
+            start.val_rows = auto_lambda.validation_rows(lx, base.path, stands.done, start.init)
         outcomes = []
         for key in stands.todo:  # 6.-10., one stage each
             outcome = _stage(lx, base, key, start, parent)
             outcomes.append(outcome)
-            start = Start(outcome.adapter, outcome.precision, start.rows)
+            chosen = outcome.auto["lambda"] if outcome.auto else start.lam
+            start = Start(outcome.adapter, outcome.precision, start.rows, val_rows=start.val_rows, lam=chosen)
         aliases = lx.registry.reconcile_aliases(cfg.tracking.latest_alias, cfg.promotion.alias)
         result = _finish(lx, start.rows, stands, parent, outcomes, aliases)  # 11.
         end_run(parent)
@@ -267,7 +277,8 @@ def _starting_point(lx: Lineage, base: Base, last: plan.Recorded | None) -> Star
     cfg = lx.cfg
     if last:
         precision = fetch_precision_task(lx.registry, last) if last.uri("precision") else None
-        return Start(fetch_task(lx.registry, last.uri("adapter"), "adapter"), precision, lx.rows(last))
+        return Start(fetch_task(lx.registry, last.uri("adapter"), "adapter"), precision, lx.rows(last),
+                     lam=last.record.auto_lambda)
     init = init_adapter_task(base.path, cfg, str(lx.ws.init_adapter))
     row0 = evaluate_task(base.path, init, cfg, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"),
                          str(lx.shared.data)).value
@@ -301,37 +312,67 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
     try:
         paths = StepPaths(base.path, start.anchor, start.precision, str(lx.shared.data), str(stage_dir),
                           str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
-        # 6. precision at the anchor on the previous domain, accumulated (skipped for plain LoRA)
-        retry = {"retries": cfg.orchestration.launch_retries, "retry_delay_seconds": cfg.orchestration.retry_delay_seconds}
-        precision = precision_task.with_options(**retry)(cfg, t, paths, run) if cfg.lalora.lam > 0 else None
+        # 6. precision at the anchor on the previous domain, accumulated (skipped when no stage has the penalty)
+        retry = auto_lambda.retry_options(lx)
+        precision = precision_task.with_options(**retry)(cfg, t, paths, run) if cfg.penalised else None
         if precision is not None:
             paths = replace(paths, precision=precision.value.path)
-        # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run)
-        tuned = finetune_task.with_options(**retry)(cfg, t, paths, run)
+        # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run); with
+        # lambda auto, trials first, each scored on validation rows
+        adapter, tuned_seconds, searched = _train(lx, base, key, start, paths, run)
         # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
-        scores = evaluate_task(base.path, tuned.value.adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
+        scores = evaluate_task(base.path, adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
                                str(lx.shared.data))
         start.rows.append(scores.value)
         run.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.value.items() for k, v in s.as_json().items()
                                    if isinstance(v, float)})
         verdict = _gate(lx, t, start.rows)
-        # 9. the lineage state travels with the version: R so far, stage config
-        write_json_atomic(stage_dir / "lineage" / "rows.json", rows_as_json(start.rows))
-        write_json_atomic(stage_dir / "lineage" / "stage_config.json", plan.stage_config(cfg, t))
-        run.tracker().log_artifact(stage_dir / "lineage", "lineage")
+        if searched is not None and not searched.feasible:  # the budget could not be kept: never the champion
+            verdict = GateResult(False, [searched.refusal, *verdict.reasons], verdict.metrics)
+        # 9. the lineage state travels with the version: R so far (and its validation scores), stage config
+        _lineage_state(lx, t, start, stage_dir, run)
         # 10. the version: the adapter as a python_function model, its record, the aliases it earns
-        version = _register(lx, base, key, run, tuned.value.adapter, precision.value if precision else None,
-                            scores.value, verdict, stage_dir)
+        version = _register(lx, base, key, run, adapter, precision.value if precision else None,
+                            scores.value, verdict, stage_dir, searched)
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
-        work = sum(x.compute_seconds for x in (precision, tuned, scores) if x is not None)
+        for trial_checkpoints in (stage_dir / "auto").glob("trial-*/checkpoints"):
+            shutil.rmtree(trial_checkpoints, ignore_errors=True)
+        work = tuned_seconds + sum(x.compute_seconds for x in (precision, scores) if x is not None)
         timing = StageTiming(t, time.perf_counter() - t0, work)
         run.tracker().log_metrics({f"stage/{k}": v for k, v in timing.as_json().items() if k != "stage"})
         end_run(run)
     except BaseException:
         end_run(run, "FAILED")
         raise
-    return StageOutcome(version, Promotion(t, verdict.promoted, verdict.reason), tuned.value.adapter, paths.precision,
-                        timing)
+    return StageOutcome(version, Promotion(t, verdict.promoted, verdict.reason), adapter, paths.precision,
+                        timing, searched.summary if searched else None)
+
+
+def _train(lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: StepPaths, run: RunRef
+           ) -> tuple[str, float, auto_lambda.Searched | None]:
+    """7. The stage's adapter and the seconds it took; with lambda auto, the search that chose its lambda. In a
+    lineage that searches, the adapter's validation scores join ``start.val_rows``."""
+    cfg, t = lx.cfg, key.stage
+    if cfg.stage_lambda(t) == "auto":
+        assert start.val_rows is not None
+        directions = {d: s.higher_is_better for d, s in start.rows[0].items()}
+        searched = auto_lambda.search(lx, base.path, key, paths, run, start.val_rows, directions, start.lam)
+        start.val_rows.append(searched.val_row)
+        return searched.adapter, searched.compute_seconds, searched
+    tuned = finetune_task.with_options(**auto_lambda.retry_options(lx))(cfg, t, paths, run)
+    if start.val_rows is not None:
+        start.val_rows.append(auto_lambda.validation_row(lx, base.path, tuned.value.adapter,
+                                                         Path(paths.out) / "val.json"))
+    return tuned.value.adapter, tuned.compute_seconds, None
+
+
+def _lineage_state(lx: Lineage, t: int, start: Start, stage_dir: Path, run: RunRef) -> None:
+    """9. R's rows so far, their validation scores (a lineage that searches) and the stage config, logged."""
+    write_json_atomic(stage_dir / "lineage" / "rows.json", rows_as_json(start.rows))
+    write_json_atomic(stage_dir / "lineage" / "stage_config.json", plan.stage_config(lx.cfg, t))
+    if start.val_rows is not None:
+        write_json_atomic(stage_dir / "lineage" / "val_rows.json", start.val_rows)
+    run.tracker().log_artifact(stage_dir / "lineage", "lineage")
 
 
 def _gate(lx: Lineage, t: int, rows: list[Row]) -> GateResult:
@@ -342,7 +383,7 @@ def _gate(lx: Lineage, t: int, rows: list[Row]) -> GateResult:
 
 
 def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter: str, precision: Any,
-              scores: Row, verdict: GateResult, stage_dir: Path) -> str:
+              scores: Row, verdict: GateResult, stage_dir: Path, searched: auto_lambda.Searched | None = None) -> str:
     cfg, t = lx.cfg, key.stage
     domain = cfg.domains[t - 1]
     record = VersionRecord(
@@ -351,11 +392,14 @@ def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter:
         config_uri=f"runs:/{run.run_id}/lineage/stage_config.json", base_uri=base.uri, base_recipe=base.recipe,
         precision_uri=f"runs:/{run.run_id}/curvature" if precision else "",
         precision_sha256=precision.sha256 if precision else "", promoted=verdict.promoted,
-        promotion_reason=verdict.reason)
+        promotion_reason=verdict.reason,
+        val_rows_uri=f"runs:/{run.run_id}/lineage/val_rows.json" if cfg.searches else "",
+        auto_lambda=searched.chosen.lam if searched else None, auto_trials=len(searched.trials) if searched else 0)
     model_dir = package_task(adapter, base.reference, cfg, _example_prompt(lx, t), str(stage_dir / "model"))
     description = report.version_description(
         lx.model, t, domain.name, lx.domains, [scores[d].score for d in lx.domains],
-        [scores[d].metric for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias)
+        [scores[d].metric for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias,
+        report.auto_text(searched.summary) if searched else "")
     aliases = [cfg.tracking.latest_alias] + ([cfg.promotion.alias] if verdict.promoted else [])
     version = register_task(lx.registry, run, model_dir, record, description, aliases, lx.lease)
     for kind in ("registered", *(() if verdict.promoted else ("rejected",))):
@@ -391,10 +435,10 @@ def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | No
                            lx.uri, parent.run_id if parent else None, cfg.lalora.lam, cfg.lalora.curvature.kind,
                            config_hash(cfg), [r.stage for r in stands.done], [k.stage for k in stands.todo],
                            {o.version: o.promotion for o in outcomes}, aliases, [o.timing for o in outcomes],
-                           numerics(cfg.model.dtype))
+                           numerics(cfg.model.dtype), _searches(stands, outcomes))
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.root / "metrics.json", result.as_json())
-    plots = report.write_plots(lineage_report, ws.root, f"{cfg.name}: lambda = {cfg.lalora.lam:g}")
+    plots = report.write_plots(lineage_report, ws.root, f"{cfg.name}: lambda = {report.lambda_text(cfg.lalora.lam)}")
     if parent is not None:
         tracker = parent.tracker()
         tracker.log_metrics(lineage_report.flat_metrics())
@@ -407,11 +451,18 @@ def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | No
     return result
 
 
+def _searches(stands: plan.Plan, outcomes: list[StageOutcome]) -> dict[str, dict[str, Any]]:
+    """What each stage's lambda search did, by stage: this run's in full, earlier runs' as their versions say."""
+    out = {str(r.stage): {"lambda": r.record.auto_lambda, "trials": r.record.auto_trials} for r in stands.done
+           if r.record.auto_lambda is not None}
+    return out | {str(o.promotion.stage): o.auto for o in outcomes if o.auto is not None}
+
+
 def _publish(lx: Lineage, result: LineageResult) -> None:
     """The outcome in the Prefect UI: a Markdown artifact of this flow run (R, metrics, promotions)."""
     from prefect.artifacts import create_markdown_artifact
 
     key = re.sub(r"[^a-z0-9-]+", "-", f"lalora-{lx.model}".lower()).strip("-")
     create_markdown_artifact(markdown=report.markdown_summary(result.report, result.promotion, lx.model,
-                                                              lx.cfg.promotion.alias),
+                                                              lx.cfg.promotion.alias, result.auto),
                              key=key, description=f"LaLoRA lineage {lx.model}: R and promotions")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -115,10 +115,11 @@ def finetune_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef)
 
 @task(name="evaluate", **_TASK)
 def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, domains: list[DomainConfig], out_path: str,
-                  data_dir: str) -> Timed[Row]:
+                  data_dir: str, split: Literal["eval", "val"] = "eval") -> Timed[Row]:
+    """Scores of the evaluation rows (R), or of the validation rows (lambda auto's trials)."""
     return _timed(None, lambda _: evaluate.evaluate(
         base_path, adapter, domains, cfg.evaluation, dtype=cfg.model.dtype, max_length=cfg.training.max_length,
-        default_curvature=cfg.lalora.samples, data_dir=data_dir, out_path=out_path))
+        default_curvature=cfg.lalora.samples, data_dir=data_dir, out_path=out_path, split=split))
 
 
 @task(name="gate", **_TASK)

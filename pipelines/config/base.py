@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 
 from pipelines.errors import BadInput
 
@@ -14,6 +16,25 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+
+def _lambda_value(value: Any) -> Any:
+    """A lambda: 'auto' or a finite number >= 0, refused in one line (not one line per member of the union)."""
+    if value == "auto":
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number >= 0 or 'auto', got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError("Input should be a finite number")
+    if number < 0:
+        raise ValueError("Input should be greater than or equal to 0")
+    return number
+
+
+Lambda = Annotated[float | Literal["auto"], BeforeValidator(_lambda_value)]
+"""A penalty strength: a number >= 0, or ``auto`` (searched per stage within a forgetting budget)."""
 
 
 class ConfigError(BadInput):

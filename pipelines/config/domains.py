@@ -6,10 +6,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config.base import NAME, Model
+from pipelines.config.base import NAME, Lambda, Model
 from pipelines.data.formats import (GenerateScoring, LmEvalScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat,
                                     Scoring)
 
+
+VAL_SIZE = 100
+"""Validation rows per domain when a lineage searches lambda and the domain sets no val_size."""
 
 SymbolOp = Literal["copy", "reverse", "next", "previous", "rotate", "double", "increment"]
 
@@ -65,6 +68,15 @@ class DomainConfig(RowFormat):
                            "eval_data and for probes).")
     train_size: int | None = Field(None, gt=0, description="Cap on training examples (after the shuffle); default all.")
     curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default lalora.samples.")
+    val_size: int | None = Field(None, gt=0, description="Validation rows, held out from training, curvature and "
+                                 f"evaluation, that lambda: auto scores its trials on (default {VAL_SIZE} when a stage "
+                                 "searches lambda; none otherwise, so other lineages keep their splits).")
+    lam: Lambda | None = Field(None, alias="lambda", description="This domain's stage only: its own lambda (a number "
+                               "or 'auto'); default lalora.lambda. Part of the stage's identity only when set.")
+    steps: int | None = Field(None, gt=0, description="This domain's stage only: its optimizer steps; default "
+                              "training.steps. Part of the stage's identity only when set.")
+    lr: float | None = Field(None, gt=0, description="This domain's stage only: its learning rate; default "
+                             "training.lr. Part of the stage's identity only when set.")
     scoring: Scoring | None = Field(None, description="Score of the R matrix, by kind: generate, multiple_choice or "
                                     "perplexity. Default: the preset's (generate with extractor exact without one).")
     chat_template: Literal["never", "auto", "always"] = Field("never", description="Wrap each prompt as a user turn "

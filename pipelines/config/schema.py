@@ -14,8 +14,8 @@ import pydantic
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from lalora.curvature import CURVATURES
-from pipelines.config.base import NAME, Model
-from pipelines.config.domains import DomainConfig
+from pipelines.config.base import NAME, Lambda, Model
+from pipelines.config.domains import VAL_SIZE, DomainConfig
 
 
 # --- model ----------------------------------------------------------------------------
@@ -99,8 +99,34 @@ class AccumulationConfig(Model):
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier domains' curvature for mode online.")
 
 
+class AutoLambdaConfig(Model):
+    """How ``lambda: auto`` searches, per stage, for the lambda that learns most within a forgetting budget."""
+
+    max_forgetting: float | None = Field(None, ge=0, description="The forgetting budget: no earlier domain (source "
+                                         "and probes included) may forget more than this on its validation rows, in "
+                                         "its own score's units. Default: promotion.max_forgetting (one of the two "
+                                         "must be set).")
+    min_lambda: float = Field(0.01, gt=0, description="Smallest lambda tried.")
+    max_lambda: float = Field(1000.0, gt=0, description="Largest lambda tried.")
+    max_trials: int = Field(6, ge=1, description="At most this many trial trainings per stage.")
+    trial_share: float = Field(1.0, gt=0, le=1, description="Share of the stage's steps a trial trains. 1: every "
+                               "trial is a full-length stage and the best one is kept; below 1 the stage then "
+                               "trains once more, in full, at the chosen lambda.")
+    resolution: float = Field(1.5, gt=1, description="Stop when the feasible lambda and the infeasible one below "
+                              "it are closer than this factor.")
+
+    @model_validator(mode="after")
+    def _range(self) -> AutoLambdaConfig:
+        if self.min_lambda >= self.max_lambda:
+            raise ValueError(f"min_lambda ({self.min_lambda:g}) must be below max_lambda ({self.max_lambda:g})")
+        return self
+
+
 class LaLoRAConfig(Model):
-    lam: float = Field(10.0, alias="lambda", ge=0, description="Penalty strength lambda; 0 is plain LoRA.")
+    lam: Lambda = Field(10.0, alias="lambda", description="Penalty strength lambda; 0 is plain LoRA; 'auto': each "
+                        "stage searches for it within a forgetting budget (lalora.auto).")
+    auto: AutoLambdaConfig = Field(default_factory=AutoLambdaConfig, description="The search of lambda: auto "
+                                   "(part of a stage's identity only when that stage searches).")
     curvature: CurvatureConfig = Field(default_factory=CURVATURE_CONFIGS["diag"],  # type: ignore[valid-type]
                                        description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
                                        "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
@@ -303,6 +329,84 @@ class LineageConfig(Model):
                                  f"(they name data files); rename: {', '.join(dup)}")
             names = names + extra
         return self
+
+    @model_validator(mode="after")
+    def _stage_overrides(self) -> LineageConfig:
+        for field, sets in (("source", [self.source]), ("probes", self.probes),
+                            ("model.pretrain.extra_data", self.model.pretrain.extra_data),
+                            ("training.replay.data", self.training.replay.data)):
+            for d in sets:
+                own = [k for k in ("lam", "steps", "lr") if getattr(d, k) is not None]
+                if own:
+                    names = ", ".join("lambda" if k == "lam" else k for k in own)
+                    raise ValueError(f"{field} {d.name}: {names} can only be set on a stage's domain (under domains); "
+                                     "it is not trained")
+        return self
+
+    @model_validator(mode="after")
+    def _auto_budget(self) -> LineageConfig:
+        """With a stage that searches lambda: a forgetting budget, and validation rows on every scored domain."""
+        if not self.searches:
+            return self
+        if self.lalora.auto.max_forgetting is None and self.promotion.max_forgetting is None:
+            raise ValueError("lambda auto needs a forgetting budget: set lalora.auto.max_forgetting (or "
+                             "promotion.max_forgetting), the most an earlier domain may forget in a stage")
+        external = [d.name for d in self.eval_domains if d.score.kind == "lm_eval"]
+        if external:
+            raise ValueError(f"lambda auto scores its trials on validation rows, which lm_eval-scored domains do not "
+                             f"have ({', '.join(external)}): score them with a preset's scorer, or fix lambda")
+
+        def with_val(d: DomainConfig) -> DomainConfig:
+            return d if d.val_size is not None else d.model_copy(update={"val_size": VAL_SIZE})
+
+        for name in ("source", "domains", "probes"):  # frozen: set once here, as if written in the file
+            value = getattr(self, name)
+            object.__setattr__(self, name, with_val(value) if name == "source" else [with_val(d) for d in value])
+            self.__pydantic_fields_set__.add(name)
+        return self
+
+    @property
+    def searches(self) -> bool:
+        """Whether any stage searches its lambda (``auto``)."""
+        return any(self.stage_lambda(t) == "auto" for t in range(1, len(self.domains) + 1))
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any stage trains with the penalty: then every stage accumulates the precision."""
+        return any(self.stage_lambda(t) != 0 for t in range(1, len(self.domains) + 1))
+
+    @property
+    def budget(self) -> float:
+        """The forgetting budget of ``lambda: auto``."""
+        budget = self.lalora.auto.max_forgetting
+        budget = self.promotion.max_forgetting if budget is None else budget
+        assert budget is not None, "validated: a config that searches has a budget"
+        return budget
+
+    def stage_lambda(self, stage: int) -> float | str:
+        """Stage ``stage``'s lambda: its domain's own, else ``lalora.lambda`` (a number, or 'auto')."""
+        own = self.domains[stage - 1].lam
+        return self.lalora.lam if own is None else own
+
+    def stage_lalora(self, stage: int) -> LaLoRAConfig:
+        """``lalora`` as stage ``stage`` trains with it: its lambda resolved (a number; 'auto' is searched first)."""
+        lam = self.stage_lambda(stage)
+        if lam == "auto":
+            raise ValueError(f"stage {stage} searches its lambda: train it with a chosen one (with_stage)")
+        return self.lalora.model_copy(update={"lam": float(lam)})
+
+    def stage_training(self, stage: int) -> TrainingConfig:
+        """``training`` as stage ``stage`` runs it: its domain's own steps and learning rate where set."""
+        d = self.domains[stage - 1]
+        update = {k: v for k, v in (("steps", d.steps), ("lr", d.lr)) if v is not None}
+        return self.training.model_copy(update=update) if update else self.training
+
+    def with_stage(self, stage: int, **settings: Any) -> LineageConfig:
+        """This config with stage ``stage``'s domain setting ``settings`` (lam, steps, lr) as its own: a trial of
+        lambda auto, or the stage trained at the chosen lambda. Validated again, as a launched rank reads it."""
+        data = self.as_json()
+        data["domains"][stage - 1] |= {"lambda" if k == "lam" else k: v for k, v in settings.items()}
+        return LineageConfig.model_validate(data)
 
     def as_json(self) -> dict[str, Any]:
         """The config as JSON, only what was set: validating it again gives the same config (a full dump

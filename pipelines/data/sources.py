@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class DomainSplits:
     curvature: list[dict[str, Any]]
     fingerprint: str
     """sha256 over the rows of all splits: changes whenever the data does."""
+    val: list[dict[str, Any]] = field(default_factory=list)
+    """Validation rows (``val_size``): what lambda auto scores its trials on; none unless set."""
 
 
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -148,36 +150,46 @@ def load_rows(cfg: DomainConfig, data_dir: Path) -> tuple[list[dict[str, Any]], 
 
 
 def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, eval_only: bool = False) -> DomainSplits:
-    """Load a domain and fix its splits: eval first, train the rest, curvature a prefix of train.
+    """Load a domain and fix its splits: eval first, then validation (``val_size``, when set), train the rest,
+    curvature a prefix of train (the Laplace approximation is of the training posterior).
 
-    With ``eval_data`` the evaluation rows come from that source and the training rows from
-    ``data``. ``eval_only`` (probes, scoring) loads only what evaluation needs and accepts
+    With ``eval_data`` the evaluation rows come from that source, and the validation and training rows from
+    ``data``. ``eval_only`` (probes, scoring) loads only what evaluation and validation need and accepts
     fewer rows than ``eval_size``.
     """
+    val_size = cfg.val_size or 0
     if cfg.eval_data is None:
         ds = _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name)
         _checked_converter(ds, cfg, cfg.name)
-        if not eval_only and 0 < len(ds) <= cfg.eval_size:
-            raise DataError(f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size} and a training "
-                            "split; lower eval_size or add data")
-        limit = cfg.eval_size if eval_only else (cfg.eval_size + cfg.train_size if cfg.train_size else None)
+        held = cfg.eval_size + val_size
+        if not eval_only and 0 < len(ds) <= held:
+            raise DataError(f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size}"
+                            f"{f', val_size={val_size}' if val_size else ''} and a training split; lower "
+                            f"{'them' if val_size else 'eval_size'} or add data")
+        limit = held if eval_only else (held + cfg.train_size if cfg.train_size else None)
         rows = _rows(ds, cfg, cfg.name, cfg.split_seed, limit)
-        eval_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size :]
+        eval_rows, val_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size : held], rows[held:]
         if not eval_only and not train_rows:
             raise DataError(f"domain {cfg.name}: only {len(rows)} usable rows, none left for training after "
-                            f"eval_size={cfg.eval_size}; lower eval_size or add data")
+                            f"eval_size={cfg.eval_size}{f' and val_size={val_size}' if val_size else ''}; lower "
+                            "eval_size or add data")
     else:
         eval_ds = _load_source(cfg.eval_data.data, cfg.name, cfg.split_seed, data_dir, f"{cfg.name}.eval")
         eval_rows = _rows(eval_ds, cfg.eval_data, cfg.name, cfg.split_seed, cfg.eval_size)
-        train_rows = [] if eval_only else _rows(_load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name),
-                                                cfg, cfg.name, cfg.split_seed, cfg.train_size)
+        limit = val_size if eval_only else (val_size + cfg.train_size if cfg.train_size else None)
+        rows = [] if eval_only and not val_size else _rows(
+            _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name), cfg, cfg.name, cfg.split_seed, limit)
+        val_rows, train_rows = rows[:val_size], [] if eval_only else rows[val_size:]
     if not eval_rows:
         raise DataError(f"domain {cfg.name}: no usable evaluation rows (every record was skipped)")
     if not eval_only and not train_rows:
         raise DataError(f"domain {cfg.name}: no usable training rows (every record was skipped)")
+    if val_size and not val_rows:
+        raise DataError(f"domain {cfg.name}: no rows left for val_size={val_size} after eval_size={cfg.eval_size}; "
+                        "add data or lower eval_size")
     if cfg.chat_template != "never":
-        eval_rows = [{**r, "chat": cfg.chat_template} for r in eval_rows]
-        train_rows = [{**r, "chat": cfg.chat_template} for r in train_rows]
+        eval_rows, val_rows, train_rows = ([{**r, "chat": cfg.chat_template} for r in rows]
+                                           for rows in (eval_rows, val_rows, train_rows))
     curvature_rows = train_rows[: cfg.curvature_size or default_curvature]
-    digest = hashlib.sha256(json.dumps([eval_rows, train_rows]).encode()).hexdigest()
-    return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest)
+    digest = hashlib.sha256(json.dumps([eval_rows, train_rows, *([val_rows] if val_size else [])]).encode()).hexdigest()
+    return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest, val_rows)

@@ -21,12 +21,16 @@ from pipelines.lineage.record import VersionRecord
 # Settings that cannot change what a stage produces (bookkeeping, resources, scoring).
 _IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile"),
                "lalora": ("memory_budget_gb",)}
+_UNSET_UNSEEN = ("val_size", "lambda", "steps", "lr")
 _STAGE_SECTIONS = ("seed", "model", "lora", "lalora", "source", "training", "deepspeed")
 
 
 def _domain_identity(d: dict[str, Any]) -> dict[str, Any]:
     """A local file is identified by its contents (the data fingerprint), not where it lies on this machine."""
     d = json.loads(json.dumps(d))
+    for key in _UNSET_UNSEEN:  # a domain's own settings count only when set: other configs keep their hashes
+        if d.get(key) is None:
+            d.pop(key, None)
     for src in (d.get("data"), (d.get("eval_data") or {}).get("data")):
         if isinstance(src, dict) and src.get("kind") == "local":
             src.pop("path", None)
@@ -51,6 +55,8 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
         pretrain["extra_data"] = [_domain_identity(d) for d in pretrain["extra_data"]]
     else:  # configs from before the setting keep the hashes their versions recorded
         pretrain.pop("extra_data", None)
+    if not any(cfg.stage_lambda(s) == "auto" for s in range(1, stage + 1)):
+        out["lalora"].pop("auto")  # the search's settings are part of a stage that searched, or follows one
     replay = out["training"].pop("replay")
     if cfg.training.replay.enabled:  # off, a stage's hash is what it was before replay existed
         out["training"]["replay"] = {**replay, "data": [_domain_identity(d) for d in replay["data"]]}

@@ -20,6 +20,7 @@ ARTIFACTS = ("adapter", "precision", "rows", "config", "base")
 """What a version points at, by ``runs:/`` URI."""
 
 STATE_TAG = "lalora.state"
+_AUTO = {"val_rows_uri": "", "auto_lambda": None, "auto_trials": 0}
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,18 @@ class VersionRecord:
     promotion_reason: str = ""
     forked_from: str = ""
     """``MODEL/VERSION`` this version was copied from by a fork."""
+    val_rows_uri: str = ""
+    """The validation scores of every row so far (a lineage with lambda auto; '' otherwise)."""
+    auto_lambda: float | None = None
+    """The lambda the stage's search chose (lambda auto; None otherwise)."""
+    auto_trials: int = 0
+    """The trial trainings the search ran."""
     format: int = FORMAT
 
     def uri(self, what: str) -> str:
         """The ``runs:/`` URI of ``adapter``, ``precision``, ``rows``, ``config`` or ``base`` ('' when none)."""
-        if what not in ARTIFACTS:
-            raise KeyError(f"a version records no {what!r}; it records {', '.join(ARTIFACTS)}")
+        if what not in (*ARTIFACTS, "val_rows"):
+            raise KeyError(f"a version records no {what!r}; it records {', '.join(ARTIFACTS)}, val_rows")
         return getattr(self, f"{what}_uri")
 
     def forked(self, target: str, source: str, version: str) -> VersionRecord:
@@ -72,7 +79,11 @@ class VersionRecord:
 
     def _state(self) -> dict[str, Any]:
         shown = {"lineage", "stage", "domain", "promoted", "promotion_reason", "forked_from", "format"}
-        return {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self) if f.name not in shown}}
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in shown}
+        for name in _AUTO:  # only a searching lineage's versions carry them: others' state reads as before
+            if state[name] == _AUTO[name]:
+                del state[name]
+        return {"format": FORMAT, **state}
 
     @classmethod
     def from_tags(cls, tags: dict[str, str]) -> VersionRecord | None:

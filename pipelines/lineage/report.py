@@ -107,7 +107,8 @@ class LineageResult:
     mlflow_uri: str
     run_id: str | None
     """the run's MLflow parent run (None: nothing was recorded)"""
-    lam: float
+    lam: float | str
+    """lalora.lambda: a number, or 'auto'"""
     curvature: str
     config_sha256: str
     stages_skipped: list[int]
@@ -118,13 +119,16 @@ class LineageResult:
     timing: list[StageTiming]
     environment: dict[str, str] = field(default_factory=dict)
     """what can change the numbers besides the config (pipelines.runtime.environment.numerics)"""
+    auto: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """by stage: what its lambda search chose (lambda auto; empty otherwise)"""
 
     def as_json(self) -> dict[str, Any]:
         return self.report.as_json(self.registered_model, self.versions, {
             "mlflow_uri": self.mlflow_uri, "run_id": self.run_id, "lambda": self.lam, "curvature": self.curvature,
             "config_sha256": self.config_sha256, "stages_skipped": self.stages_skipped, "stages_run": self.stages_run,
             "promotion": {v: asdict(p) for v, p in self.promotion.items()}, "aliases": self.aliases,
-            "timing": [t.as_json() for t in self.timing], "environment": self.environment})
+            "timing": [t.as_json() for t in self.timing], "environment": self.environment,
+            **({"auto": self.auto} if self.auto else {})})
 
 
 def format_matrix(domains: list[str], R: list[list[float]], title: str | None = None,
@@ -150,13 +154,29 @@ def format_summary(report: LineageReport) -> str:
             f"forgetting: {forg}\nlearning:   {learn}")
 
 
+def lambda_text(lam: float | str) -> str:
+    return lam if isinstance(lam, str) else f"{lam:g}"
+
+
+def auto_text(summary: dict[str, Any]) -> str:
+    """One sentence: what a stage's lambda search chose, and at what cost."""
+    if "budget" not in summary:  # as an earlier run's version records it
+        return f"lambda auto chose {summary['lambda']:.4g} after {summary['trials']} trial(s)."
+    within = "within" if summary["feasible"] else "over"
+    return (f"lambda auto chose {summary['lambda']:.4g} after {summary['trials']} trial(s) "
+            f"({summary['compute']:.2g}x the stage's steps): validation forgetting "
+            f"{summary['validation_forgetting']:.3f} ({within} the budget {summary['budget']:g}), learning "
+            f"{summary['validation_learning']:+.3f}.")
+
+
 def version_description(model: str, stage: int, domain: str, domains: list[str], row: list[float],
-                        scores: list[str], promoted: bool, reason: str, champion: str) -> str:
+                        scores: list[str], promoted: bool, reason: str, champion: str, auto: str = "") -> str:
     """What a person reads on a registered version: the stage, R after it, the gate's verdict, how to load it."""
     r = ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, row))
     verdict = f"promoted (alias {champion} moved here)" if promoted else f"not promoted: {reason}"
     return (f"Stage {stage} of lineage {model}: adapted to {domain}.\n\n"
             f"R after the stage ({', '.join(dict.fromkeys(scores))}): {r}.\n\n"
+            + (f"{auto}\n\n" if auto else "") +
             f"Promotion gate: {verdict}.\n\n"
             "A python_function model: greedy completions of prompts by the base model with this stage's adapter "
             "(the base is referenced, not copied). Serve it with `mlflow models serve -m models:/NAME/VERSION`; "
@@ -165,7 +185,8 @@ def version_description(model: str, stage: int, domain: str, domains: list[str],
             "of that version satisfies it; a GPU host installs its own build of the same torch version first).")
 
 
-def markdown_summary(report: LineageReport, promotion: dict[str, Promotion], model: str, champion: str) -> str:
+def markdown_summary(report: LineageReport, promotion: dict[str, Promotion], model: str, champion: str,
+                     auto: dict[str, dict[str, Any]] | None = None) -> str:
     """The outcome of a lineage run as Markdown (the Prefect UI shows it): R, the metrics, the promotions."""
     head = "| after stage | " + " | ".join(report.domains) + " |"
     lines = [f"# Lineage {model}", "", head, "|" + "---|" * (len(report.domains) + 1)]
@@ -178,6 +199,8 @@ def markdown_summary(report: LineageReport, promotion: dict[str, Promotion], mod
         lines.append(f"- version {version} (stage {p.stage}): {verdict}")
     if not promotion:
         lines.append("- no new version in this run")
+    if auto:
+        lines += ["", "## lambda auto", ""] + [f"- stage {stage}: {auto_text(s)}" for stage, s in auto.items()]
     return "\n".join(lines) + "\n"
 
 

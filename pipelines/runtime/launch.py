@@ -93,8 +93,9 @@ def _finetune(cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker
     from pipelines.data.replay import replay_sources
     from pipelines.stages.finetune import finetune
 
-    return finetune(paths.base, paths.anchor, paths.precision, cfg.lalora, cfg.domains[stage - 1], cfg.training,
-                    cfg.deepspeed, dtype=cfg.model.dtype, stage=stage, data_dir=paths.data, out_dir=paths.out,
+    return finetune(paths.base, paths.anchor, paths.precision, cfg.stage_lalora(stage), cfg.domains[stage - 1],
+                    cfg.stage_training(stage), cfg.deepspeed, dtype=cfg.model.dtype, stage=stage, data_dir=paths.data,
+                    out_dir=paths.out,
                     tracker=tracker, checkpoint_dir=paths.checkpoint,
                     replay_from=replay_sources(cfg.training.replay, cfg.source, cfg.domains[: stage - 1]))
 

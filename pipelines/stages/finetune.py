@@ -31,6 +31,9 @@ class FinetuneResult:
     final_penalty: float
     seconds: float
     tokens_per_second: float
+    quadratic: float | None = None
+    """1/2 delta^T P delta at the end (no prior, no lambda): the Laplace model's rise of the earlier domains'
+    per-sequence loss for the move delta from the anchor; None without a precision."""
 
 
 def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str) -> str:
@@ -78,9 +81,15 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     state = adapter_state(model)
     if world()[0] == 0:
         write_dir_atomic(target, lambda d: model.save_pretrained(d, state_dict=state))
+    quadratic = None
+    if precision is not None:
+        with torch.no_grad():
+            delta = {p.name: p.param.detach() - anchor[p.name] for p in lora_parameters(model)}
+            quadratic = 0.5 * float(precision.quad_form({n: delta[n] for n in precision.names}))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
-    return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps)
+    return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps,
+                          quadratic)
 
 
 def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, replay_from: list[DomainConfig],
