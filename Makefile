@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check demo-robustness demo-base test test-fast bench bench-eval clean lock
+.PHONY: install dirs demo demo-lambda0 demo-check demo-auto demo-auto-check demo-robustness demo-base test test-fast bench bench-eval clean lock
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
@@ -54,6 +54,13 @@ demo-lambda0: install
 # Both demo lineages, then whether the demo's target holds (benchmarks/demo_target.py; exit 1 if not)
 demo-check: demo-lambda0 demo
 	$(BIN)/python benchmarks/demo_target.py $(DEMO_RUNS)/demo-lambda0/metrics.json $(DEMO_RUNS)/demo/metrics.json
+
+# The demo with lambda chosen per stage within a forgetting budget (configs/demo-auto.yaml), and the same target
+demo-auto: install
+	$(BIN)/lalora run configs/demo-auto.yaml --out $(DEMO_RUNS)/demo-auto
+
+demo-auto-check: demo-lambda0 demo-auto
+	$(BIN)/python benchmarks/demo_target.py $(DEMO_RUNS)/demo-lambda0/metrics.json $(DEMO_RUNS)/demo-auto/metrics.json
 
 # The demo's target under each of torch's x86 kernel paths x 3 seeds (README, "Does the demo hold on any CPU")
 demo-robustness: install

@@ -173,9 +173,10 @@ def gated_columns(lx: Lineage, t: int) -> list[str]:
     return [*lx.domains[: t + 1], *(d.name for d in lx.cfg.probes)]
 
 
-def _validation(lx: Lineage, base_path: str, adapter: str, out: Path) -> Timed[ValRow]:
-    """The adapter's validation score on every domain and probe."""
-    scores = evaluate_task(base_path, adapter, lx.cfg, lx.cfg.eval_domains, str(out), str(lx.shared.data), "val")
+def _validation(lx: Lineage, base_path: str, adapter: str, out: Path, names: set[str] | None = None) -> Timed[ValRow]:
+    """The adapter's validation score on every domain and probe (or on those ``names``)."""
+    domains = [d for d in lx.cfg.eval_domains if names is None or d.name in names]
+    scores = evaluate_task(base_path, adapter, lx.cfg, domains, str(out), str(lx.shared.data), "val")
     return Timed({d: s.score for d, s in scores.value.items()}, scores.compute_seconds)
 
 
@@ -188,13 +189,14 @@ def validation_rows(lx: Lineage, base_path: str, done: list[plan.Recorded], init
     rows = rows[: len(done) + 1]
     for i in range(len(done) + 1):
         have = rows[i] if i < len(rows) else {}
-        if all(d.name in have for d in lx.cfg.eval_domains):
+        missing = {d.name for d in lx.cfg.eval_domains} - have.keys()
+        if not missing:
             continue
         if i == 0:
             adapter = init or init_adapter_task(base_path, lx.cfg, str(lx.ws.init_adapter))
         else:
             adapter = fetch_task(lx.registry, done[i - 1].uri("adapter"), "adapter")
-        scored = _validation(lx, base_path, adapter, lx.ws.root / "fill" / f"val-row{i}.json").value
+        scored = _validation(lx, base_path, adapter, lx.ws.root / "fill" / f"val-row{i}.json", missing).value
         row = {**scored, **have}
         rows = [*rows[:i], row, *rows[i + 1 :]] if i < len(rows) else [*rows, row]
     return rows

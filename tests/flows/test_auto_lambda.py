@@ -62,9 +62,18 @@ def _trial_runs(client: MlflowClient, stage_run: str) -> list:
 
 def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_path):
     cfg = tmp_path / "auto.yaml"
-    cfg.write_text(yaml.safe_dump(demo_base_config(0.1, (0.01, 100.0), 4)))
+    data = demo_base_config(0.1, (0.01, 100.0), 4)
+    cfg.write_text(yaml.safe_dump({**data, "domains": data["domains"][:1]}))
+    first = lineage_flow(str(cfg), str(tmp_path / "out"), []).as_json()
+    val_rows_1 = json.loads((tmp_path / "out" / "stages" / "01-next-aj" / "lineage" / "val_rows.json").read_text())
+    cfg.write_text(yaml.safe_dump(data))  # a domain appended: the next run reads the recorded validation rows
     result = lineage_flow(str(cfg), str(tmp_path / "out"), []).as_json()
-    search = result["auto"]["1"]
+    assert result["stages_skipped"] == [1] and result["stages_run"] == [2]
+    for i in (0, 1):  # rows 0 and 1 came with version 1; only the appended domain's column was scored for them
+        filled = json.loads((tmp_path / "out" / "fill" / f"val-row{i}.json").read_text())["scores"]
+        assert set(filled) == {"increment-digits"}
+    search = first["auto"]["1"]
+    assert result["auto"]["1"] == {"lambda": search["lambda"], "trials": search["trials"]}  # as version 1 says
     assert "2" not in result["auto"]  # stage 2 has its own lambda (0)
     assert search["feasible"] and 2 <= search["trials"] <= 4 and 0.01 <= search["lambda"] <= 100
     assert search["validation_forgetting"] <= 0.1
@@ -73,6 +82,7 @@ def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_pa
     val_rows = json.loads((tmp_path / "out" / "stages" / "02-increment-digits" / "lineage" / "val_rows.json")
                           .read_text())
     assert len(val_rows) == 3 and set(val_rows[0]) == {"source", "next-aj", "increment-digits"}
+    assert [{k: r[k] for k in ("source", "next-aj")} for r in val_rows[:2]] == val_rows_1
     assert val_rows[0]["source"] - val_rows[1]["source"] <= 0.1
     assert val_rows[1]["source"] == pytest.approx(val_rows[0]["source"] - search["validation_forgetting"])
     # every trial a nested run of the stage's run: its lambda, steps, validation learning and forgetting, seconds
