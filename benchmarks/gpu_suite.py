@@ -14,11 +14,14 @@ In one process, one after the other on the same device:
    loop's own clock: the engine's start-up excluded, its first steps included), peak memory, base bytes per rank;
 3. the curvature pass (the estimator over one batch, diag and kfac) against one batched forward + backward
    of the same batch on the same model;
-4. batched greedy generation tokens/s with the KV cache (8 prompts of 128 tokens, 128 new tokens each).
+4. batched greedy generation tokens/s as the evaluation runs it (``generate_texts``: the adapter merged into a
+   copy, KV cache; 8 prompts of 128 tokens, 128 new tokens each) against HF ``generate`` on a copy merged by peft
+   and on the unmerged peft model, interleaved.
 
 The data is the built-in copy task at a length that fills T (character tokens; the base is the shape's
 random Llama with its full vocabulary, so every matrix is the real size). The last line printed is one
-JSON object; the targets (fine-tune >= 1.00x the anchor's ZeRO-2, diag curvature <= 1.3x a backward) are in it.
+JSON object; the targets (fine-tune >= 1.00x the anchor's ZeRO-2, diag curvature <= 1.3x a backward, generation
+>= 1.00x HF generate on the merged model) are in it.
 """
 
 from __future__ import annotations
@@ -158,26 +161,63 @@ def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype
     return out
 
 
-def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, float]:
-    """Greedy batched generation as the evaluation runs it (left padding, KV cache), a fixed number of new tokens."""
+def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
+    """Greedy batched generation as the evaluation runs it (``generate_texts``: left padding, KV cache, the adapter
+    merged into a copy) against HF ``generate`` on a copy merged by peft (the anchor) and on the unmerged peft model,
+    the same prompts and new-token limit, interleaved, the minimum of ``--gen-reps``. The anchors run with torch's
+    own ``F.linear``, as in a fresh process: the ZeRO-3 series above leaves DeepSpeed's in its place
+    (``deepspeed_linear_replaced``), which our scorers also set aside while they run."""
+    import copy
+
     from pipelines.runtime.models import load_for_inference
+    from pipelines.scoring.inference import merged_copy, torch_linear
+    from pipelines.scoring.scorers import generate_texts, left_pad
 
     model, tok = load_for_inference(base, work / "z2-stage1" / "adapter", dtype_name)
     device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 100, (args.gen_batch, args.gen_prompt), generator=g).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_new, min_new_tokens=args.gen_new,
-                  do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
-    with torch.no_grad():
-        model.generate(input_ids=ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
-        sync()
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, **kwargs)
-        sync()
-    seconds = time.perf_counter() - t0
-    new = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return {"tokens_per_s": new / seconds, "new_tokens": new, "seconds": seconds}
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(5, 100, (args.gen_batch, args.gen_prompt), generator=g).tolist()
+    replaced = str(getattr(torch.nn.functional.linear, "__module__", "")).startswith("deepspeed.")
+    sync()
+    t0 = time.perf_counter()
+    merged_copy(model)
+    sync()
+    merge_s = time.perf_counter() - t0
+    anchor = copy.deepcopy(model).merge_and_unload().eval()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    @torch.no_grad()
+    def hf(m: Any, new: int) -> list[list[int]]:
+        ids, mask = left_pad(prompts, pad, device)
+        with torch_linear():
+            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True,
+                             pad_token_id=pad, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+        return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+    runs = {"ours": lambda new: generate_texts(model, tok, prompts, batch_size=args.gen_batch, max_new_tokens=new),
+            "hf_merged": lambda new: hf(anchor, new), "hf_peft": lambda new: hf(model, new)}
+    for fn in runs.values():  # warm-up
+        fn(4)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs: dict[str, Any] = {}
+    for _ in range(args.gen_reps):
+        for name, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            outputs[name] = fn(args.gen_new)
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    new_tokens = sum(map(len, outputs["hf_merged"]))
+    texts = [tok.decode([t for t in row if t != eos], skip_special_tokens=True) for row in outputs["hf_merged"]]
+    return {"tokens_per_s": new_tokens / best["ours"], "new_tokens": new_tokens, "seconds": best["ours"],
+            "hf_merged_tokens_per_s": new_tokens / best["hf_merged"],
+            "hf_peft_tokens_per_s": new_tokens / best["hf_peft"],
+            "ms_per_step": {k: v / args.gen_new * 1e3 for k, v in best.items()},
+            "vs_hf_merged": best["hf_merged"] / best["ours"], "vs_hf_peft": best["hf_peft"] / best["ours"],
+            "completions_equal_hf_merged": outputs["ours"] == texts, "merge_s": merge_s,
+            "deepspeed_linear_replaced": replaced}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--gen-new", type=int, default=128)
+    ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--anchor", type=Path, default=ANCHOR)
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -222,11 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()} if ref else {}
     ratios["diag_curvature_vs_backward"] = summary["curvature"]["diag_vs_backward"]
     ratios["kfac_curvature_vs_backward"] = summary["curvature"]["kfac_vs_backward"]
+    ratios["generation_vs_hf_merged"] = summary["generation"]["vs_hf_merged"]
     summary["ratios"] = ratios
     summary["targets"] = {
         "finetune_zero2_vs_anchor_zero2 >= 1.00": (ratios["finetune_zero2_vs_anchor_zero2"] >= 1.0)
         if "finetune_zero2_vs_anchor_zero2" in ratios else None,
-        "diag_curvature_vs_backward <= 1.3": ratios["diag_curvature_vs_backward"] <= 1.3}
+        "diag_curvature_vs_backward <= 1.3": ratios["diag_curvature_vs_backward"] <= 1.3,
+        "generation_vs_hf_merged >= 1.00": ratios["generation_vs_hf_merged"] >= 1.0}
     summary["seconds"] = time.perf_counter() - t_all
     print(json.dumps(summary))
     return 0

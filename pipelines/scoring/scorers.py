@@ -1,7 +1,9 @@
 """The scorers: greedy generation with an answer extractor, multiple choice by log-likelihood, perplexity.
 
-All are batched, sort their inputs by length (less padding) and restore the order. Generation
-and multiple choice use the KV cache: ``generate`` decodes with it, and multiple choice runs
+All are batched, sort their inputs by length (less padding) and restore the order, and run the
+model of ``inference_model`` (a LoRA adapter merged into a copy of its base) with torch's own linear
+layers (``pipelines.scoring.inference``). Generation and multiple choice use the KV cache: the greedy
+loop of ``pipelines.scoring.greedy`` decodes with it, and multiple choice runs
 each distinct context once, then scores every choice's continuation against the cached
 context (HellaSwag's four endings share one context pass). Multiple-choice accuracy follows
 lm-eval-harness: ``acc`` ranks choices by summed log-likelihood, ``acc_norm`` by
@@ -11,7 +13,6 @@ space (lm-eval's target delimiter).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -23,6 +24,8 @@ from torch import Tensor
 from pipelines.data.tokens import encode, fixed_batches, prompt_ids, special_ids
 from pipelines.data.formats import GenerateScoring
 from pipelines.scoring.extract import is_correct
+from pipelines.scoring.greedy import decode, generate_settings, greedy_tokens, stop_check
+from pipelines.scoring.inference import forward_params, inference_model, torch_linear
 
 Pair = tuple[list[int], list[int]]
 """(context token ids, continuation token ids)."""
@@ -56,21 +59,33 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> t
 @torch.no_grad()
 def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
                    stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
-    """Greedy continuations of token-id prompts, decoded up to EOS and cut at the first stop string."""
+    """Greedy continuations of token-id prompts, decoded up to EOS and cut at the first stop string.
+
+    Runs ``inference_model`` (a LoRA adapter merged) with torch's own linear layers, through the loop of
+    ``greedy_tokens``; a model whose generation config asks ``generate`` for more than greedy argmax (a
+    repetition penalty, bad words, ...) goes through ``generate`` instead, the stop strings still cut here.
+    """
     _, eos, pad = special_ids(tokenizer)
+    model = inference_model(model)
     device = _device(model)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(prompts)
-    extra: dict[str, Any] = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
-    with _progress(len(prompts), desc) as bar:
+    stopped = stop_check(tokenizer, stop, eos)
+    plain = not generate_settings(model)
+    with torch_linear(), _progress(len(prompts), desc) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            ids, mask = left_pad([prompts[i] for i in chunk], pad, device)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=eos, use_cache=True, **extra)
-            for i, gen in zip(chunk, out[:, ids.shape[1] :].tolist()):
-                gen = gen[: gen.index(eos)] if eos in gen else gen
-                text = tokenizer.decode(gen, skip_special_tokens=True)
+            batch = [prompts[i] for i in chunk]
+            ids, mask = left_pad(batch, pad, device)
+            if plain:
+                out = greedy_tokens(model, ids, mask, max_new_tokens, eos=eos, pad=pad, stopped=stopped,
+                                    padded=len({len(p) for p in batch}) > 1)
+            else:
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, pad_token_id=pad, eos_token_id=eos, use_cache=True)
+                out = out[:, ids.shape[1] :]
+            for i, gen in zip(chunk, out.tolist()):
+                text = decode(tokenizer, gen, eos)
                 for s in stop:
                     text = text.split(s, 1)[0]
                 texts[i] = text
@@ -102,8 +117,7 @@ def score_generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: 
 # --- multiple choice ----------------------------------------------------------------------
 def _cache_kwarg(model: Any) -> str:
     """transformers 5 renamed ``past_key_values`` to ``cache`` in forward (5.2x); accept both."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 @torch.no_grad()
@@ -111,17 +125,20 @@ def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: i
                         desc: str = "multiple choice") -> list[list[float]]:
     """Summed log p(continuation | context) of every (context, continuation) pair of every example.
 
-    A batch holds whole examples, up to ``batch_size`` pairs. Its distinct contexts run once,
-    left-padded, (U, W), filling a KV cache; the cache rows are gathered per pair, (P, W), and
-    the right-padded continuations, (P, C), run on top with positions continuing each context.
-    The first continuation token is scored by the context's last logits.
+    A batch holds whole examples, up to ``batch_size`` pairs, longest first (batches of like lengths). Its
+    distinct contexts run once, left-padded, (U, W), filling a KV cache (only their last position's logits
+    are computed); the cache rows are gathered per pair, (P, W), and the right-padded continuations, (P, C),
+    run on top with positions continuing each context. The first continuation token is scored by the
+    context's last logits. Runs ``inference_model`` (a LoRA adapter merged) with torch's own linear layers.
     """
     from transformers import DynamicCache
 
+    model = inference_model(model)
     device, cache_kw = _device(model), _cache_kwarg(model)
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
     order = sorted(range(len(examples)), key=lambda i: -max(len(c) + len(t) for c, t in examples[i]))
     result: list[list[float]] = [[] for _ in examples]
-    with _progress(len(examples), desc) as bar:
+    with torch_linear(), torch.inference_mode(), _progress(len(examples), desc) as bar:
         start = 0
         while start < len(order):
             chunk, n_pairs = [order[start]], len(examples[order[start]])
@@ -132,9 +149,9 @@ def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: i
             contexts: dict[tuple[int, ...], int] = {}
             pairs = [(contexts.setdefault(tuple(c), len(contexts)), t) for i in chunk for c, t in examples[i]]
             ctx_ids, ctx_mask = left_pad(list(contexts), pad, device)
-            cache = DynamicCache()
+            cache = DynamicCache(config=getattr(model, "config", None))
             out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, **{cache_kw: cache})
+                        use_cache=True, **{cache_kw: cache}, **keep)
             first = out.logits[:, -1].float().log_softmax(-1)  # (U, V): next-token log-probs after each context
             index = torch.tensor([u for u, _ in pairs], device=device)
             cache.batch_select_indices(index)
@@ -197,21 +214,23 @@ def score_multiple_choice(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
 @torch.no_grad()
 def target_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int,
                desc: str = "nll") -> float:
-    """Mean negative log-likelihood per target token (the answer and EOS; the prompt is masked)."""
+    """Mean negative log-likelihood per target token (the answer and EOS; the prompt is masked); batches of
+    like lengths (longest first), ``inference_model`` (a LoRA adapter merged), torch's own linear layers."""
     _, _, pad = special_ids(tokenizer)
+    model = inference_model(model)
     device = _device(model)
     encoded = sorted(encode(tokenizer, rows, max_length), key=lambda e: -len(e.input_ids))
-    total, count = 0.0, 0
-    with _progress(len(encoded), desc) as bar:
+    count = sum(label != -100 for e in encoded for label in e.labels[1:])
+    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host read, at the end
+    with torch_linear(), torch.inference_mode(), _progress(len(encoded), desc) as bar:
         for batch in fixed_batches(encoded, batch_size, pad):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             target = batch["labels"][:, 1:]
-            total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                                           reduction="sum"))
-            count += int((target != -100).sum())
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
+                                     reduction="sum")
             bar.update(len(batch["input_ids"]))
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
 
 
 def score_perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int,

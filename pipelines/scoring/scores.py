@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.config import DomainConfig, EvaluationConfig
+from pipelines.scoring.inference import inference_model, torch_linear
 from pipelines.scoring.scorers import score_generate, score_multiple_choice, score_perplexity, target_nll
 
 LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
@@ -84,7 +85,8 @@ def score_domain(model: Any, tokenizer: Any, domain: DomainConfig, rows: list[di
     elif scoring.kind == "lm_eval":
         from pipelines.scoring.lm_eval import score_lm_eval
 
-        values, n = score_lm_eval(model, tokenizer, scoring, batch_size=cfg.batch_size)
+        with torch_linear():  # lm-eval runs the merged model our scorers run
+            values, n = score_lm_eval(inference_model(model), tokenizer, scoring, batch_size=cfg.batch_size)
         return DomainScore(scoring.kind, scoring.metric, values, n)
     elif scoring.kind == "multiple_choice":
         values = score_multiple_choice(model, tokenizer, rows, batch_size=cfg.batch_size, desc=desc)

@@ -9,6 +9,7 @@ from typing import Literal
 from pipelines.config import DomainConfig, EvaluationConfig
 from pipelines.data.sources import load_domain
 from pipelines.runtime.models import load_for_inference
+from pipelines.scoring.inference import merge_in_place
 from pipelines.scoring.scores import DomainScore, score_domain
 from pipelines.workspace import write_json_atomic
 
@@ -20,6 +21,7 @@ def evaluate(base_path: str, adapter_dir: str, domains: list[DomainConfig], cfg:
     validation rows (``split="val"``: what lambda auto's trials are scored on)."""
     t0 = time.perf_counter()
     model, tokenizer = load_for_inference(base_path, adapter_dir, dtype)
+    model = merge_in_place(model)  # the scorers would merge a copy; the stage owns this model, so no copy
     scores: dict[str, DomainScore] = {}
     for domain in domains:
         if domain.score.kind == "lm_eval" and split == "eval":  # lm-eval reads its own task data
