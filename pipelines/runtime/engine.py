@@ -126,7 +126,17 @@ def partitioned(model: nn.Module, ds: DeepSpeedConfig, whole: list[nn.Parameter]
             log.info("ZeRO-3: %s", parameter_bytes(engine.module).describe())
             yield engine.module
         finally:
-            engine.destroy()
+            _destroy(engine)
+
+
+def _destroy(engine: Any) -> None:
+    """Tear the engine down, and undo what its ZeRO-3 set-up did to the process: ``zero.Init`` replaces
+    ``torch.nn.functional.linear`` with DeepSpeed's Python autograd function "unless manually reset", which
+    would slow every later linear layer in this process (the next step's curvature, scoring, a next engine
+    at another stage) by up to 2x. A later ZeRO-3 engine replaces it again while it lives."""
+    engine.destroy()
+    if str(getattr(torch.nn.functional.linear, "__module__", "")).startswith("deepspeed."):
+        torch.nn.functional.linear = torch._C._nn.linear
 
 
 @dataclass
@@ -288,7 +298,7 @@ def train(
                          steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
                          checkpoint_every=checkpoint_every)
         finally:
-            engine.destroy()
+            _destroy(engine)
 
 
 def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]],

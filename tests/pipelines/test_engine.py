@@ -69,6 +69,25 @@ def test_curvature_of_a_model_inside_an_engine_equals_the_bare_model():
         assert_close(got[name], expected[name], rtol=1e-5, atol=1e-9)
 
 
+def test_a_zero3_engine_leaves_torchs_linear_as_it_found_it():
+    """ZeRO-3's set-up replaces torch.nn.functional.linear for the process; the engine's teardown puts torch's
+    back, so a later step (curvature, scoring) does not run every linear layer through DeepSpeed's."""
+    seen = []
+
+    def penalty(m):
+        seen.append(torch.nn.functional.linear.__module__)  # inside the engine
+        return LaplacePenalty(DiagPrecision({p.name: torch.ones_like(p.param) for p in lora_parameters(m)}),
+                              {p.name: p.param.detach().clone() for p in lora_parameters(m)}, lora_parameters(m), 1.0)
+
+    assert torch.nn.functional.linear is torch._C._nn.linear
+    model = tiny_lora_model(seed=0).train()
+    train(model, [p.param for p in lora_parameters(model)], itertools.repeat(padded_batch()), steps=2, lr=1e-2,
+          batch_size=4, ds=DeepSpeedConfig(zero_stage=3), tracker=NullTracker(), log_every=1, desc="test",
+          make_penalty=penalty)
+    assert seen and seen[0].startswith("deepspeed.")  # what the teardown has to undo
+    assert torch.nn.functional.linear is torch._C._nn.linear
+
+
 def test_non_finite_loss_stops_the_stage():
     model = tiny_lora_model(seed=0).train()
     params = lora_parameters(model)
