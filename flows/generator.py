@@ -79,10 +79,12 @@ with warnings.catch_warnings(record=True):
 
         def load_context(self, context: Any) -> None:
             from pipelines.runtime.models import load_for_inference
+            from pipelines.scoring.inference import merge_in_place
 
             config = context.model_config
             base, revision = resolve_base(config["base"])
-            self.model, self.tokenizer = load_for_inference(base, context.artifacts["adapter"], config["dtype"], revision)
+            model, self.tokenizer = load_for_inference(base, context.artifacts["adapter"], config["dtype"], revision)
+            self.model = merge_in_place(model)  # what scoring runs (a merged copy), without keeping a second one
             self.batch_size = int(config["batch_size"])
             self.defaults = {"max_new_tokens": int(config["max_new_tokens"]), "stop": list(config["stop"])}
 
