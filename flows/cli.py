@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", metavar="DIR", help="directory to write it in (created if missing)")
     init.add_argument("--force", action="store_true", help="overwrite an existing DIR/lalora.yaml")
     sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
+    sch = sub.add_parser("schema", help="print the JSON Schema of a lineage config (what lalora.schema.json holds; "
+                         "editors validate a config with it as it is typed)")
+    sch.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead")
     base = sub.add_parser("base", help="pretrain CONFIG's tiny base (model.tiny, model.pretrain, the source) into DIR "
                           "and print its sha256, for a config's model.path and model.sha256 (make demo-base)")
     base.add_argument("config")
@@ -146,6 +149,18 @@ def cmd_env(args: argparse.Namespace) -> int:
     from flows.about import environment_lines
 
     print("\n".join(environment_lines()))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from pipelines.config import config_schema
+
+    text = config_schema()
+    if args.out is None:
+        print(text, end="")
+        return 0
+    Path(args.out).write_text(text)
+    print(f"wrote the lineage config's JSON Schema to {args.out}")
     return 0
 
 
@@ -457,7 +472,8 @@ def _lambda(lam: float | str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "deploy": cmd_deploy,
-            "export": cmd_export, "ui": cmd_ui, "init": cmd_init, "env": cmd_env, "base": cmd_base}[args.command](args)
+            "export": cmd_export, "ui": cmd_ui, "init": cmd_init, "env": cmd_env, "base": cmd_base,
+            "schema": cmd_schema}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from pipelines.errors import BadInput
 
@@ -33,7 +33,7 @@ def _lambda_value(value: Any) -> Any:
     return number
 
 
-Lambda = Annotated[float | Literal["auto"], BeforeValidator(_lambda_value)]
+Lambda = Annotated[Annotated[float, Field(ge=0)] | Literal["auto"], BeforeValidator(_lambda_value)]
 """A penalty strength: a number >= 0, or ``auto`` (searched per stage within a forgetting budget)."""
 
 

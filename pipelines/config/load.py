@@ -133,3 +133,18 @@ def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
                 if not Path(src["path"]).is_absolute():
                     src["path"] = str((base / src["path"]).resolve())
+
+
+def config_schema() -> str:
+    """The lineage config's JSON Schema (pydantic's, field aliases as YAML spells them), as the text the repository
+    ships in ``lalora.schema.json``."""
+    import json
+
+    from pipelines.config.schema import LineageConfig
+
+    schema = LineageConfig.model_json_schema(by_alias=True)
+    domains = schema["properties"]["domains"]  # the file's own list may be empty: a catalogue appends to it
+    del domains["minItems"]
+    domains["description"] += " May be empty in the file when catalogue lists them (at least one in all)."
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "lalora.schema.json", **schema}
+    return json.dumps(schema, indent=1, sort_keys=True) + "\n"
