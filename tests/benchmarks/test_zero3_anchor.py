@@ -1,0 +1,48 @@
+"""benchmarks/zero3_anchor.py, plain DeepSpeed ZeRO-3 beside ours, runs at its smallest shape and ends with one JSON line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import child_env
+
+pytestmark = pytest.mark.slow  # three processes with DeepSpeed engines (about 40 s): make test, not test-fast
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    work = tmp_path_factory.mktemp("zero3_anchor")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "zero3_anchor.py"), "--hidden", "64", "--layers", "1", "--vocab",
+           "512", "--seq", "32", "--warmup", "1", "--steps", "2", "--repeats", "1", "--work", str(work / "w")]
+    out = subprocess.run(cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_plain_and_ours_side_by_side_with_positive_figures(summary):
+    for side in ("plain", "ours"):
+        s = summary[side]
+        assert s["tokens_per_s"] > 0 and s["peak_rss"] >= s["rss_start"] > 0 and len(s["tokens_per_s_repeats"]) == 1
+        assert s["live_tensor_after_last_step"] > 0 and s["base_bytes_per_rank"] > 0
+        assert s["trainable_bytes"] == summary["plain"]["trainable_bytes"]  # the same adapter on both sides
+        assert s["live_models_training"]["DeepSpeedEngine"] >= 1
+    ours = summary["ours"]
+    assert ours["precision_bytes"] > 0 and ours["final_penalty"] > 0 and ours["tokens_per_step"] == 8 * 32
+    assert summary["penalty_tensors"] > 0 and summary["ratios"]["zero3_tokens_per_s_vs_plain"] > 0
+    assert set(summary["targets"]) == {"zero3_tokens_per_s_vs_plain", "zero3_peak_memory_vs_plain_plus_penalty"}
+    assert all(isinstance(v, bool) for v in summary["targets"].values())
+
+
+@pytest.mark.xfail(strict=True, reason="issue 27 item 3: the curvature step's DeepSpeed engine and base model outlive "
+                   "the step (DeepSpeed 0.19.8 keeps them referenced after engine.destroy()); flips when fixed")
+def test_no_engine_or_base_from_the_curvature_step_is_alive_in_the_fine_tune(summary):
+    ours = summary["ours"]
+    assert ours["live_models_between_steps"]["DeepSpeedEngine"] == 0
+    assert ours["live_models_between_steps"]["LlamaForCausalLM"] == 0
+    assert ours["live_models_training"]["DeepSpeedEngine"] == 1
