@@ -165,8 +165,8 @@ def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str)
     """Greedy batched generation as the evaluation runs it (``generate_texts``: left padding, KV cache, the adapter
     merged into a copy) against HF ``generate`` on a copy merged by peft (the anchor) and on the unmerged peft model,
     the same prompts and new-token limit, interleaved, the minimum of ``--gen-reps``. The anchors run with torch's
-    own ``F.linear``, as in a fresh process: the ZeRO-3 series above leaves DeepSpeed's in its place
-    (``deepspeed_linear_replaced``), which our scorers also set aside while they run."""
+    own ``F.linear``, as in a fresh process (``deepspeed_linear_replaced`` says whether the ZeRO-3 series above
+    left DeepSpeed's in its place: its engines' teardown puts torch's back, and our scorers set it aside)."""
     import copy
 
     from pipelines.runtime.models import load_for_inference

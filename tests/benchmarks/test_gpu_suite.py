@@ -34,7 +34,7 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
     generation = summary["generation"]
     assert 0 < generation["new_tokens"] <= 8 * 4 and generation["completions_equal_hf_merged"]
     assert generation["vs_hf_merged"] > 0 and generation["vs_hf_peft"] > 0
-    assert generation["deepspeed_linear_replaced"]  # the ZeRO-3 series ran in this process before it
+    assert not generation["deepspeed_linear_replaced"]  # the ZeRO-3 series before it put torch's linear back
     assert set(summary["targets"]) == {"finetune_zero2_vs_anchor_zero2 >= 1.00", "diag_curvature_vs_backward <= 1.3",
                                        "generation_vs_hf_merged >= 1.00"}
     assert (tmp_path / "w" / "z3-stage2" / "adapter" / "adapter_model.safetensors").is_file()
