@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -80,3 +81,29 @@ def run_lalora(args: list[str], tmp_path: Path, *, timeout: float = 600, **env: 
     proc = subprocess.run([lalora_script(), *args], env=child_env(PREFECT_HOME=str(home), **env),
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     return proc.returncode, proc.stdout
+
+
+def run_until_then_sigkill(args: list[str], env: dict[str, str], log_path: Path, reached: Any,
+                           timeout: float = 300) -> Any:
+    """Start ``python -m flows.cli ARGS`` (its output to ``log_path``: a file, not a pipe, so nothing blocks the
+    child while we poll), wait until ``reached()`` holds, SIGKILL it; the finished process. Fails when the run
+    ended first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + timeout
+            while not reached() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            assert proc.poll() is None, f"the run ended before it was killed: {log_path.read_text()[-2000:]}"
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc

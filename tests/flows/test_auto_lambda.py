@@ -3,11 +3,8 @@ as nested MLflow runs; a budget nothing in range meets registers the stage unpro
 trial resumes at that trial and ends where an uninterrupted run ends."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from mlflow import MlflowClient
 
 from flows.lineage_flow import lineage_flow
 from pipelines.lineage.record import VersionRecord
-from tests.conftest import child_env, lalora_script
+from tests.conftest import child_env, lalora_script, run_until_then_sigkill
 from tests.configs import DOMAINS, tiny
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
@@ -148,21 +145,10 @@ def test_a_run_killed_during_a_trial_resumes_at_that_trial_and_ends_as_an_uninte
     cfg = tmp_path / "killed.yaml"
     cfg.write_text(_kill_config())
     out = tmp_path / "killed"
-    log = open(tmp_path / "killed.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT,
-                            env=child_env(PREFECT_API_URL=str(PREFECT_API_URL.value())), stdout=log,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while _trial_step(out, 2) < 8 and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-2000:]
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log.close()
+    proc = run_until_then_sigkill(["run", str(cfg), "--out", str(out)],
+                                  child_env(PREFECT_API_URL=str(PREFECT_API_URL.value())), tmp_path / "killed.log",
+                                  lambda: _trial_step(out, 2) >= 8)
+    assert proc.returncode == -signal.SIGKILL
     killed_at = _trial_step(out, 2)
     assert 8 <= killed_at < 20
     saved = json.loads((out / "stages" / "01-one" / "auto" / "trials.json").read_text())["trials"]

@@ -5,8 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,11 +15,10 @@ from torch.testing import assert_close
 
 from flows.lineage_flow import lineage_flow
 from tests.configs import tiny
-from tests.conftest import child_env
+from tests.conftest import child_env, run_until_then_sigkill
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
-ROOT = Path(__file__).resolve().parents[2]
 def config(replay: float, zero_stage: int) -> str:
     return tiny("one", name="killed", model={"pretrain": {"steps": 10}},
                 training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4,
@@ -55,20 +52,8 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, r
     # A fresh process picks its own rendezvous: the test process's own (in-process DeepSpeed tests
     # ran before) is not inherited, or the child would find the port taken.
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    log = open(tmp_path / "killed.log", "w")  # a file, not a pipe: nothing blocks the child while we poll
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while _latest_step(out) < kill_at and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, f"the run ended before step {kill_at}: {(tmp_path / 'killed.log').read_text()[-2000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    log.close()
+    proc = run_until_then_sigkill(["run", str(cfg), "--out", str(out)], env, tmp_path / "killed.log",
+                                  lambda: _latest_step(out) >= kill_at)
     killed_at = _latest_step(out)
     assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (seed, kill_at, killed_at)
     uri = f"sqlite:///{out / 'mlflow.db'}"
