@@ -107,7 +107,8 @@ def _trial(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
         learning, forgetting = auto.validation_metrics(columns, t, before[0], scores.value,
                                                        [before[1][c] for c in columns])
         trial = auto.Trial(k, lam, steps, learning, forgetting, tuned.compute_seconds + scores.compute_seconds,
-                           tuned.value.adapter, tuned.value.quadratic, scores.value, child.run_id)
+                           tuned.value.adapter, tuned.value.quadratic, scores.value, child.run_id,
+                           list(cfg.lalora.auto.columns or []))
         _log_trial(child, trial)
         end_run(child)
     except BaseException:

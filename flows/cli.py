@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         "table and Pareto plot")
     sw.add_argument("config")
     sw.add_argument("--lambda", dest="lambdas", default=None,
-                    help="comma-separated lambdas; 0 is plain LoRA (default 0,1,10,100 unless only --grid is given)")
+                    help="comma-separated lambdas; 0 is plain LoRA, auto searches each stage's within the forgetting "
+                         "budget (default 0,1,10,100 unless only --grid is given)")
     sw.add_argument("--curvature", dest="curvatures", default=None,
                     help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity; default diag,identity "
                          "unless only --grid is given)")
@@ -386,15 +387,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     """--curvature, --lambda and every --grid as the sweep's axes (one-line errors for bad values)."""
     from lalora import CURVATURES
-    from pipelines.lineage.sweep import CURVATURE, LAMBDA, Axis, parse_axis
+    from pipelines.lineage.sweep import AUTO, CURVATURE, LAMBDA, Axis, parse_axis
 
     grid = [parse_axis(g) for g in args.grid]
     if grid and args.lambdas is None and args.curvatures is None:
         return grid
     try:
-        lambdas = tuple(float(v) for v in (args.lambdas or "0,1,10,100").split(",") if v.strip())
+        lambdas = tuple(AUTO if v.strip() == AUTO else float(v)
+                        for v in (args.lambdas or "0,1,10,100").split(",") if v.strip())
     except ValueError:
-        raise BadInput(f"--lambda {args.lambdas!r}: expected comma-separated numbers, e.g. --lambda 0,1,10") from None
+        raise BadInput(f"--lambda {args.lambdas!r}: expected comma-separated numbers or auto, e.g. --lambda 0,1,10 "
+                       "or --lambda 0,auto") from None
     curvatures = tuple(c.strip() for c in (args.curvatures or "diag,identity").split(",") if c.strip())
     unknown = [c for c in curvatures if c not in CURVATURES]
     if unknown:

@@ -52,6 +52,13 @@ LAMBDA = ("--curvature", "diag", "--lambda")
 SAMPLES_LAMBDA = 10.0
 """The diag point whose curvature data size is swept (and the two-stage lineage's LaLoRA point): the
 earlier study's best diag lambda, fixed before this one ran."""
+BUDGET = 0.02
+"""The forgetting budget of the lambda auto part, on the capitals' validation rows."""
+AUTO = (f"lalora.auto.max_forgetting={BUDGET}", "lalora.auto.columns=[capitals]", "lalora.auto.max_trials=4",
+        "source.val_size=50", "probes.0.val_size=50")
+"""lambda auto: the budget on capitals (the source, what the base knows); at most 4 full-length trials a stage;
+validation rows carved from what evaluation leaves (capitals 232 rows: 100 scored, 50 validation, 82 for
+curvature; demonyms 213: 120 scored, 50 validation; the math domains keep the default 100)."""
 PARTS = (
     Part("one-stage-diag", (*LAMBDA, "0,10,100"), 1, 3),
     Part("one-stage-l2", ("--curvature", "identity", "--lambda", "0.1,1"), 1, 3),
@@ -59,8 +66,9 @@ PARTS = (
     Part("one-stage-replay", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25,0.5"), 1, 3),
     Part("one-stage-replay-diag", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 1, 3),
     Part("one-stage-samples", (*LAMBDA, f"{SAMPLES_LAMBDA:g}", "--grid", "lalora.samples=8,128"), 1, 3),
-    Part("two-stage", (*LAMBDA, "0,10"), 2, 2),
-    Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
+    Part("two-stage", (*LAMBDA, "0,10"), 2, 3),
+    Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 3),
+    Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))), 2, 3),
 )
 """Two queues of about equal length: every other part."""
 
@@ -92,7 +100,8 @@ def method(setting: dict[str, Any]) -> str:
     """A row's name in the tables, from the fields its sweep set."""
     kind, lam = setting.get("lalora.curvature.kind"), setting.get("lalora.lambda")
     replay, samples = setting.get("training.replay.fraction"), setting.get("lalora.samples")
-    name = {"plain": "plain LoRA", "identity": f"L2 (identity), lambda {lam:g}"}.get(kind, f"{kind} lambda {lam:g}")
+    lam = lam if isinstance(lam, str) else f"{lam:g}"
+    name = {"plain": "plain LoRA", "identity": f"L2 (identity), lambda {lam}"}.get(kind, f"{kind} lambda {lam}")
     if replay:
         name = f"replay {replay:g}" if kind == "plain" else f"replay {replay:g} + {name}"
     if samples:
@@ -172,6 +181,67 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(text), out
 
 
+BUDGET_METHODS = ("plain LoRA", "diag lambda 10", "replay 0.25", "diag lambda auto")
+
+
+def _per_seed(points: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each two-stage lineage's figures the budget is judged on, from its R (the evaluation rows): the capitals'
+    forgetting after each stage (best earlier score less this one, as the gate reads it), each stage's learning
+    against the base (NLL drop on its domain), and lambda auto's compute (trial steps over the stage's steps)."""
+    cap, gsm, sym = 0, 1, 2  # R's columns: capitals (source), gsm8k, gsm_symbolic, demonyms
+    out: dict[str, list[float]] = {}
+    for p in points:
+        R = p["R"]
+        out.setdefault("forgetting1", []).append(R[0][cap] - R[1][cap])
+        out.setdefault("forgetting2", []).append(max(R[0][cap], R[1][cap]) - R[2][cap])
+        out.setdefault("learning1", []).append(R[0][gsm] - R[1][gsm])
+        out.setdefault("learning2", []).append(R[0][sym] - R[2][sym])
+        for stage, a in (p.get("auto") or {}).items():
+            out.setdefault(f"lambda{stage}", []).append(float(a["lambda"]))
+            compute = a.get("compute", a.get("trials"))  # a lineage finished earlier records its trials only
+            out.setdefault(f"compute{stage}", []).append(float(compute))
+    return out
+
+
+def budget_table(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """lambda auto against the fixed points: forgetting of capitals on the evaluation rows per stage against the
+    budget plus the seeds' spread, second-stage learning against plain LoRA's, and the search's compute."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        if part["part"].startswith("two-stage"):
+            for p in part["summary"]["points"]:
+                by_method.setdefault(method(p["point"]["settings"]), []).append(p)
+    figures = {m: _per_seed(by_method[m]) for m in BUDGET_METHODS if m in by_method}
+    if "diag lambda auto" not in figures or "plain LoRA" not in figures:
+        return "", {}
+
+    def pm(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.3f} +- {_sd(values):.3f}"
+
+    plain2 = statistics.fmean(figures["plain LoRA"]["learning2"])
+    lines = ["| method | seeds | lambda (stage 1 / 2) | trials' compute (stage 1 / 2) | forgetting: capitals, "
+             "stage 1 | stage 2 | learning: gsm8k | gsm_symbolic | gsm_symbolic, share of plain LoRA's |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        lam = " / ".join(pm(f[k]) for k in ("lambda1", "lambda2") if k in f) or name.rsplit(" ", 1)[-1]
+        compute = " / ".join(pm(f[k]) for k in ("compute1", "compute2") if k in f) or "1 / 1"
+        share = statistics.fmean(f["learning2"]) / plain2
+        lines.append(f"| {name} | {len(f['learning2'])} | {lam} | {compute} | {pm(f['forgetting1'])} | "
+                     f"{pm(f['forgetting2'])} | {pm(f['learning1'])} | {pm(f['learning2'])} | {share:.0%} |")
+    auto = figures["diag lambda auto"]
+    kept = [statistics.fmean(auto[k]) <= BUDGET + _sd(auto[k]) for k in ("forgetting1", "forgetting2")]
+    share = statistics.fmean(auto["learning2"]) / plain2
+    verdict = (f"Targets: capitals' forgetting within the budget {BUDGET} plus the seeds' spread at stage 1: "
+               f"{'holds' if kept[0] else 'does not hold'}; at stage 2: {'holds' if kept[1] else 'does not hold'}; "
+               f"second-stage learning at least 80% of plain LoRA's: {share:.0%}, "
+               f"{'holds' if share >= 0.8 else 'does not hold'}.")
+    return "\n".join([*lines, "", verdict]), {"figures": figures, "budget": BUDGET, "kept": kept, "share": share}
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def commands(parts: list[dict[str, Any]]) -> str:
     """Each part's command, its sweep's wall time (the other queue running beside it) and its median lineage."""
     lines = ["## The commands (each a lalora sweep; wall time with the other queue running beside it; a part "
@@ -225,14 +295,17 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     one, table = one_stage_table(_rows(parts, "one-stage"))
     two, matrices = two_stage_tables(parts)
+    budget, budget_json = budget_table(parts)
     md = (f"# The study (python -m studies.study, {args.workers} parts at a time, one thread a lineage; this "
           f"invocation {wall:.0f} s)\n\n## One stage, 3 seeds\n\n{one}\n\n"
           f"## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
-          f"## Two stages, 2 seeds\n\n{two}\n\n{commands(parts)}\n")
+          f"## Two stages, 3 seeds\n\n{two}\n\n"
+          + (f"## A forgetting budget: lambda auto, {BUDGET} on capitals\n\n{budget}\n\n" if budget else "")
+          + f"{commands(parts)}\n")
     (args.results / "study.md").write_text(md)
     (args.results / "study.json").write_text(json.dumps(
         {"wall_seconds": wall, "workers": args.workers, "cpu_count": os.cpu_count(), "one_stage": table,
-         "two_stage": matrices, "parts": [{k: v for k, v in p.items()} for p in parts]}, indent=1))
+         "two_stage": matrices, "budget": budget_json, "parts": [{k: v for k, v in p.items()} for p in parts]}, indent=1))
     if table:
         plot(table, args.results / "study-pareto.png")
     print(md)

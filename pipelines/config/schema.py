@@ -114,6 +114,9 @@ class AutoLambdaConfig(Model):
                                "trains once more, in full, at the chosen lambda.")
     resolution: float = Field(1.5, gt=1, description="Stop when the feasible lambda and the infeasible one below "
                               "it are closer than this factor.")
+    columns: list[str] | None = Field(None, min_length=1, description="The earlier columns (source, domains, probes, "
+                                      "by name) the budget applies to; the others' forgetting is recorded but does "
+                                      "not bound lambda. Default: every earlier column.")
 
     @model_validator(mode="after")
     def _range(self) -> AutoLambdaConfig:
@@ -351,6 +354,11 @@ class LineageConfig(Model):
         if self.lalora.auto.max_forgetting is None and self.promotion.max_forgetting is None:
             raise ValueError("lambda auto needs a forgetting budget: set lalora.auto.max_forgetting (or "
                              "promotion.max_forgetting), the most an earlier domain may forget in a stage")
+        named = {d.name for d in self.eval_domains}
+        unknown = [c for c in self.lalora.auto.columns or [] if c not in named]
+        if unknown:
+            raise ValueError(f"lalora.auto.columns: {', '.join(unknown)} is not a column of this lineage; choose from "
+                             f"{', '.join(d.name for d in self.eval_domains)}")
         external = [d.name for d in self.eval_domains if d.score.kind == "lm_eval"]
         if external:
             raise ValueError(f"lambda auto scores its trials on validation rows, which lm_eval-scored domains do not "

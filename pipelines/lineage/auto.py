@@ -49,15 +49,23 @@ class Trial:
     scores: dict[str, float] = field(default_factory=dict)
     """The trial's validation score per column."""
     run_id: str = ""
+    budgeted: list[str] = field(default_factory=list)
+    """The columns the budget applies to (``lalora.auto.columns``); empty: every column."""
+
+    @property
+    def bounded(self) -> dict[str, float]:
+        """The forgetting the budget applies to."""
+        return {c: f for c, f in self.forgetting.items() if not self.budgeted or c in self.budgeted}
 
     @property
     def max_forgetting(self) -> float:
-        return max(self.forgetting.values(), default=0.0)
+        return max(self.bounded.values(), default=0.0)
 
     @property
     def worst(self) -> str:
-        """The column that forgot most."""
-        return max(self.forgetting, key=lambda k: self.forgetting[k]) if self.forgetting else ""
+        """The budgeted column that forgot most."""
+        bounded = self.bounded
+        return max(bounded, key=lambda k: bounded[k]) if bounded else ""
 
     def feasible(self, budget: float) -> bool:
         return self.max_forgetting <= budget

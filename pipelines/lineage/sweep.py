@@ -27,6 +27,8 @@ from pipelines.lineage.report import LineageResult, TradeOffPoint, pareto_front
 
 PLAIN = "plain"
 LAMBDA, CURVATURE = "lalora.lambda", "lalora.curvature.kind"
+AUTO = "auto"
+"""A lambda axis value: each stage searches its lambda within the forgetting budget (lalora.auto)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,10 @@ class SweepPoint:
         return str(self.value(CURVATURE, PLAIN if self.lam == 0 else ""))
 
     @property
-    def lam(self) -> float:
-        return float(self.value(LAMBDA, -1.0))
+    def lam(self) -> float | str:
+        """The point's lambda: a number, or 'auto' (-1 when lambda is not swept)."""
+        value = self.value(LAMBDA, -1.0)
+        return value if value == AUTO else float(value)
 
     @property
     def setting(self) -> tuple[tuple[str, Any], ...]:
@@ -71,7 +75,7 @@ class SweepPoint:
             if name == CURVATURE:
                 parts.insert(0, str(value))
             elif name == LAMBDA:
-                parts.append(f"lambda{value:g}")
+                parts.append(f"lambda{_cell(value)}")
             else:
                 parts.append(f"{name.rsplit('.', 1)[-1]}{_slug(value)}")
         return "-".join([*parts, f"seed{self.seed}"])
@@ -102,8 +106,8 @@ def sweep_points(axes: list[Axis], seeds: int) -> list[SweepPoint]:
     if seeds < 1:
         raise BadInput(f"--seeds must be >= 1, got {seeds}")
     for axis in axes:
-        if axis.field == LAMBDA and any(not isinstance(v, (int, float)) or v < 0 for v in axis.values):
-            raise BadInput(f"lambda values must be numbers >= 0, got {list(axis.values)}")
+        if axis.field == LAMBDA and any(v != AUTO and (not isinstance(v, (int, float)) or v < 0) for v in axis.values):
+            raise BadInput(f"lambda values must be numbers >= 0 or auto, got {list(axis.values)}")
     fields_ = [a.field for a in axes]
     if len(set(fields_)) != len(fields_):
         raise BadInput(f"a field is swept twice: {', '.join(sorted({f for f in fields_ if fields_.count(f) > 1}))}")
@@ -170,12 +174,15 @@ class PointResult:
     source_final: float
     R: list[list[float]]
     seconds: float
+    auto: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """lambda auto: what each stage's search chose (metrics.json's ``auto``)"""
 
     @staticmethod
     def of(point: SweepPoint, result: LineageResult, seconds: float) -> PointResult:
         m, R = result.report.metrics, result.report.R
         return PointResult(point, result.run_id, float(m["mean_learning"]), dict(m["forgetting"]),
-                           list(m["averaged"]), float(m["ACC"]), float(m["BWT"]), float(R[-1][0]), R, seconds)
+                           list(m["averaged"]), float(m["ACC"]), float(m["BWT"]), float(R[-1][0]), R, seconds,
+                           dict(result.auto))
 
     def mean_forgetting(self, on: list[str] | None) -> float:
         names = on or [d for d in self.forgetting if d in self.averaged]
@@ -211,8 +218,11 @@ class SeriesRow:
         return SweepPoint(tuple(self.setting.items()), 0).label.removesuffix("-seed0") or "point"
 
     @property
-    def lam(self) -> float | None:
-        return float(self.setting[LAMBDA]) if LAMBDA in self.setting else None
+    def lam(self) -> float | str | None:
+        if LAMBDA not in self.setting:
+            return None
+        value = self.setting[LAMBDA]
+        return value if value == AUTO else float(value)
 
 
 def _sd(values: list[float]) -> float:
