@@ -135,3 +135,23 @@ def test_grid_bad_input_is_one_line(tmp_path, capsys):
     assert main(["sweep", str(cfg), "--lambda", "0,5", "--forgetting-on", "nowhere"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "lalora: error: --forgetting-on: nowhere is not an earlier column of this sweep; choose from src, one"
+
+
+def test_a_sweep_point_can_search_its_lambda(tmp_path):
+    """--lambda 0,auto: the auto point is labelled lambdaauto, its config searches with the sweep's budget, and
+    the table's cells and the study's row names read it."""
+    from pipelines.config import load_config
+    from pipelines.lineage.sweep import LAMBDA, point_config, sweep_points
+    from flows.cli import _parser, _sweep_axes
+    from studies.study import method
+
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(TINY)
+    args = _parser().parse_args(["sweep", str(cfg_path), "--lambda", "0,auto", "--curvature", "diag"])
+    points = sweep_points(_sweep_axes(args), 1)
+    assert [p.label for p in points] == ["plain-lambda0-seed0", "diag-lambdaauto-seed0"]
+    assert points[1].lam == "auto" and points[1].curvature == "diag"
+    cfg = load_config(cfg_path, ["lalora.auto.max_forgetting=0.1"])
+    assert point_config(cfg, points[1], "sqlite:///x.db", 1).searches
+    assert method(dict(points[1].settings)) == "diag lambda auto"
+    assert dict(points[0].settings)[LAMBDA] == 0.0

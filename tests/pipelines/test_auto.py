@@ -161,3 +161,26 @@ def test_validation_metrics_are_the_gates_forgetting_and_learning():
     m = continual_metrics([[r[c] for c in columns] for r in [*rows, trial]])
     assert learning == pytest.approx(0.5) == pytest.approx(m.learning[-1])
     assert forgetting == pytest.approx({"src": 0.3, "a": 0.1, "probe": 0.05})  # from each column's best earlier row
+
+
+def test_the_budget_can_name_the_columns_it_bounds():
+    """lalora.auto.columns: only the named columns' forgetting decides feasibility; the others are recorded."""
+    named = cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["source"]}})
+    assert named.lalora.auto.columns == ["source"]
+    with pytest.raises(ValueError, match="lalora.auto.columns: nowhere is not a column of this lineage; choose from "
+                                         "source, a, b"):
+        cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["nowhere"]}})
+    trial = Trial(1, 2.0, 10, 0.5, {"source": 0.05, "a": 0.4}, 1.0, "/a/1", budgeted=["source"])
+    assert trial.feasible(0.1) and trial.max_forgetting == 0.05 and trial.worst == "source"
+    everything = Trial.from_json({**trial.as_json(), "budgeted": []})
+    assert not everything.feasible(0.1) and everything.worst == "a"
+    old = trial.as_json()
+    old.pop("budgeted")  # trials.json written before the setting: every column bounded
+    assert Trial.from_json(old).max_forgetting == 0.4
+    # unset, the setting leaves the identity of a searching stage as it was
+    searching = cfg(domains=[{"name": "a"}, {"name": "b", "lambda": "auto"}], lalora={"auto": {"max_forgetting": 0.1}})
+    columns = cfg(domains=[{"name": "a"}, {"name": "b", "lambda": "auto"}],
+                  lalora={"auto": {"max_forgetting": 0.1, "columns": ["a"]}})
+    from pipelines.lineage.plan import stage_config
+    assert "columns" not in stage_config(searching, 2)["lalora"]["auto"]
+    assert stage_keys(columns, FP)[1] != stage_keys(searching, FP)[1]
