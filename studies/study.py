@@ -54,11 +54,12 @@ SAMPLES_LAMBDA = 10.0
 earlier study's best diag lambda, fixed before this one ran."""
 BUDGET = 0.02
 """The forgetting budget of the lambda auto part, on the capitals' validation rows."""
-AUTO = (f"lalora.auto.max_forgetting={BUDGET}", "lalora.auto.columns=[capitals]", "lalora.auto.max_trials=4",
-        "source.val_size=50", "probes.0.val_size=50")
-"""lambda auto: the budget on capitals (the source, what the base knows); at most 4 full-length trials a stage;
-validation rows carved from what evaluation leaves (capitals 232 rows: 100 scored, 50 validation, 82 for
-curvature; demonyms 213: 120 scored, 50 validation; the math domains keep the default 100)."""
+AUTO = (f"lalora.auto.max_forgetting={BUDGET}", "lalora.auto.columns=[capitals]", "lalora.auto.max_trials=3",
+        "source.val_size=50", "probes.0.val_size=50", "domains.0.val_size=40", "domains.1.val_size=40")
+"""lambda auto: the budget on capitals (the source, what the base knows); at most 3 full-length trials a stage
+(the CPU's budget: a trial is 60 steps, ~4 minutes); validation rows carved from what evaluation leaves
+(capitals 232 rows: 100 scored, 50 validation, 82 for curvature; demonyms 213: 120 scored, 50 validation;
+the math domains 40 each, scored by NLL, whose per-row spread is small)."""
 PARTS = (
     Part("one-stage-diag", (*LAMBDA, "0,10,100"), 1, 3),
     Part("one-stage-l2", ("--curvature", "identity", "--lambda", "0.1,1"), 1, 3),
@@ -67,7 +68,8 @@ PARTS = (
     Part("one-stage-replay-diag", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 1, 3),
     Part("one-stage-samples", (*LAMBDA, f"{SAMPLES_LAMBDA:g}", "--grid", "lalora.samples=8,128"), 1, 3),
     Part("two-stage", (*LAMBDA, "0,10"), 2, 3),
-    Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 3),
+    Part("two-stage-replay", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 2, 2),
+    Part("two-stage-replay-plain", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 3),
     Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))), 2, 3),
 )
 """Two queues of about equal length: every other part."""
