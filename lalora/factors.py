@@ -143,32 +143,112 @@ class LowRankFactor(Factor):
         return (dd[:, None] * y).to(x.dtype)
 
 
-def compress(m: Tensor, k: int, exact_below: int = 512, power_iters: int = 4, seed: int = 0) -> LowRankFactor:
+_OVERSAMPLE = 16
+"""Columns the randomized sketch carries beyond the k kept (Halko et al. 2011 suggest 5-10; more buys accuracy)."""
+
+
+def compress(m: Tensor, k: int, exact_below: int = 128, power_iters: int = 3, seed: int = 0) -> LowRankFactor:
     """The top-k eigenpairs of a symmetric PSD ``m`` (n, n) and the remainder's diagonal.
 
     Up to ``exact_below`` rows (and whenever k is a sizable fraction of n) a full
     eigendecomposition is used, exact when k >= n. Larger factors use randomized subspace
-    iteration (Halko et al. 2011): O(n^2 k) instead of O(n^3). Either way the stored factor
-    is PSD (both parts are) and its diagonal equals m's.
+    iteration (Halko et al. 2011) closed by a Nystrom step, ``power_iters`` products with m:
+    O(n^2 k) instead of O(n^3). Either way the stored factor is PSD (both parts are) and its
+    diagonal equals m's. Measured with 3 products (n = 256, 1024; k = 32): the stored factor's
+    Frobenius error is within ~1-4% of the exact top-k's on power-law spectra, within 5% on
+    the flat spectra of a random-weight model (the hardest case).
     """
-    m = 0.5 * (m + m.T)
-    n = m.shape[0]
-    k = min(k, n)
-    if n <= exact_below or 4 * k >= n:
-        evals, evecs = torch.linalg.eigh(m.double())
-        top = torch.argsort(evals, descending=True)[:k]
-        u, lam = evecs[:, top], evals[top].clamp_min(0)
-    else:
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        q = torch.randn(n, k + 16, generator=g, dtype=torch.float64).to(m.device)
-        md = m.double()
-        for _ in range(power_iters):
-            q, _ = torch.linalg.qr(md @ q)
-        evals, evecs = torch.linalg.eigh(q.T @ md @ q)
-        top = torch.argsort(evals, descending=True)[:k]
-        u, lam = q @ evecs[:, top], evals[top].clamp_min(0)
-    d = (m.double().diagonal() - (u.square() * lam).sum(1)).clamp_min(0)
-    return LowRankFactor(u.to(m.dtype), lam.to(m.dtype), d.to(m.dtype))
+    return compress_many([0.5 * (m + m.T)], k, exact_below, power_iters, seed)[0]
+
+
+def compress_many(ms: Sequence[Tensor], k: int, exact_below: int = 128, power_iters: int = 3,
+                  seed: int = 0) -> list[LowRankFactor]:
+    """``compress`` of each of several symmetric matrices (the exact path reads the lower triangle).
+
+    Matrices of one size go through one batched eigendecomposition, or subspace iteration
+    whose only per-matrix kernels are the products with each matrix (the n x n matrices are
+    never stacked or copied). The exact path runs in float64; the randomized one in the
+    matrices' precision, float32 at least: float32 sums are only known to float32 rounding.
+    """
+    if power_iters < 1:
+        raise ValueError(f"power_iters must be >= 1, got {power_iters}")
+    groups: dict[tuple[int, torch.dtype, torch.device], list[int]] = {}
+    for i, m in enumerate(ms):
+        groups.setdefault((int(m.shape[0]), m.dtype, m.device), []).append(i)
+    out: list[LowRankFactor | None] = [None] * len(ms)
+    for (n, dtype, _), idx in groups.items():
+        kk = min(k, n)
+        group = [ms[i] if dtype == torch.float64 else ms[i].float() for i in idx]
+        if n <= exact_below or 4 * kk >= n:
+            evals, evecs = torch.linalg.eigh(torch.stack(group).double())  # ascending: the top k are the last k
+            u, lam = evecs[..., -kk:].flip(-1), evals[..., -kk:].flip(-1).clamp_min(0)
+        else:
+            u, lam = _sketch(group, kk, power_iters, seed)
+        diag = torch.stack([m.diagonal() for m in group]).to(u.dtype)
+        d = (diag - (u.square() * lam[:, None, :]).sum(-1)).clamp_min(0)
+        u, lam, d = u.to(dtype).contiguous(), lam.to(dtype), d.to(dtype)
+        for j, i in enumerate(idx):
+            out[i] = LowRankFactor(u[j].clone(), lam[j].clone(), d[j].clone())
+    return out  # type: ignore[return-value]
+
+
+def _sketch(ms: Sequence[Tensor], k: int, power_iters: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Approximate top-k eigenpairs, U (L, n, k) and lam (L, k), of L PSD matrices (n, n) from ``power_iters`` products.
+
+    Subspace iteration (Halko et al. 2011) from a Gaussian start finds a basis Q (n, k + 16)
+    near the top eigenspace; the last product m Q closes it with a Nystrom step (``_nystrom``).
+    Products with the n x n matrices are the only per-matrix kernels, and the bulk of the work.
+    """
+    n, p, m0 = ms[0].shape[0], k + _OVERSAMPLE, ms[0]
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(n, p, generator=g, dtype=torch.float64).to(m0.device, m0.dtype).expand(len(ms), n, p)
+    y = m0.new_empty((len(ms), n, p))
+    for it in range(power_iters):
+        for i, m in enumerate(ms):
+            torch.mm(m, q[i], out=y[i])
+        if it < power_iters - 1:
+            q = _basis(y)
+    return _nystrom(q, y, k, 10 * torch.finfo(m0.dtype).eps)
+
+
+def _basis(y: Tensor) -> Tensor:
+    """A well-conditioned basis of the columns of y (L, n, p): shifted Cholesky QR (Fukaya et al. 2020).
+
+    Matrix products and a p x p Cholesky in float64 instead of Householder QR, whose panel
+    steps are slow on a busy CPU and serial on a GPU. The shift damps only directions under
+    ~1e-5 of y's norm (rounding noise of a float32 y); subspace iteration needs no more.
+    """
+    yd = y.double()
+    gram = yd.mT @ yd
+    n, p = y.shape[-2:]
+    eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
+    shift = (11 * (n * p + p * (p + 1)) * torch.finfo(torch.float64).eps) * gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    shift = shift.clamp_min(torch.finfo(y.dtype).tiny)  # a zero y stays zero (and R^-1 finite in y's dtype)
+    r, _ = torch.linalg.cholesky_ex(gram + shift[:, None, None] * eye, upper=True)  # PD by the shift: no check, no sync
+    return torch.bmm(y, torch.linalg.solve_triangular(r, eye, upper=True).to(y.dtype))  # y R^-1
+
+
+def _nystrom(q: Tensor, y: Tensor, k: int, rel: float) -> tuple[Tensor, Tensor]:
+    """Top-k eigenpairs of the Nystrom approximation Y (Q^T Y)^+ Y^T of m, from Y = m Q (Tropp et al. 2017, alg. 3).
+
+    More accurate than Rayleigh-Ritz on the same product and below m in the PSD order (so
+    the remainder's diagonal stays non-negative). A shift nu = ``rel`` |Y| makes Q^T Y
+    positive definite; eigenvalues under it are rounding noise and come out 0. A zero m
+    (Cholesky fails) gives a zero factor.
+    """
+    qd, yd = q.double(), y.double()
+    nu = rel * torch.linalg.matrix_norm(yd)[:, None, None]
+    yd = yd + nu * qd  # (m + nu I) Q
+    c = qd.mT @ yd
+    r, info = torch.linalg.cholesky_ex(0.5 * (c + c.mT), upper=True)
+    ok = (info == 0)[:, None, None]
+    eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+    r_inv = torch.linalg.solve_triangular(torch.where(ok, r, eye), eye, upper=True)
+    s2, z = torch.linalg.eigh(r_inv.mT @ (yd.mT @ yd) @ r_inv)  # F^T F for (m + nu I)_nys = F F^T, F = Y R^-1
+    s2, z = s2[..., -k:].flip(-1), z[..., -k:].flip(-1)
+    keep = (s2 > nu[..., 0]) & ok[..., 0]
+    u = yd @ (r_inv @ (z * torch.where(keep, s2, 1.0).rsqrt().where(keep, 0.0)[..., None, :]))  # F z / |F z|
+    return u, (s2 - nu[..., 0]).where(keep, 0.0)
 
 
 def add(factors: Sequence[Factor], weights: Sequence[float], k: int) -> Factor:

@@ -19,13 +19,14 @@ shrunk to fit (``project_psd``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from lalora.factors import Factor, nearest_kronecker, top_pair_weights
+from lalora.kron_psd import project_psd, project_psd_many
 from lalora.precision import Precision, Prior, register_precision
 
 _SEP = "|"
@@ -289,48 +290,4 @@ def _nearest_kronecker_rect(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     return ((alpha @ s).reshape(terms[0][0].shape).to(dtype), (beta @ g).reshape(terms[0][1].shape).to(dtype))
 
 
-def _inv_sqrt(f: Factor, damping: float) -> Tensor:
-    dense = f.to_dense().double()
-    e, v = torch.linalg.eigh(dense + damping * torch.eye(f.n, dtype=torch.float64, device=dense.device))
-    return (v * e.clamp_min(damping).rsqrt()) @ v.T
-
-
-def _norm_ratio(left: Factor, cross: Tensor, right: Factor, damping: float) -> float:
-    """|| L^-1/2 C R^-1/2 ||_2 for the damped factors, C (n_left, n_right).
-
-    Only the smaller side is made dense (it is r x r); the other is applied through its
-    inverse (Woodbury for a compressed factor), so no d x d matrix is formed.
-    """
-    c = cross.double()
-    if right.n <= left.n:
-        m = c.T @ left.inverse_apply(c, damping)  # C^T L^-1 C  (n_right, n_right)
-        w = _inv_sqrt(right, damping)
-    else:
-        m = c @ right.inverse_apply(c.T, damping)  # C R^-1 C^T  (n_left, n_left)
-        w = _inv_sqrt(left, damping)
-    return float(torch.linalg.eigvalsh(w @ m @ w).max().clamp_min(0).sqrt())
-
-
-def project_psd(a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float = 1e-6, margin: float = 1e-3) -> CrossTerm:
-    """The cross block shrunk, if needed, so that [[S_A (x) G_A, C], [C^T, S_B (x) G_B]] is PSD.
-
-    For PD diagonal blocks P, Q the joint matrix is PSD iff ||P^-1/2 C Q^-1/2|| <= 1; for
-    Kronecker blocks that norm is the product rho_S * rho_G of the factor-wise norms. The
-    factors are damped by ``rel_damping`` times their mean diagonal (a conservative bound:
-    damping only enlarges P and Q), and C is scaled by (1 - margin) / (rho_S rho_G) when the
-    product exceeds 1 - margin.
-    """
-    def damp(f: Factor) -> float:
-        return max(float(f.diag().double().mean()) * rel_damping, 1e-30)
-
-    if not bool(cross.s.any()) or not bool(cross.g.any()):
-        return cross
-    rho_s = _norm_ratio(a.s, cross.s, b.s, max(damp(a.s), damp(b.s)))
-    rho_g = _norm_ratio(a.g, cross.g, b.g, max(damp(a.g), damp(b.g)))
-    rho = rho_s * rho_g
-    if rho <= 1 - margin:
-        return cross
-    return replace(cross, g=cross.g * ((1 - margin) / rho))
-
-
-__all__ = ["CrossTerm", "KronPrecision", "KronTerm", "KronTriPrecision", "module_of", "project_psd"]
+__all__ = ["CrossTerm", "KronPrecision", "KronTerm", "KronTriPrecision", "module_of", "project_psd", "project_psd_many"]

@@ -97,8 +97,10 @@ def per_sequence_output_grads(
     ``empirical`` yields once with the observed labels; ``mc`` yields ``mc_samples`` times,
     each with labels sampled from the model, reusing one forward pass.
     """
-    labels = batch["labels"]
-    mask = influencing_tokens(labels, batch.get("attention_mask"))
+    labels, attention_mask = batch["labels"], batch.get("attention_mask")
+    mask = influencing_tokens(labels, attention_mask)
+    if attention_mask is not None and bool(attention_mask.all()):  # this is a CPU-GPU sync point, once a batch
+        attention_mask = None  # nothing masked: the plain causal path, a few % faster than an explicit all-ones mask
     records: dict[int, ModuleGrads] = {id(p.module): ModuleGrads(p, [], [], mask) for p in params}
     outputs: list[tuple[int, Tensor]] = []
 
@@ -109,7 +111,7 @@ def per_sequence_output_grads(
     handles = [p.module.register_forward_hook(hook) for p in params]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask).logits
     finally:
         for h in handles:
             h.remove()

@@ -10,11 +10,16 @@ from torch import Tensor
 
 from lalora.curvature.base import CurvatureEstimator, FisherSettings, FisherType, MemoryEstimate, register_curvature
 from lalora.curvature.hooks import ModuleGrads
-from lalora.factors import DenseFactor, Factor, compress
-from lalora.kron import KronPrecision, KronTerm
+from lalora.curvature.kron_stats import TokenRows, gram_, identical_runs, mirror_, shared_inputs
+from lalora.factors import DenseFactor, compress_many
+from lalora.kron import CrossTerm, KronPrecision, KronTerm, module_of
 from lalora.lora import LoraParam
 
 _TOKENS = "__tokens__"
+
+
+def _symmetric(m: Tensor) -> Tensor:
+    return 0.5 * (m + m.T)
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,10 @@ class KronCurvatureBase(CurvatureEstimator):
     tokens that can influence a loss, output gradients are summed over tokens and averaged
     over sequences, so S (x) G equals the per-sequence Fisher exactly when a sequence has a
     single such token. The large factor of each matrix (the d_in side of A, the d_out side
-    of B) is accumulated dense during the pass (see ``memory``) and stored as its top-k
-    eigenpairs plus a diagonal; the r x r side stays dense.
+    of B) is accumulated dense during the pass (see ``memory``; only the blocks on and above
+    the diagonal are summed, ``kron_stats``) and stored as its top-k eigenpairs plus a
+    diagonal, all factors of one size compressed together; the r x r side, derived from those
+    sums and the LoRA weights (``_terms``), stays dense.
     """
 
     precision_cls: ClassVar[type[KronPrecision]] = KronPrecision
@@ -50,48 +57,51 @@ class KronCurvatureBase(CurvatureEstimator):
 
     def _init_state(self, params: list[LoraParam]) -> dict[str, Tensor]:
         state = {_TOKENS: torch.zeros((), dtype=torch.float64, device=params[0].param.device)}
-        for p in params:
+        for p in params:  # only the large sides are summed: A's inputs, B's output gradients (see _terms)
             d_out, d_in = p.param.shape
-            state[f"S:{p.name}"] = p.param.new_zeros((d_in, d_in), dtype=torch.float32)
-            state[f"G:{p.name}"] = p.param.new_zeros((d_out, d_out), dtype=torch.float32)
+            key, n = (f"S:{p.name}", d_in) if p.kind == "A" else (f"G:{p.name}", d_out)
+            state[key] = p.param.new_zeros((n, n), dtype=torch.float32)
         return state
 
-    @staticmethod
-    def _tokens(rec: ModuleGrads) -> tuple[Tensor, Tensor]:
-        """(M, d_in) inputs and (M, d_out) output gradients of the influencing tokens."""
-        xs, gs = [], []
-        for x, g in zip(rec.inputs, rec.out_grads):
-            if rec.token_mask is not None:
-                x, g = x[rec.token_mask], g[rec.token_mask]
-            xs.append(x.reshape(-1, x.shape[-1]).float())
-            gs.append(g.reshape(-1, g.shape[-1]).float())
-        return torch.cat(xs), torch.cat(gs)
-
     def _update(self, state: dict[str, Tensor], grads: list[ModuleGrads]) -> None:
+        rows = TokenRows.of(grads)
+        for group in shared_inputs([rec for rec in grads if rec.param.kind == "A"]):
+            gram_([state[f"S:{a.param.name}"] for a in group], rows(group[0].inputs))  # once per input read
         for rec in grads:
-            x, g = self._tokens(rec)
-            state[f"S:{rec.param.name}"].addmm_(x.T, x)
-            state[f"G:{rec.param.name}"].addmm_(g.T, g)
-        first = grads[0]
-        count = first.token_mask.sum() if first.token_mask is not None else first.inputs[0].shape[0] * first.inputs[0].shape[1]
-        state[_TOKENS] += float(count) * len(first.inputs)
+            if rec.param.kind == "B":
+                gram_([state[f"G:{rec.param.name}"]], rows(rec.out_grads))
+        state[_TOKENS] += rows.count * len(grads[0].inputs)
 
-    def _factor(self, m: Tensor, small: bool) -> Factor:
-        return DenseFactor(m) if small else compress(m, self.top_k)
+    def _terms(self, state: dict[str, Tensor], n_samples: int,
+               params: list[LoraParam]) -> tuple[dict[str, KronTerm], dict[str, CrossTerm]]:
+        """Every matrix's term, and each module's cross block C_S (d_in, r), C_G (r, d_out) before any projection.
 
-    def _terms(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> dict[str, KronTerm]:
-        tokens = max(float(state[_TOKENS]), 1.0)
-        terms = {}
-        for p in params:
-            s, g = state[f"S:{p.name}"] / tokens, state[f"G:{p.name}"] / n_samples
-            if p.kind == "A":  # A (r, d_in): S is d_in x d_in, G is r x r
-                terms[p.name] = KronTerm(self._factor(s, small=False), self._factor(g, small=True))
-            else:  # B (d_out, r): S is r x r, G is d_out x d_out
-                terms[p.name] = KronTerm(self._factor(s, small=True), self._factor(g, small=False))
-        return terms
+        S_A = sum / tokens and G_B = sum / N, the large sides, compressed together
+        (``compress_many``); A matrices reading one input (sums equal bit for bit) share one
+        factor. The rest follows exactly from the LoRA weights, as B reads a = A x and passes
+        g_A = g_B B back: C_S = S_A A^T, C_G = B^T G_B, S_B = A C_S, G_A = C_G B. Reads the
+        summed state once: its accumulators are made symmetric in place.
+        """
+        per = {"S": 1.0 / max(float(state[_TOKENS]), 1.0), "G": 1.0 / n_samples}
+        a_params = [p for p in params if p.kind == "A"]
+        b_of = {module_of(p.name): p for p in params if p.kind == "B"}
+        owner = {p.name: a_params[i].name for p, i in zip(a_params, identical_runs([state[f"S:{p.name}"] for p in a_params]))}
+        keys = list(dict.fromkeys([f"S:{owner[p.name]}" for p in a_params] + [f"G:{p.name}" for p in b_of.values()]))
+        sums = {key: mirror_(state[key]) for key in keys}
+        packed = {key: f.scale(per[key[0]]) for key, f in zip(keys, compress_many(list(sums.values()), self.top_k))}
+        terms, cross = {}, {}
+        for a in a_params:
+            m, b = module_of(a.name), b_of[module_of(a.name)]
+            wa, wb = a.param.detach().float(), b.param.detach().float()
+            c_s = sums[f"S:{owner[a.name]}"] @ wa.T * per["S"]
+            c_g = wb.T @ sums[f"G:{b.name}"] * per["G"]
+            terms[a.name] = KronTerm(packed[f"S:{owner[a.name]}"], DenseFactor(_symmetric(c_g @ wb)))
+            terms[b.name] = KronTerm(DenseFactor(_symmetric(wa @ c_s)), packed[f"G:{b.name}"])
+            cross[m] = CrossTerm(c_s, c_g)
+        return terms, cross
 
     def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> KronPrecision:
-        terms = self._terms(state, n_samples, params)
+        terms, _ = self._terms(state, n_samples, params)
         return KronPrecision({n: [t] for n, t in terms.items()}, top_k=self.top_k, max_terms=self.max_terms)
 
     def memory(self, shapes: dict[str, tuple[int, ...]]) -> MemoryEstimate:

@@ -7,11 +7,13 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from lalora import LaplacePenalty, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature.hooks import influencing_tokens, sequence_nll
-from lalora.factors import DenseFactor, add, compress, frobenius_inner, nearest_kronecker
-from lalora.kron import CrossTerm, KronTerm, KronTriPrecision, project_psd
+from lalora.curvature.kron_stats import blocks, gram_, identical_runs, mirror_
+from lalora.factors import DenseFactor, add, compress, compress_many, frobenius_inner, nearest_kronecker
+from lalora.kron import CrossTerm, KronTerm, KronTriPrecision, project_psd, project_psd_many
 from tests.conftest import padded_batch, tiny_lora_model
 
 
@@ -98,6 +100,115 @@ def test_factors_equal_a_per_sequence_loop_with_padding(kind):
         assert_close(terms[0].g.to_dense().double(), g_ref[name], rtol=1e-4, atol=1e-7)
 
 
+def test_kfac_tri_cross_blocks_equal_a_per_sequence_loop():
+    """C_S = E[x a_B^T], C_G = (1/N) sum g_A g_B^T, taken from the K-FAC sums and the LoRA weights, equal the
+    cross-covariances of the recorded inputs and output gradients."""
+    model, batch = tiny_lora_model(), padded_batch()
+    prec = build_estimator("kfac-tri", top_k=64).estimate(model, [batch]).precision
+    _, _, xs, tokens, n = loop_factors(model, batch)
+    for m, (c,) in prec.cross.items():
+        a, b = f"{m}.lora_A", f"{m}.lora_B"
+        c_s = sum(xs[(a, i)][0].T @ xs[(b, i)][0] for i in range(n)) / tokens
+        c_g = sum(xs[(a, i)][1].T @ xs[(b, i)][1] for i in range(n)) / n
+        assert_close(c.s.double(), c_s, rtol=1e-4, atol=1e-7)
+        # a_B = A x makes the joint block singular (rho = 1): project_psd keeps it 0.999 inside the bound
+        scale = float((c.g.double() * c_g).sum() / c_g.square().sum())
+        assert 0.998 < scale <= 1.0
+        assert_close(c.g.double(), scale * c_g, rtol=1e-4, atol=1e-7)
+
+
+def test_factors_equal_the_loop_when_the_accumulators_are_summed_in_blocks():
+    """d_in = 128 and d_out = 160: the Gram sums take the half-work block path (``gram_``), mirrored when read."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=11, hidden_size=128, intermediate_size=160, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    for p in lora_parameters(model):
+        nn.init.normal_(p.param, std=0.3)
+    model.eval()
+    batch = padded_batch()
+    assert len(blocks(128)) > 1 and len(blocks(160)) > 1
+    prec = build_estimator("kfac-tri", top_k=160).estimate(model, [batch]).precision  # 4k >= n: compression is exact
+    s_ref, g_ref, *_ = loop_factors(model, batch)
+    for name, (t,) in prec.blocks.items():
+        assert_close(t.s.to_dense().double(), s_ref[name], rtol=1e-4, atol=1e-7)
+        assert_close(t.g.to_dense().double(), g_ref[name], rtol=1e-4, atol=1e-7)
+
+
+def test_an_all_ones_attention_mask_is_left_out_of_the_forward_and_changes_nothing():
+    """Nothing masked: the model runs its plain causal path (faster than an explicit mask), same factors."""
+    model = tiny_lora_model()
+    ids = torch.randint(3, 11, (3, 6), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :2] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                              with_kwargs=True)
+    try:
+        prec = build_estimator("kfac", top_k=64).estimate(model, [batch]).precision
+    finally:
+        handle.remove()
+    assert seen == [None]
+    s_ref, g_ref, *_ = loop_factors(model, batch)  # the loop passes the mask
+    for name, (t,) in prec.blocks.items():
+        assert_close(t.s.to_dense().double(), s_ref[name], rtol=1e-4, atol=1e-7)
+        assert_close(t.g.to_dense().double(), g_ref[name], rtol=1e-4, atol=1e-7)
+
+
+def test_a_matrices_reading_one_input_share_one_gram_and_one_compressed_factor(monkeypatch):
+    """q_proj and v_proj read the same hidden states: their input factor is multiplied out and compressed once."""
+    import lalora.curvature.kfac as kfac_module
+
+    sizes = []
+
+    def counting_gram(accs, x):
+        sizes.append(len(accs))
+        gram_(accs, x)
+
+    monkeypatch.setattr(kfac_module, "gram_", counting_gram)
+    model, batch = tiny_lora_model(), padded_batch()
+    prec = build_estimator("kfac", top_k=64).estimate(model, [batch, padded_batch(seed=2)]).precision
+    q, v, up = (f"model.layers.0.{m}.lora_A" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"))
+    assert prec.blocks[q][0].s is prec.blocks[v][0].s  # one compressed factor
+    assert prec.blocks[up][0].s is not prec.blocks[q][0].s
+    assert sorted(sizes) == [1] * 2 * (1 + 3) + [2] * 2  # per batch: S of q+v once, up's S, G of the 3 B matrices
+    s_ref, *_ = loop_factors(model, {k: torch.cat([batch[k], padded_batch(seed=2)[k]]) for k in batch})
+    assert_close(prec.blocks[v][0].s.to_dense().double(), s_ref[v], rtol=1e-4, atol=1e-7)
+
+
+def test_gram_accumulation_in_blocks_equals_the_full_product_and_shared_sums_stay_identical():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(50, 300, generator=g), torch.randn(70, 300, generator=g)]
+    one, a, b, other = (torch.zeros(300, 300) for _ in range(4))
+    for x in xs:
+        gram_([one], x)
+        gram_([a, b], x)  # one product, added to both
+        gram_([other], 2 * x)
+    assert len(blocks(300)) == 4
+    full = sum(x.T @ x for x in xs)
+    for m in (one, a):
+        assert_close(mirror_(m), full, rtol=1e-5, atol=1e-4)
+    assert torch.equal(mirror_(b), a)
+    assert identical_runs([a, b, mirror_(other)]) == [0, 0, 2]
+
+
+def test_compress_many_equals_compress_and_handles_low_rank_and_zero_float32_factors():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 300, generator=g)  # rank 10, below the sketch's 8 + 16 columns
+    low, full = x.T @ x, random_psd(300, seed=3).float()
+    got = compress_many([low, torch.zeros(300, 300), full], 8)
+    for m, f in zip((low, full), (got[0], got[2])):
+        one = compress(m, 8)
+        assert_close(f.lam, one.lam)
+        assert_close(f.d, one.d)
+        assert_close(f.diag(), m.diagonal(), rtol=1e-5, atol=1e-4)
+        assert torch.isfinite(f.u).all() and float(f.d.min()) >= 0
+    top = torch.linalg.eigvalsh(low.double()).flip(0)[:8].float()
+    assert_close(got[0].lam, top, rtol=1e-4, atol=1e-3)  # rank <= sketch width: the top eigenpairs are found
+    assert not got[1].to_dense().any()  # a zero factor stays zero (no NaN from the empty sketch)
+
+
 def test_kfac_quadratic_form_equals_the_dense_kronecker_form():
     model = tiny_lora_model()
     prec = build_estimator("kfac", top_k=4).estimate(model, [padded_batch()]).precision.with_prior(Prior(0.1, 0.2))
@@ -174,6 +285,26 @@ def test_project_psd_shrinks_an_oversized_cross_block_to_a_psd_joint_matrix():
     assert_close(fixed.s, big.s)  # only a scale changes
     small = CrossTerm(big.s * 1e-4, big.g * 1e-4)
     assert project_psd(a, b, small) is small
+
+
+def test_project_psd_many_batches_modules_of_one_shape_and_matches_one_by_one():
+    def item(seed, d_in, scale):
+        g = torch.Generator().manual_seed(seed)
+        a = KronTerm(compress(random_psd(d_in, seed=seed), 3), DenseFactor(random_psd(2, seed=seed + 1)))
+        b = KronTerm(DenseFactor(random_psd(2, seed=seed + 2)), compress(random_psd(5, seed=seed + 3), 3))
+        return a, b, CrossTerm(torch.randn(d_in, 2, generator=g, dtype=torch.float64) * scale,
+                               torch.randn(2, 5, generator=g, dtype=torch.float64) * scale)
+
+    items = [item(1, 6, 10.0), item(5, 6, 1e-4), item(9, 6, 3.0), item(13, 7, 10.0)]  # three share a shape
+    many = project_psd_many(items)
+    for (a, b, raw), got in zip(items, many):
+        one = project_psd(a, b, raw)
+        assert_close(got.g, one.g)
+        assert_close(got.s, raw.s)
+        joint = KronTriPrecision({"m.lora_A": [a], "m.lora_B": [b]}, top_k=3, max_terms=1, cross={"m": [got]}).to_dense()
+        assert float(torch.linalg.eigvalsh(joint).min()) >= -1e-10
+    assert project_psd(*items[1]) is items[1][2]  # a block that fits is left alone
+    assert not torch.equal(many[0].g, items[0][2].g)  # an oversized one is shrunk
 
 
 # --- penalty ------------------------------------------------------------------------------
