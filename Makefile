@@ -19,7 +19,7 @@ dirs:
 
 # Exactly the tested set: every package but torch from constraints.txt (the lock; make lock refreshes it)
 LOCK := constraints.txt
-EXTRAS := dev,lm-eval,server
+EXTRAS := dev,docs,lm-eval,server
 $(BIN)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
