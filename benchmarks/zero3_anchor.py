@@ -112,6 +112,21 @@ def _throughput(times: list[float], start: float, warmup: int, tokens_per_step: 
             "step_ms_median": sorted((b - a) * 1e3 for a, b in zip([start, *times[:-1]], times))[len(times) // 2]}
 
 
+def gpu_reset() -> None:
+    """Start the device's peak memory again (CUDA only)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak() -> float | None:
+    """The device's peak allocated memory since ``gpu_reset``, MiB (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / MIB if torch.cuda.is_available() else None
+
+
 def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     """DeepSpeed's plain ZeRO-3 on the PEFT model, as a user writes it."""
     import deepspeed
@@ -121,21 +136,24 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
 
     from pipelines.runtime.engine import parameter_bytes
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     rank, size = torch.distributed.get_rank(), torch.distributed.get_world_size()
     rss0 = rss_kib("VmRSS")
     reset_peak()
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(args.base, dtype=torch.float32), args.anchor,
+    gpu_reset()
+    dtype = getattr(torch, args.dtype)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(args.base, dtype=dtype), args.anchor,
                                       is_trainable=True)
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     config = {"train_micro_batch_size_per_gpu": args.batch // size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0, "steps_per_print": 10**9}
+              "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0, "steps_per_print": 10**9,
+              **({"bf16": {"enabled": True}} if dtype == torch.bfloat16 else {})}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
                                       optimizer=torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0), config=config)
     ids = torch.randint(5, 100, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     n = args.batch // size
-    ids = ids[rank * n:(rank + 1) * n]
+    ids = ids[rank * n:(rank + 1) * n].to(engine.device)
     engine.train()
     times, start = [], time.perf_counter()
     for _ in range(args.warmup + args.steps):
@@ -145,6 +163,7 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter())
     held, models = parameter_bytes(engine.module), live_models()
     out = {"rank": rank, "side": "plain", "rss_start": rss0 / 1024, "peak_rss": rss_kib("VmHWM") / 1024,
+           "peak_gpu": gpu_peak(),
            "live_tensor_after_last_step": live_tensor_bytes() / MIB, "base_bytes_per_rank": held.base_per_rank,
            "trainable_bytes": held.trainable, "final_loss": float(loss), "live_models_training": models,
            "persistence_threshold": engine._config.zero_config.param_persistence_threshold,
@@ -193,29 +212,34 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + args.steps
     training = TrainingConfig(steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1,
                               checkpoint_every=0)
-    ds = DeepSpeedConfig(zero_stage=3, world_size=args.world_size, precision="fp32", gradient_clipping=1.0)
+    ds = DeepSpeedConfig(zero_stage=3, world_size=args.world_size, precision="bf16" if args.dtype == "bfloat16" else "fp32",
+                         gradient_clipping=1.0)
     rss0 = rss_kib("VmRSS")
     reset_peak()
+    gpu_reset()
     t0 = time.perf_counter()
     clock = _Clock(total)
-    prec = compute_precision(args.base, args.anchor, lalora, domain, previous=None, stage=1, dtype="float32",
+    prec = compute_precision(args.base, args.anchor, lalora, domain, previous=None, stage=1, dtype=args.dtype,
                              max_length=args.seq, seed=0, data_dir=str(work / "data"), out_dir=str(work / "ours"),
                              tracker=clock, ds=ds)
     curvature_s = time.perf_counter() - t0
-    precision_peak = rss_kib("VmHWM")
+    precision_peak, precision_gpu = rss_kib("VmHWM"), gpu_peak()
     between, models_between = live_tensor_bytes(), live_models()
     rss1 = rss_kib("VmRSS")
     reset_peak()
+    gpu_reset()
     start = time.perf_counter()
-    result = finetune(args.base, args.anchor, prec.path, lalora, domain, training, ds, dtype="float32", stage=1,
+    result = finetune(args.base, args.anchor, prec.path, lalora, domain, training, ds, dtype=args.dtype, stage=1,
                       data_dir=str(work / "data"), out_dir=str(work / "ours"), tracker=clock)
-    finetune_peak = rss_kib("VmHWM")
+    finetune_peak, finetune_gpu = rss_kib("VmHWM"), gpu_peak()
     after, models_after = live_tensor_bytes(), live_models()
     state = load_precision(prec.path)[0].to_state_dict()
     size = world()[1]  # the loop counts this rank's tokens; every rank takes an equal share of the global batch
     per_step = result.tokens_per_second * result.seconds / result.steps * size
     return {"rank": world()[0], "side": "ours", "rss_start": rss0 / 1024,
             "peak_rss": max(precision_peak, finetune_peak) / 1024, "precision_step_peak_rss": precision_peak / 1024,
+            "peak_gpu": max(precision_gpu, finetune_gpu) if finetune_gpu is not None else None,
+            "finetune_peak_gpu": finetune_gpu,
             "rss_between_steps": rss1 / 1024, "finetune_peak_rss": finetune_peak / 1024,
             "live_tensor_between_steps": between / MIB, "live_tensor_after_last_step": clock.live / MIB,
             "live_models_training": clock.models, "tokens_per_step": per_step,
@@ -250,7 +274,7 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
     port = free_port()
     script = [str(Path(__file__).resolve()), "--child", side, "--work", str(work), "--base", str(work / "base"),
               "--anchor", anchor, *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                    if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size"))]
+                                    if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype"))]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
@@ -270,9 +294,32 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
     if proc.returncode != 0 or len(ranks) != args.world_size:
         raise SystemExit(f"{side} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     out = dict(ranks[0])
-    for key in [k for k in out if "rss" in k or k.startswith("live_tensor")]:
-        out[key] = max(r[key] for r in ranks)
+    for key in [k for k in out if "rss" in k or "gpu" in k or k.startswith("live_tensor")]:
+        out[key] = max(r[key] for r in ranks) if out[key] is not None else None
     return out
+
+
+def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Ratios and targets of the two sides: tokens/s >= plain's; peak memory (RSS, and the GPU's when there is
+    one) <= plain's + the penalty's own tensors (the precision and the anchor copy of the LoRA matrices)."""
+    penalty_mib = (ours["precision_bytes"] + ours["trainable_bytes"]) / MIB
+    budget = plain["peak_rss"] + penalty_mib
+    ratios = {
+        "zero3_tokens_per_s_vs_plain": ours["tokens_per_s"] / plain["tokens_per_s"],
+        "zero3_peak_rss_vs_plain_plus_penalty": ours["peak_rss"] / budget,
+        "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
+        "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"]) / (plain["peak_rss"] - plain["rss_start"]),
+        "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"] /
+        (plain["live_tensor_after_last_step"] + penalty_mib)}
+    targets = {"zero3_tokens_per_s_vs_plain": ratios["zero3_tokens_per_s_vs_plain"] >= 1.0,
+               "zero3_peak_memory_vs_plain_plus_penalty": ours["peak_rss"] <= budget}
+    if plain.get("peak_gpu") is not None and ours.get("peak_gpu") is not None:  # on a GPU the device's memory counts
+        gpu_budget = plain["peak_gpu"] + penalty_mib
+        ratios["zero3_peak_gpu_vs_plain_plus_penalty"] = ours["peak_gpu"] / gpu_budget
+        ratios["zero3_finetune_peak_gpu_vs_plain_plus_penalty"] = ours["finetune_peak_gpu"] / gpu_budget
+        targets["zero3_peak_memory_vs_plain_plus_penalty"] = ours["peak_gpu"] <= gpu_budget
+    return {"penalty_tensors": penalty_mib, "ratios": ratios, "targets": targets,
+            "live_tensor_diff_ours_minus_plain": ours["live_tensor_after_last_step"] - plain["live_tensor_after_last_step"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     ap.add_argument("--curvature", default="diag", help="our curvature kind")
     ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' weights and math")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated; the faster one is reported")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
@@ -316,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        save_base(shape, torch.float32, work / "base")
-        anchor = init_adapter(str(work / "base"), LoraSettings(r=args.rank, alpha=2 * args.rank), dtype="float32",
+        save_base(shape, getattr(torch, args.dtype), work / "base")
+        anchor = init_adapter(str(work / "base"), LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=args.dtype,
                               out_dir=str(work / "init"))
         runs: dict[str, list[dict[str, Any]]] = {"plain": [], "ours": []}
         for _ in range(args.repeats):  # alternated, so that a busy spell of a shared machine hits both sides
@@ -329,23 +377,11 @@ def main(argv: list[str] | None = None) -> int:
             s = summary[side]
             print(f"{side}: {s['tokens_per_s']:,.0f} tok/s, peak RSS {s['peak_rss']:.0f} MiB (from {s['rss_start']:.0f}"
                   f" after imports), live tensors {s['live_tensor_after_last_step']:.1f} MiB", flush=True)
-    plain, ours = summary["plain"], summary["ours"]
-    penalty_mib = (ours["precision_bytes"] + ours["trainable_bytes"]) / MIB  # the precision and the anchor copy
-    budget = plain["peak_rss"] + penalty_mib
-    summary["penalty_tensors"] = penalty_mib
-    summary["ratios"] = {
-        "zero3_tokens_per_s_vs_plain": ours["tokens_per_s"] / plain["tokens_per_s"],
-        "zero3_peak_rss_vs_plain_plus_penalty": ours["peak_rss"] / budget,
-        "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
-        "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"]) / (plain["peak_rss"] - plain["rss_start"]),
-        "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"] /
-        (plain["live_tensor_after_last_step"] + penalty_mib)}
-    summary["live_tensor_diff_ours_minus_plain"] = ours["live_tensor_after_last_step"] - plain["live_tensor_after_last_step"]
-    summary["targets"] = {"zero3_tokens_per_s_vs_plain": summary["ratios"]["zero3_tokens_per_s_vs_plain"] >= 1.0,
-                          "zero3_peak_memory_vs_plain_plus_penalty": ours["peak_rss"] <= budget}
+    summary.update(compare(summary["plain"], summary["ours"]))
     summary["seconds"] = time.perf_counter() - t_all
+    plain, ours = summary["plain"], summary["ours"]
     print(f"ours / plain tokens/s {summary['ratios']['zero3_tokens_per_s_vs_plain']:.3f}; peak RSS {ours['peak_rss']:.0f}"
-          f" MiB vs plain {plain['peak_rss']:.0f} + penalty {penalty_mib:.2f} MiB")
+          f" MiB vs plain {plain['peak_rss']:.0f} + penalty {summary['penalty_tensors']:.2f} MiB")
     print(json.dumps(summary))
     return 0
 

@@ -35,6 +35,16 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
     assert 0 < generation["new_tokens"] <= 8 * 4 and generation["completions_equal_hf_merged"]
     assert generation["vs_hf_merged"] > 0 and generation["vs_hf_peft"] > 0
     assert not generation["deepspeed_linear_replaced"]  # the ZeRO-3 series before it put torch's linear back
+    loglik = summary["loglik"]
+    assert loglik["pairs"] == 8 * 4 * 4 and loglik["vs_plain_forward"] > 0
+    assert loglik["max_abs_diff_vs_plain_forward"] < 1e-3  # the same log-likelihoods, merged either way (fp32)
+    z3 = summary["zero3_vs_plain"]  # DeepSpeed's plain ZeRO-3 beside ours, each its own process
+    assert z3["plain"]["side"] == "plain" and z3["ours"]["side"] == "ours" and z3["penalty_tensors"] > 0
+    assert z3["plain"]["peak_gpu"] is None and z3["ours"]["final_penalty"] > 0  # no GPU here: RSS is the memory
+    assert summary["ratios"]["zero3_tokens_per_s_vs_plain"] > 0
     assert set(summary["targets"]) == {"finetune_zero2_vs_anchor_zero2 >= 1.00", "diag_curvature_vs_backward <= 1.3",
-                                       "generation_vs_hf_merged >= 1.00"}
+                                       "kfac_curvature_vs_backward <= 2.0", "generation_vs_hf_merged >= 1.00",
+                                       "loglik_vs_plain_forward >= 1.00", "zero3_tokens_per_s_vs_plain",
+                                       "zero3_peak_memory_vs_plain_plus_penalty"}
+    assert all(isinstance(v, bool) for k, v in summary["targets"].items() if not k.startswith("finetune"))
     assert (tmp_path / "w" / "z3-stage2" / "adapter" / "adapter_model.safetensors").is_file()
