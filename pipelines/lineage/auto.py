@@ -25,6 +25,7 @@ from typing import Any
 
 from lalora import continual_metrics
 from pipelines.config import AutoLambdaConfig
+from pipelines.stages.gate import beyond
 
 
 _STEP = 10.0
@@ -68,7 +69,7 @@ class Trial:
         return max(bounded, key=lambda k: bounded[k]) if bounded else ""
 
     def feasible(self, budget: float) -> bool:
-        return self.max_forgetting <= budget
+        return not beyond(self.max_forgetting, budget)
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)

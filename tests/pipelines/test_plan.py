@@ -149,6 +149,18 @@ def test_gate_refuses_with_every_failed_condition_as_the_reason():
     assert gate(["src", "a", "b"], R, PromotionConfig()).promoted  # no conditions: always promoted
 
 
+def test_a_limit_met_exactly_is_met_despite_floating_point():
+    """Accuracy over 50 rows moves in steps of 0.02, and 0.80 - 0.78 is 0.020000000000000018: that forgetting is
+    within a budget of 0.02 (the gate's and lambda auto's), and a learning of exactly the floor meets it."""
+    R = [[0.80, 0.0], [0.78, 0.3]]
+    assert R[0][0] - R[1][0] > 0.02  # what a plain comparison refused
+    assert gate(["src", "a"], R, PromotionConfig(max_forgetting=0.02, min_learning=0.3)).promoted
+    assert not gate(["src", "a"], R, PromotionConfig(max_forgetting=0.0199)).promoted
+    from pipelines.lineage.auto import Trial
+
+    assert Trial(1, 3.0, 10, 0.3, {"src": R[0][0] - R[1][0]}, 1.0, "/a").feasible(0.02)
+
+
 def test_gate_reads_probe_columns_and_lower_is_better_scores():
     # columns: src (accuracy), a (NLL: lower is better), probe (accuracy)
     R = [[0.9, 3.0, 0.7],
