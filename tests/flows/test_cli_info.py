@@ -71,9 +71,11 @@ def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
     written = d / "lalora.yaml"
     assert f"    lalora validate {written}\n" in out and f"    lalora run {written} --out {d}/runs/demo\n" in out
     text, demo = written.read_text().splitlines(), DEMO.read_text().splitlines()
-    assert text[0] == f"# Run: lalora run {written} --out {d}/runs/demo"
-    assert text[1] == f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 --set lalora.lambda=0"
-    assert text[2:] == demo[2:]  # every other line, comments included, as the demo has it
+    assert text[0] == demo[0] and demo[0].startswith("# yaml-language-server: $schema=")
+    assert text[1] == f"# Run: lalora run {written} --out {d}/runs/demo"
+    assert text[2] == (f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 "
+                       "--set lalora.lambda=0")
+    assert text[3:] == demo[3:]  # every other line, comments included, as the demo has it
     weights = "demo-base/model.safetensors"
     assert (d / weights).read_bytes() == (DEMO.parent / weights).read_bytes()
     mine, demo = load_config(written).model_dump(), load_config(DEMO).model_dump()
@@ -93,7 +95,7 @@ def test_init_refuses_an_existing_config_unless_forced(tmp_path):
     assert written.read_text() == "# mine\n"
     code, out = run_lalora(["init", str(tmp_path / "p"), "--force"], tmp_path)
     assert code == 0, out
-    assert written.read_text().splitlines()[2:] == DEMO.read_text().splitlines()[2:]
+    assert written.read_text().splitlines()[3:] == DEMO.read_text().splitlines()[3:]
 
 
 def test_init_refuses_a_file_as_its_directory(tmp_path):

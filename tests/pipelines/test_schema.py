@@ -24,6 +24,20 @@ def test_lalora_schema_prints_it():
     assert out.returncode == 0 and out.stdout == SHIPPED.read_text(), out.stderr[-2000:]
 
 
+SHIPPED_YAML = sorted(str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", SHIPPED_YAML)
+def test_every_shipped_yaml_opens_with_the_schema_line_of_editors(config):
+    """The YAML language server validates a file as it is typed against the schema its first line names."""
+    path = ROOT / "configs" / config
+    first = path.read_text().splitlines()[0]
+    prefix = "# yaml-language-server: $schema="
+    assert first.startswith(prefix), first
+    assert (path.parent / first.removeprefix(prefix)).resolve() == SHIPPED, first
+    jsonschema.validate(yaml.safe_load(path.read_text()), json.loads(SHIPPED.read_text()))  # a catalogue too
+
+
 @pytest.mark.parametrize("config", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
 def test_every_shipped_config_meets_the_schema_and_a_broken_one_does_not(config):
     schema = json.loads(SHIPPED.read_text())
