@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import typing
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-import pydantic
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from lalora.curvature import CURVATURES
+from lalora.curvature import CURVATURES, FisherType
 from pipelines.config.base import NAME, Lambda, Model
 from pipelines.config.domains import VAL_SIZE, DomainConfig
 
@@ -68,23 +66,57 @@ class LoraSettings(Model):
     init_seed: int = Field(0, description="Seed of the LoRA initialisation (the first stage's anchor).")
 
 
-def _curvature_config(kind: str, settings: type) -> type[Model]:
-    """The config section of curvature ``kind``: ``kind`` and the fields of its estimator's settings (their
-    types, defaults, descriptions and bounds), as the estimator declares them next to itself in lalora.curvature."""
-    hints = typing.get_type_hints(settings)
-    fields = {f.name: (hints[f.name], Field(f.default, description=f.metadata.get("doc", ""),
-                                            **{k: f.metadata[k] for k in ("ge", "gt", "le") if k in f.metadata}))
-              for f in dataclasses.fields(settings)}
-    name = "".join(part.title() for part in kind.split("-")) + "CurvatureConfig"
-    return pydantic.create_model(name, __base__=Model, __doc__=f"lalora.curvature with kind {kind!r}.",
-                                 kind=(Literal[kind], kind), **fields)  # type: ignore[call-overload]
+def _setting(kind: str, name: str) -> Any:
+    """The field ``name`` of curvature ``kind``'s section: its default, description and bounds as the estimator
+    declares them next to itself (the settings dataclass in lalora.curvature)."""
+    f = next(f for f in dataclasses.fields(CURVATURES[kind].settings) if f.name == name)
+    bounds = {k: f.metadata[k] for k in ("ge", "gt", "le") if k in f.metadata}
+    return Field(f.default, description=f.metadata.get("doc", ""), **bounds)
 
 
-CURVATURE_CONFIGS: dict[str, type[Model]] = {kind: _curvature_config(kind, cls.settings)
-                                              for kind, cls in CURVATURES.items()}
-"""One config model per registered curvature kind (lalora.curvature.CURVATURES), built from its settings."""
-CurvatureConfig = Annotated[Union[tuple(CURVATURE_CONFIGS.values())],  # noqa: UP007  (a runtime tuple of models)
-                            Field(discriminator="kind")]
+# One section per registered curvature kind, its fields those of the estimator's settings (names and types here,
+# checked against the settings by tests/pipelines/test_config.py; defaults, descriptions and bounds read from them).
+class DiagCurvatureConfig(Model):
+    """lalora.curvature with kind 'diag'."""
+
+    kind: Literal["diag"] = "diag"
+    fisher_type: FisherType = _setting("diag", "fisher_type")
+    mc_samples: int = _setting("diag", "mc_samples")
+
+
+class KfacCurvatureConfig(Model):
+    """lalora.curvature with kind 'kfac'."""
+
+    kind: Literal["kfac"] = "kfac"
+    fisher_type: FisherType = _setting("kfac", "fisher_type")
+    mc_samples: int = _setting("kfac", "mc_samples")
+    top_k: int = _setting("kfac", "top_k")
+    max_terms: int = _setting("kfac", "max_terms")
+
+
+class KfacTriCurvatureConfig(Model):
+    """lalora.curvature with kind 'kfac-tri'."""
+
+    kind: Literal["kfac-tri"] = "kfac-tri"
+    fisher_type: FisherType = _setting("kfac-tri", "fisher_type")
+    mc_samples: int = _setting("kfac-tri", "mc_samples")
+    top_k: int = _setting("kfac-tri", "top_k")
+    max_terms: int = _setting("kfac-tri", "max_terms")
+
+
+class IdentityCurvatureConfig(Model):
+    """lalora.curvature with kind 'identity'."""
+
+    kind: Literal["identity"] = "identity"
+
+
+CurvatureConfig = Annotated[DiagCurvatureConfig | KfacCurvatureConfig | KfacTriCurvatureConfig
+                            | IdentityCurvatureConfig, Field(discriminator="kind")]
+"""The ``lalora.curvature`` section: one of the sections above, chosen by ``kind``."""
+CURVATURE_CONFIGS: dict[str, type[Model]] = {
+    "diag": DiagCurvatureConfig, "kfac": KfacCurvatureConfig, "kfac-tri": KfacTriCurvatureConfig,
+    "identity": IdentityCurvatureConfig}
+"""The section of each registered curvature kind (lalora.curvature.CURVATURES), in the registry's order."""
 
 
 class PriorConfig(Model):
@@ -130,7 +162,7 @@ class LaLoRAConfig(Model):
                         "stage searches for it within a forgetting budget (lalora.auto).")
     auto: AutoLambdaConfig = Field(default_factory=AutoLambdaConfig, description="The search of lambda: auto "
                                    "(part of a stage's identity only when that stage searches).")
-    curvature: CurvatureConfig = Field(default_factory=CURVATURE_CONFIGS["diag"],  # type: ignore[valid-type]
+    curvature: CurvatureConfig = Field(default_factory=DiagCurvatureConfig,
                                        description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
                                        "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
                                        "identity (plain L2).")

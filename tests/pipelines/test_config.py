@@ -126,17 +126,25 @@ def test_llama_math_config_is_the_paper_lineage_and_validates_offline(capsys):
 
 
 def test_the_curvature_section_is_built_from_the_estimators_registry():
-    """Each kind declares its settings next to its estimator; the config has exactly those kinds and fields."""
+    """Each kind declares its settings next to its estimator; the config has exactly those kinds and fields (in the
+    registry's order, kind first, each with the setting's type, default and description)."""
     import dataclasses
+    import typing
 
     from lalora import CURVATURES, build_estimator
     from pipelines.config import CURVATURE_CONFIGS
 
-    assert set(CURVATURE_CONFIGS) == set(CURVATURES)
+    assert list(CURVATURE_CONFIGS) == list(CURVATURES)
     for kind, cls in CURVATURES.items():
         section = CURVATURE_CONFIGS[kind]()
         settings = {f.name: f.default for f in dataclasses.fields(cls.settings)}
+        assert list(section.model_dump()) == ["kind", *settings]
         assert section.model_dump() == {"kind": kind, **settings}
+        hints = typing.get_type_hints(cls.settings)
+        for f in dataclasses.fields(cls.settings):
+            info = type(section).model_fields[f.name]
+            assert info.annotation == hints[f.name], (kind, f.name)
+            assert info.description == f.metadata.get("doc", ""), (kind, f.name)
         estimator = build_estimator(kind, **section.model_dump(exclude={"kind"}))
         assert type(estimator) is cls
     cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
