@@ -134,9 +134,31 @@ def _destroy(engine: Any) -> None:
     ``torch.nn.functional.linear`` with DeepSpeed's Python autograd function "unless manually reset", which
     would slow every later linear layer in this process (the next step's curvature, scoring, a next engine
     at another stage) by up to 2x. A later ZeRO-3 engine replaces it again while it lives."""
+    modules = {id(m) for m in engine.module.modules()}
     engine.destroy()
     if str(getattr(torch.nn.functional.linear, "__module__", "")).startswith("deepspeed."):
         torch.nn.functional.linear = torch._C._nn.linear
+    _drop_zero3_references(modules)
+
+
+def _drop_zero3_references(modules: set[int]) -> None:
+    """What DeepSpeed 0.19's ZeRO-3 keeps after ``engine.destroy()``, which would keep the engine, its model and
+    its partitions alive for the rest of the process (a curvature step's engine and base beside the fine-tune's):
+    the module-level stack of modules in a forward (``FWD_MODULE_STACK``: a module whose post-forward hook did not
+    run stays on it), and the class-wide ``lru_cache`` of the parameter coordinator's release sets (keyed by the
+    coordinator and the module). Only this engine's modules leave the stack; the cache only memoises."""
+    try:
+        from deepspeed.runtime.zero import parameter_offload
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    except ImportError:
+        return
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if id(m) not in modules]
+    cached = PartitionedParameterCoordinator.__dict__.get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(cached, "__closure__", None) or ():  # instrument_w_nvtx wraps the lru_cache
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
 
 
 @dataclass
