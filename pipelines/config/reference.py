@@ -274,42 +274,24 @@ class _ConfigPage:
 
     def markdown(self) -> str:
         toc = " · ".join(f"[{c.title}](#{c.anchor})" for c in [self.root, *self.root.children])
-        lines = [
-            "# Configuration reference",
-            "",
-            GENERATED.format(source="the models in pipelines/config/"),
-            "",
-            CONFIG_INTRO,
-            toc,
-            "",
-            *self._render(self.root),
-        ]
+        source = GENERATED.format(source="the models in pipelines/config/")
+        lines = ["# Configuration reference", "", source, "", CONFIG_INTRO, toc, "", *self._render(self.root)]
         return "\n".join(lines).rstrip() + "\n"
 
 
-def _number(v: Any) -> str:
-    return json.dumps(v)
+_BOUNDS = {"ge": ">= {}", "gt": "> {}", "le": "<= {}", "lt": "< {}", "multiple_of": "a multiple of {}"}
+_LIMITS = {**_BOUNDS, "min_length": "min length {}", "max_length": "max length {}"}
 
 
 def _limits(meta: Sequence[Any]) -> list[str]:
     """Bounds, lengths and patterns of a field's metadata, as a reader writes them (``>= 0``, ``min length 1``)."""
     out = []
-    for m in meta:
-        for attr, text in (
-            ("ge", ">= {}"),
-            ("gt", "> {}"),
-            ("le", "<= {}"),
-            ("lt", "< {}"),
-            ("multiple_of", "a multiple of {}"),
-            ("min_length", "min length {}"),
-            ("max_length", "max length {}"),
-        ):
-            value = getattr(m, attr, None)
-            if value is not None and not isinstance(m, FieldInfo):
-                out.append(text.format(_number(value)))
-        pattern = getattr(m, "pattern", None)
-        if isinstance(pattern, str) and not isinstance(m, FieldInfo):
-            out.append(f"matches `{pattern}`")
+    for m in (m for m in meta if not isinstance(m, FieldInfo)):  # a FieldInfo's own metadata is spliced in
+        out += [
+            text.format(json.dumps(getattr(m, a))) for a, text in _LIMITS.items() if getattr(m, a, None) is not None
+        ]
+        if isinstance(getattr(m, "pattern", None), str):
+            out.append(f"matches `{m.pattern}`")
     return out
 
 

@@ -5,11 +5,9 @@ import argparse
 import re
 from pathlib import Path
 
-import pytest
 from pydantic import BaseModel, Field
 
 from flows.cli import _parser
-from pipelines.config import LineageConfig
 from pipelines.config.reference import cli_reference, config_paths, config_reference
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -84,8 +82,3 @@ def test_every_command_and_option_is_on_the_cli_page():
         for action in parser._actions:
             for option in action.option_strings:
                 assert option in ("-h", "--help") or f"`{option}" in text, (name, option)
-
-
-@pytest.mark.parametrize("model", [LineageConfig])
-def test_the_generator_reads_only_the_models(model):
-    assert config_reference(model) == config_reference()

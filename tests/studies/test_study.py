@@ -2,7 +2,7 @@
 
 The recorded study (benchmarks/results/cpu-2026-12-01/study.json) holds every part's sweep.json as it was
 written by ``lalora sweep``; these tests rebuild the tables from it and compare them with study.md, which
-README's study section reproduces.
+the docs' study page (docs/results/study.md) reproduces.
 """
 
 import json
@@ -29,14 +29,14 @@ def test_every_part_was_recorded_without_a_failed_lineage(recorded):
         assert all(len(p["R"]) == spec.stages + 1 for p in summary["points"]), part["part"]
 
 
-def test_the_tables_rebuilt_from_the_recorded_sweeps_are_study_md_and_readmes(recorded):
+def test_the_tables_rebuilt_from_the_recorded_sweeps_are_study_md_and_the_docs(recorded):
     parts = recorded["parts"]
     md = (RECORDED / "study.md").read_text()
-    readme = (RECORDED.parents[2] / "README.md").read_text()
+    page = (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
     one, table = study.one_stage_table(study._rows(parts, "one-stage"))
     two, matrices = study.two_stage_tables(parts)
     for text in (one, two, study.samples_table(study._rows(parts, "one-stage"))):
-        assert text in md and text in readme
+        assert text in md and text in page
     methods = [r["method"] for r in table]
     assert methods[0] == "plain LoRA" and "replay 0.25" in methods and "replay 0.25 + diag lambda 10" in methods
     assert not any("N_s" in m for m in methods)  # the curvature-size points have their own table
