@@ -14,10 +14,10 @@ from lalora.curvature import (
     build_estimator,
     register_curvature,
 )
+from lalora.kron import KronPrecision, KronTriPrecision
 from lalora.lora import LoraParam, lora_parameters
 from lalora.metrics import ContinualMetrics, continual_metrics
 from lalora.penalty import LaplacePenalty
-from lalora.kron import KronPrecision, KronTriPrecision
 from lalora.precision import DiagPrecision, Precision, Prior
 
 __all__ = [

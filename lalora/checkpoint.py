@@ -99,7 +99,8 @@ def save_precision(directory: str | os.PathLike[str], precision: Precision, *, f
     # Cloned: structures may share a factor between terms (safetensors refuses shared storage).
     state = {k: v.detach().cpu().contiguous().clone() for k, v in precision.to_state_dict().items()}
     _check_finite(state, f"refusing to save the {precision.structure} precision to {d}")
-    tensors_tmp = _write_tmp(d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
+    tensors_tmp = _write_tmp(d / TENSORS,
+                             lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
     meta = CurvatureMeta(
         structure=precision.structure,
         fisher_type=fisher_type,
@@ -142,7 +143,8 @@ def read_meta(directory: str | os.PathLike[str]) -> CurvatureMeta:
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"curvature metadata {path} is unreadable: {e}") from None
     if meta.format_version != FORMAT_VERSION:
-        raise CheckpointError(f"curvature checkpoint format {meta.format_version} is not supported (expected {FORMAT_VERSION})")
+        raise CheckpointError(f"curvature checkpoint format {meta.format_version} is not supported "
+                              f"(expected {FORMAT_VERSION})")
     if meta.structure not in PRECISIONS:
         raise CheckpointError(f"curvature checkpoint has unknown structure {meta.structure!r}")
     return meta
@@ -185,7 +187,8 @@ def load_precision(directory: str | os.PathLike[str],
         raise CheckpointError(f"curvature checkpoint {d}: tensor names do not match its metadata")
     for name, t in state.items():
         if list(t.shape) != listed[name]:
-            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, metadata says {listed[name]}")
+            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, "
+                                  f"metadata says {listed[name]}")
     try:
         precision = PRECISIONS[meta.structure].from_state_dict(state)
     except (ValueError, KeyError) as e:
@@ -200,7 +203,8 @@ def load_precision(directory: str | os.PathLike[str],
                                   f"e.g. {missing[0]} (was it computed for another adapter or target_modules?)")
         extra = [n for n in matrices if n not in expected_shapes]
         if extra:
-            raise CheckpointError(f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, e.g. {extra[0]}")
+            raise CheckpointError(f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, "
+                                  f"e.g. {extra[0]}")
         for name, shape in expected_shapes.items():
             if tuple(matrices[name]) != tuple(shape):
                 raise CheckpointError(f"curvature checkpoint {d}: shape mismatch for {name}: checkpoint "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -94,7 +95,8 @@ class DenseFactor(Factor):
 
     def inverse_apply(self, x: Tensor, damping: float) -> Tensor:
         eye = torch.eye(self.n, dtype=self.m.dtype, device=self.m.device)
-        return torch.linalg.solve(self.m.double() + damping * eye.double(), x.double()).to(x.dtype)
+        y: Tensor = torch.linalg.solve(self.m.double() + damping * eye.double(), x.double())
+        return y.to(x.dtype)
 
 
 class LowRankFactor(Factor):
@@ -139,7 +141,8 @@ class LowRankFactor(Factor):
         v = dd[:, None] * self.u.double() * self.lam.double().clamp_min(0).sqrt()
         y = dd[:, None] * x.double()
         inner = torch.eye(self.k, dtype=torch.float64, device=x.device) + v.T @ v
-        y = y - v @ torch.linalg.solve(inner, v.T @ y)
+        solved: Tensor = torch.linalg.solve(inner, v.T @ y)
+        y = y - v @ solved
         return (dd[:, None] * y).to(x.dtype)
 
 
@@ -259,13 +262,13 @@ def add(factors: Sequence[Factor], weights: Sequence[float], k: int) -> Factor:
     diagonalised, the top k eigenpairs are kept and the dropped ones' diagonal moves into d.
     """
     if all(isinstance(f, DenseFactor) for f in factors):
-        return DenseFactor(sum(w * f.to_dense() for f, w in zip(factors, weights)))  # type: ignore[return-value]
+        return DenseFactor(cast(Tensor, sum(w * f.to_dense() for f, w in zip(factors, weights, strict=True))))
     if not all(isinstance(f, LowRankFactor) for f in factors):
         raise ValueError("cannot add a dense and a compressed factor")
     lows: list[LowRankFactor] = list(factors)  # type: ignore[arg-type]
     u = torch.cat([f.u.double() for f in lows], 1)
-    lam = torch.cat([f.lam.double() * w for f, w in zip(lows, weights)])
-    d = sum(f.d.double() * w for f, w in zip(lows, weights))
+    lam = torch.cat([f.lam.double() * w for f, w in zip(lows, weights, strict=True)])
+    d = sum(f.d.double() * w for f, w in zip(lows, weights, strict=True))
     q, r = torch.linalg.qr(u)
     evals, evecs = torch.linalg.eigh((r * lam) @ r.T)
     evals = evals.clamp_min(0)
@@ -299,8 +302,8 @@ def top_pair_weights(gs: Tensor, gg: Tensor) -> Tensor:
     Gram matrices gs = [<s_i, s_j>] and gg = [<g_i, g_j>] (K x K): the top eigenvector of gg @ gs,
     through the symmetric form P^T gg P with gs = P P^T. Up to scale and sign."""
     es, vs = torch.linalg.eigh(gs)
-    p = vs * es.clamp_min(0).sqrt()
-    _, w = torch.linalg.eigh(p.T @ gg @ p)
+    p: Tensor = vs * es.clamp_min(0).sqrt()
+    w: Tensor = torch.linalg.eigh(p.T @ gg @ p)[1]
     return p @ w[:, -1]
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -131,7 +131,8 @@ class KronPrecision(Precision):
                 for n, ts in self.blocks.items()}
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> KronPrecision:
-        blocks = {n: [KronTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts] for n, ts in self.blocks.items()}
+        blocks = {n: [KronTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts]
+                  for n, ts in self.blocks.items()}
         return self._new(blocks, self.ridge)
 
     def bind(self, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
@@ -147,7 +148,8 @@ class KronPrecision(Precision):
 
     # --- serialisation -----------------------------------------------------------------
     def to_state_dict(self) -> dict[str, Tensor]:
-        state: dict[str, Tensor] = {"_config.top_k": torch.tensor(self.top_k), "_config.max_terms": torch.tensor(self.max_terms)}
+        state: dict[str, Tensor] = {"_config.top_k": torch.tensor(self.top_k),
+                                    "_config.max_terms": torch.tensor(self.max_terms)}
         for n, terms in self.blocks.items():
             for i, t in enumerate(terms):
                 for side, f in (("S", t.s), ("G", t.g)):
@@ -158,7 +160,8 @@ class KronPrecision(Precision):
         return state
 
     @classmethod
-    def _parse_state(cls, state: Mapping[str, Tensor]) -> tuple[dict[str, list[KronTerm]], dict[str, float], dict[str, int]]:
+    def _parse_state(cls, state: Mapping[str, Tensor]
+                     ) -> tuple[dict[str, list[KronTerm]], dict[str, float], dict[str, int]]:
         config = {k.split(".", 1)[1]: int(v) for k, v in state.items() if k.startswith("_config.")}
         parts: dict[str, dict[int, dict[str, dict[str, Tensor]]]] = {}
         ridge: dict[str, float] = {}
@@ -197,7 +200,8 @@ class KronTriPrecision(KronPrecision):
             if len(terms) != len(self.blocks[f"{m}.lora_A"]) or len(terms) != len(self.blocks[f"{m}.lora_B"]):
                 raise ValueError(f"module {m}: cross terms and K-FAC terms disagree in number")
 
-    def _new(self, blocks: Mapping[str, list[KronTerm]], ridge: Mapping[str, float], **extra: object) -> KronTriPrecision:
+    def _new(self, blocks: Mapping[str, list[KronTerm]], ridge: Mapping[str, float],
+             **extra: object) -> KronTriPrecision:
         cross = self.cross
         if "other" in extra:
             other: KronTriPrecision = extra["other"]  # type: ignore[assignment]
@@ -234,7 +238,8 @@ class KronTriPrecision(KronPrecision):
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> KronTriPrecision:
         base = super().to_device(device, dtype)
-        cross = {m: [CrossTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts] for m, ts in self.cross.items()}
+        cross = {m: [CrossTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts]
+                 for m, ts in self.cross.items()}
         return KronTriPrecision(base.blocks, top_k=self.top_k, max_terms=self.max_terms, ridge=self.ridge, cross=cross)
 
     def to_state_dict(self) -> dict[str, Tensor]:
@@ -254,12 +259,13 @@ class KronTriPrecision(KronPrecision):
             if len(fields) == 3 and fields[1].startswith("x"):
                 raw.setdefault(fields[0], {}).setdefault(int(fields[1][1:]), {})[fields[2]] = v
         cross = {m: [CrossTerm(t[i]["S"], t[i]["G"]) for i in sorted(t)] for m, t in raw.items()}
-        return cls(blocks, top_k=config.get("top_k", 32), max_terms=config.get("max_terms", 4), ridge=ridge, cross=cross)
+        return cls(blocks, top_k=config.get("top_k", 32), max_terms=config.get("max_terms", 4), ridge=ridge,
+                   cross=cross)
 
 def _dense(p: KronPrecision) -> Tensor:
     names = p.names
     sizes = [int(torch.tensor(p.shapes[n]).prod()) for n in names]
-    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+    offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()[:-1], strict=True))
     total = sum(sizes)
     out = torch.zeros(total, total, dtype=torch.float64)
     for n, terms in p.blocks.items():
@@ -270,7 +276,7 @@ def _dense(p: KronPrecision) -> Tensor:
         a, b = f"{m}.lora_A", f"{m}.lora_B"
         oa, ob = offsets[a], offsets[b]
         na, nb = int(torch.tensor(p.shapes[a]).prod()), int(torch.tensor(p.shapes[b]).prod())
-        c = sum(torch.kron(t.s.double(), t.g.double()) for t in terms)
+        c = cast(Tensor, sum(torch.kron(t.s.double(), t.g.double()) for t in terms))
         out[oa:oa + na, ob:ob + nb] = c
         out[ob:ob + nb, oa:oa + na] = c.T
     return out

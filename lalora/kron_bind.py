@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -46,8 +47,8 @@ class _Stacked:
         return torch.baddbmm(x * self.d[:, None, :], torch.bmm(x, self.u) * self.lam[:, None, :], self.ut)
 
 
-def _signature(f: Factor) -> tuple:
-    return ("dense", f.n) if isinstance(f, DenseFactor) else ("low", f.n, f.k)  # type: ignore[union-attr]
+def _signature(f: Factor) -> tuple[str | int, ...]:
+    return ("dense", f.n) if isinstance(f, DenseFactor) else ("low", f.n, cast(LowRankFactor, f).k)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def bind_grouped(prec: object, params: Mapping[str, Tensor], anchor: Mapping[str
     ref = params[names[0]]
     device, dtype = ref.device, ref.dtype
     cross = getattr(prec, "cross", {})
-    buckets: dict[tuple, list[str]] = {}
+    buckets: dict[tuple[object, ...], list[str]] = {}
     for m in modules:
         a, b = f"{m}.lora_A", f"{m}.lora_B"
         key = (tuple(params[a].shape), tuple(params[b].shape),
@@ -116,7 +117,7 @@ def bind_grouped(prec: object, params: Mapping[str, Tensor], anchor: Mapping[str
 
         n_terms = len(prec.blocks[a_names[0]])
 
-        def terms(ns: list[str]) -> tuple[_Stacked, _Stacked]:
+        def terms(ns: list[str], n_terms: int) -> tuple[_Stacked, _Stacked]:
             order = [(i, n) for i in range(n_terms) for n in ns]  # term-major, as _Group._apply reads it
             return (_Stacked([prec.blocks[n][i].s for i, n in order], device, dtype),
                     _Stacked([prec.blocks[n][i].g for i, n in order], device, dtype))
@@ -130,19 +131,21 @@ def bind_grouped(prec: object, params: Mapping[str, Tensor], anchor: Mapping[str
             cs = torch.stack([cross[m][i].s for m in ms]).to(device, dtype)
             cg = torch.stack([cross[m][i].g for m in ms]).to(device, dtype)
             xs.append((cs, cs.transpose(1, 2).contiguous(), cg, cg.transpose(1, 2).contiguous()))
-        groups.append(_Group(a_idx, b_idx, n_terms, terms(a_names), terms(b_names), ridge(a_names), ridge(b_names), xs,
+        groups.append(_Group(a_idx, b_idx, n_terms, terms(a_names, n_terms), terms(b_names, n_terms),
+                             ridge(a_names), ridge(b_names), xs,
                              torch.stack([anchor[n].detach() for n in a_names]).to(device, dtype),
                              torch.stack([anchor[n].detach() for n in b_names]).to(device, dtype)))
 
     def quad() -> Tensor:
-        return _GroupedQuadForm.apply(groups, *plist)
+        out: Tensor = _GroupedQuadForm.apply(groups, *plist)
+        return out
 
     return quad
 
 
 class _GroupedQuadForm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, groups: list[_Group], *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, groups: list[_Group], *params: Tensor) -> Tensor:
         total = params[0].new_zeros((), dtype=torch.float32)
         grads: list[Tensor | None] = [None] * len(params)
         with torch.no_grad():
@@ -151,15 +154,15 @@ class _GroupedQuadForm(torch.autograd.Function):
                 db = torch.stack([params[i] for i in grp.b_idx]) - grp.anchor_b
                 ma, mb = grp.matvec(da, db)
                 total = total + (da * ma).sum(dtype=torch.float32) + (db * mb).sum(dtype=torch.float32)
-                for i, g in zip(grp.a_idx, ma.unbind(0)):
+                for i, g in zip(grp.a_idx, ma.unbind(0), strict=True):
                     grads[i] = g
-                for i, g in zip(grp.b_idx, mb.unbind(0)):
+                for i, g in zip(grp.b_idx, mb.unbind(0), strict=True):
                     grads[i] = g
         ctx.grads = grads
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         scale = 2.0 * grad_out
         grads = [g * scale.to(g.dtype) for g in ctx.grads]
         del ctx.grads

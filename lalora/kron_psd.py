@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -52,16 +52,20 @@ class _Stack:
         (as ``LowRankFactor.inverse_apply``), so no d x d matrix is formed."""
         if self.dense:
             eye = torch.eye(self.n, dtype=self.m.dtype, device=self.m.device)
-            return torch.linalg.solve(self.m + damping[:, None, None] * eye, x)
+            solved: Tensor = torch.linalg.solve(self.m + damping[:, None, None] * eye, x)
+            return solved
         dd = (self.d + damping[:, None]).rsqrt()
         v = dd[..., None] * self.u * self.lam.sqrt()[:, None, :]
         y = dd[..., None] * x
         inner = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device) + v.mT @ v
-        return dd[..., None] * (y - v @ torch.linalg.solve(inner, v.mT @ y))
+        small: Tensor = torch.linalg.solve(inner, v.mT @ y)
+        return dd[..., None] * (y - v @ small)
 
     def inv_sqrt(self, damping: Tensor) -> Tensor:
         """(F_i + damping_i I)^-1/2, (L, n, n): for the small (r x r) side."""
         eye = torch.eye(self.n, dtype=torch.float64, device=damping.device)
+        e: Tensor
+        v: Tensor
         e, v = torch.linalg.eigh(self.to_dense() + damping[:, None, None] * eye)
         return (v * e.clamp_min(damping[:, None]).rsqrt()[:, None, :]) @ v.mT
 
@@ -79,24 +83,26 @@ def _norm_ratios(left: _Stack, cross: Tensor, right: _Stack, rel_damping: float)
     else:
         m = cross @ right.inverse_apply(cross.mT, damping)  # C R^-1 C^T  (n_left, n_left)
         w = left.inv_sqrt(damping)
-    return torch.linalg.eigvalsh(w @ m @ w)[..., -1].clamp_min(0).sqrt()
+    eigenvalues: Tensor = torch.linalg.eigvalsh(w @ m @ w)
+    return eigenvalues[..., -1].clamp_min(0).sqrt()
 
 
-def _kind(f: Factor) -> tuple:
-    return ("dense", f.n) if isinstance(f, DenseFactor) else ("low", f.n, f.k)  # type: ignore[attr-defined]
+def _kind(f: Factor) -> tuple[str | int, ...]:
+    return ("dense", f.n) if isinstance(f, DenseFactor) else ("low", f.n, cast(LowRankFactor, f).k)
 
 
 def _side_norms(items: Sequence[Item], side: str, rel_damping: float) -> Tensor:
     """(L,): rho of one side (``s`` or ``g``) of every module, modules whose factors agree on that side together."""
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[object, ...], list[int]] = {}
     for i, (a, b, c) in enumerate(items):
         fa, fb, x = getattr(a, side), getattr(b, side), getattr(c, side)
         groups.setdefault((_kind(fa), _kind(fb), tuple(x.shape), x.dtype, x.device), []).append(i)
     rho: list[Tensor | None] = [None] * len(items)
     for idx in groups.values():
-        left, right = _Stack([getattr(items[i][0], side) for i in idx]), _Stack([getattr(items[i][1], side) for i in idx])
+        left = _Stack([getattr(items[i][0], side) for i in idx])
+        right = _Stack([getattr(items[i][1], side) for i in idx])
         cross = torch.stack([getattr(items[i][2], side) for i in idx]).double()
-        for i, r in zip(idx, _norm_ratios(left, cross, right, rel_damping).unbind(0)):
+        for i, r in zip(idx, _norm_ratios(left, cross, right, rel_damping).unbind(0), strict=True):
             rho[i] = r
     return torch.stack(rho)  # type: ignore[arg-type]
 
@@ -115,10 +121,11 @@ def psd_scales(items: Sequence[Item], rel_damping: float = 1e-6, margin: float =
 def project_psd_many(items: Sequence[Item], rel_damping: float = 1e-6, margin: float = 1e-3) -> list[CrossTerm]:
     """Each cross block shrunk, where needed, so that its module's joint block is PSD (``psd_scales``)."""
     scales = psd_scales(items, rel_damping, margin)
-    return [replace(c, g=c.g * s.to(c.g.dtype)) for (_, _, c), s in zip(items, scales)]
+    return [replace(c, g=c.g * s.to(c.g.dtype)) for (_, _, c), s in zip(items, scales, strict=True)]
 
 
-def project_psd(a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float = 1e-6, margin: float = 1e-3) -> CrossTerm:
+def project_psd(a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float = 1e-6,
+                margin: float = 1e-3) -> CrossTerm:
     """The cross block shrunk, if needed, so that [[S_A (x) G_A, C], [C^T, S_B (x) G_B]] is PSD.
 
     One module (``psd_scales``); the block itself comes back when it already fits.

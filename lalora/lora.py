@@ -9,7 +9,7 @@ applies unchanged to the same model inside a DeepSpeed engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 from torch import nn
 
@@ -53,9 +53,10 @@ def lora_parameters(model: nn.Module, adapter_name: str = "default") -> list[Lor
         if adapter_name not in lora_a:
             continue
         base = canonical_name(path)
-        a, b = lora_a[adapter_name], lora_b[adapter_name]
-        found.append(LoraParam(f"{base}.lora_A", "A", a.weight, a))
-        found.append(LoraParam(f"{base}.lora_B", "B", b.weight, b))
+        # peft's LoRA matrices of a linear layer are linear layers, their weights parameters
+        a, b = cast(nn.Linear, lora_a[adapter_name]), cast(nn.Linear, lora_b[adapter_name])
+        found.append(LoraParam(f"{base}.lora_A", "A", cast(nn.Parameter, a.weight), a))
+        found.append(LoraParam(f"{base}.lora_B", "B", cast(nn.Parameter, b.weight), b))
     if not found:
         raise ValueError(f"model has no LoRA adapter named {adapter_name!r}; wrap it with peft.get_peft_model first")
     return found

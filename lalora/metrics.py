@@ -48,7 +48,7 @@ class ContinualMetrics:
 
     def _mean_forgetting_over(self, columns: Sequence[int]) -> float:
         keep = self._one_scale(columns)
-        vals = [f for f, j in zip(self.forgetting, self.forgetting_columns) if j in keep]
+        vals = [f for f, j in zip(self.forgetting, self.forgetting_columns, strict=True) if j in keep]
         return sum(vals) / len(vals) if vals else 0.0
 
     @property
@@ -93,7 +93,7 @@ def continual_metrics(R: Sequence[Sequence[float]], higher_is_better: Sequence[b
     bwt = _mean([s[j] * (R[T][j] - R[ref[j]][j]) for j in ref if j in averaged])
     fwt = _mean([s[j] * (R[j - 1][j] - R[0][j]) for j in range(2, T + 1) if j in averaged]) if T >= 2 else None
     columns = tuple(ref)
-    forgetting = [max(s[j] * R[l][j] for l in range(T)) - s[j] * R[T][j] for j in columns]
+    forgetting = [max(s[j] * R[i][j] for i in range(T)) - s[j] * R[T][j] for j in columns]
     learning = [s[t] * (R[t][t] - R[t - 1][t]) for t in range(1, T + 1)]
     return ContinualMetrics(acc if acc is not None else 0.0, bwt if bwt is not None else 0.0, fwt, forgetting,
                             learning, columns, averaged, tuple(up))

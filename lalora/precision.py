@@ -9,7 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -189,7 +189,8 @@ class DiagPrecision(Precision):
             nonlocal views
             if views[0].data_ptr() != plist[0].data_ptr() or views[-1].data_ptr() != plist[-1].data_ptr():
                 views = [p.detach().view(-1) for p in plist]
-            return _FlatQuadForm.apply(anchor_flat, prec_flat, layout, views, *plist)
+            out: Tensor = _FlatQuadForm.apply(anchor_flat, prec_flat, layout, views, *plist)
+            return out
 
         return quad
 
@@ -207,7 +208,7 @@ class _FlatQuadForm(torch.autograd.Function):
     """sum_i Lambda_i (theta_i - theta*_i)^2 over flattened parameters, with a closed-form backward."""
 
     @staticmethod
-    def forward(ctx, anchor: Tensor, prec: Tensor, layout: tuple[list[int], list[torch.Size]],  # type: ignore[override]
+    def forward(ctx: Any, anchor: Tensor, prec: Tensor, layout: tuple[list[int], list[torch.Size]],
                 views: list[Tensor], *params: Tensor) -> Tensor:
         delta = torch.cat(views).sub_(anchor)
         weighted = delta * prec
@@ -216,11 +217,11 @@ class _FlatQuadForm(torch.autograd.Function):
         return torch.dot(weighted.float(), delta.float())
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         (weighted,) = ctx.saved_tensors
         flat = weighted * (2.0 * grad_out).to(weighted.dtype)
         sizes, shapes = ctx.layout
-        grads = [g.view(shape) for g, shape in zip(torch.split(flat, sizes), shapes)]
+        grads = [g.view(shape) for g, shape in zip(torch.split(flat, sizes), shapes, strict=True)]
         return (None, None, None, None, *grads)
 
 
@@ -233,6 +234,7 @@ Q = TypeVar("Q", bound=type[Precision])
 def register_precision(cls: Q) -> Q:
     """Class decorator adding a precision class to ``PRECISIONS`` under its ``structure``."""
     if cls.structure in PRECISIONS:
-        raise ValueError(f"precision structure {cls.structure!r} is already registered by {PRECISIONS[cls.structure].__name__}")
+        raise ValueError(f"precision structure {cls.structure!r} is already registered by "
+                         f"{PRECISIONS[cls.structure].__name__}")
     PRECISIONS[cls.structure] = cls
     return cls

@@ -123,7 +123,7 @@ class CurvatureEstimator(ABC):
         precision = self._finalize(state, n, params)
         diagonal = precision.diagonal()  # which matrices have no curvature: one device-to-host transfer
         nonzero = torch.stack([t.any() for t in diagonal.values()]).tolist() if diagonal else []
-        zero = [name for name, any_ in zip(diagonal, nonzero) if not any_]
+        zero = [name for name, any_ in zip(diagonal, nonzero, strict=True) if not any_]
         return CurvatureEstimate(precision, n, self.fisher_type, zero)
 
 
@@ -168,5 +168,6 @@ def build_estimator(kind: str, **kwargs: object) -> CurvatureEstimator:
     try:
         cls = CURVATURES[kind]
     except KeyError:
-        raise ValueError(f"unknown curvature kind {kind!r}; registered kinds: {', '.join(sorted(CURVATURES))}") from None
+        raise ValueError(f"unknown curvature kind {kind!r}; "
+                         f"registered kinds: {', '.join(sorted(CURVATURES))}") from None
     return cls(**kwargs)  # type: ignore[arg-type]

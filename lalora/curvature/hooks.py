@@ -37,7 +37,7 @@ class ModuleGrads:
     def per_sample_grad(self) -> Tensor:
         """(B, d_out, d_in): sum_t g_{n,t} x_{n,t}^T, summed over calls, in fp32."""
         total = None
-        for x, g in zip(self.inputs, self.out_grads):
+        for x, g in zip(self.inputs, self.out_grads, strict=True):
             ps = torch.einsum("bto,bti->boi", g.float(), x.float())
             total = ps if total is None else total + ps
         assert total is not None
@@ -124,6 +124,6 @@ def per_sequence_output_grads(
         grads = torch.autograd.grad(loss, [o for _, o in outputs], retain_graph=i < draws - 1, allow_unused=True)
         for rec in records.values():
             rec.out_grads.clear()
-        for (key, out), g in zip(outputs, grads):
+        for (key, out), g in zip(outputs, grads, strict=True):
             records[key].out_grads.append(torch.zeros_like(out) if g is None else g)
         yield list(records.values()), n_seq

@@ -39,4 +39,5 @@ class IdentityCurvature(CurvatureEstimator):
         return None
 
     def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> DiagPrecision:
-        return DiagPrecision({p.name: torch.ones(p.param.shape, dtype=torch.float32, device=p.param.device) for p in params})
+        return DiagPrecision({p.name: torch.ones(p.param.shape, dtype=torch.float32, device=p.param.device)
+                              for p in params})

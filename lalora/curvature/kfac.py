@@ -85,10 +85,12 @@ class KronCurvatureBase(CurvatureEstimator):
         per = {"S": 1.0 / max(float(state[_TOKENS]), 1.0), "G": 1.0 / n_samples}
         a_params = [p for p in params if p.kind == "A"]
         b_of = {module_of(p.name): p for p in params if p.kind == "B"}
-        owner = {p.name: a_params[i].name for p, i in zip(a_params, identical_runs([state[f"S:{p.name}"] for p in a_params]))}
+        runs = identical_runs([state[f"S:{p.name}"] for p in a_params])
+        owner = {p.name: a_params[i].name for p, i in zip(a_params, runs, strict=True)}
         keys = list(dict.fromkeys([f"S:{owner[p.name]}" for p in a_params] + [f"G:{p.name}" for p in b_of.values()]))
         sums = {key: mirror_(state[key]) for key in keys}
-        packed = {key: f.scale(per[key[0]]) for key, f in zip(keys, compress_many(list(sums.values()), self.top_k))}
+        compressed = compress_many(list(sums.values()), self.top_k)
+        packed = {key: f.scale(per[key[0]]) for key, f in zip(keys, compressed, strict=True)}
         terms, cross = {}, {}
         for a in a_params:
             m, b = module_of(a.name), b_of[module_of(a.name)]

@@ -55,14 +55,14 @@ class TokenRows:
         return flat[0] if len(flat) == 1 else torch.cat(flat)
 
 
-def _key(ts: Sequence[Tensor]) -> tuple:
+def _key(ts: Sequence[Tensor]) -> tuple[object, ...]:
     """Equal keys mean the same memory read the same way (the records keep every tensor alive)."""
     return tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device) for t in ts)
 
 
 def shared_inputs(recs: Sequence[ModuleGrads]) -> list[list[ModuleGrads]]:
     """The records grouped by identical input tensors, in first-seen order."""
-    groups: dict[tuple, list[ModuleGrads]] = {}
+    groups: dict[tuple[object, ...], list[ModuleGrads]] = {}
     for rec in recs:
         groups.setdefault(_key(rec.inputs), []).append(rec)
     return list(groups.values())
@@ -119,7 +119,7 @@ def identical_runs(mats: Sequence[Tensor]) -> list[int]:
     pairs = [i for i in range(1, len(mats)) if mats[i].shape == mats[i - 1].shape]
     same = torch.stack([(mats[i] == mats[i - 1]).all() for i in pairs]).tolist() if pairs else []
     first = list(range(len(mats)))
-    for i, eq in zip(pairs, same):
+    for i, eq in zip(pairs, same, strict=True):
         if eq:
             first[i] = first[i - 1]
     return first

@@ -7,9 +7,14 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.base import NAME, Lambda, Model
-from pipelines.data.formats import (GenerateScoring, LmEvalScoring, MultipleChoiceScoring, PerplexityScoring, RowFormat,
-                                    Scoring)
-
+from pipelines.data.formats import (
+    GenerateScoring,
+    LmEvalScoring,
+    MultipleChoiceScoring,
+    PerplexityScoring,
+    RowFormat,
+    Scoring,
+)
 
 VAL_SIZE = 100
 """Validation rows per domain when a lineage searches lambda and the domain sets no val_size."""
@@ -67,7 +72,8 @@ class DomainConfig(RowFormat):
     eval_size: int = Field(200, gt=0, description="Held-out examples scored after every stage (at most this many for "
                            "eval_data and for probes).")
     train_size: int | None = Field(None, gt=0, description="Cap on training examples (after the shuffle); default all.")
-    curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default lalora.samples.")
+    curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default "
+                                       "lalora.samples.")
     val_size: int | None = Field(None, gt=0, description="Validation rows, held out from training, curvature and "
                                  f"evaluation, that lambda: auto scores its trials on (default {VAL_SIZE} when a stage "
                                  "searches lambda; none otherwise, so other lineages keep their splits).")
@@ -82,7 +88,8 @@ class DomainConfig(RowFormat):
     chat_template: Literal["never", "auto", "always"] = Field("never", description="Wrap each prompt as a user turn "
                                                               "in the tokenizer's chat template: auto when it has one; "
                                                               "always fails if it has none.")
-    split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the train / eval / curvature splits.")
+    split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the "
+                            "train / eval / curvature splits.")
 
     @model_validator(mode="after")
     def _scoring_fits(self) -> DomainConfig:

@@ -20,7 +20,8 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is not an index of a list of {len(node)}"])
+                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is not an index of a list of "
+                                            f"{len(node)}"])
             node = node[int(key)]
         else:
             node = node.setdefault(key, {})
@@ -116,7 +117,7 @@ def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
         # NAMESPACE/NAME, or a path from the working directory as before)
         if not Path(path).expanduser().is_absolute() and (base / path).is_dir():
             model["path"] = str((base / path).resolve())
-    domains = [data.get("source")] + list(data.get("domains") or []) + list(data.get("probes") or [])
+    domains = [data.get("source"), *(data.get("domains") or []), *(data.get("probes") or [])]
     for section, key, field in (("model", "pretrain", "extra_data"), ("training", "replay", "data")):
         node = data.get(section)
         node = node.get(key) if isinstance(node, dict) else None
@@ -126,13 +127,14 @@ def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(d, dict):
             continue
         scoring = d.get("scoring")
-        if isinstance(scoring, dict) and isinstance(scoring.get("include_path"), str):  # an lm-eval task's YAMLs
-            if not Path(scoring["include_path"]).is_absolute():
-                scoring["include_path"] = str((base / scoring["include_path"]).resolve())
-        for src in (d.get("data"), (d.get("eval_data") or {}).get("data") if isinstance(d.get("eval_data"), dict) else None):
-            if isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str):
-                if not Path(src["path"]).is_absolute():
-                    src["path"] = str((base / src["path"]).resolve())
+        if (isinstance(scoring, dict) and isinstance(scoring.get("include_path"), str)  # an lm-eval task's YAMLs
+                and not Path(scoring["include_path"]).is_absolute()):
+            scoring["include_path"] = str((base / scoring["include_path"]).resolve())
+        eval_data = d.get("eval_data")
+        for src in (d.get("data"), (eval_data or {}).get("data") if isinstance(eval_data, dict) else None):
+            if (isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str)
+                    and not Path(src["path"]).is_absolute()):
+                src["path"] = str((base / src["path"]).resolve())
 
 
 def config_schema() -> str:

@@ -51,14 +51,16 @@ class ModelConfig(Model):
                                "differs. Set, it identifies the base in the stages' identity instead of the path, "
                                "so a lineage resumes from another checkout. `lalora base` prints it.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama (model.path empty).")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama "
+                                  "(model.path empty).")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the tiny Llama.")
 
 
 # --- LoRA and LaLoRA --------------------------------------------------------------------
 class LoraSettings(Model):
     r: int = Field(8, gt=0, description="LoRA rank (our default; the paper's rank is not given).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in Biderman et al.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in "
+                         "Biderman et al.")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during fine-tuning (never during curvature).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -126,8 +128,8 @@ class PriorConfig(Model):
 
 
 class AccumulationConfig(Model):
-    mode: Literal["sum", "online", "replace"] = Field("sum", description="sum: recursive Laplace; online: gamma-decayed "
-                                                      "(online EWC); replace: newest domain only.")
+    mode: Literal["sum", "online", "replace"] = Field("sum", description="sum: recursive Laplace; online: "
+                                                      "gamma-decayed (online EWC); replace: newest domain only.")
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier domains' curvature for mode online.")
 
 
@@ -166,15 +168,21 @@ class LaLoRAConfig(Model):
                                        description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
                                        "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
                                        "identity (plain L2).")
-    samples: int = Field(256, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy sets suffice).")
+    samples: int = Field(256, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy "
+                         "sets suffice).")
     batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
-    accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' curvature combines.")
-    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed this "
-                                    "many GiB (estimated and printed before the pass).")
+    accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' "
+                                           "curvature combines.")
+    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed "
+                                    "this many GiB (estimated and printed before the pass).")
 
 
 # --- training, engine, evaluation, tracking ----------------------------------------------
+def _every_replay_source() -> list[Literal["domains", "source"]]:
+    return ["domains", "source"]
+
+
 class ReplayConfig(Model):
     """Rehearsal: earlier data mixed into every batch of a stage (the baseline teams use; with lambda 0,
     replay alone; with the penalty, both)."""
@@ -182,7 +190,7 @@ class ReplayConfig(Model):
     fraction: float = Field(0.0, ge=0, lt=1, description="Share of each batch drawn from earlier data: "
                             "round(fraction * batch_size) rows a batch (0: no replay).")
     sources: list[Literal["domains", "source"]] = Field(
-        default_factory=lambda: ["domains", "source"], description="Where replayed rows come from: 'domains', "
+        default_factory=_every_replay_source, description="Where replayed rows come from: 'domains', "
         "the earlier stages' domains' training splits; 'source', the source's training split. Evaluation rows "
         "never.")
     data: list[DomainConfig] = Field(default_factory=list, description="Named data sets replayed too (every row, "
@@ -234,7 +242,8 @@ class EvaluationConfig(Model):
 class TrackingConfig(Model):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; empty: sqlite:///<out>/mlflow.db.")
     experiment: str = Field("lalora", min_length=1, description="MLflow experiment name.")
-    registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one version per stage.")
+    registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one "
+                                  "version per stage.")
     latest_alias: str = Field("newest", min_length=1, description="Alias moved to every new version. MLflow reserves "
                               "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.")
 
