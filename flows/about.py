@@ -27,7 +27,7 @@ def _torch_lines() -> list[tuple[str, str]]:
         import torch
     except ImportError:
         return [("torch CPU capability", "n/a (torch not installed)"), ("CUDA available", "n/a (torch not installed)")]
-    except Exception as e:  # noqa: BLE001  (a broken install is what the report is for)
+    except Exception as e:  # a broken install is what the report is for
         why = f"n/a (import torch failed: {e.__class__.__name__}: {e})"
         return [("torch CPU capability", why), ("CUDA available", why)]
     capability = torch.backends.cpu.get_cpu_capability()

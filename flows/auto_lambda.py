@@ -76,7 +76,8 @@ def search(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     if chosen.steps < stage_steps:  # the trials were shortened: the stage trains in full at the chosen lambda
         tuned = finetune_task.with_options(**retry_options(lx))(cfg.with_stage(t, lam=chosen.lam), t, paths, run)
         scores = _validation(lx, base_path, tuned.value.adapter, folder / "final-val.json")
-        adapter, val_row, work = tuned.value.adapter, scores.value, work + tuned.compute_seconds + scores.compute_seconds
+        adapter, val_row = tuned.value.adapter, scores.value
+        work = work + tuned.compute_seconds + scores.compute_seconds
     refusal = "" if feasible else auto.refusal(trials, chosen, budget, settings)
     _log_choice(run, summary, refusal)
     return Searched(adapter, val_row, trials, chosen, feasible, summary, work, refusal)
@@ -124,7 +125,7 @@ def _log_trial(child: RunRef, trial: auto.Trial) -> None:
     child.tracker().log_metrics({
         "trial/validation_learning": trial.learning, "trial/validation_forgetting": trial.max_forgetting,
         "trial/seconds": trial.seconds, "trial/lambda": trial.lam, "trial/steps": float(trial.steps),
-        "trial/predicted_loss_rise": trial.predicted,
+        **({"trial/predicted_loss_rise": trial.predicted} if trial.predicted is not None else {}),
         **{f"val/{d}/forgetting": f for d, f in trial.forgetting.items()},
         **{f"val/{d}/score": s for d, s in trial.scores.items()}})
 

@@ -125,7 +125,7 @@ def cmd_base(args: argparse.Namespace) -> int:
     from pipelines.tracker import NullTracker
 
     try:
-        cfg = load_config(args.config, args.overrides + ["model.path=null", "model.sha256=null"])
+        cfg = load_config(args.config, [*args.overrides, "model.path=null", "model.sha256=null"])
     except ConfigError as e:
         return fail(f"{e.source}: {e.errors[0]}")
     out = Path(args.out)
@@ -239,11 +239,11 @@ def _print_result(result: Any, cfg: Any, where: Path, out: Path, seconds: float)
         print(f"lineage {result.registered_model!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
               + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
               + f"; lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind}")
-    for version, p in result.promotion.items():
+    for number, p in result.promotion.items():
         if p.promoted:
-            print(f"promotion:  version {version} (stage {p.stage}) -> alias {cfg.promotion.alias!r}")
+            print(f"promotion:  version {number} (stage {p.stage}) -> alias {cfg.promotion.alias!r}")
         else:
-            print(f"promotion:  version {version} (stage {p.stage}) NOT promoted: {p.reason}")
+            print(f"promotion:  version {number} (stage {p.stage}) NOT promoted: {p.reason}")
     print(f"metrics:    {where / 'metrics.json'}   heatmap: {where / 'R.png'}")
     print(f"registered: {result.registered_model} versions {', '.join(result.versions)} "
           f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result.aliases.items())})")
@@ -327,6 +327,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow UI and Prefect server as child processes bound to 127.0.0.1; Ctrl-C (or SIGTERM) stops both."""
+    import contextlib
     import signal
     import subprocess
 
@@ -367,20 +368,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     finally:  # each server runs in its own session: signal the whole group, so its workers stop too
         for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
             for p in procs.values():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.time() + wait
             while time.time() < deadline and any(p.poll() is None for p in procs.values()):
                 time.sleep(0.2)
             if all(p.poll() is not None for p in procs.values()):
                 break
         for p in procs.values():  # anything left in the servers' own groups (worker processes)
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
     return code
 
 
@@ -401,7 +398,8 @@ def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     curvatures = tuple(c.strip() for c in (args.curvatures or "diag,identity").split(",") if c.strip())
     unknown = [c for c in curvatures if c not in CURVATURES]
     if unknown:
-        raise BadInput(f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}")
+        raise BadInput(f"--curvature: unknown kind(s) {', '.join(unknown)}; "
+                       f"choose from {', '.join(sorted(CURVATURES))}")
     return [Axis(CURVATURE, curvatures), Axis(LAMBDA, lambdas), *grid]
 
 

@@ -82,7 +82,8 @@ def keep_run_failures_off_the_console() -> None:
 
     loggers = [logging.getLogger(), logging.getLogger("prefect"), *map(logging.getLogger, _RUN_LOGGERS)]
     for handler in {h for lg in loggers for h in lg.handlers}:
-        if not isinstance(handler, APILogHandler) and not any(isinstance(f, _ReportedByCommand) for f in handler.filters):
+        if not isinstance(handler, APILogHandler) and not any(isinstance(f, _ReportedByCommand)
+                                                              for f in handler.filters):
             handler.addFilter(_ReportedByCommand())
 
 

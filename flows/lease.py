@@ -13,6 +13,7 @@ covers the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,10 +125,8 @@ class StoreLease:
     def _drop(self, numbers: Any) -> None:
         client = _client(self.uri)
         for n in numbers:
-            try:
+            with contextlib.suppress(Exception):  # already gone: another taker removed it
                 client.delete_registered_model(f"{self.model}{SUFFIX}{n}")
-            except Exception:  # already gone: another taker removed it
-                pass
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()

@@ -20,20 +20,32 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from prefect import flow
+from prefect import State, flow
 from prefect.states import Completed, Failed
 
 from flows import auto_lambda
-from flows.lease import StoreLease
 from flows.console import bad_input_types
+from flows.lease import StoreLease
 from flows.lock import hold, lock_paths
 from flows.notify import Outcome, announce
 from flows.registry import LineageRegistry
 from flows.runs import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
-from flows.tasks import (base_task, evaluate_task, fetch_precision_task, fetch_task, finetune_task, fingerprint_task,
-                         gate_task, init_adapter_task, package_task, plan_task, precision_task, register_task)
+from flows.tasks import (
+    base_task,
+    evaluate_task,
+    fetch_precision_task,
+    fetch_task,
+    finetune_task,
+    fingerprint_task,
+    gate_task,
+    init_adapter_task,
+    package_task,
+    plan_task,
+    precision_task,
+    register_task,
+)
 from pipelines.config import LineageConfig, load_config
 from pipelines.errors import BadInput
 from pipelines.lineage import plan, preflight, report
@@ -49,6 +61,12 @@ from pipelines.workspace import Workspace, write_json_atomic
 
 def config_hash(cfg: LineageConfig) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
+
+
+def _resolved(state: State[Any]) -> LineageResult:
+    """``state`` as the flow's result: Prefect resolves a state a flow returns (its caller gets the state's data, or
+    its error raised), which the flow's return type cannot say."""
+    return cast(LineageResult, state)
 
 
 @flow(name="lalora-lineage")
@@ -67,7 +85,7 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
     except BadInput as e:  # on a worker's host: the config it was deployed with is not there (or not valid)
         message = f"{e} (on {socket.gethostname()})"
         announce(Outcome("failed", Path(config_path).stem, reason=message))  # no config: no webhook to post to
-        return Failed(message=message, data=e)
+        return _resolved(Failed(message=message, data=e))
     try:
         preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
         with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
@@ -77,12 +95,12 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         announce(Outcome("failed", fork or cfg.tracking.registered_model, reason=f"{type(e).__name__}: {e}"),
                  cfg.notify.webhook, cfg.notify.timeout_seconds)
         if isinstance(e, bad_input_types()):  # its one line is the run's final message, with no traceback logged
-            return Failed(message=str(e).strip().splitlines()[0], data=e)
+            return _resolved(Failed(message=str(e).strip().splitlines()[0], data=e))
         raise
     rejected = {v: p for v, p in result.promotion.items() if not p.promoted}
     if rejected:  # the run completed; its final state says what the gate refused
-        return Completed(message="; ".join(f"version {v} (stage {p.stage}) not promoted: {p.reason}"
-                                           for v, p in rejected.items()), data=result)
+        return _resolved(Completed(message="; ".join(f"version {v} (stage {p.stage}) not promoted: {p.reason}"
+                                                     for v, p in rejected.items()), data=result))
     return result
 
 

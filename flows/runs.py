@@ -6,6 +6,7 @@ tasks can run in any thread and only pass URIs and ids between them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -58,10 +59,8 @@ def ensure_sqlite_store(uri: str) -> None:
         tmp = path.with_name(f".{path.name}.init-{os.getpid()}")
         tmp.unlink(missing_ok=True)
         MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments()  # runs every migration
-        try:
+        with contextlib.suppress(FileExistsError):
             os.link(tmp, path)  # atomic, and never replaces a store another process just created
-        except FileExistsError:
-            pass
         tmp.unlink(missing_ok=True)
     _READY.add(uri)
 

@@ -20,8 +20,18 @@ from flows.lineage_flow import lineage_flow
 from flows.runs import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from pipelines.config import LineageConfig, load_config
 from pipelines.errors import DivergenceError
-from pipelines.lineage.sweep import (Axis, PointResult, SweepPoint, aggregate, forgetting_label, format_table,
-                                     plot_pareto, point_config, sweep_json, sweep_points)
+from pipelines.lineage.sweep import (
+    Axis,
+    PointResult,
+    SweepPoint,
+    aggregate,
+    forgetting_label,
+    format_table,
+    plot_pareto,
+    point_config,
+    sweep_json,
+    sweep_points,
+)
 from pipelines.workspace import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -52,7 +62,8 @@ def sweep_flow(config_path: str, out_dir: str, axes: list[tuple[str, list[Any]]]
                           "seconds": time.perf_counter() - t0})
         tracker = parent.tracker()
         for row in summary["rows"]:
-            tracker.log_metrics({f"{row['label']}/learning": row["learning"], f"{row['label']}/forgetting": row["forgetting"]})
+            tracker.log_metrics({f"{row['label']}/learning": row["learning"],
+                                 f"{row['label']}/forgetting": row["forgetting"]})
         for path in ("sweep.json", "sweep.md", "pareto.png"):
             tracker.log_artifact(root / path)
         end_run(parent)
@@ -99,6 +110,6 @@ def _write(root: Path, cfg: LineageConfig, results: list[PointResult], failed: l
     summary = sweep_json(rows, results, {**extra, "failed": failed, "forgetting_on": label})
     write_json_atomic(root / "sweep.json", summary)
     (root / "sweep.md").write_text(format_table(rows, label) + "\n")
-    plot_pareto(rows, root / "pareto.png", f"{cfg.name}: learning vs forgetting ({seeds} seed{'s' if seeds > 1 else ''})",
-                label)
+    plot_pareto(rows, root / "pareto.png",
+                f"{cfg.name}: learning vs forgetting ({seeds} seed{'s' if seeds > 1 else ''})", label)
     return summary

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from flows import generator
 from flows.registry import LineageRegistry
@@ -29,7 +29,13 @@ from pipelines.stages import evaluate, finetune, gate, pretrain
 from pipelines.stages.curvature import PrecisionResult
 from pipelines.tracker import NullTracker, Tracker
 
-_TASK = {"cache_policy": NO_CACHE, "persist_result": False}
+
+class _TaskOptions(TypedDict):
+    cache_policy: CachePolicy
+    persist_result: bool
+
+
+_TASK: _TaskOptions = {"cache_policy": NO_CACHE, "persist_result": False}
 T = TypeVar("T")
 
 

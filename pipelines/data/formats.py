@@ -30,7 +30,8 @@ class GenerateScoring(_Model):
         "number in the text (lm-eval flexible-extract); regex: the first group of `pattern`.")
     pattern: str | None = Field(None, description="Regular expression for extractor regex (its first group, or the "
                                 "whole match, is the answer).")
-    max_new_tokens: int | None = Field(None, gt=0, description="Generation length limit; default evaluation.max_new_tokens.")
+    max_new_tokens: int | None = Field(None, gt=0, description="Generation length limit; default "
+                                       "evaluation.max_new_tokens.")
     stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first one and the "
                             "text is cut there (e.g. 'Question:' for GSM8K).")
 
@@ -105,8 +106,8 @@ _MAPPING_FIELDS = ("prompt_field", "answer_field", "prompt_template", "answer_te
 class RowFormat(_Model):
     """How records of a dataset become rows: a preset, or a field mapping / Jinja templates."""
 
-    preset: PresetName | None = Field(None, description="A known dataset shape (fields, prompt format, default scorer): "
-                                      "gsm8k, metamathqa, hellaswag, arc, winogrande or text.")
+    preset: PresetName | None = Field(None, description="A known dataset shape (fields, prompt format, default "
+                                      "scorer): gsm8k, metamathqa, hellaswag, arc, winogrande or text.")
     prompt_field: str = Field("prompt", description="Column holding the prompt (no preset, no prompt_template).")
     answer_field: str = Field("answer", description="Column holding the answer (the training target).")
     prompt_template: str | None = Field(None, description="Jinja template of the prompt over the columns, e.g. "

@@ -36,7 +36,8 @@ class Preset:
 
 
 def _qa(question: str, answer: str) -> Converter:
-    return lambda r: {"prompt": f"Question: {str(r[question]).strip()}\nAnswer:", "answer": f" {str(r[answer]).strip()}"}
+    return lambda r: {"prompt": f"Question: {str(r[question]).strip()}\nAnswer:",
+                      "answer": f" {str(r[answer]).strip()}"}
 
 
 def _mc(prompt: str, choices: list[str], label: int, contexts: list[str] | None = None) -> Row:
@@ -143,14 +144,15 @@ def mapping_converter(fmt: RowFormat) -> tuple[Converter, list[str]]:
     prompt_fn, needed = _field_or_template(fmt.prompt_field, fmt.prompt_template)
     if fmt.choices_field is not None:
         assert fmt.label_field is not None
-        needed += [fmt.choices_field, fmt.label_field]
+        choices_field, label_field = fmt.choices_field, fmt.label_field
+        needed += [choices_field, label_field]
 
         def convert_mc(r: dict[str, Any]) -> Row:
-            choices = r[fmt.choices_field]
+            choices = r[choices_field]
             if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-                raise RowError(f"column {fmt.choices_field} must hold a non-empty list of strings, got "
+                raise RowError(f"column {choices_field} must hold a non-empty list of strings, got "
                                f"{type(choices).__name__}")
-            return _mc(prompt_fn(r), list(choices), _gold(r[fmt.label_field], choices))
+            return _mc(prompt_fn(r), list(choices), _gold(r[label_field], choices))
 
         return convert_mc, list(dict.fromkeys(needed))
     answer_fn, names = _field_or_template(fmt.answer_field, fmt.answer_template)

@@ -35,7 +35,8 @@ def replay_sources(replay: ReplayConfig, source: DomainConfig, earlier: list[Dom
     return ([source] if "source" in replay.sources else []) + (list(earlier) if "domains" in replay.sources else [])
 
 
-def replay_pool(replay: ReplayConfig, domains: list[DomainConfig], data_dir: Path, default_curvature: int) -> ReplayPool:
+def replay_pool(replay: ReplayConfig, domains: list[DomainConfig], data_dir: Path,
+                default_curvature: int) -> ReplayPool:
     """The training rows of ``domains`` and every row of ``replay.data``, each capped at ``max_per_domain``."""
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
@@ -67,5 +68,5 @@ def mixed_batches(new: list[Encoded], replayed: list[Encoded], batch_size: int, 
         return
     fresh = batch_indices([len(e.input_ids) for e in new], batch_size - k, seed, group_by_length)
     old = batch_indices([len(e.input_ids) for e in replayed], k, replay_seed)
-    for a, b in zip(fresh, old):
+    for a, b in zip(fresh, old, strict=True):
         yield collate([new[i] for i in a] + [replayed[j] for j in b], pad_id)

@@ -16,9 +16,9 @@ from typing import Any
 
 from pipelines.config import DataSource, DomainConfig, GeneratorSource, HubSource, LocalSource
 from pipelines.data.formats import RowFormat
-from pipelines.errors import BadInput
 from pipelines.data.generators import GENERATORS
 from pipelines.data.presets import Converter, RowError, converter
+from pipelines.errors import BadInput
 
 
 class DataError(BadInput):
@@ -64,7 +64,8 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
             raise DataError(f"domain {domain}: data file {path} not found (data.path is relative to the config file)")
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"domain {domain}: {path.name} has an unsupported extension; use one of {', '.join(_FORMATS)}")
+            raise DataError(f"domain {domain}: {path.name} has an unsupported extension; "
+                            f"use one of {', '.join(_FORMATS)}")
         if _is_empty(path, fmt):
             raise DataError(f"domain {domain}: data file {path} is empty; add rows or point data.path at another file")
         try:
@@ -78,8 +79,9 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
     try:
         return datasets.load_dataset(src.id, src.name, split=src.split)
     except (OSError, ValueError, KeyError) as e:  # not found, unreachable (ConnectionError), bad split or config
-        raise DataError(f"domain {domain}: cannot load dataset {src.id!r}"
-                        f"{f' config {src.name!r}' if src.name else ''} split {src.split!r}: {_first_line(e)}") from None
+        config = f" config {src.name!r}" if src.name else ""
+        raise DataError(f"domain {domain}: cannot load dataset {src.id!r}{config} split {src.split!r}: "
+                        f"{_first_line(e)}") from None
 
 
 def _is_empty(path: Path, fmt: str) -> bool:

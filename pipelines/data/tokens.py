@@ -52,7 +52,7 @@ def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, overlong
     _, eos, _ = special_ids(tokenizer)
     answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]
     out = []
-    for i, (r, ans) in enumerate(zip(rows, answers)):
+    for i, (r, ans) in enumerate(zip(rows, answers, strict=True)):
         p = prompt_ids(tokenizer, r["prompt"], r.get("chat", "never"))
         if overlong == "error" and len(p) + len(ans) + 1 > max_length:
             raise DataError(f"example {i} is {len(p) + len(ans) + 1} tokens, over training.max_length={max_length} "

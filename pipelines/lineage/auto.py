@@ -11,9 +11,9 @@ trial is the warm start (the previous stage's choice, else the range's geometric
 is bracketed, trials step a decade at a time: up while over the budget (over it at ``max_lambda`` too: no
 lambda in range meets it, and the search stops), down while within it (within it at ``min_lambda``:
 nothing learns more, and it stops). Then it halves the bracket [highest lambda over the budget, lowest
-within it] until the two are closer than ``resolution`` or ``max_trials`` trials ran. More penalty forgets less and learns less, so
-the lowest lambda within the budget is the one that learns most; the winner is the feasible trial that
-learned most (the smallest forgetting when none is feasible).
+within it] until the two are closer than ``resolution`` or ``max_trials`` trials ran. More penalty forgets
+less and learns less, so the lowest lambda within the budget is the one that learns most; the winner is the
+feasible trial that learned most (the smallest forgetting when none is feasible).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 from lalora import continual_metrics
 from pipelines.config import AutoLambdaConfig
 from pipelines.stages.gate import beyond
-
 
 _STEP = 10.0
 """Until a trial on each side of the budget brackets it, the next trial's lambda is a decade further."""
@@ -86,7 +85,7 @@ def validation_metrics(columns: list[str], stage: int, rows: Sequence[dict[str, 
     ``columns`` as the gate reads R: the source, the domains up to ``stage``, the probes."""
     R = [[row[c] for c in columns] for row in [*rows, trial]]
     m = continual_metrics(R, higher_is_better)
-    return m.learning[-1], {columns[j]: f for j, f in zip(m.forgetting_columns, m.forgetting)}
+    return m.learning[-1], {columns[j]: f for j, f in zip(m.forgetting_columns, m.forgetting, strict=True)}
 
 
 def next_lambda(trials: Sequence[Trial], auto: AutoLambdaConfig, budget: float, warm: float | None) -> float | None:
@@ -97,7 +96,6 @@ def next_lambda(trials: Sequence[Trial], auto: AutoLambdaConfig, budget: float, 
     if not trials:
         start = warm if warm is not None else math.sqrt(lo * hi)
         return min(max(start, lo), hi)
-    tried = {t.lam for t in trials}
     feasible = [t.lam for t in trials if t.feasible(budget)]
     over = [t.lam for t in trials if not t.feasible(budget)]
     if not feasible:  # more penalty, a decade at a time, up to the range's top

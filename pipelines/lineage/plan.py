@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,8 @@ def sha256_json(value: Any) -> str:
 
 
 def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int,
-                      pretrain_extra: list[DomainConfig] = (), replay: list[DomainConfig] = ()) -> dict[str, str]:
+                      pretrain_extra: Sequence[DomainConfig] = (), replay: Sequence[DomainConfig] = ()
+                      ) -> dict[str, str]:
     """sha256 of every domain's rows (all splits), by name: changes whenever the data does; the
     tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``, replayed data sets under ``replay:NAME``."""
     from pipelines.data.sources import load_domain, load_rows
@@ -97,8 +99,7 @@ def stage_keys(cfg: LineageConfig, fingerprints: dict[str, str]) -> list[StageKe
         data += [fingerprints[f"pretrain:{x.name}"] for x in cfg.model.pretrain.extra_data]
         if cfg.training.replay.enabled:
             data += [fingerprints[f"replay:{x.name}"] for x in cfg.training.replay.data]
-        data = sha256_json(data)
-        keys.append(StageKey(t, d.name, sha256_json(stage_config(cfg, t)), data))
+        keys.append(StageKey(t, d.name, sha256_json(stage_config(cfg, t)), sha256_json(data)))
     return keys
 
 

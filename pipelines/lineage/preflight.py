@@ -107,7 +107,8 @@ def memory_line(cfg: LineageConfig) -> str | None:
         whole += n
         per_rank += math.ceil(n / ranks) if zero3 and n > whole_below else n
     mib = 1024**2
-    split = f" (ZeRO-3 over {ranks} rank{'s' if ranks > 1 else ''}: {whole * size / mib:.2f} MiB whole)" if zero3 else ""
+    plural = "s" if ranks > 1 else ""
+    split = f" (ZeRO-3 over {ranks} rank{plural}: {whole * size / mib:.2f} MiB whole)" if zero3 else ""
     return (f"parameters per rank: base {per_rank * size / mib:.2f} MiB{split}, LoRA {sum(lora) * size / mib:.3f} MiB "
             f"whole on every rank (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype})")
 

@@ -90,7 +90,7 @@ class VersionRecord:
         """The record a version's tags hold; None for a version that records no stage."""
         if "lalora.stage" not in tags or "lalora.domain" not in tags:
             return None
-        common = {"lineage": tags.get("lalora.lineage", ""), "stage": int(tags["lalora.stage"]),
+        common: dict[str, Any] = {"lineage": tags.get("lalora.lineage", ""), "stage": int(tags["lalora.stage"]),
                   "domain": tags["lalora.domain"], "promoted": tags.get("lalora.promotion", "promoted") == "promoted",
                   "promotion_reason": tags.get("lalora.promotion_reason", ""),
                   "forked_from": tags.get("lalora.forked_from", "")}
@@ -100,7 +100,8 @@ class VersionRecord:
             return cls(**common, **{k: v for k, v in state.items() if k in known and k != "format"}, format=FORMAT)
         if "lalora.stage_config_sha256" not in tags:
             return None
+        uris: dict[str, Any] = {f"{what}_uri": tags.get(f"lalora.{what}_uri", "") for what in ARTIFACTS}
         return cls(**common, config_sha256=tags["lalora.stage_config_sha256"],  # format 1
                    data_sha256=tags.get("lalora.data_sha256", ""), base_recipe=tags.get("lalora.base_recipe", ""),
                    precision_sha256=tags.get("lalora.precision_sha256", ""), format=1,
-                   **{f"{what}_uri": tags.get(f"lalora.{what}_uri", "") for what in ARTIFACTS})
+                   **uris)

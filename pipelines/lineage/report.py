@@ -31,10 +31,11 @@ class LineageReport:
     def n_stages(self) -> int:
         return len(self.R) - 1
 
-    def as_json(self, registered_model: str, versions: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def as_json(self, registered_model: str, versions: list[str],
+                extra: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"domains": self.domains, "R": self.R, "R_nll": self.R_nll, "R_scores": self.R_scores,
-                "scores": dict(zip(self.domains, self.scores)),
-                "higher_is_better": dict(zip(self.domains, self.higher_is_better)),
+                "scores": dict(zip(self.domains, self.scores, strict=True)),
+                "higher_is_better": dict(zip(self.domains, self.higher_is_better, strict=True)),
                 "probes": self.domains[self.n_stages + 1 :], **self.metrics,
                 "registered_model": registered_model, "versions": versions, **(extra or {})}
 
@@ -49,8 +50,9 @@ class LineageReport:
 
     def stage_metrics(self) -> list[dict[str, float]]:
         """Row i of every R as ``R/<domain>`` and ``R_nll/<domain>``: a tracker's step i (score over stages)."""
-        return [{**{f"R/{d}": v for d, v in zip(self.domains, row)},
-                 **{f"R_nll/{d}": v for d, v in zip(self.domains, nll)}} for row, nll in zip(self.R, self.R_nll)]
+        return [{**{f"R/{d}": v for d, v in zip(self.domains, row, strict=True)},
+                 **{f"R_nll/{d}": v for d, v in zip(self.domains, nll, strict=True)}}
+                for row, nll in zip(self.R, self.R_nll, strict=True)]
 
 
 def build_report(domains: list[str], rows: list[Row]) -> LineageReport:
@@ -64,9 +66,9 @@ def build_report(domains: list[str], rows: list[Row]) -> LineageReport:
     R_scores = {k: [[row[d].values.get(k) for d in domains] for row in rows] for k in names}
     m = continual_metrics(R, up)
     metrics = {"ACC": m.ACC, "BWT": m.BWT, "FWT": m.FWT,
-               "forgetting": {domains[j]: v for j, v in zip(m.forgetting_columns, m.forgetting)},
+               "forgetting": {domains[j]: v for j, v in zip(m.forgetting_columns, m.forgetting, strict=True)},
                "mean_forgetting": m.mean_forgetting, "source_forgetting": m.source_forgetting,
-               "learning": dict(zip(domains[1 : len(rows)], m.learning)), "mean_learning": m.mean_learning,
+               "learning": dict(zip(domains[1 : len(rows)], m.learning, strict=True)), "mean_learning": m.mean_learning,
                "averaged": [domains[j] for j in m.averaged]}
     return LineageReport(domains, R, R_nll, metrics, R_scores, scores, up)
 
@@ -172,7 +174,7 @@ def auto_text(summary: dict[str, Any]) -> str:
 def version_description(model: str, stage: int, domain: str, domains: list[str], row: list[float],
                         scores: list[str], promoted: bool, reason: str, champion: str, auto: str = "") -> str:
     """What a person reads on a registered version: the stage, R after it, the gate's verdict, how to load it."""
-    r = ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, row))
+    r = ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, row, strict=True))
     verdict = f"promoted (alias {champion} moved here)" if promoted else f"not promoted: {reason}"
     return (f"Stage {stage} of lineage {model}: adapted to {domain}.\n\n"
             f"R after the stage ({', '.join(dict.fromkeys(scores))}): {r}.\n\n"
@@ -240,7 +242,7 @@ def plot_heatmap(domains: list[str], R: list[list[float]], path: Path, title: st
     shade = [[columns[j][i] for j in range(len(domains))] for i in range(len(R))]
     fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 1.1 * len(domains)), 1.6 + 0.7 * len(R)))
     im = ax.imshow(shade, vmin=0.0, vmax=1.0, cmap="viridis")
-    labels = [f"{d}\n({s})" for d, s in zip(domains, scores)] if scores else domains
+    labels = [f"{d}\n({s})" for d, s in zip(domains, scores, strict=True)] if scores else domains
     ax.set_xticks(range(len(domains)), labels=labels, rotation=30, ha="right")
     ax.set_yticks(range(len(R)), labels=["before"] + [f"after {d}" for d in domains[1 : len(R)]])
     for i, row in enumerate(R):

@@ -70,7 +70,7 @@ class SweepPoint:
     @property
     def label(self) -> str:
         """Names its directory and registered model: ``diag-lambda10-seed0``, other fields as ``name-value``."""
-        parts = []
+        parts: list[str] = []
         for name, value in self.settings:
             if name == CURVATURE:
                 parts.insert(0, str(value))
@@ -115,7 +115,7 @@ def sweep_points(axes: list[Axis], seeds: int) -> list[SweepPoint]:
     for seed in range(seeds):
         combos = []
         for values in itertools.product(*(a.values for a in axes)):
-            settings = dict(zip(fields_, values))
+            settings = dict(zip(fields_, values, strict=True))
             if settings.get(LAMBDA) == 0 and CURVATURE in settings:
                 settings[CURVATURE] = PLAIN
             combos.append(tuple((f, settings[f]) for f in fields_))

@@ -42,7 +42,7 @@ def distributed() -> Iterator[tuple[int, int]]:
     import deepspeed
 
     dist = torch.distributed
-    if "WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ or (dist.is_initialized() and world()[1] > 1):
+    if ("WORLD_SIZE" in os.environ and "MASTER_PORT" in os.environ) or (dist.is_initialized() and world()[1] > 1):
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend=_backend(), verbose=False)
         yield world()

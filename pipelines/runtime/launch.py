@@ -26,7 +26,6 @@ from pipelines.config import DeepSpeedConfig, LineageConfig
 from pipelines.runtime import timeline
 from pipelines.tracker import JsonlTracker, NullTracker, Tracker, replay
 
-
 _SIGNAL_EXIT = 128
 """Exit statuses above this are a signal's (the launcher exits ``256 - N`` when a rank died of signal N)."""
 

@@ -105,7 +105,8 @@ def load_base(path: str | Path, dtype: str = "float32", revision: str | None = N
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True,
                                                      revision=revision)
     except OSError as e:
-        where = "" if is_local_path(str(path)) else " (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads only the local cache)"
+        where = "" if is_local_path(str(path)) else (" (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads "
+                                                     "only the local cache)")
         raise ModelError(f"cannot load base model {path}{where}: {str(e).strip().splitlines()[0]}") from None
     model.config.use_cache = True
     return model, tokenizer
@@ -133,7 +134,8 @@ def meta_model(cfg: ModelConfig) -> Any | None:
             config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
         except (OSError, ValueError):
             if is_local_path(cfg.path):
-                raise ModelError(model_path_problem(cfg.path) or f"model.path {cfg.path}: config.json is unreadable") from None
+                raise ModelError(model_path_problem(cfg.path)
+                                 or f"model.path {cfg.path}: config.json is unreadable") from None
             return None
         return AutoModelForCausalLM.from_config(config)
 
@@ -158,8 +160,10 @@ def new_adapter(base: Any, cfg: LoraSettings) -> Any:
         raise ModelError(problem)
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seeded here, restored after
         torch.manual_seed(cfg.init_seed)
-        return get_peft_model(base, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                               target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
+        # peft annotates lora_alpha as int; the scale alpha / r takes a float alpha as written
+        return get_peft_model(base, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                                               lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                                               task_type="CAUSAL_LM"))
 
 
 def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) -> Any:

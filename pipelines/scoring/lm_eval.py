@@ -3,9 +3,9 @@
 lm-eval runs the task (a registered one, or one defined by a YAML in ``include_path``, offline with
 ``dataset_path: json`` and local ``data_files``) through its ``HFLM`` wrapper around the very model
 the project scores (base + the stage's adapter), with BOS before each context as the project's
-own scorers put it (``add_bos_token``; see ``_bos_first``). Its metrics come back as the domain's values; ``nll`` is the negative
-log-likelihood of the gold choices per token (all documents' tokens together, as the project's
-multiple-choice scorer counts it), from lm-eval's own log-likelihoods.
+own scorers put it (``add_bos_token``; see ``_bos_first``). Its metrics come back as the domain's values;
+``nll`` is the negative log-likelihood of the gold choices per token (all documents' tokens together, as the
+project's multiple-choice scorer counts it), from lm-eval's own log-likelihoods.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ def _harness() -> tuple[Any, Any, Any]:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise BadInput(f"a probe is scored by lm-eval (scoring kind lm_eval), which is not installed; {_EXTRA}") from None
+        raise BadInput("a probe is scored by lm-eval (scoring kind lm_eval), which is not installed; "
+                       f"{_EXTRA}") from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -50,7 +51,7 @@ def score_lm_eval(model: Any, tokenizer: Any, cfg: LmEvalScoring, *, batch_size:
               if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     if cfg.metric not in values:
         raise BadInput(f"lm-eval task {cfg.task!r} reports {', '.join(sorted(values))}, not metric {cfg.metric!r}")
-    loglik, tokens = map(sum, zip(*(_gold(s, tokenizer) for s in samples)))
+    loglik, tokens = map(sum, zip(*(_gold(s, tokenizer) for s in samples), strict=True))
     values["nll"] = -loglik / max(tokens, 1)
     return values, len(samples)
 
@@ -60,7 +61,7 @@ def _bos_first(HFLM: type) -> type:
     ``add_special_tokens`` to the tokenizer, which adds BOS only when its post-processor does (SmolLM2's and
     the character tokenizer's do not), so its contexts would start without the BOS the project's scorers put."""
 
-    class BosFirst(HFLM):  # type: ignore[misc,valid-type]
+    class BosFirst(HFLM):
         def tok_encode(self, string: str, *args: Any, **kwargs: Any) -> list[int]:
             ids = super().tok_encode(string, *args, **kwargs)
             bos = self.tokenizer.bos_token_id

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipelines.data.tokens import encode, fixed_batches, prompt_ids, special_ids
 from pipelines.data.formats import GenerateScoring
+from pipelines.data.tokens import encode, fixed_batches, prompt_ids, special_ids
 from pipelines.scoring.extract import is_correct
 from pipelines.scoring.greedy import decode, generate_settings, greedy_tokens, stop_check
 from pipelines.scoring.inference import forward_params, inference_model, torch_linear
@@ -84,7 +84,7 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batc
                 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                      do_sample=False, pad_token_id=pad, eos_token_id=eos, use_cache=True)
                 out = out[:, ids.shape[1] :]
-            for i, gen in zip(chunk, out.tolist()):
+            for i, gen in zip(chunk, out.tolist(), strict=True):
                 text = decode(tokenizer, gen, eos)
                 for s in stop:
                     text = text.split(s, 1)[0]
@@ -99,7 +99,7 @@ def complete(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: 
     to what leaves room for ``max_new_tokens``; what scoring, the registered model and export all run."""
     limit = context_limit(model, max_new_tokens)
     chats = [chat] * len(prompts) if isinstance(chat, str) else list(chat)
-    ids = [prompt_ids(tokenizer, p, c)[-limit if limit else 0 :] for p, c in zip(prompts, chats)]
+    ids = [prompt_ids(tokenizer, p, c)[-limit if limit else 0 :] for p, c in zip(prompts, chats, strict=True)]
     return generate_texts(model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop,
                           desc=desc)
 
@@ -110,7 +110,7 @@ def score_generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: 
     texts = complete(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
                      max_new_tokens=max_new_tokens, stop=cfg.stop, chat=[r.get("chat", "never") for r in rows],
                      desc=desc)
-    correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows))
+    correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows, strict=True))
     return {"accuracy": correct / len(rows)}
 
 
@@ -182,7 +182,7 @@ def choice_pairs(tokenizer: Any, row: dict[str, Any], limit: int | None) -> list
     contexts = row.get("contexts") or [row["prompt"]] * len(choices)
     conts = tokenizer([f" {c}" for c in choices], add_special_tokens=False)["input_ids"]
     pairs = []
-    for ctx, cont in zip(contexts, conts):
+    for ctx, cont in zip(contexts, conts, strict=False):  # a row's contexts and choices come from its data
         ids = prompt_ids(tokenizer, ctx, row.get("chat", "never"))
         if limit is not None and len(ids) + len(cont) > limit:
             ids = ids[-max(1, limit - len(cont)) :]
@@ -201,13 +201,15 @@ def score_multiple_choice(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
     lls = pair_loglikelihoods(model, examples, batch_size=batch_size, pad=pad, desc=desc)
     acc = acc_norm = 0
     gold_ll, gold_tokens = 0.0, 0
-    for r, ll, pairs in zip(rows, lls, examples):
+    for r, ll, pairs in zip(rows, lls, examples, strict=True):
         acc += _argmax(ll) == r["label"]
-        acc_norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, r["choices"])]) == r["label"]
+        # one loglikelihood per (context, choice) pair: as many as both lists, unchecked (choice_pairs)
+        acc_norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, r["choices"], strict=False)]) == r["label"]
         gold_ll += ll[r["label"]]
         gold_tokens += len(pairs[r["label"]][1])
     nll = -gold_ll / max(gold_tokens, 1)
-    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "nll": nll, "perplexity": math.exp(min(nll, 50.0))}
+    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "nll": nll,
+            "perplexity": math.exp(min(nll, 50.0))}
 
 
 # --- perplexity ---------------------------------------------------------------------------

@@ -12,11 +12,11 @@ import torch
 from lalora import Precision, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature import MemoryEstimate
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig
-from pipelines.data.tokens import encode, fixed_batches, special_ids
 from pipelines.data.sources import load_domain
+from pipelines.data.tokens import encode, fixed_batches, special_ids
+from pipelines.errors import BadInput
 from pipelines.runtime import timeline
 from pipelines.runtime.engine import compute_device, partitioned, world
-from pipelines.errors import BadInput
 from pipelines.runtime.models import load_adapter, load_base
 from pipelines.tracker import Tracker
 
@@ -35,8 +35,8 @@ def check_memory(estimate: MemoryEstimate, cfg: LaLoRAConfig, stage: int) -> Non
     if estimate.pass_bytes > cfg.memory_budget_gb * gib:
         raise MemoryBudgetError(
             f"{cfg.curvature.kind} curvature needs {estimate.pass_bytes / gib:.3g} GiB for its accumulators, over "
-            f"lalora.memory_budget_gb={cfg.memory_budget_gb:g}; raise the budget, use curvature kind diag, or adapt fewer "
-            "modules (lora.target_modules)")
+            f"lalora.memory_budget_gb={cfg.memory_budget_gb:g}; raise the budget, use curvature kind diag, or adapt "
+            "fewer modules (lora.target_modules)")
 
 
 @dataclass
@@ -51,8 +51,8 @@ class PrecisionResult:
 
 
 def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, curvature_domain: DomainConfig, *,
-                      previous: str | None, stage: int, dtype: str, max_length: int, seed: int, data_dir: str, out_dir: str,
-                      tracker: Tracker, ds: DeepSpeedConfig | None = None) -> PrecisionResult:
+                      previous: str | None, stage: int, dtype: str, max_length: int, seed: int, data_dir: str,
+                      out_dir: str, tracker: Tracker, ds: DeepSpeedConfig | None = None) -> PrecisionResult:
     """F_hat(anchor; curvature_domain), accumulated onto ``previous``, written to ``out_dir``.
 
     ``anchor_adapter`` is the adapter as it stands before the stage (the LoRA initialisation

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,8 +12,8 @@ import torch
 
 from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
-from pipelines.data.sources import DataError, load_domain
 from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows
+from pipelines.data.sources import DataError, load_domain
 from pipelines.data.tokens import encode, special_ids
 from pipelines.runtime.engine import train, world
 from pipelines.runtime.models import adapter_state, load_adapter, load_base, new_adapter
@@ -48,7 +48,7 @@ def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str
 def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
              domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
              data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None,
-             replay_from: list[DomainConfig] = ()) -> FinetuneResult:
+             replay_from: Sequence[DomainConfig] = ()) -> FinetuneResult:
     """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor, and with
     ``training.replay`` on, rows of ``replay_from`` (training splits only) and of the replayed data sets
     fill part of every batch.
@@ -61,14 +61,17 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     model = load_adapter(base, anchor_adapter, trainable=True)
     params = lora_parameters(model)
     anchor = {p.name: p.param.detach().clone() for p in params}
+    lam = lalora.lam
+    if isinstance(lam, str):  # 'auto' is searched first: a stage trains with the chosen lambda (stage_lalora)
+        raise ValueError(f"stage {stage} trains with a chosen lambda, got {lam!r}")
     precision = None
-    if precision_dir is not None and lalora.lam > 0:
+    if precision_dir is not None and lam > 0:
         precision, _ = load_precision(precision_dir, {p.name: tuple(p.param.shape) for p in params})
     prior = Prior(lalora.prior.tau_A, lalora.prior.tau_B)
 
     def make_penalty(module: torch.nn.Module) -> LaplacePenalty:
         assert precision is not None
-        return LaplacePenalty(precision, anchor, lora_parameters(module), lalora.lam, prior)
+        return LaplacePenalty(precision, anchor, lora_parameters(module), lam, prior)
 
     batches = _batches(tokenizer, domain, training, list(replay_from), Path(data_dir), lalora.samples, stage, tracker)
     tracker.log_params({"train.steps": training.steps, "train.lr": training.lr, "lambda": lalora.lam})
@@ -107,7 +110,8 @@ def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, rep
     replay = training.replay
     pool = replay_pool(replay, replay_from, data_dir, samples) if replay.enabled else ReplayPool()
     tracker.log_params({"train.examples": len(examples), "train.replay.fraction": replay.fraction,
-                        "train.replay.rows_per_batch": replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,
+                        "train.replay.rows_per_batch":
+                            replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,
                         **{f"train.replay.pool.{name}": n for name, n in pool.counts.items()}})
     return mixed_batches(examples, encoded(pool.rows, "replayed") if pool.rows else [], training.batch_size,
                          replay.fraction, pad, training.seed + stage, replay.seed + stage, training.group_by_length)

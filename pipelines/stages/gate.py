@@ -49,7 +49,7 @@ def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
     if cfg.min_bwt is not None and beyond(cfg.min_bwt, m.BWT):
         reasons.append(f"BWT {m.BWT:+.3f} < min_bwt {cfg.min_bwt:+.3f}")
     if cfg.max_forgetting is not None:
-        for j, f in zip(m.forgetting_columns, m.forgetting):
+        for j, f in zip(m.forgetting_columns, m.forgetting, strict=True):
             if beyond(f, cfg.max_forgetting):
                 reasons.append(f"forgetting of {domains[j]} {f:.3f} > max_forgetting {cfg.max_forgetting:.3f}")
     if cfg.min_learning is not None and beyond(cfg.min_learning, m.learning[-1]):

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
 from pipelines.data.sources import load_domain, load_rows
 from pipelines.data.tokens import encode, special_ids, train_batches
@@ -82,8 +81,8 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
     examples = encode(tokenizer, rows, max_length)
     result = train(net, list(net.parameters()), train_batches(examples, model.pretrain.batch_size, pad, seed),
                    steps=model.pretrain.steps, lr=model.pretrain.lr, batch_size=model.pretrain.batch_size, ds=ds,
-                   make_penalty=None, tracker=tracker, log_every=25, desc=f"pretrain base on {source.name}", seed=seed) \
-        if model.pretrain.steps > 0 else None
+                   make_penalty=None, tracker=tracker, log_every=25, desc=f"pretrain base on {source.name}",
+                   seed=seed) if model.pretrain.steps > 0 else None
 
     def write(d: Path) -> None:
         net.save_pretrained(d)
