@@ -44,7 +44,7 @@ def _spearman(a: list[float], b: list[float]) -> float | None:
     rb = {v: i for i, v in enumerate(sorted(b))}
     x, y = torch.tensor([ra[v] for v in a], dtype=torch.float64), torch.tensor([rb[v] for v in b], dtype=torch.float64)
     x, y = x - x.mean(), y - y.mean()
-    denominator = float((x.norm() * y.norm()))
+    denominator = float(x.norm() * y.norm())
     return float((x @ y) / denominator) if denominator else None
 
 
@@ -76,7 +76,7 @@ def main() -> int:
         earlier = [d for d in cfg.all_domains[:t]]
         rows = {d.name: load_domain(d, data, cfg.lalora.samples, eval_only=True).val for d in earlier}
 
-        def nll(adapter: str) -> dict[str, float]:
+        def nll(adapter: str, rows: dict[str, list[dict[str, Any]]] = rows) -> dict[str, float]:
             model, tok = load_for_inference(base, adapter, cfg.model.dtype)
             return {n: per_sequence_nll(model, tok, r, cfg.training.max_length) for n, r in rows.items()}
 
@@ -95,7 +95,8 @@ def main() -> int:
     by_stage = {}
     for t in sorted({r["stage"] for r in out}):
         rs = [r for r in out if r["stage"] == t]
-        by_stage[t] = {"spearman_predicted_measured": _spearman([r["predicted"] for r in rs], [r["measured"] for r in rs]),
+        by_stage[t] = {"spearman_predicted_measured": _spearman([r["predicted"] for r in rs],
+                                                                [r["measured"] for r in rs]),
                        "spearman_predicted_forgetting": _spearman([r["predicted"] for r in rs],
                                                                   [r["validation_forgetting"] for r in rs])}
         print(f"stage {t}: rank correlation of predicted with measured loss rise "

@@ -27,7 +27,6 @@ import time
 
 import torch
 
-
 SHAPES = {
     # Llama-3.2-1B: the GPU anchor's shape (shared/bench/gpu_anchor.py)
     "llama-1b": {"hidden": 2048, "layers": 16, "vocab": 128256, "intermediate": 8192, "heads": 32, "kv_heads": 8},
@@ -35,7 +34,8 @@ SHAPES = {
 
 
 def build(hidden: int, layers: int, vocab: int, r: int, seed: int = 0, intermediate: int | None = None,
-          heads: int | None = None, kv_heads: int | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32):
+          heads: int | None = None, kv_heads: int | None = None, device: str = "cpu",
+          dtype: torch.dtype = torch.float32):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,7 +50,7 @@ def build(hidden: int, layers: int, vocab: int, r: int, seed: int = 0, intermedi
     model = get_peft_model(base, LoraConfig(
         r=r, lora_alpha=2 * r, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.01)  # nonzero B so every gradient is informative
     return model, cfg
@@ -75,7 +75,8 @@ def main() -> None:
                          "sequences are 12-18 tokens)")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--top-k", type=int, default=32, help="eigenpairs kept per large Kronecker factor")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="a named model shape (overrides --hidden ...)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="a named model shape (overrides --hidden ...)")
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--kv-heads", type=int, default=None)
@@ -119,7 +120,8 @@ def main() -> None:
             elif kind in kron_penalties:
                 loss = loss + kron_penalties[kind]()
             elif kind == "naive":
-                loss = loss + 0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))
+                loss = loss + 0.5 * sum((f * (p - a).square()).sum()
+                                        for f, p, a in zip(naive_f, plist, naive_a, strict=True))
             loss.backward()
             opt.step()
 
@@ -143,18 +145,19 @@ def main() -> None:
             for i in range(B):
                 model.zero_grad(set_to_none=True)
                 sequence_nll(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]).sum().backward()
-                for a, p in zip(acc, plist):
+                for a, p in zip(acc, plist, strict=True):
                     a.add_(p.grad.square())
 
         def penalty_only() -> None:
             penalty().backward()
 
         def naive_only() -> None:
-            (0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a))).backward()
+            (0.5 * sum((f * (p - a).square()).sum()
+                       for f, p, a in zip(naive_f, plist, naive_a, strict=True))).backward()
 
-        fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"), "step_naive": lambda: step("naive"),
-               "backward": backward, "fisher_hook": fisher_hook, "fisher_loop": fisher_loop,
-               "penalty_only": penalty_only, "naive_only": naive_only}
+        fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"),
+               "step_naive": lambda: step("naive"), "backward": backward, "fisher_hook": fisher_hook,
+               "fisher_loop": fisher_loop, "penalty_only": penalty_only, "naive_only": naive_only}
         if args.skip_loop:
             del fns["fisher_loop"]
         for S in KRON:
@@ -204,8 +207,8 @@ def main() -> None:
     seqs = [int(v) for v in args.seq.split(",")]
     results = {T: measure(T) for T in seqs}
     summary = dict(results[seqs[0]])
-    keep = ("penalty_overhead", "penalty_overhead_naive", "penalty_overhead_isolated", "penalty_overhead_naive_isolated",
-            "curvature_vs_backward", "loop_vs_hook", "ms",
+    keep = ("penalty_overhead", "penalty_overhead_naive", "penalty_overhead_isolated",
+            "penalty_overhead_naive_isolated", "curvature_vs_backward", "loop_vs_hook", "ms",
             *(f"{m}_{S}" for S in KRON for m in ("penalty_overhead", "curvature_vs_backward")),
             *(f"penalty_overhead_{S}_isolated" for S in KRON))
     summary["by_seq"] = {str(T): {k: r[k] for k in keep} for T, r in results.items()}

@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                      "learned_ratio": check.learned_ratio, "min_learned_ratio": min(check.learned_ratio.values()),
                      "learning_margin": min(check.learned_ratio.values()) - MIN_LEARNED_RATIO, "met": check.met,
                      "row0": lalora["R"][0]})
-    print(f"| capability (ran on) | seed | plain mean forgetting | LaLoRA mean forgetting | limit | smallest "
-          f"R[i][i] ratio | met |")
+    print("| capability (ran on) | seed | plain mean forgetting | LaLoRA mean forgetting | limit | smallest "
+          "R[i][i] ratio | met |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['capability']} ({r['ran_on']}) | {r['seed']} | {r['plain_mean_forgetting']:.3f} | "

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before anything imports tqdm: no progress bars in the timings
-import torch  # noqa: E402
+import torch
 
 
 def build(hidden: int, layers: int, heads: int, kv_heads: int, device: str, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -110,7 +110,7 @@ def hf_generate(model: Any, tok: Any, prompts: list[list[int]], batch: int, max_
         ids, mask = left_pad([prompts[i] for i in chunk], pad, torch.device(device))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
                              pad_token_id=pad, eos_token_id=eos, use_cache=True)
-        for i, gen in zip(chunk, out[:, ids.shape[1] :].tolist()):
+        for i, gen in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
             texts[i] = tok.decode(gen[: gen.index(eos)] if eos in gen else gen, skip_special_tokens=True)
     return texts
 
@@ -130,10 +130,10 @@ def mc_plain(model: Any, examples: list[list[tuple[list[int], list[int]]]], batc
         mask = torch.tensor([[1] * len(q) + [0] * (W - len(q)) for q in seqs], device=device)
         logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)  # (b, W-1, V)
         target = torch.tensor([[0] * (len(pairs[i][0]) - 1) + pairs[i][1] + [0] * (W - len(q))
-                               for i, q in zip(chunk, seqs)], device=device)
+                               for i, q in zip(chunk, seqs, strict=True)], device=device)
         scored = torch.tensor([[0] * (len(pairs[i][0]) - 1) + [1] * len(pairs[i][1]) + [0] * (W - len(q))
-                               for i, q in zip(chunk, seqs)], device=device)
-        for i, v in zip(chunk, (logp.gather(-1, target[..., None])[..., 0] * scored).sum(-1).tolist()):
+                               for i, q in zip(chunk, seqs, strict=True)], device=device)
+        for i, v in zip(chunk, (logp.gather(-1, target[..., None])[..., 0] * scored).sum(-1).tolist(), strict=True):
             lls[i] = v
     out, k = [], 0
     for ex in examples:
@@ -152,7 +152,8 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer")
     ap.add_argument("--n", type=int, default=32, help="prompts / multiple-choice examples")
     ap.add_argument("--choices", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32, help="prompts per generate call; (context, choice) pairs per batch")
+    ap.add_argument("--batch", type=int, default=32,
+                    help="prompts per generate call; (context, choice) pairs per batch")
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-loops", action="store_true", help="skip the one-at-a-time loops (slow at long lengths)")
@@ -209,7 +210,8 @@ def main() -> None:
         ratios |= {"generation_loop_over_batched": best["gen_loop"] / best["gen_ours"],
                    "mc_loop_over_batched": best["mc_loop"] / best["mc_ours"]}
     result = {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "device": (torch.cuda.get_device_name() if device.startswith("cuda")
+                   else f"cpu ({torch.get_num_threads()} threads)"),
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                   "params_M": round(params / 1e6, 2), "lora_r": args.lora_r, "dtype": args.dtype},
         "workload": {"n": args.n, "choices": args.choices, "batch": args.batch, "max_new_tokens": args.max_new,

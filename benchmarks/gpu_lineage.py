@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.curvature import SHAPES, build  # noqa: E402
+from benchmarks.curvature import SHAPES, build
 
 SHAPES = {**SHAPES, "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "intermediate": 128, "heads": 4, "kv_heads": 2}}
 
@@ -104,11 +104,13 @@ def main() -> None:
         train(model, plist, batches(), steps=args.warmup, desc=f"stage {stage} warm-up", **common)
         sync()
         res = train(model, plist, batches(), steps=args.steps, desc=f"stage {stage}", **common)
-        stages.append({"stage": stage, "tokens_per_s": res.tokens / res.seconds, "ms_per_step": res.seconds * 1e3 / res.steps,
+        stages.append({"stage": stage, "tokens_per_s": res.tokens / res.seconds,
+                       "ms_per_step": res.seconds * 1e3 / res.steps,
                        "final_loss": res.final_loss, "final_penalty": res.final_penalty,
                        "curvature_ms_per_batch": curv_ms, "curvature_vs_backward": curv_ms / bwd,
                        "backward_ms": bwd, "zero_curvature_matrices": len(est.zero_curvature)})
-    summary = {"shape": args.shape, "dtype": args.dtype, "zero_stage": args.zero, "batch": B, "seq": T, "rank": args.rank,
+    summary = {"shape": args.shape, "dtype": args.dtype, "zero_stage": args.zero, "batch": B, "seq": T,
+               "rank": args.rank,
                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "tokens_per_s": statistics.median(s["tokens_per_s"] for s in stages),
                "curvature_vs_backward": statistics.median(s["curvature_vs_backward"] for s in stages),

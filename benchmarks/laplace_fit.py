@@ -38,10 +38,10 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from lalora import LaplacePenalty, build_estimator, lora_parameters
     from pipelines.config import load_config
-    from pipelines.data.tokens import encode, fixed_batches, special_ids, train_batches
     from pipelines.data.sources import load_domain
-    from pipelines.stages.pretrain import pretraining_rows
+    from pipelines.data.tokens import encode, fixed_batches, special_ids, train_batches
     from pipelines.runtime.models import build_tiny_llama, char_tokenizer, load_base, new_adapter
+    from pipelines.stages.pretrain import pretraining_rows
 
     cfg = load_config(args.config, args.overrides)
     if cfg.runtime.threads:  # the config's thread count, as a lineage of it runs (the demos pin one)

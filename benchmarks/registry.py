@@ -88,8 +88,8 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
     from flows import generator
     from flows.registry import LineageRegistry
     from flows.runs import start_run
-    from pipelines.runtime.models import char_tokenizer
     from pipelines.lineage.record import VersionRecord
+    from pipelines.runtime.models import char_tokenizer
 
     base_dir, adapter_dir = work / "base", work / "adapter"
     torch.manual_seed(0)
@@ -101,7 +101,8 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
     net.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
     params = sum(p.numel() for p in net.parameters())
-    get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter_dir)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    get_peft_model(net, lora).save_pretrained(adapter_dir)
     del net
     uri = f"sqlite:///{work / 'mlflow.db'}"
     registry = LineageRegistry(uri, "shaped", work / "cache")

@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = {"model": {"path": args.base},
            "lora": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
            "lalora": {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch},
-           "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "min_len": n, "max_len": n, "size": 200}, "eval_size": 8},
+           "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "min_len": n, "max_len": n,
+                                              "size": 200}, "eval_size": 8},
            "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "min_len": n, "max_len": n,
                                                 "size": 200}, "eval_size": 8}],
            "training": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "log_every": args.steps,
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         anchor = init_adapter(args.base, lora, dtype="float32", out_dir=str(root / "init"))
         results = {}
         for zero in (2, 3):
-            cfg = LineageConfig.model_validate({**raw, "deepspeed": {"world_size": args.world_size, "zero_stage": zero}})
+            cfg = LineageConfig.model_validate({**raw,
+                                                "deepspeed": {"world_size": args.world_size, "zero_stage": zero}})
             paths = StepPaths(args.base, anchor, None, str(root / "data"), str(root / f"z{zero}"))
             rec = LatestTracker()
             t0 = time.perf_counter()
@@ -77,21 +79,24 @@ def main(argv: list[str] | None = None) -> int:
                                   "finetune_seconds": fine.seconds, "curvature_step_seconds": curvature_s,
                                   "final_loss": fine.final_loss}
             mib = 2**20
-            print(f"ZeRO-{zero}, {args.world_size} ranks: base {out[f'zero{zero}']['base_bytes_per_rank'] / mib:.1f} MiB "
-                  f"per rank, LoRA {out[f'zero{zero}']['trainable_bytes'] / mib:.2f} MiB, fine-tune {fine.seconds:.1f} s "
+            sizes = out[f"zero{zero}"]
+            print(f"ZeRO-{zero}, {args.world_size} ranks: base {sizes['base_bytes_per_rank'] / mib:.1f} MiB "
+                  f"per rank, LoRA {sizes['trainable_bytes'] / mib:.2f} MiB, fine-tune {fine.seconds:.1f} s "
                   f"({args.steps} steps)", flush=True)
         (p2, f2), (p3, f3) = results[2], results[3]
         s2, s3 = load_precision(p2.path)[0].diagonal(), load_precision(p3.path)[0].diagonal()
-        a2, a3 = load_file(f"{f2.adapter}/adapter_model.safetensors"), load_file(f"{f3.adapter}/adapter_model.safetensors")
+        a2 = load_file(f"{f2.adapter}/adapter_model.safetensors")
+        a3 = load_file(f"{f3.adapter}/adapter_model.safetensors")
         rel = lambda x, y: float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))  # noqa: E731
         out["precision_max_rel_diff"] = max(rel(s3[k], s2[k]) for k in s2)
         out["adapter_max_abs_diff"] = max(float((a3[k] - a2[k]).abs().max()) for k in a2)
         out["adapter_close_rtol1e-4_atol1e-6"] = all(torch.allclose(a3[k], a2[k], rtol=1e-4, atol=1e-6) for k in a2)
         out["adapter_tensors"] = len(a3)
-        out["base_bytes_ratio_zero3_vs_zero2"] = out["zero3"]["base_bytes_per_rank"] / out["zero2"]["base_bytes_per_rank"]
-    print(f"ZeRO-3 / ZeRO-2 base bytes per rank: {out['base_bytes_ratio_zero3_vs_zero2']:.3f}; precision max rel diff "
-          f"{out['precision_max_rel_diff']:.1e}; adapter max abs diff {out['adapter_max_abs_diff']:.1e} (within rtol 1e-4, "
-          f"atol 1e-6: {out['adapter_close_rtol1e-4_atol1e-6']})")
+        out["base_bytes_ratio_zero3_vs_zero2"] = (out["zero3"]["base_bytes_per_rank"]
+                                                  / out["zero2"]["base_bytes_per_rank"])
+    print(f"ZeRO-3 / ZeRO-2 base bytes per rank: {out['base_bytes_ratio_zero3_vs_zero2']:.3f}; precision max rel "
+          f"diff {out['precision_max_rel_diff']:.1e}; adapter max abs diff {out['adapter_max_abs_diff']:.1e} (within "
+          f"rtol 1e-4, atol 1e-6: {out['adapter_close_rtol1e-4_atol1e-6']})")
     print(json.dumps(out))
     return 0
 

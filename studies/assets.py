@@ -225,7 +225,7 @@ def _four_way(table: list[tuple[str, str]], seed: int, n_choices: int) -> Iterat
     answers = sorted({a for _, a in table})
     rng = random.Random(seed)
     for key, answer in table:
-        choices = rng.sample([a for a in answers if a != answer], n_choices - 1) + [answer]
+        choices = [*rng.sample([a for a in answers if a != answer], n_choices - 1), answer]
         rng.shuffle(choices)
         yield key, choices, choices.index(answer)
 
@@ -245,7 +245,8 @@ def demonym_table() -> list[tuple[str, str]]:
     pairs = []
     for c in all_countries():
         name, demonym = c.name(), c.info().get("demonym")
-        if isinstance(name, str) and isinstance(demonym, str) and demonym.strip() and not set(",()/") & set(name + demonym):
+        if (isinstance(name, str) and isinstance(demonym, str) and demonym.strip()
+                and not set(",()/") & set(name + demonym)):
             pairs.append((name, demonym.strip()))
     shared = Counter(d for _, d in pairs)
     return sorted({(n, d) for n, d in pairs if shared[d] == 1})
@@ -304,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m studies.assets",
                                 description="Prepare the SmolLM2 learning-forgetting study: data files and model.")
     p.add_argument("--data", type=Path, help="directory for the JSONL files (e.g. .cache/study-data)")
-    p.add_argument("--model", type=Path, help="directory of the converted checkpoint (e.g. .cache/smollm2-135m-instruct)")
+    p.add_argument("--model", type=Path,
+                   help="directory of the converted checkpoint (e.g. .cache/smollm2-135m-instruct)")
     p.add_argument("--seed", type=int, default=0, help="seed of the GSM8K split, gsm_symbolic and the distractors")
     p.add_argument("--symbolic-size", type=int, default=2000, help="gsm_symbolic problems generated")
     args = p.parse_args(argv)

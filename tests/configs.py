@@ -21,7 +21,8 @@ DOMAINS: dict[str, dict[str, Any]] = {
 
 BASE: dict[str, Any] = {
     "name": "tiny",
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 32},
+    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                       "max_positions": 32},
               "pretrain": {"steps": 20, "lr": 3.0e-3, "batch_size": 16}},
     "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
     "lalora": {"lambda": 5, "samples": 16, "batch_size": 8},

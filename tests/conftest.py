@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of a child process (`python -m flows.cli ...`): the repository importable, and
     none of this process's rendezvous (in-process DeepSpeed tests set MASTER_* explicitly)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
     return env | {"PYTHONPATH": str(ROOT), **extra}
 
 

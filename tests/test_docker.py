@@ -83,7 +83,6 @@ def test_compose_stack_starts_in_order_and_restarts(compose):
 
 def test_compose_commands_exist_and_accept_their_arguments(compose):
     import click
-
     from mlflow.cli import server
 
     services = compose["services"]

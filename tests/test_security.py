@@ -12,7 +12,8 @@ from pipelines.safety import REDACTED, PathEscape, contained, redact_params
 from pipelines.workspace import Workspace
 
 ROOT = Path(__file__).parents[1]
-SOURCES = sorted(p for d in ("lalora", "pipelines", "flows", "studies", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("lalora", "pipelines", "flows", "studies", "benchmarks", "tests")
+                 for p in (ROOT / d).rglob("*.py"))
 
 
 def _calls(text: str, name: str) -> list[str]:
@@ -54,7 +55,7 @@ def test_model_loading_insists_on_safetensors(tmp_path):
     assert "use_safetensors=True" in text
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickled")
-    with pytest.raises(ValueError, match="no adapter_model.safetensors; pickled adapters are not loaded"):
+    with pytest.raises(ValueError, match=r"no adapter_model.safetensors; pickled adapters are not loaded"):
         load_adapter(None, tmp_path)
 
 
@@ -110,7 +111,8 @@ def test_the_mlflow_tracker_never_stores_a_secret(tmp_path, monkeypatch):
 def test_config_refuses_a_password_in_the_tracking_uri(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("domains: [{name: d1}]\ntracking: {mlflow_uri: 'https://me:pw@mlflow.example:5000'}\n")
-    with pytest.raises(ConfigError, match="tracking.mlflow_uri: holds a password; secrets come only from the environment"):
+    with pytest.raises(ConfigError,
+                       match=r"tracking.mlflow_uri: holds a password; secrets come only from the environment"):
         load_config(cfg)
 
 

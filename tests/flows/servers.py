@@ -13,8 +13,8 @@ from pathlib import Path
 from pipelines.runtime.distributed import free_port
 from tests.conftest import child_env
 
-__all__ = ["create_database", "free_port", "mlflow_server", "model_server", "postgres", "postgres_missing", "prefect_server",
-           "running", "up"]
+__all__ = ["create_database", "free_port", "mlflow_server", "model_server", "postgres", "postgres_missing",
+           "prefect_server", "running", "up"]
 
 BIN = str(Path(sys.executable).parent)
 """The environment's bin: `mlflow models serve` execs uvicorn from PATH."""

@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from flows.lineage_flow import lineage_flow
 from pipelines.lineage.record import VersionRecord
-from tests.conftest import child_env, lalora_script, run_until_then_sigkill
 from tests.configs import DOMAINS, tiny
+from tests.conftest import child_env, lalora_script, run_until_then_sigkill
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -161,7 +161,7 @@ def test_a_run_killed_during_a_trial_resumes_at_that_trial_and_ends_as_an_uninte
     search = resumed["auto"]["1"]
     assert search["trial_steps"] == search["trials"] * 20 and search["stage_steps"] == 40  # trials of half a stage
     for key in ("R", "R_nll"):
-        for got, want in zip(resumed[key], reference[key]):
+        for got, want in zip(resumed[key], reference[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), key
     client = _client(out)
     (v1,) = client.search_model_versions("name = 'auto-adapter'")

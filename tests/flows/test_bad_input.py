@@ -13,8 +13,8 @@ from mlflow import MlflowClient
 
 from flows.console import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED
 from pipelines.lineage.record import VersionRecord
-from tests.conftest import run_lalora
 from tests.configs import ONE_DOMAIN, tiny
+from tests.conftest import run_lalora
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -24,7 +24,7 @@ FAST = ["--set", "model.pretrain.steps=0"]
 def run_cli(tmp_path, text, overrides=(), out="out", extra=(), **env):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(text)
-    args = ["run", str(cfg), "--out", str(tmp_path / out), *extra] + FAST
+    args = ["run", str(cfg), "--out", str(tmp_path / out), *extra, *FAST]
     for o in overrides:
         args += ["--set", o]
     return run_lalora(args, tmp_path, **env)
@@ -52,7 +52,8 @@ CONFIG_CASES = [
     ("unknown-key", ONE_DOMAIN + "bogus: 1\n", [], "bogus: unknown key"),
     ("wrong-type", ONE_DOMAIN, ["training.steps=many"], "training.steps: Input should be a valid integer"),
     ("negative-lambda", ONE_DOMAIN, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
-    ("gamma-above-1", ONE_DOMAIN, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than"),
+    ("gamma-above-1", ONE_DOMAIN, ["lalora.accumulate.gamma=1.5"],
+     "lalora.accumulate.gamma: Input should be less than"),
     ("rank-0", ONE_DOMAIN, ["lora.r=0"], "lora.r: Input should be greater than 0"),
     ("infinite-lambda", ONE_DOMAIN, ["lalora.lambda=.inf"], "lalora.lambda: Input should be a finite number"),
     ("nan-lr", ONE_DOMAIN, ["training.lr=.nan"], "training.lr: Input should be a finite number"),
@@ -171,7 +172,7 @@ def test_overlong_sequences_are_truncated_by_default(tmp_path):
     tok = char_tokenizer()
     rows = [{"prompt": "x" * 40 + "=", "answer": "yy"}]
     assert len(encode(tok, rows, 32)[0].input_ids) == 32
-    with pytest.raises(DataError, match="example 0 is 45 tokens, over training.max_length=32"):
+    with pytest.raises(DataError, match=r"example 0 is 45 tokens, over training.max_length=32"):
         encode(tok, rows, 32, "error")
 
 
@@ -250,7 +251,8 @@ def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
     (version,) = client.search_model_versions("name = 'tiny-adapter'")
     precision_uri = VersionRecord.from_tags(version.tags).precision_uri
     run_id = precision_uri.removeprefix("runs:/").split("/")[0]
-    stored = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "curvature" / "precision.safetensors"
+    artifacts = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    stored = artifacts / "curvature" / "precision.safetensors"
     data = bytearray(stored.read_bytes())
     data[-1] ^= 0xFF
     stored.write_bytes(bytes(data))

@@ -23,8 +23,8 @@ def test_version_is_pyprojects(tmp_path):
 
 def test_version_imports_nothing_heavy():
     probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
-             "    assert e.code == 0\nprint(sorted(m for m in ('torch', 'prefect', 'mlflow', 'deepspeed', 'transformers')"
-             " if m in sys.modules))")
+             "    assert e.code == 0\nprint(sorted(m for m in ('torch', 'prefect', 'mlflow', 'deepspeed', "
+             "'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "[]", out.stdout
 

@@ -14,12 +14,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from mlflow import MlflowClient
 
 from tests.configs import tiny
-from tests.conftest import child_env, lalora_script, run_lalora
+from tests.conftest import child_env, run_lalora
 from tests.flows.servers import BIN, prefect_server
 
 pytestmark = pytest.mark.slow
@@ -154,7 +155,7 @@ def test_a_worker_runs_the_deployment_and_runs_queue_one_at_a_time(tmp_path, ser
     assert code == 0, text
     local = json.loads((tmp_path / "local" / "metrics.json").read_text())
     for key in ("R", "R_nll"):  # the worker's lineage is the one lalora run makes
-        for got, want in zip(local[key], metrics[key]):
+        for got, want in zip(local[key], metrics[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), key
     worker_overhead, local_overhead = _stage_overheads(out), _stage_overheads(tmp_path / "local")
     print(f"deployment run to the worker starting the flow: {started:.1f} s; per-stage overhead (wall less the "
@@ -167,13 +168,14 @@ def _stage_overheads(out: Path) -> list[float]:
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`lalora.stage` != ''",
                               order_by=["tags.`lalora.stage` ASC"])
-    return [round(r.data.metrics["stage/overhead_seconds"], 1) for r in runs if "stage/overhead_seconds" in r.data.metrics]
+    return [round(r.data.metrics["stage/overhead_seconds"], 1) for r in runs
+            if "stage/overhead_seconds" in r.data.metrics]
 
 
 class _Hook(BaseHTTPRequestHandler):
-    received: list[dict] = []
+    received: ClassVar[list[dict]] = []
 
-    def do_POST(self):  # noqa: N802 (http.server's name)
+    def do_POST(self):  # http.server's name
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Hook.received.append(json.loads(body))
         self.send_response(204)
@@ -282,7 +284,7 @@ def test_a_worker_killed_mid_finetune_then_a_new_worker_and_run_resume_the_stage
     assert code == 0, text
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     for key in ("R", "R_nll"):
-        for got, want in zip(resumed[key], reference[key]):
+        for got, want in zip(resumed[key], reference[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), (key, killed_at)
 
     cfg.unlink()  # the worker's host lacks the config the deployment names

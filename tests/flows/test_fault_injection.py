@@ -71,9 +71,9 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
     for i, m in enumerate(chosen):
         name, reached = milestones(out)[m]
         jitter = rng.uniform(0.0, 0.5)
-        log = open(tmp_path / f"run{i}.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT,
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / f"run{i}.log", "w") as log:  # the child writes to its own copy
+            proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
         while not reached() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
@@ -84,7 +84,6 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
         else:
             finished_early += 1
         proc.wait(timeout=30)
-        log.close()
         assert proc.returncode in (0, -signal.SIGKILL), (seed, (tmp_path / f"run{i}.log").read_text()[-3000:])
         landed += proc.returncode == -signal.SIGKILL
         points.append(f"{name} +{jitter:.2f}s" + ("" if proc.returncode else " (finished first)"))
@@ -96,7 +95,7 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
     reference = lineage_flow(str(cfg), str(tmp_path / "reference"), []).as_json()
     for key in ("R", "R_nll"):
         assert len(resumed[key]) == len(reference[key]) == 4
-        for got, want in zip(resumed[key], reference[key]):
+        for got, want in zip(resumed[key], reference[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), (seed, key, points)
 
     uri = f"sqlite:///{out / 'mlflow.db'}"

@@ -68,7 +68,7 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, r
     steps = [m.step for m in client.get_metric_history(stage_run, "train/loss")]
     assert steps and min(steps) > killed_at and max(steps) == 48, (killed_at, steps)  # continued, not restarted
     for key in ("R", "R_nll"):
-        for got, want in zip(resumed[key], reference[key]):
+        for got, want in zip(resumed[key], reference[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), (key, killed_at)
     a = load_file(out / "stages" / "01-one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "reference" / "stages" / "01-one" / "adapter" / "adapter_model.safetensors")

@@ -12,11 +12,11 @@ the interpreter began to exit.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -104,7 +104,7 @@ def _pids_of_ranks(job: str) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        ranks = any(a == b"-m" and b == b"pipelines.runtime.launch" for a, b in zip(cmd, cmd[1:]))
+        ranks = any(a == b"-m" and b == b"pipelines.runtime.launch" for a, b in itertools.pairwise(cmd))
         if ranks and any(job.encode() in part for part in cmd):
             found.append(int(proc.name))
     return found
@@ -130,9 +130,9 @@ def test_world_size_two_lineage_with_a_rank_killed_retries_and_ends_as_an_uninte
     env = child_env(PREFECT_HOME=str(tmp_path / "prefect"))
 
     def run(out: Path, kill: bool) -> str:
-        log = open(tmp_path / f"{out.name}.log", "w")
-        proc = subprocess.Popen([lalora_script(), "run", str(cfg), "--out", str(out)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        with open(tmp_path / f"{out.name}.log", "w") as log:  # the child writes to its own copy
+            proc = subprocess.Popen([lalora_script(), "run", str(cfg), "--out", str(out)], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
         killed = False
         try:
             job = str(out / "stages" / "01-one" / "launch-precision" / "job.json")
@@ -148,7 +148,6 @@ def test_world_size_two_lineage_with_a_rank_killed_retries_and_ends_as_an_uninte
         finally:
             if proc.poll() is None:
                 proc.kill()
-            log.close()
         text = (tmp_path / f"{out.name}.log").read_text()
         assert proc.returncode == 0, text[-3000:]
         assert killed == kill
@@ -160,7 +159,7 @@ def test_world_size_two_lineage_with_a_rank_killed_retries_and_ends_as_an_uninte
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     resumed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
     for key in ("R", "R_nll"):
-        for got, want in zip(resumed[key], reference[key]):
+        for got, want in zip(resumed[key], reference[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), key
     assert _metrics(tmp_path / "reference", "launch/precision_attempt") == [1.0]
     assert sorted(_metrics(tmp_path / "killed", "launch/precision_attempt")) == [1.0, 2.0]

@@ -116,7 +116,8 @@ def test_a_second_version_of_a_stage_is_a_duplicate_and_moves_no_alias(store, tm
     record = VersionRecord("m", 1, "one", "c", "d", adapter_uri="runs:/x/a", rows_uri="runs:/x/r",
                            config_uri="runs:/x/c", base_uri="runs:/x/b")
     first = registry.register(start_run(store, "e", tmp_path / "art", "w1"), model_dir, record, "w1", ["newest"])
-    with pytest.raises(StageTaken, match="registered stage 1 of m as version 1 while this one ran; this run's version 2"):
+    with pytest.raises(StageTaken,
+                       match="registered stage 1 of m as version 1 while this one ran; this run's version 2"):
         registry.register(start_run(store, "e", tmp_path / "art", "w2"), model_dir, record, "w2", ["newest"])
     client = MlflowClient(store, registry_uri=store)
     assert client.get_model_version("m", "2").tags["lalora.duplicate_of"] == "1"

@@ -4,12 +4,12 @@ resumes, reports and takes a new domain; the new version is a python_function mo
 import json
 
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from flows.lineage_flow import lineage_flow
 from pipelines.lineage.record import VersionRecord
 from tests.flows.legacy import config_text, restore
-import pytest
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 

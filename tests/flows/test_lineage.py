@@ -32,7 +32,7 @@ def test_r_matrix_and_metrics_json(finished):
     assert len(on_disk["R"]) == 3 and all(len(row) == 3 for row in on_disk["R"])
     # each row of R is what that stage's scoring wrote (row 0: the LoRA initialisation, before any stage)
     evals = [root / "out" / "stages" / d / "eval.json" for d in ("00-init", "01-one", "02-two")]
-    for row, path in zip(on_disk["R"], evals):
+    for row, path in zip(on_disk["R"], evals, strict=True):
         scores = json.loads(path.read_text())["scores"]
         assert row == [scores[d]["score"] for d in on_disk["domains"]]
     assert on_disk["R_nll"][2] == [json.loads(evals[2].read_text())["scores"][d]["nll"] for d in on_disk["domains"]]
@@ -41,7 +41,7 @@ def test_r_matrix_and_metrics_json(finished):
 
 
 def test_mlflow_runs_hold_params_metrics_and_artifacts(finished):
-    root, result = finished
+    _root, result = finished
     client = MlflowClient(result["mlflow_uri"])
     parent = client.get_run(result["run_id"])
     assert parent.info.status == "FINISHED"
@@ -85,7 +85,7 @@ def test_adapter_and_precision_checkpoints_on_disk(finished):
     root, _ = finished
     stage2 = root / "out" / "stages" / "02-two"
     assert (stage2 / "adapter" / "adapter_config.json").is_file()
-    precision, meta = load_precision(stage2 / "precision")
+    _precision, meta = load_precision(stage2 / "precision")
     assert [h["domain"] for h in meta.history] == ["src", "one"]
     assert meta.structure == "diag" and meta.n_samples == 16
 
@@ -121,7 +121,8 @@ def test_kronecker_curvature_runs_through_the_lineage(kind, tmp_path):
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(ONE_DOMAIN)
-    result = lineage_flow(str(cfg), str(tmp_path / "out"), [f"lalora.curvature.kind={kind}", "lalora.curvature.top_k=4"]).as_json()
+    result = lineage_flow(str(cfg), str(tmp_path / "out"),
+                          [f"lalora.curvature.kind={kind}", "lalora.curvature.top_k=4"]).as_json()
     assert len(result["R"]) == 2 and result["versions"] == ["1"]
     precision, meta = load_precision(tmp_path / "out" / "stages" / "01-one" / "precision")
     assert meta.structure == kind and precision.top_k == 4
@@ -146,7 +147,8 @@ def test_the_prefect_flow_run_publishes_the_outcome_as_a_markdown_artifact(tmp_p
     cfg.write_text(ONE_DOMAIN)
     result = lineage_flow(str(cfg), str(tmp_path / "out"), ["tracking.registered_model=Artifact_Check"]).as_json()
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["lalora-artifact-check"])))
+        key = ArtifactFilterKey(any_=["lalora-artifact-check"])
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
     assert artifact.type == "markdown" and artifact.flow_run_id is not None
     text = artifact.data
     assert text.startswith("# Lineage Artifact_Check") and "| after stage | src | one |" in text

@@ -52,7 +52,8 @@ def test_mlflow_has_per_domain_metrics_score_history_and_plots(finished):
     _, result = finished
     client = MlflowClient(result["mlflow_uri"])
     parent = client.get_run(result["run_id"])
-    assert {"ACC", "BWT", "source_forgetting", "forgetting/arc", "forgetting/wiki", "learning/one"} <= set(parent.data.metrics)
+    logged = {"ACC", "BWT", "source_forgetting", "forgetting/arc", "forgetting/wiki", "learning/one"}
+    assert logged <= set(parent.data.metrics)
     history = client.get_metric_history(parent.info.run_id, "R/wiki")
     assert [m.step for m in history] == [0, 1] and [m.value for m in history] == [row[3] for row in result["R"]]
     assert {"metrics.json", "R.png", "scores.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

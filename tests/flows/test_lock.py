@@ -122,8 +122,8 @@ def test_a_live_holder_blocks_a_waiter_until_its_timeout(tmp_path, capfd):
 def test_a_run_waiting_past_the_lock_timeout_exits_4_in_one_line(tmp_path):
     """Through the installed script: `lalora run --wait` on a held lineage gives up after the config's
     orchestration.lock_timeout_seconds, one line, exit 4, nothing recorded."""
-    from tests.conftest import run_lalora
     from tests.configs import tiny
+    from tests.conftest import run_lalora
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny("one", orchestration={"lock_timeout_seconds": 2}))

@@ -110,7 +110,8 @@ def test_the_fresh_environment_imports_the_wheel_not_the_checkout(installed):
     probe = ("import json, sys, importlib.metadata as md, flows, pipelines, lalora\n"
              "print(json.dumps({'files': [m.__file__ for m in (flows, pipelines, lalora)], 'path': sys.path,\n"
              "                  'finders': [k for k in sys.modules if 'editable' in k],\n"
-             "                  'dist': str(md.distribution('lalora-pipelines')._path), 'version': flows.__version__}))")
+             "                  'dist': str(md.distribution('lalora-pipelines')._path), "
+             "'version': flows.__version__}))")
     out = subprocess.run([str(installed.bin / "python"), "-c", probe], cwd=installed.cwd, env=installed.env,
                          check=True, capture_output=True, text=True).stdout
     seen = json.loads(out.splitlines()[-1])

@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 
 from flows.lineage_flow import lineage_flow
 from pipelines.lineage.record import VersionRecord
+from tests.configs import TINY
 from tests.conftest import run_lalora
 from tests.flows.servers import model_server
-from tests.configs import TINY
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -40,7 +40,7 @@ def _pipeline_completions(root: Path, stage_dir: str, max_new_tokens: int = 6) -
 
 
 def test_every_version_is_a_python_function_model_that_refers_to_the_base(lineage):
-    root, result = lineage
+    _root, result = lineage
     client = MlflowClient(result["mlflow_uri"], registry_uri=result["mlflow_uri"])
     versions = client.search_model_versions("name = 'tiny-adapter'")
     assert len(versions) == len(result["versions"]) >= 2
@@ -52,7 +52,8 @@ def test_every_version_is_a_python_function_model_that_refers_to_the_base(lineag
             "adapter_config.json", "adapter_model.safetensors"]
         assert not list(model_dir.rglob("model.safetensors"))  # the base is referenced, never copied
         config = mlflow.models.Model.load(str(model_dir / "MLmodel")).flavors["python_function"]["config"]
-        assert config["base"]["kind"] == "artifact" and config["base"]["uri"] == VersionRecord.from_tags(v.tags).base_uri
+        assert config["base"]["kind"] == "artifact"
+        assert config["base"]["uri"] == VersionRecord.from_tags(v.tags).base_uri
         requirements = (model_dir / "requirements.txt").read_text()
         assert "peft==" in requirements and "torchvision" not in requirements
         assert json.loads((model_dir / "serving_input_example.json").read_text())["inputs"]

@@ -80,7 +80,7 @@ def test_every_run_records_what_can_change_its_numbers(lineage):
     as the lineage run's params."""
     import torch
 
-    root, result = lineage
+    _root, result = lineage
     env = result["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["peft"] and env["deepspeed"]
     assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -133,14 +133,16 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     assert forked[0].tags["lalora.forked_from"] == "tiny-adapter/1"
     assert forked[0].source == original[0].source and forked[0].run_id == original[0].run_id
     assert "lalora.forked_from" not in forked[1].tags
-    assert VersionRecord.from_tags(forked[1].tags).config_sha256 != VersionRecord.from_tags(original[1].tags).config_sha256
+    assert (VersionRecord.from_tags(forked[1].tags).config_sha256
+            != VersionRecord.from_tags(original[1].tags).config_sha256)
     assert (root / "out" / "forks" / "tiny-fork" / "metrics.json").is_file()
     assert json.loads((root / "out" / "metrics.json").read_text())["registered_model"] == "tiny-adapter"
     assert main(argv) == 0  # the fork is a lineage like any other: a rerun resumes it
     assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
 
 
-PROBE = {"name": "probe", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 40}, "eval_size": 8}
+PROBE = {"name": "probe", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 40},
+         "eval_size": 8}
 
 
 def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_without_a_new_version(lineage):
@@ -161,7 +163,7 @@ def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_witho
 def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_gate_can_refuse(lineage, tmp_path):
     """A fresh output directory (nothing on disk) against the same store: base, adapter, precision
     and R come from the registry; the gate rejects the new version, which stays registered."""
-    root, first = lineage
+    _root, first = lineage
     client = _client(first["mlflow_uri"])
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(tiny("one", "two", "three", training={"checkpoint_every": 2},
@@ -177,7 +179,8 @@ def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_g
     assert [str(v.version) for v in versions] == ["1", "2", "3"]
     v3 = versions[2]
     assert v3.tags["lalora.stage"] == "3" and v3.tags["lalora.promotion"] == "rejected"
-    assert "learning on three" in v3.tags["lalora.promotion_reason"] and "< min_learning +2.000" in v3.tags["lalora.promotion_reason"]
+    reason = v3.tags["lalora.promotion_reason"]
+    assert "learning on three" in reason and "< min_learning +2.000" in reason
     assert result["promotion"]["3"]["promoted"] is False
     assert _aliases(client, "tiny-adapter") == {"newest": "3", "champion": "2"}
     from lalora import load_precision

@@ -82,10 +82,10 @@ def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
     cfg.write_text(TINY)
     out = tmp_path / "out"
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(cfg), "--cron", "0 3 * * 1",
-                             "--name", "served", "--out", str(out)], cwd=ROOT, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    with open(tmp_path / "serve.log", "w") as log:  # the child writes to its own copy
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(cfg), "--cron", "0 3 * * 1",
+                                 "--name", "served", "--out", str(out)], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
         with get_client(sync_client=True) as client:
@@ -104,7 +104,6 @@ def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
     uri = f"sqlite:///{out / 'mlflow.db'}"
     versions = MlflowClient(uri, registry_uri=uri).search_model_versions("name = 'tiny-adapter'")
     assert sorted(v.tags["lalora.stage"] for v in versions) == ["1", "2"]

@@ -85,7 +85,7 @@ def test_the_version_carries_its_code_and_pins_real_distributions(champion):
 
 
 def test_a_fresh_environment_from_the_requirements_loads_and_serves_the_champion(champion, tmp_path):
-    root, uri, expected = champion
+    _root, uri, expected = champion
     mlflow.set_tracking_uri(uri)
     try:
         requirements = mlflow.pyfunc.get_model_dependencies("models:/tiny-adapter@champion")
@@ -102,7 +102,7 @@ def test_a_fresh_environment_from_the_requirements_loads_and_serves_the_champion
     work = tmp_path / "empty"
     work.mkdir()
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", CONSUMER, json.dumps(PROMPTS)], cwd=work, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["project_installed"]

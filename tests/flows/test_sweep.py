@@ -16,7 +16,8 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = root / "tiny.yaml"
     cfg.write_text(TINY)
-    code = main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(root / "out")])
+    code = main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1",
+                 "--out", str(root / "out")])
     assert code == 0
     return root / "out"
 
@@ -67,13 +68,15 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys):
     assert main(["sweep", str(cfg), "--lambda", "0,x"]) == 2
     assert "--lambda" in capsys.readouterr().err
     assert main(["sweep", str(cfg), "--stages", "5", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "lalora: error: --stages must be between 1 and 2 (the config's domains), got 5"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == ("lalora: error: --stages must be between 1 and 2 "
+                                                                "(the config's domains), got 5")
 
 
 def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept, capsys):
     before = json.loads((swept / "sweep.json").read_text())
     cfg = swept.parent / "tiny.yaml"
-    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]) == 0
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1",
+                 "--out", str(swept)]) == 0
     after = json.loads((swept / "sweep.json").read_text())
     assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == \
         [(r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]]
@@ -109,7 +112,8 @@ def test_a_grid_of_any_config_field_sweeps_like_lambda(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "out"
-    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--grid", "training.replay.fraction=0,0.5",
+    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag",
+                 "--grid", "training.replay.fraction=0,0.5",
                  "--stages", "1", "--forgetting-on", "src", "--out", str(out)]) == 0
     summary = json.loads((out / "sweep.json").read_text())
     labels = [p["point"]["label"] for p in summary["points"]]
@@ -140,9 +144,9 @@ def test_grid_bad_input_is_one_line(tmp_path, capsys):
 def test_a_sweep_point_can_search_its_lambda(tmp_path):
     """--lambda 0,auto: the auto point is labelled lambdaauto, its config searches with the sweep's budget, and
     the table's cells and the study's row names read it."""
+    from flows.cli import _parser, _sweep_axes
     from pipelines.config import load_config
     from pipelines.lineage.sweep import LAMBDA, point_config, sweep_points
-    from flows.cli import _parser, _sweep_axes
     from studies.study import method
 
     cfg_path = tmp_path / "tiny.yaml"

@@ -4,10 +4,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from mlflow import MlflowClient
 
 from flows.runs import close_orphaned_runs, start_run
-import pytest
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -27,8 +27,10 @@ def test_only_runs_of_dead_processes_on_this_host_are_closed(tmp_path):
     client = MlflowClient(uri)
     status = {k: client.get_run(r.run_id).info.status for k, r in runs.items()}
     assert closed == [runs["dead here"].run_id]
-    assert status == {"dead here": "KILLED", "alive here": "RUNNING", "dead elsewhere": "RUNNING", "other sweep": "RUNNING"}
+    assert status == {"dead here": "KILLED", "alive here": "RUNNING", "dead elsewhere": "RUNNING",
+                      "other sweep": "RUNNING"}
     tag = client.get_run(runs["dead here"].run_id).data.tags["lalora.closed"]
-    assert tag == f"KILLED: its process (pid {dead} on {socket.gethostname()}) ended without closing it; closed by the next run"
+    assert tag == (f"KILLED: its process (pid {dead} on {socket.gethostname()}) ended without closing it; "
+                   "closed by the next run")
     assert close_orphaned_runs(uri, "exp", "lalora.sweep", "s") == []  # idempotent
     assert close_orphaned_runs(uri, "missing-experiment", "lalora.sweep", "s") == []

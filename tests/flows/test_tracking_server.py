@@ -16,9 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines.lineage.record import VersionRecord
+from tests.configs import ONE_DOMAIN, TINY
 from tests.conftest import child_env, lalora_script, run_lalora
 from tests.flows.servers import create_database, mlflow_server, postgres, postgres_missing
-from tests.configs import ONE_DOMAIN, TINY
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -88,19 +88,20 @@ def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_p
 
 def _other_host(name: str) -> list[str]:
     """A command prefix that runs the command under hostname ``name`` (a UTS namespace), as on another host."""
-    probe = subprocess.run(["unshare", "-u", "sh", "-c", f"hostname {name} && hostname"], capture_output=True, text=True)
+    probe = subprocess.run(["unshare", "-u", "sh", "-c", f"hostname {name} && hostname"], capture_output=True,
+                           text=True)
     if probe.returncode != 0 or probe.stdout.strip() != name:
         pytest.skip(f"cannot give a process another hostname here (unshare -u): {probe.stderr.strip()}")
     return ["unshare", "-u", "sh", "-c", f'hostname {name} && exec "$0" "$@"']
 
 
 def _start(tmp_path, name, config, url, *extra, host=None):
-    log = open(tmp_path / f"{name}.log", "w")
     prefix = _other_host(host) if host else []
-    proc = subprocess.Popen([*prefix, lalora_script(), "run", config, "--out", str(tmp_path / name), *FAST, *extra],
-                            env=child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"),
-                                          **_worker_env(tmp_path, name, url)),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(tmp_path / f"{name}.log", "w") as log:  # the child writes to its own copy
+        proc = subprocess.Popen([*prefix, lalora_script(), "run", config, "--out", str(tmp_path / name), *FAST,
+                                 *extra], env=child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"),
+                                                        **_worker_env(tmp_path, name, url)),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, tmp_path / f"{name}.log"
 
 

@@ -61,7 +61,7 @@ def _check(root: Path) -> None:
 def test_sigkill_at_random_points_never_leaves_a_half_written_artifact(tmp_path):
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for k in range(KILLS):
+    for _ in range(KILLS):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                                 cwd=ROOT, env=env)
         assert proc.stdout.readline().strip() == "ready"
@@ -101,7 +101,7 @@ def test_pending_file_that_does_not_match_is_not_used(tmp_path):
 def test_non_finite_precision_is_never_saved_or_loaded(tmp_path, bad):
     values = torch.ones(2, 3)
     values[1, 2] = bad
-    with pytest.raises(NonFinitePrecision, match="m.lora_A has 1 non-finite value"):
+    with pytest.raises(NonFinitePrecision, match=r"m.lora_A has 1 non-finite value"):
         save_precision(tmp_path / "new", DiagPrecision({"m.lora_A": values}), fisher_type="empirical", n_samples=1,
                        prior=Prior(1.0, 1.0))
     assert not (tmp_path / "new" / META).exists() and not list((tmp_path / "new").glob("*"))

@@ -60,7 +60,7 @@ def test_missing_name_is_named(saved):
 
 def test_missing_or_garbled_metadata(saved, tmp_path):
     path, _, _, shapes = saved
-    with pytest.raises(CheckpointError, match="precision.json is missing"):
+    with pytest.raises(CheckpointError, match=r"precision.json is missing"):
         load_precision(tmp_path / "nowhere", shapes)
     (path / "precision.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):

@@ -44,7 +44,7 @@ def loop_factors(model, batch):
     for i in range(batch["input_ids"].shape[0]):
         store = {}
 
-        def hook(mod, inp, out, name=None):
+        def hook(mod, inp, out, name=None, store=store):
             out.retain_grad()
             store[name] = (inp[0].detach(), out)
 
@@ -76,7 +76,8 @@ def test_compress_full_rank_is_exact_and_truncation_keeps_the_diagonal_and_psd()
     x = torch.randn(12, 4, dtype=torch.float64)
     assert_close(low.lmul(x), low.to_dense() @ x)
     assert_close(low.rmul(x.T), x.T @ low.to_dense())
-    assert_close(low.inverse_apply(x, 0.1), torch.linalg.solve(low.to_dense() + 0.1 * torch.eye(12, dtype=torch.float64), x))
+    assert_close(low.inverse_apply(x, 0.1),
+                 torch.linalg.solve(low.to_dense() + 0.1 * torch.eye(12, dtype=torch.float64), x))
 
 
 def test_add_and_frobenius_inner_without_dense_matrices_match_dense():
@@ -198,7 +199,7 @@ def test_compress_many_equals_compress_and_handles_low_rank_and_zero_float32_fac
     x = torch.randn(10, 300, generator=g)  # rank 10, below the sketch's 8 + 16 columns
     low, full = x.T @ x, random_psd(300, seed=3).float()
     got = compress_many([low, torch.zeros(300, 300), full], 8)
-    for m, f in zip((low, full), (got[0], got[2])):
+    for m, f in zip((low, full), (got[0], got[2]), strict=True):
         one = compress(m, 8)
         assert_close(f.lam, one.lam)
         assert_close(f.d, one.d)
@@ -297,11 +298,12 @@ def test_project_psd_many_batches_modules_of_one_shape_and_matches_one_by_one():
 
     items = [item(1, 6, 10.0), item(5, 6, 1e-4), item(9, 6, 3.0), item(13, 7, 10.0)]  # three share a shape
     many = project_psd_many(items)
-    for (a, b, raw), got in zip(items, many):
+    for (a, b, raw), got in zip(items, many, strict=True):
         one = project_psd(a, b, raw)
         assert_close(got.g, one.g)
         assert_close(got.s, raw.s)
-        joint = KronTriPrecision({"m.lora_A": [a], "m.lora_B": [b]}, top_k=3, max_terms=1, cross={"m": [got]}).to_dense()
+        joint = KronTriPrecision({"m.lora_A": [a], "m.lora_B": [b]}, top_k=3, max_terms=1,
+                                 cross={"m": [got]}).to_dense()
         assert float(torch.linalg.eigvalsh(joint).min()) >= -1e-10
     assert project_psd(*items[1]) is items[1][2]  # a block that fits is left alone
     assert not torch.equal(many[0].g, items[0][2].g)  # an oversized one is shrunk
@@ -357,7 +359,8 @@ def test_accumulation_is_exact_up_to_max_terms_then_nearest_kronecker():
     assert two.n_terms == 2
     assert_close(float(two.quad_form(delta)), float(p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6, atol=0)
     online = accumulate(p1, p2, "online", gamma=0.5)
-    assert_close(float(online.quad_form(delta)), float(0.5 * p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6, atol=0)
+    assert_close(float(online.quad_form(delta)), float(0.5 * p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6,
+                 atol=0)
     three = accumulate(two, p3, "sum")
     assert three.n_terms == 2  # the two oldest were merged
     exact = p1.to_dense() + p2.to_dense() + p3.to_dense()

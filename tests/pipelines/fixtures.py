@@ -21,5 +21,5 @@ def hub_dir(root: Path, name: str, configs: dict[str, dict[str, list[dict]]]) ->
             (repo / config).mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows), repo / config / f"{split}-00000-of-00001.parquet")
             lines += [f"  - split: {split}", f"    path: {config}/{split}-*"]
-    (repo / "README.md").write_text("\n".join(lines + ["---", ""]))
+    (repo / "README.md").write_text("\n".join([*lines, "---", ""]))
     return repo

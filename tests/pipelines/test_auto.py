@@ -167,8 +167,8 @@ def test_the_budget_can_name_the_columns_it_bounds():
     """lalora.auto.columns: only the named columns' forgetting decides feasibility; the others are recorded."""
     named = cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["source"]}})
     assert named.lalora.auto.columns == ["source"]
-    with pytest.raises(ValueError, match="lalora.auto.columns: nowhere is not a column of this lineage; choose from "
-                                         "source, a, b"):
+    with pytest.raises(ValueError, match=r"lalora.auto.columns: nowhere is not a column of this lineage; choose from "
+                                         r"source, a, b"):
         cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["nowhere"]}})
     trial = Trial(1, 2.0, 10, 0.5, {"source": 0.05, "a": 0.4}, 1.0, "/a/1", budgeted=["source"])
     assert trial.feasible(0.1) and trial.max_forgetting == 0.05 and trial.worst == "source"

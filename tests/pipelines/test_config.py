@@ -43,11 +43,13 @@ def test_overrides_reach_any_field_including_list_items(tmp_path):
     (MINIMAL, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
     (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than 0"),
     (MINIMAL, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than or equal to 1"),
-    (MINIMAL, ["lalora.curvature.kind=kfaq"], "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'"),
+    (MINIMAL, ["lalora.curvature.kind=kfaq"],
+     "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'"),
     (MINIMAL, ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2 or 3"),
     (MINIMAL, ["tracking.latest_alias=latest"], "alias 'latest' is reserved by MLflow"),
     (MINIMAL, ["training.steps=many"], "training.steps: Input should be a valid integer"),
-    (MINIMAL, ["lalora.accumulate.mode=forever"], "lalora.accumulate.mode: must be one of 'sum', 'online' or 'replace'"),
+    (MINIMAL, ["lalora.accumulate.mode=forever"],
+     "lalora.accumulate.mode: must be one of 'sum', 'online' or 'replace'"),
     ("domains:\n  - name: a\n  - name: a\n", [], "domain names must be unique"),
     ("domains:\n  - name: ../etc\n", [], "is not a valid domain name"),
     ("domains: []\n", [], "domains: List should have at least 1 item"),
@@ -55,7 +57,8 @@ def test_overrides_reach_any_field_including_list_items(tmp_path):
     ("- 1\n", [], "top level must be a mapping"),
     (MINIMAL, ["domains.0.scoring=multiple_choice"], "domains.0: scoring multiple_choice needs choices: use preset"),
     (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex}"], "extractor regex needs a pattern"),
-    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex, pattern: '(a'}"], "is not a valid regular expression"),
+    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex, pattern: '(a'}"],
+     "is not a valid regular expression"),
     (MINIMAL, ["domains.0.scoring={kind: rank}"], "domains.0.scoring: unknown kind 'rank'; expected one of 'generate'"),
     (MINIMAL, ["domains.0.preset=arc", "domains.0.prompt_field=q"], "preset 'arc' fixes the fields; drop prompt_field"),
     (MINIMAL, ["domains.0.preset=gsm9k"], "domains.0.preset: must be one of 'gsm8k', 'metamathqa', 'hellaswag'"),
@@ -147,5 +150,6 @@ def test_the_curvature_section_is_built_from_the_estimators_registry():
             assert info.description == f.metadata.get("doc", ""), (kind, f.name)
         estimator = build_estimator(kind, **section.model_dump(exclude={"kind"}))
         assert type(estimator) is cls
-    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
+    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}],
+                                        "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
     assert cfg.lalora.curvature.top_k == 4 and cfg.lalora.curvature.max_terms == 4

@@ -3,9 +3,9 @@ import json
 import pytest
 
 from pipelines.config import DomainConfig, EvalDataConfig, GeneratorSource, HubSource, LocalSource
+from pipelines.data.generators import symbol_ops
 from pipelines.data.sources import DataError, load_domain
 from pipelines.data.tokens import collate, encode, length_grouped, train_batches
-from pipelines.data.generators import symbol_ops
 from pipelines.runtime.models import char_tokenizer
 from tests.pipelines.fixtures import hub_dir
 
@@ -52,7 +52,7 @@ def test_local_files_with_field_mapping(tmp_path, suffix):
 
 def test_data_errors_are_clear(tmp_path):
     missing = DomainConfig(name="m", data=LocalSource(path=str(tmp_path / "nope.jsonl")))
-    with pytest.raises(DataError, match="data file .*nope.jsonl not found"):
+    with pytest.raises(DataError, match=r"data file .*nope.jsonl not found"):
         load_domain(missing, tmp_path, 5)
     f = tmp_path / "x.jsonl"
     f.write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(30)))
@@ -91,15 +91,18 @@ def test_hub_source_loads_config_and_split(tmp_path):
                        eval_size=10, curvature_size=4)
     splits = load_domain(cfg, tmp_path / "cache", default_curvature=8)
     assert len(splits.eval) == 10 and len(splits.train) == 20 and splits.curvature == splits.train[:4]
-    assert {r["prompt"] for r in splits.eval + splits.train} == {f"Question: What is {i} + {i}?\nAnswer:" for i in range(30)}
+    assert ({r["prompt"] for r in splits.eval + splits.train}
+            == {f"Question: What is {i} + {i}?\nAnswer:" for i in range(30)})
     small = load_domain(cfg.model_copy(update={"data": HubSource(id=str(repo), name="main", split="train[:12]")}),
                         tmp_path / "cache", 8)
     assert len(small.eval) + len(small.train) == 12  # the datasets split-slicing syntax passes through
 
 
 @pytest.mark.parametrize("source,message", [
-    ({"name": "main", "split": "validation"}, "split 'validation': Unknown split \"validation\". Should be one of \\['train', 'test'\\]\\."),
-    ({"name": "mian", "split": "train"}, "config 'mian' split 'train': BuilderConfig 'mian' not found. Available: \\['main'\\]"),
+    ({"name": "main", "split": "validation"},
+     "split 'validation': Unknown split \"validation\". Should be one of \\['train', 'test'\\]\\."),
+    ({"name": "mian", "split": "train"},
+     "config 'mian' split 'train': BuilderConfig 'mian' not found. Available: \\['main'\\]"),
 ])
 def test_hub_source_errors_name_the_split_or_config(tmp_path, source, message):
     repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
@@ -111,7 +114,8 @@ def test_hub_source_errors_name_the_split_or_config(tmp_path, source, message):
 def test_eval_data_gives_the_eval_rows_and_train_size_caps_training(tmp_path):
     repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
     cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), name="main", split="train"), preset="gsm8k",
-                       eval_data=EvalDataConfig(data=HubSource(id=str(repo), name="main", split="test"), preset="gsm8k"),
+                       eval_data=EvalDataConfig(data=HubSource(id=str(repo), name="main", split="test"),
+                                                preset="gsm8k"),
                        eval_size=50, train_size=12, split_seed=3)
     splits = load_domain(cfg, tmp_path / "cache", default_curvature=100)
     assert len(splits.eval) == 10  # eval_size is an upper bound for eval_data: the test split has 10 rows
@@ -131,9 +135,10 @@ def test_templates_map_columns_and_missing_columns_are_named(tmp_path):
     cfg = DomainConfig(name="t", data=LocalSource(path=str(f)), prompt_template="{{ctx}}: {{q}}?",
                        answer_template=" {{a * 2}}", eval_size=5)
     rows = load_domain(cfg, tmp_path, 5)
-    assert {(r["prompt"], r["answer"]) for r in rows.eval + rows.train} == {(f"c: q{i}?", f" {2 * i}") for i in range(20)}
+    assert ({(r["prompt"], r["answer"]) for r in rows.eval + rows.train}
+            == {(f"c: q{i}?", f" {2 * i}") for i in range(20)})
     bad = cfg.model_copy(update={"prompt_template": "{{ question }}: {{q}}"})
-    with pytest.raises(DataError, match="^domain t: column\\(s\\) question not in the data \\(columns: q, ctx, a\\)"):
+    with pytest.raises(DataError, match=r"^domain t: column\(s\) question not in the data \(columns: q, ctx, a\)"):
         load_domain(bad, tmp_path, 5)
 
 
@@ -148,7 +153,7 @@ def test_custom_multiple_choice_mapping(tmp_path):
     for r in splits.eval + splits.train:
         assert r == {"prompt": "Q: 2+2\nA:", "answer": " four", "choices": ["three", "four", "five"], "label": 1}
     f.write_text(json.dumps({"stem": "x", "options": ["a", "b"], "gold": 7}) + "\n")
-    with pytest.raises(DataError, match="row 0 .*: gold label 7 is not an index of 2 choices"):
+    with pytest.raises(DataError, match=r"row 0 .*: gold label 7 is not an index of 2 choices"):
         load_domain(cfg.model_copy(update={"eval_size": 1}), tmp_path, 1, eval_only=True)
 
 
@@ -158,15 +163,15 @@ def test_empty_data_is_a_clear_error(tmp_path):
 
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="^domain e: data file .*empty.jsonl is empty; add rows"):
+    with pytest.raises(DataError, match=r"^domain e: data file .*empty.jsonl is empty; add rows"):
         load_domain(DomainConfig(name="e", data=LocalSource(path=str(empty))), tmp_path, 5)
     schema_only = tmp_path / "none.parquet"
     pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), schema_only)
-    with pytest.raises(DataError, match="^domain e: data file .*none.parquet is empty; add rows"):
+    with pytest.raises(DataError, match=r"^domain e: data file .*none.parquet is empty; add rows"):
         load_domain(DomainConfig(name="e", data=LocalSource(path=str(schema_only))), tmp_path, 5)
     header_only = tmp_path / "header.csv"
     header_only.write_text("prompt,answer\n")
-    with pytest.raises(DataError, match="^domain e: the data has no rows; check data.path / data.split$"):
+    with pytest.raises(DataError, match=r"^domain e: the data has no rows; check data.path / data.split$"):
         load_domain(DomainConfig(name="e", data=LocalSource(path=str(header_only))), tmp_path, 5)
 
 
@@ -216,6 +221,6 @@ def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, not after retries
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = DomainConfig(name="hub", data=HubSource(id="no-such-owner/no-such-dataset", split="test"), eval_size=5)
-    with pytest.raises(DataError, match="^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
-                                        "'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub"):
+    with pytest.raises(DataError, match=r"^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
+                                        r"'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub"):
         load_domain(cfg, tmp_path, 5)

@@ -34,7 +34,8 @@ def run(lam, zero_stage=0, steps=12, log_every=4):
     ones = DiagPrecision({p.name: torch.ones_like(p.param) for p in params})
     rec = Recorder()
     result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=steps, lr=1e-2,
-                   batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=rec, log_every=log_every, desc="test",
+                   batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=rec, log_every=log_every,
+                   desc="test",
                    make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)))
     return model, anchor, result, rec
 
@@ -135,7 +136,6 @@ def test_the_rendezvous_is_a_context_that_leaves_the_process_as_it_found_it():
     """distributed() picks a free port for its own group and restores the environment after: a child
     process (a `lalora run` a test or a notebook starts) never inherits this process's port, and no
     RANK / WORLD_SIZE / LOCAL_RANK outlives the block."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -146,7 +146,8 @@ def test_the_rendezvous_is_a_context_that_leaves_the_process_as_it_found_it():
               "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')\n"
               "before = {k: os.environ.get(k) for k in keys}\n"
               "with distributed() as inside:\n"
-              "    child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"MASTER_PORT\"))'],\n"
+              "    child = subprocess.run([sys.executable, '-c', "
+              "'import os; print(os.environ.get(\"MASTER_PORT\"))'],\n"
               "                           capture_output=True, text=True).stdout.strip()\n"
               "after = {k: os.environ.get(k) for k in keys}\n"
               "print(inside, before == after, child)\n")

@@ -4,10 +4,9 @@ the catalogue, and the promotion gate."""
 import pytest
 
 from pipelines.config import LineageConfig, PromotionConfig, load_config
-from pipelines.lineage.plan import (LineageConflict, Recorded, config_diff, fork_point, plan, stage_config,
-                                     stage_keys)
-from pipelines.stages.gate import gate
+from pipelines.lineage.plan import LineageConflict, Recorded, config_diff, fork_point, plan, stage_config, stage_keys
 from pipelines.lineage.record import VersionRecord
+from pipelines.stages.gate import gate
 
 
 def cfg(**changes):
@@ -77,9 +76,9 @@ def test_the_bases_extra_pretraining_data_is_part_of_every_stage(tmp_path):
     fps = data_fingerprints(with_extra.all_domains[:1], str(tmp_path), 8, with_extra.model.pretrain.extra_data)
     assert set(fps) == {"source", "pretrain:g"}
     keys = stage_keys(with_extra, FP | {"pretrain:g": fps["pretrain:g"]})
-    assert all(k.config_sha256 != b.config_sha256 for k, b in zip(keys, stage_keys(cfg(), FP)))
+    assert all(k.config_sha256 != b.config_sha256 for k, b in zip(keys, stage_keys(cfg(), FP), strict=True))
     changed = stage_keys(with_extra, FP | {"pretrain:g": "other rows"})
-    assert all(k.data_sha256 != c.data_sha256 for k, c in zip(keys, changed))
+    assert all(k.data_sha256 != c.data_sha256 for k, c in zip(keys, changed, strict=True))
     local = [{"name": "g", "data": {"kind": "local", "path": p}} for p in ("/x/g.jsonl", "/y/g.jsonl")]
     assert stage_config(cfg(model__pretrain__extra_data=local[:1]), 1) == stage_config(
         cfg(model__pretrain__extra_data=local[1:]), 1)

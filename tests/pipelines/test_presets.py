@@ -9,14 +9,16 @@ from pipelines.data.sources import DataError, load_domain
 from tests.pipelines.fixtures import hub_dir
 
 GSM8K = [{"question": "Ann has 3 pens and buys 4 more. How many pens?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"},
-         {"question": "A box holds 1,200 nails; 200 are used. How many are left?", "answer": "1200 - 200 = 1000\n#### 1,000"}]
+         {"question": "A box holds 1,200 nails; 200 are used. How many are left?",
+          "answer": "1200 - 200 = 1000\n#### 1,000"}]
 METAMATH = [{"query": "What is 6 times 7?", "response": "6 * 7 = 42.\nThe answer is: 42", "type": "GSM_Rephrased",
              "original_question": "6 * 7?"},
             {"query": "Halve 18.", "response": "18 / 2 = 9\nThe answer is: 9", "type": "MATH_AnsAug",
              "original_question": "18 / 2?"}]
 HELLASWAG = [{"ind": 1, "activity_label": "Making tea", "ctx_a": "A person fills a kettle with water.", "ctx_b": "they",
               "ctx": "unused", "endings": ["put the kettle on the stove [title] Wait for it to boil.",
-                                           "throw the [step] kettle away.", "sing to the kettle.", "drink the water cold."],
+                                           "throw the [step] kettle away.", "sing to the kettle.",
+                                           "drink the water cold."],
               "source_id": "x", "split": "val", "split_type": "indomain", "label": "0"},
              {"ind": 2, "activity_label": "Cycling", "ctx_a": "A man checks his tyres.", "ctx_b": "",
               "ctx": "unused", "endings": ["He rides off.", "He eats the tyre.", "He flies.", "He sleeps."],
@@ -24,7 +26,8 @@ HELLASWAG = [{"ind": 1, "activity_label": "Making tea", "ctx_a": "A person fills
 ARC = [{"id": "a1", "question": "Which of these is a liquid at room temperature?",
         "choices": {"text": ["iron", "water", "salt"], "label": ["A", "B", "C"]}, "answerKey": "B"},
        {"id": "a2", "question": "What do plants take in to make food?",
-        "choices": {"text": ["carbon dioxide", "sand", "plastic", "gold"], "label": ["1", "2", "3", "4"]}, "answerKey": "1"}]
+        "choices": {"text": ["carbon dioxide", "sand", "plastic", "gold"], "label": ["1", "2", "3", "4"]},
+        "answerKey": "1"}]
 WINOGRANDE = [{"sentence": "The cup fell off the table because _ was too close to the edge.", "option1": "the cup",
                "option2": "the table", "answer": "1"},
               {"sentence": "Sam lent Alex a pen since _ had forgotten one.", "option1": "Sam", "option2": "Alex",
@@ -103,11 +106,11 @@ def test_text_preset_is_scored_by_perplexity_and_skips_blank_lines(tmp_path):
 
 
 def test_preset_errors_name_the_fix(tmp_path):
-    with pytest.raises(DataError, match="column\\(s\\) answerKey not in the data .*; preset arc reads question, "
-                                        "choices, answerKey$"):
+    with pytest.raises(DataError, match=r"column\(s\) answerKey not in the data .*; preset arc reads question, "
+                                        r"choices, answerKey$"):
         load(tmp_path, "arc", [{k: v for k, v in r.items() if k != "answerKey"} for r in ARC])
-    with pytest.raises(DataError, match="label '' is not a choice index \\(an unlabeled test split\\? use the "
-                                        "validation split\\)$"):
+    with pytest.raises(DataError, match=r"label '' is not a choice index \(an unlabeled test split\? use the "
+                                        r"validation split\)$"):
         load(tmp_path, "hellaswag", [{**HELLASWAG[0], "label": ""}])
     with pytest.raises(DataError, match="answerKey 'E' is not one of the choice labels"):
         load(tmp_path, "arc", [{**ARC[0], "answerKey": "E"}])

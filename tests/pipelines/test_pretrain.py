@@ -24,7 +24,8 @@ def test_extra_data_is_added_whole_after_the_source_training_rows(tmp_path):
     mixed, fp1 = pretraining_rows(SOURCE, EXTRA, tmp_path)
     assert source_only == load_domain(SOURCE, tmp_path, 1).train
     assert fp0 == load_domain(SOURCE, tmp_path, 1).fingerprint  # no extra data: the recipe bases had before
-    assert len(mixed) == len(source_only) + 40 + 30  # every row: no evaluation split is held out and mixed[: len(source_only)] == source_only
+    # every row: no evaluation split is held out and mixed[: len(source_only)] == source_only
+    assert len(mixed) == len(source_only) + 40 + 30
     assert sorted(r["prompt"].split(" ")[0] for r in mixed[len(source_only):]) == ["increment"] * 30 + ["next"] * 40
     assert fp1 != fp0 and pretraining_rows(SOURCE, EXTRA[:1], tmp_path)[1] not in (fp0, fp1)
 
@@ -55,5 +56,5 @@ def test_extra_data_names_must_not_clash_with_the_domains(tmp_path):
     (tmp_path / "c.yaml").write_text(
         "name: t\nmodel:\n  pretrain:\n    extra_data:\n      - {name: d, split_seed: 1}\n      - {name: g}\n"
         "      - {name: g}\ndomains:\n  - {name: d}\n")
-    with pytest.raises(ConfigError, match="model.pretrain.extra_data names must differ .* rename: d, g"):
+    with pytest.raises(ConfigError, match=r"model.pretrain.extra_data names must differ .* rename: d, g"):
         load_config(tmp_path / "c.yaml")

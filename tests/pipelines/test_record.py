@@ -28,8 +28,9 @@ def test_a_fork_records_where_it_came_from():
 
 def test_versions_registered_before_the_state_tag_read_the_same():
     """Format 1: every field its own lalora.* tag, scores and gate metrics beside them."""
-    legacy = {"lalora.stage": "2", "lalora.domain": "two", "lalora.lineage": "m", "lalora.stage_config_sha256": "c" * 64,
-              "lalora.data_sha256": "d" * 64, "lalora.adapter_uri": "runs:/r2/adapter",
+    legacy = {"lalora.stage": "2", "lalora.domain": "two", "lalora.lineage": "m",
+              "lalora.stage_config_sha256": "c" * 64, "lalora.data_sha256": "d" * 64,
+              "lalora.adapter_uri": "runs:/r2/adapter",
               "lalora.precision_uri": "runs:/r2/curvature", "lalora.rows_uri": "runs:/r2/lineage/rows.json",
               "lalora.config_uri": "runs:/r2/lineage/stage_config.json", "lalora.base_uri": "runs:/p/base",
               "lalora.base_recipe": "e" * 64, "lalora.precision_sha256": "f" * 64, "score.two": "0.5000",

@@ -53,7 +53,7 @@ def test_no_replay_is_the_plain_batches():
     for pool, fraction in (([], 0.5), (old, 0.0)):  # nothing to replay, or a share of nothing
         mixed = list(itertools.islice(mixed_batches(new, pool, 4, fraction, 0, 3, 9), 6))
         assert len(plain) == len(mixed) == 6
-        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, mixed))
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(plain, mixed, strict=True))
 
 
 def test_the_pool_holds_only_the_named_training_splits_never_an_evaluation_row(tmp_path):
@@ -129,7 +129,8 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
     assert "step00000002" in (Path(paths("resumed").checkpoint) / "latest").read_text()
     resumed = run_step("finetune", cfg, 3, paths("resumed"), NullTracker())
     straight = run_step("finetune", cfg, 3, paths("straight"), NullTracker())
-    a, b = load_file(f"{resumed.adapter}/adapter_model.safetensors"), load_file(f"{straight.adapter}/adapter_model.safetensors")
+    a = load_file(f"{resumed.adapter}/adapter_model.safetensors")
+    b = load_file(f"{straight.adapter}/adapter_model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)

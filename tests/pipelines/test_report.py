@@ -12,8 +12,10 @@ def score(metric, value, nll, **values):
 
 
 # source scored by NLL, one stage "math" (accuracy), one probe "hs" (acc_norm)
-ROWS = [{"wiki": score("nll", 2.0, 2.0), "math": score("accuracy", 0.1, 1.5), "hs": score("acc_norm", 0.6, 1.1, acc=0.5)},
-        {"wiki": score("nll", 2.5, 2.5), "math": score("accuracy", 0.7, 0.5), "hs": score("acc_norm", 0.5, 1.3, acc=0.45)}]
+ROWS = [{"wiki": score("nll", 2.0, 2.0), "math": score("accuracy", 0.1, 1.5),
+         "hs": score("acc_norm", 0.6, 1.1, acc=0.5)},
+        {"wiki": score("nll", 2.5, 2.5), "math": score("accuracy", 0.7, 0.5),
+         "hs": score("acc_norm", 0.5, 1.3, acc=0.45)}]
 
 
 def test_r_per_score_and_metrics_by_domain():

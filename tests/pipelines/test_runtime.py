@@ -3,8 +3,9 @@
 import subprocess
 import sys
 
-from tests.conftest import child_env
 import pytest
+
+from tests.conftest import child_env
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -25,7 +26,8 @@ with torch_threads(int(sys.argv[1]) if sys.argv[1] != "none" else None):
         opt.step()
         opt.zero_grad()
     inside = torch.get_num_threads()
-print(inside, torch.get_num_threads(), hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest())
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
+print(inside, torch.get_num_threads(), digest)
 """
 
 

@@ -6,12 +6,18 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.data.tokens import prompt_ids
 from pipelines.data.formats import GenerateScoring
-from pipelines.scoring.extract import extract, is_correct, reference
+from pipelines.data.tokens import prompt_ids
 from pipelines.runtime.models import char_tokenizer
-from pipelines.scoring.scorers import (choice_pairs, generate_texts, pair_loglikelihoods, score_generate,
-                               score_multiple_choice, score_perplexity)
+from pipelines.scoring.extract import extract, is_correct, reference
+from pipelines.scoring.scorers import (
+    choice_pairs,
+    generate_texts,
+    pair_loglikelihoods,
+    score_generate,
+    score_multiple_choice,
+    score_perplexity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,8 @@ def test_batched_generation_equals_the_greedy_loop(model, tok):
     cut = generate_texts(model, tok, [prompt_ids(tok, p) for p in prompts], batch_size=4, max_new_tokens=8,
                          stop=[stop])
     assert cut == [e.split(stop, 1)[0] for e in expected]
-    rows = [{"prompt": p, "answer": e if i % 2 == 0 else e + "!"} for i, (p, e) in enumerate(zip(prompts, expected))]
+    rows = [{"prompt": p, "answer": e if i % 2 == 0 else e + "!"}
+            for i, (p, e) in enumerate(zip(prompts, expected, strict=True))]
     scored = score_generate(model, tok, rows, GenerateScoring(), batch_size=3, max_new_tokens=8)
     assert scored == {"accuracy": 0.5}
 
@@ -104,14 +111,16 @@ def test_multiple_choice_ranking_equals_a_manual_loop_over_choices(model, tok):
         assert [len(g) for g in got] == [len(m) for m in manual]
         torch.testing.assert_close(torch.tensor([v for g in got for v in g]),
                                    torch.tensor([v for m in manual for v in m]), atol=1e-4, rtol=1e-5)
-    acc = sum(max(range(len(m)), key=lambda i: m[i]) == r["label"] for m, r in zip(manual, rows)) / len(rows)
+    acc = sum(max(range(len(m)), key=lambda i: m[i]) == r["label"]
+              for m, r in zip(manual, rows, strict=True)) / len(rows)
     acc_norm = sum(max(range(len(m)), key=lambda i: m[i] / len(r["choices"][i])) == r["label"]
-                   for m, r in zip(manual, rows)) / len(rows)
-    gold_tokens = sum(len(p[r["label"]][1]) for p, r in zip(pairs, rows))
-    nll = -sum(m[r["label"]] for m, r in zip(manual, rows)) / gold_tokens
+                   for m, r in zip(manual, rows, strict=True)) / len(rows)
+    gold_tokens = sum(len(p[r["label"]][1]) for p, r in zip(pairs, rows, strict=True))
+    nll = -sum(m[r["label"]] for m, r in zip(manual, rows, strict=True)) / gold_tokens
     scored = score_multiple_choice(model, tok, rows, batch_size=4)
     assert scored["acc"] == acc and scored["acc_norm"] == acc_norm
-    assert scored["nll"] == pytest.approx(nll, rel=1e-5) and scored["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
+    assert scored["nll"] == pytest.approx(nll, rel=1e-5)
+    assert scored["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
 
 
 def test_multiple_choice_contexts_are_cut_from_the_left_to_fit(model, tok):

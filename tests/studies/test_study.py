@@ -22,7 +22,7 @@ def recorded():
 
 def test_every_part_was_recorded_without_a_failed_lineage(recorded):
     assert [p["part"] for p in recorded["parts"]] == [part.name for part in study.PARTS]
-    for part, spec in zip(recorded["parts"], study.PARTS):
+    for part, spec in zip(recorded["parts"], study.PARTS, strict=True):
         summary = part["summary"]
         assert summary["failed"] == [], part["part"]
         assert {p["point"]["seed"] for p in summary["points"]} == set(range(spec.seeds)), part["part"]
