@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--grid", dest="grid", action="append", default=[], metavar="FIELD=v1,v2",
                     help="sweep any config field too, e.g. --grid training.replay.fraction=0,0.25 (repeatable)")
     sw.add_argument("--seeds", type=int, default=1, help="seeds per point (LoRA init and data order)")
+    sw.add_argument("--first-seed", type=int, default=0,
+                    help="the first seed: --seeds 1 --first-seed 2 runs seed 2 alone (adds a seed to a sweep)")
     sw.add_argument("--stages", type=int, default=None,
                     help="use only the first N domains (1: one-stage transfer, forgetting measured on the source)")
     sw.add_argument("--forgetting-on", dest="forgetting_on", default=None, metavar="NAMES",
@@ -410,7 +412,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         axes = _sweep_axes(args)
-        points = sweep_points(axes, args.seeds)
+        points = sweep_points(axes, args.seeds, args.first_seed)
         for point in points:  # every point's config is valid before any lineage starts
             point_config(cfg, point, "sqlite:///check.db", args.stages)
         forgetting_on = [n.strip() for n in args.forgetting_on.split(",") if n.strip()] if args.forgetting_on else None
@@ -437,7 +439,7 @@ def _sweep(args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], point
     print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
     t0 = time.perf_counter()
     summary = sweep_flow(str(args.config), str(out), [(a.field, list(a.values)) for a in axes], args.seeds,
-                         list(args.overrides), args.stages, forgetting_on)
+                         list(args.overrides), args.stages, forgetting_on, args.first_seed)
     print((out / "sweep.md").read_text())
     for f in summary["failed"]:
         print(f"left out (diverged): {f['point']}: {f['reason']}")

@@ -40,19 +40,20 @@ log = logging.getLogger(__name__)
 @flow(name="lalora-sweep")
 def sweep_flow(config_path: str, out_dir: str, axes: list[tuple[str, list[Any]]], seeds: int,
                overrides: list[str] | None = None, stages: int | None = None,
-               forgetting_on: list[str] | None = None) -> dict[str, Any]:
-    """Run every point, then write ``sweep.json``, ``sweep.md`` and ``pareto.png`` and log them to MLflow;
-    returns sweep.json's contents."""
+               forgetting_on: list[str] | None = None, first_seed: int = 0) -> dict[str, Any]:
+    """Run every point (seeds ``first_seed`` .. ``first_seed + seeds - 1``), then write ``sweep.json``,
+    ``sweep.md`` and ``pareto.png`` and log them to MLflow; returns sweep.json's contents."""
     cfg = load_config(config_path, overrides)
     root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg.tracking.mlflow_uri, root)
-    points = sweep_points([Axis(f, tuple(v)) for f, v in axes], seeds)
+    points = sweep_points([Axis(f, tuple(v)) for f, v in axes], seeds, first_seed)
     configs = {p.label: point_config(cfg, p, uri, stages) for p in points}  # every point valid before any runs
     close_orphaned_runs(uri, cfg.tracking.experiment, "lalora.sweep", cfg.name)  # left RUNNING by a killed sweep
     parent = start_run(uri, cfg.tracking.experiment, root / "mlartifacts" if is_local_store(uri) else None,
                        f"sweep: {cfg.name}", tags={"lalora.sweep": cfg.name})
     parent.tracker().log_params({**{f"sweep.{f}": ",".join(map(str, v)) for f, v in axes}, "sweep.seeds": seeds,
+                                 "sweep.first_seed": first_seed,
                                  "sweep.points": len(points), "sweep.stages": stages or len(cfg.domains)})
     t0 = time.perf_counter()
     try:

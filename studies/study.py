@@ -46,6 +46,8 @@ class Part:
     args: tuple[str, ...]
     stages: int
     seeds: int
+    first_seed: int = 0
+    """A part that adds seeds to another part's settings runs from this seed (its rows join the other's)."""
 
 
 LAMBDA = ("--curvature", "diag", "--lambda")
@@ -67,9 +69,10 @@ PARTS = (
     Part("one-stage-replay", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25,0.5"), 1, 3),
     Part("one-stage-replay-diag", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 1, 3),
     Part("one-stage-samples", (*LAMBDA, f"{SAMPLES_LAMBDA:g}", "--grid", "lalora.samples=8,128"), 1, 3),
-    Part("two-stage", (*LAMBDA, "0,10"), 2, 3),
-    Part("two-stage-replay", (*LAMBDA, "10", "--grid", "training.replay.fraction=0.25"), 2, 2),
-    Part("two-stage-replay-plain", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 3),
+    Part("two-stage", (*LAMBDA, "0,10"), 2, 2),
+    Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
+    Part("two-stage-seed2", (*LAMBDA, "0,10"), 2, 1, first_seed=2),
+    Part("two-stage-replay-seed2", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 1, first_seed=2),
     Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))), 2, 3),
 )
 """Two queues of about equal length: every other part."""
@@ -79,7 +82,8 @@ def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
     """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
     finished = out / part.name / "sweep.json"
     cmd = [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
-           "--seeds", str(part.seeds), "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+           "--seeds", str(part.seeds), *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
+           "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
     if finished.exists() and not (summary := json.loads(finished.read_text()))["failed"]:
         print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
         return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     md = (f"# The study (python -m studies.study, {args.workers} parts at a time, one thread a lineage; this "
           f"invocation {wall:.0f} s)\n\n## One stage, 3 seeds\n\n{one}\n\n"
           f"## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
-          f"## Two stages, 3 seeds\n\n{two}\n\n"
+          f"## Two stages\n\n{two}\n\n"
           + (f"## A forgetting budget: lambda auto, {BUDGET} on capitals\n\n{budget}\n\n" if budget else "")
           + f"{commands(parts)}\n")
     (args.results / "study.md").write_text(md)

@@ -100,11 +100,14 @@ def parse_axis(text: str) -> Axis:
         raise BadInput(f"--grid {text!r}: a value is not valid YAML") from None
 
 
-def sweep_points(axes: list[Axis], seeds: int) -> list[SweepPoint]:
-    """Every combination of the axes' values, times the seeds; at lambda 0 the curvature is ``plain``
-    (the same lineage whatever the kind: run once). Plain points first within each seed."""
+def sweep_points(axes: list[Axis], seeds: int, first_seed: int = 0) -> list[SweepPoint]:
+    """Every combination of the axes' values, times the seeds (``first_seed`` on: a sweep extended by more seeds
+    runs only the new ones); at lambda 0 the curvature is ``plain`` (the same lineage whatever the kind: run
+    once). Plain points first within each seed."""
     if seeds < 1:
         raise BadInput(f"--seeds must be >= 1, got {seeds}")
+    if first_seed < 0:
+        raise BadInput(f"--first-seed must be >= 0, got {first_seed}")
     for axis in axes:
         if axis.field == LAMBDA and any(v != AUTO and (not isinstance(v, (int, float)) or v < 0) for v in axis.values):
             raise BadInput(f"lambda values must be numbers >= 0 or auto, got {list(axis.values)}")
@@ -112,7 +115,7 @@ def sweep_points(axes: list[Axis], seeds: int) -> list[SweepPoint]:
     if len(set(fields_)) != len(fields_):
         raise BadInput(f"a field is swept twice: {', '.join(sorted({f for f in fields_ if fields_.count(f) > 1}))}")
     points: list[SweepPoint] = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         combos = []
         for values in itertools.product(*(a.values for a in axes)):
             settings = dict(zip(fields_, values, strict=True))

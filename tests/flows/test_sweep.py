@@ -159,3 +159,20 @@ def test_a_sweep_point_can_search_its_lambda(tmp_path):
     assert point_config(cfg, points[1], "sqlite:///x.db", 1).searches
     assert method(dict(points[1].settings)) == "diag lambda auto"
     assert dict(points[0].settings)[LAMBDA] == 0.0
+
+
+def test_a_sweep_can_add_seeds_to_a_finished_one(tmp_path):
+    """--seeds 1 --first-seed 2: only seed 2's points (their labels, registered models and LoRA seeds say so)."""
+    from pipelines.config import load_config
+    from pipelines.errors import BadInput
+    from pipelines.lineage.sweep import CURVATURE, LAMBDA, Axis, point_config, sweep_points
+
+    axes = [Axis(CURVATURE, ("diag",)), Axis(LAMBDA, (0.0, 10.0))]
+    points = sweep_points(axes, 1, first_seed=2)
+    assert [p.label for p in points] == ["plain-lambda0-seed2", "diag-lambda10-seed2"]
+    assert [p.label for p in sweep_points(axes, 3)][-2:] == [p.label for p in points]  # as a 3-seed sweep's
+    with pytest.raises(BadInput, match="--first-seed must be >= 0"):
+        sweep_points(axes, 1, first_seed=-1)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    cfg = point_config(load_config(tmp_path / "tiny.yaml"), points[1], "sqlite:///x.db", 1)
+    assert cfg.training.seed == 2 and cfg.lora.init_seed == 2
