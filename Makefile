@@ -129,3 +129,16 @@ bench-eval: install
 
 clean:
 	rm -rf runs .cache .pytest_cache site
+
+# What a lent H200 needs beside its image to run benchmarks/device/run_suite.sh (cp312 wheels; README of the
+# device tool): the packages in benchmarks/device/wheels.txt, deepspeed built without its ops, and the DeepSpeed
+# anchor script from ../shared/bench. Carried as .whl (git-ignored).
+DEVICE_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+.PHONY: device-wheels
+device-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q $(DEVICE_WHEEL_FLAGS) -d .whl $$(grep -v '^#' benchmarks/device/wheels.txt)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+	cp ../shared/bench/gpu_anchor_ds.py .whl/
+	du -sh .whl
