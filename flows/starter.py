@@ -1,5 +1,6 @@
 """``lalora init DIR``: the demo's config (``configs/demo.yaml``, comments and all) and its base model
-(``configs/demo-base``, which the config names as ``model.path: demo-base``) as a starting point.
+(``configs/demo-base``, which the config names as ``model.path: demo-base``) as a starting point, with the
+config's JSON Schema beside it (``lalora.schema.json``, which the config's first line names for editors).
 
 Both ship inside the package as ``flows/demo.yaml`` and ``flows/demo-base``: links to the checkout's files (one
 source of truth), which the wheel build copies, so an installed ``lalora`` has them without a checkout.
@@ -17,6 +18,7 @@ from pipelines.errors import BadInput
 PACKAGED_DEMO = "demo.yaml"
 PACKAGED_BASE = "demo-base"
 STARTER_NAME = "lalora.yaml"
+SCHEMA_NAME = "lalora.schema.json"
 
 
 def demo_config_text() -> str:
@@ -26,11 +28,13 @@ def demo_config_text() -> str:
 
 def starter_text(config: Path, out: Path) -> str:
     """The demo config whose opening comment (the command that runs it) names ``config`` and ``out``, not the
-    checkout's ``configs/demo.yaml`` and ``make demo``; every other line as shipped."""
+    checkout's ``configs/demo.yaml`` and ``make demo``, and whose schema line names the schema written beside
+    it; every other line as shipped."""
     lines = demo_config_text().splitlines(keepends=True)
     header = next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))
     for i in range(header):
-        line = re.sub(r"\s+\(or: make demo\)", "", lines[i])
+        line = re.sub(r"(# yaml-language-server: \$schema=)\S+", rf"\g<1>{SCHEMA_NAME}", lines[i])
+        line = re.sub(r"\s+\(or: make demo\)", "", line)
         lines[i] = line.replace("configs/demo.yaml", str(config)).replace("--out runs/", f"--out {out}/")
     return "".join(lines)
 
@@ -55,6 +59,9 @@ def write_starter(directory: Path, force: bool = False) -> Starter:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         starter.config.write_text(starter_text(starter.config, starter.out))
+        from pipelines.config import config_schema
+
+        (directory / SCHEMA_NAME).write_text(config_schema())
         base = directory / PACKAGED_BASE
         base.mkdir(exist_ok=True)
         for item in resources.files("flows").joinpath(PACKAGED_BASE).iterdir():

@@ -1,4 +1,4 @@
-"""The learning-forgetting study (``make study``): every table of README's study section, from one command.
+"""The learning-forgetting study (``make study``): every table of the study page (docs/results/study.md), from one command.
 
 SmolLM2-135M-Instruct learns GSM8K (and, in the two-stage lineage, gsm_symbolic after it) on this CPU;
 forgetting is measured on two probes of what it knows (capital cities, demonyms). Each part below is a

@@ -53,7 +53,7 @@ def format_errors(e: ValidationError) -> list[str]:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check spelling; see the config reference in README)"
+            msg = "unknown key (check spelling; see docs/reference/config.md or lalora schema)"
         elif err["type"] == "literal_error" and "expected" in err.get("ctx", {}):
             msg = f"must be one of {err['ctx']['expected']}"
         elif err["type"] == "union_tag_invalid":

@@ -71,7 +71,9 @@ def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
     written = d / "lalora.yaml"
     assert f"    lalora validate {written}\n" in out and f"    lalora run {written} --out {d}/runs/demo\n" in out
     text, demo = written.read_text().splitlines(), DEMO.read_text().splitlines()
-    assert text[0] == demo[0] and demo[0].startswith("# yaml-language-server: $schema=")
+    assert demo[0] == "# yaml-language-server: $schema=../lalora.schema.json"
+    assert text[0] == "# yaml-language-server: $schema=lalora.schema.json"  # the schema written beside it
+    assert (d / "lalora.schema.json").read_text() == (ROOT / "lalora.schema.json").read_text()
     assert text[1] == f"# Run: lalora run {written} --out {d}/runs/demo"
     assert text[2] == (f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 "
                        "--set lalora.lambda=0")
