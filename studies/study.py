@@ -78,8 +78,9 @@ PARTS = (
 """Two queues of about equal length: every other part."""
 
 
-def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
-    """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time."""
+def _run(part: Part, out: Path, lalora: str, run: bool = True) -> dict[str, Any]:
+    """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time (``run`` False: a part that has not
+    finished is reported from the lineages it finished so far, and nothing runs)."""
     finished = out / part.name / "sweep.json"
     cmd = [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
            "--seeds", str(part.seeds), *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
@@ -88,6 +89,9 @@ def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
         print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
         return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
                 "summary": summary}
+    if not run:
+        return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": None,
+                "summary": _finished_so_far(part, out)}
     # Each part its own Prefect database: two ephemeral servers migrating one fresh SQLite file at once
     # race (one fails its start-up with "no such column" and Prefect starts another).
     env = {**os.environ, "PREFECT_HOME": str(out / part.name / ".prefect")}
@@ -100,6 +104,25 @@ def _run(part: Part, out: Path, lalora: str) -> dict[str, Any]:
     summary = json.loads((out / part.name / "sweep.json").read_text())
     return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0,
             "summary": summary}
+
+
+def _finished_so_far(part: Part, out: Path) -> dict[str, Any]:
+    """A part whose sweep has not finished (``--no-run``): the lineages it finished so far, read from their
+    metrics.json, as sweep.json's points (the same settings, seeds and labels the sweep gives them)."""
+    from flows.cli import _parser, _sweep_axes
+    from pipelines.lineage.sweep import sweep_points
+
+    points = sweep_points(_sweep_axes(_parser().parse_args(["sweep", str(CONFIG), *part.args])), part.seeds,
+                          part.first_seed)
+    found = []
+    for point in points:
+        metrics = out / part.name / "points" / point.label / "metrics.json"
+        if metrics.exists():
+            m = json.loads(metrics.read_text())
+            found.append({"point": {"settings": dict(point.settings), "seed": point.seed, "label": point.label},
+                          "R": m["R"], "BWT": m["BWT"], "auto": m.get("auto", {}),
+                          "seconds": sum(t["wall_seconds"] for t in m["timing"])})
+    return {"points": found, "rows": [], "failed": [], "lineages": len(points)}
 
 
 def method(setting: dict[str, Any]) -> str:
@@ -178,7 +201,7 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
              for i in range(len(points[0]["R"]))]
         bwt = [p["BWT"] for p in points]
         out[name] = {"R_mean": R, "BWT": bwt, "seeds": len(points)}
-        text += [f"{name} ({len(points)} seeds): BWT {statistics.fmean(bwt):+.3f} +- {statistics.stdev(bwt):.3f}", "",
+        text += [f"{name} ({len(points)} seeds): BWT {statistics.fmean(bwt):+.3f} +- {_sd(bwt):.3f}", "",
                  "| after stage | " + " | ".join(f"{d} ({'NLL' if d.startswith('gsm') else 'acc'})" for d in domains)
                  + " |", "|---|---|---|---|---|"]
         for i, row in enumerate(R):
@@ -254,6 +277,11 @@ def commands(parts: list[dict[str, Any]]) -> str:
              "resumed after an interruption records the time of its last invocation)", ""]
     for p in parts:
         lineages = [q["seconds"] for q in p["summary"]["points"]]
+        if "lineages" in p["summary"]:  # reported before its sweep finished (--no-run)
+            lines.append(f"- `lalora {p['command']}`: not finished; {len(lineages)} of {p['summary']['lineages']} "
+                         f"lineages reported" + (f", median {statistics.median(lineages):.0f} s a lineage"
+                                                 if lineages else ""))
+            continue
         lines.append(f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s, {len(lineages)} lineages, median "
                      f"{statistics.median(lineages):.0f} s a lineage")
     return "\n".join(lines)
@@ -290,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True, help="where study.json, study.md, study-pareto.png go")
     p.add_argument("--only", default="", help="run only the parts whose names start with this")
     p.add_argument("--workers", type=int, default=2, help="parts run at a time (each lineage one torch thread)")
+    p.add_argument("--no-run", action="store_true", help="run nothing: report the finished parts, and the lineages "
+                   "an unfinished part finished so far (marked so in the commands' list)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -297,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [part for part in PARTS if part.name.startswith(args.only)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        parts = list(pool.map(lambda part: _run(part, args.out, lalora), chosen))
+        parts = list(pool.map(lambda part: _run(part, args.out, lalora, not args.no_run), chosen))
     wall = time.perf_counter() - t0
     one, table = one_stage_table(_rows(parts, "one-stage"))
     two, matrices = two_stage_tables(parts)

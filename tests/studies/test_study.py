@@ -76,3 +76,20 @@ def test_a_finished_part_is_reported_from_its_sweep_json_without_running(recorde
     (tmp_path / part.name / "sweep.json").write_text(json.dumps({**summary, "failed": failed}))
     with pytest.raises(FileNotFoundError):  # a part with a failed lineage runs again (its lineages resume)
         study._run(part, tmp_path, lalora=str(tmp_path / "no-such-lalora"))
+
+
+def test_no_run_reports_what_an_unfinished_part_finished_so_far(tmp_path):
+    """--no-run: a part without sweep.json is reported from its finished lineages' metrics.json (settings and
+    seed from the sweep's own labels) and nothing is launched; the commands' list says it did not finish."""
+    part = next(p for p in study.PARTS if p.name == "two-stage-seed2")
+    done = tmp_path / part.name / "points" / "plain-lambda0-seed2"
+    done.mkdir(parents=True)
+    R = [[0.8, 1.5, 1.4, 0.79], [0.6, 1.2, 1.1, 0.75], [0.55, 1.3, 0.6, 0.75]]
+    (done / "metrics.json").write_text(json.dumps({"R": R, "BWT": -0.1, "timing": [{"wall_seconds": 5.0},
+                                                                                     {"wall_seconds": 6.0}]}))
+    (tmp_path / part.name / "points" / "diag-lambda10-seed2").mkdir()  # started, not finished: left out
+    result = study._run(part, tmp_path, lalora=str(tmp_path / "no-such-lalora"), run=False)
+    points = result["summary"]["points"]
+    assert [p["point"]["label"] for p in points] == ["plain-lambda0-seed2"] and points[0]["seconds"] == 11.0
+    assert study.method(points[0]["point"]["settings"]) == "plain LoRA" and points[0]["point"]["seed"] == 2
+    assert "not finished; 1 of 2 lineages reported" in study.commands([result])
