@@ -162,7 +162,7 @@ def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype
     model.zero_grad(set_to_none=True)
     for kind in ("diag", "kfac"):
         est = build_estimator(kind)
-        out[f"{kind}_ms"] = best(lambda: est.estimate(model, [batch]))
+        out[f"{kind}_ms"] = best(lambda est=est: est.estimate(model, [batch]))  # this iteration's estimator
         out[f"{kind}_vs_backward"] = out[f"{kind}_ms"] / out["backward_ms"]
     return out
 
@@ -249,7 +249,8 @@ def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> 
         return [rng.randrange(5, 100) for _ in range(rng.randint(lo, hi))]
 
     examples = [[(context, tokens(1, 8)) for _ in range(4)]
-                for context in (tokens(max(1, args.gen_prompt // 2), args.gen_prompt) for _ in range(args.gen_batch * 4))]
+                for context in (tokens(max(1, args.gen_prompt // 2), args.gen_prompt)
+                                for _ in range(args.gen_batch * 4))]
     pad, batch = tok.pad_token_id, args.gen_batch * 4
 
     def plain() -> list[list[float]]:
@@ -269,7 +270,9 @@ def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> 
             sync()
             times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
-    diff = max(abs(a - b) for x, y in zip(outputs["ours"], outputs["plain_forward"]) for a, b in zip(x, y))
+    # both score the same examples: one list per example, one value per pair
+    diff = max(abs(a - b) for x, y in zip(outputs["ours"], outputs["plain_forward"], strict=True)
+               for a, b in zip(x, y, strict=True))
     return {"pairs": sum(map(len, examples)), "seconds": best["ours"], "plain_forward_seconds": best["plain_forward"],
             "vs_plain_forward": best["plain_forward"] / best["ours"], "max_abs_diff_vs_plain_forward": diff}
 
@@ -295,7 +298,8 @@ def zero3_vs_plain(work: Path, args: argparse.Namespace, dtype_name: str) -> dic
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b")
     ap.add_argument("--device", default="cuda", help="cuda or cpu (the pipeline uses the GPU when there is one)")
@@ -312,11 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--anchor", type=Path, default=ANCHOR)
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here; use --device cpu")
     if args.device == "cpu" and torch.cuda.is_available():
-        raise SystemExit("--device cpu on a GPU machine: the pipeline would use the GPU; hide it (CUDA_VISIBLE_DEVICES=)")
+        raise SystemExit("--device cpu on a GPU machine: the pipeline would use the GPU; "
+                         "hide it (CUDA_VISIBLE_DEVICES=)")
     dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     t_all = time.perf_counter()
     summary: dict[str, Any] = {"shape": args.shape, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
@@ -337,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["loglik"] = loglik(base, work, args, dtype_name)
         summary["zero3_vs_plain"] = zero3_vs_plain(work, args, dtype_name)
     ref = summary["anchor"].get("ds_zero2", {}).get("tokens_per_s")
-    ratios = {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()} if ref else {}
+    ratios = ({f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()}
+              if ref else {})
     ratios["diag_curvature_vs_backward"] = summary["curvature"]["diag_vs_backward"]
     ratios["kfac_curvature_vs_backward"] = summary["curvature"]["kfac_vs_backward"]
     ratios["generation_vs_hf_merged"] = summary["generation"]["vs_hf_merged"]

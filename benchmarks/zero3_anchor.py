@@ -2,7 +2,8 @@
 
     python benchmarks/zero3_anchor.py                      # hidden 256, 4 layers, vocab 4096, r 16, 8 x 128, CPU (gloo)
     python benchmarks/zero3_anchor.py --world-size 2       # both sides under the deepspeed launcher, 2 ranks
-    python benchmarks/zero3_anchor.py --hidden 64 --layers 1 --vocab 512 --seq 32 --warmup 1 --steps 2 --repeats 1  # the test
+    # the test:
+    python benchmarks/zero3_anchor.py --hidden 64 --layers 1 --vocab 512 --seq 32 --warmup 1 --steps 2 --repeats 1
 
 One run, one random Llama saved to disk with one LoRA initialisation (r on every linear layer), then, one after
 the other, each in its own rank process(es) so that each has its own peak:
@@ -63,7 +64,8 @@ def reset_peak() -> None:
 def live_models() -> dict[str, int]:
     """How many DeepSpeed engines, peft models and transformers models are alive (reachable or not yet collected)."""
     gc.collect()
-    names = ("DeepSpeedEngine", "PeftModelForCausalLM", "PeftModel", "LlamaForCausalLM", "DeepSpeedZeroOptimizer_Stage3")
+    names = ("DeepSpeedEngine", "PeftModelForCausalLM", "PeftModel", "LlamaForCausalLM",
+             "DeepSpeedZeroOptimizer_Stage3")
     found = {n: 0 for n in names}
     for obj in gc.get_objects():
         name = type(obj).__name__
@@ -88,7 +90,7 @@ def live_tensor_bytes() -> int:
                 s = obj.untyped_storage()
                 if s.nbytes():
                     seen[(s.data_ptr(), str(obj.device))] = s.nbytes()
-        except Exception:  # noqa: BLE001  (a half-built object in the heap)
+        except Exception:  # a half-built object in the heap
             continue
     return sum(seen.values())
 
@@ -100,7 +102,7 @@ def _imports() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import pipelines.stages.curvature  # noqa: F401
+    import pipelines.stages.curvature
     import pipelines.stages.finetune  # noqa: F401
 
 
@@ -109,7 +111,9 @@ def _throughput(times: list[float], start: float, warmup: int, tokens_per_step: 
     timed = len(times) - warmup
     return {"tokens_per_s": timed * tokens_per_step / (times[-1] - times[warmup - 1]),
             "tokens_per_s_all_steps": len(times) * tokens_per_step / (times[-1] - start),
-            "step_ms_median": sorted((b - a) * 1e3 for a, b in zip([start, *times[:-1]], times))[len(times) // 2]}
+            # each step's start beside its end: as many as the steps
+            "step_ms_median": sorted((b - a) * 1e3
+                                     for a, b in zip([start, *times[:-1]], times, strict=True))[len(times) // 2]}
 
 
 def gpu_reset() -> None:
@@ -212,8 +216,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     total = args.warmup + args.steps
     training = TrainingConfig(steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1,
                               checkpoint_every=0)
-    ds = DeepSpeedConfig(zero_stage=3, world_size=args.world_size, precision="bf16" if args.dtype == "bfloat16" else "fp32",
-                         gradient_clipping=1.0)
+    ds = DeepSpeedConfig(zero_stage=3, world_size=args.world_size,
+                         precision="bf16" if args.dtype == "bfloat16" else "fp32", gradient_clipping=1.0)
     rss0 = rss_kib("VmRSS")
     reset_peak()
     gpu_reset()
@@ -308,7 +312,8 @@ def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         "zero3_tokens_per_s_vs_plain": ours["tokens_per_s"] / plain["tokens_per_s"],
         "zero3_peak_rss_vs_plain_plus_penalty": ours["peak_rss"] / budget,
         "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
-        "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"]) / (plain["peak_rss"] - plain["rss_start"]),
+        "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"])
+        / (plain["peak_rss"] - plain["rss_start"]),
         "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"] /
         (plain["live_tensor_after_last_step"] + penalty_mib)}
     targets = {"zero3_tokens_per_s_vs_plain": ratios["zero3_tokens_per_s_vs_plain"] >= 1.0,
@@ -319,10 +324,12 @@ def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         ratios["zero3_finetune_peak_gpu_vs_plain_plus_penalty"] = ours["finetune_peak_gpu"] / gpu_budget
         targets["zero3_peak_memory_vs_plain_plus_penalty"] = ours["peak_gpu"] <= gpu_budget
     return {"penalty_tensors": penalty_mib, "ratios": ratios, "targets": targets,
-            "live_tensor_diff_ours_minus_plain": ours["live_tensor_after_last_step"] - plain["live_tensor_after_last_step"]}
+            "live_tensor_diff_ours_minus_plain": ours["live_tensor_after_last_step"]
+            - plain["live_tensor_after_last_step"]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -341,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--anchor", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps: at least 1 each (the first step traces ZeRO-3's fetch order)")
     if args.child:
@@ -380,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(compare(summary["plain"], summary["ours"]))
     summary["seconds"] = time.perf_counter() - t_all
     plain, ours = summary["plain"], summary["ours"]
-    print(f"ours / plain tokens/s {summary['ratios']['zero3_tokens_per_s_vs_plain']:.3f}; peak RSS {ours['peak_rss']:.0f}"
+    print(f"ours / plain tokens/s {summary['ratios']['zero3_tokens_per_s_vs_plain']:.3f}; "
+          f"peak RSS {ours['peak_rss']:.0f}"
           f" MiB vs plain {plain['peak_rss']:.0f} + penalty {summary['penalty_tensors']:.2f} MiB")
     print(json.dumps(summary))
     return 0

@@ -1,4 +1,5 @@
-"""The learning-forgetting study (``make study``): every table of the study page (docs/results/study.md), from one command.
+"""The learning-forgetting study (``make study``): every table of the study page (docs/results/study.md),
+from one command.
 
 SmolLM2-135M-Instruct learns GSM8K (and, in the two-stage lineage, gsm_symbolic after it) on this CPU;
 forgetting is measured on two probes of what it knows (capital cities, demonyms). Each part below is a
@@ -73,7 +74,8 @@ PARTS = (
     Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
     Part("two-stage-seed2", (*LAMBDA, "0,10"), 2, 1, first_seed=2),
     Part("two-stage-replay-seed2", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 1, first_seed=2),
-    Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))), 2, 3),
+    Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))),
+         2, 3),
 )
 """Two queues of about equal length: every other part."""
 
@@ -165,7 +167,8 @@ def one_stage_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any
         cols = r["per_column"]
         lines.append(f"| {r['method']} | {r['n']} | {_pm(r['learning'], r['learning_sd'])} | "
                      f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
-                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} | {_pm(r['forgetting'], r['forgetting_sd'])} | "
+                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} | "
+                     f"{_pm(r['forgetting'], r['forgetting_sd'])} | "
                      f"{r['source_final']:.3f} | {'*' if r.get('study_pareto') else ''} |")
     return "\n".join(lines), table
 
@@ -313,7 +316,7 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m studies.study", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m studies.study", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "study")
     p.add_argument("--results", type=Path, required=True, help="where study.json, study.md, study-pareto.png go")
     p.add_argument("--only", default="", help="run only the parts whose names start with this")
@@ -341,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "study.md").write_text(md)
     (args.results / "study.json").write_text(json.dumps(
         {"wall_seconds": wall, "workers": args.workers, "cpu_count": os.cpu_count(), "one_stage": table,
-         "two_stage": matrices, "budget": budget_json, "parts": [{k: v for k, v in p.items()} for p in parts]}, indent=1))
+         "two_stage": matrices, "budget": budget_json, "parts": [{k: v for k, v in p.items()} for p in parts]},
+        indent=1))
     if table:
         plot(table, args.results / "study-pareto.png")
     print(md)

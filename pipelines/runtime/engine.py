@@ -66,7 +66,7 @@ def keep_whole(params: list[nn.Parameter]) -> None:
     status check, no device sync)."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    zero = [p for p in params if hasattr(p, "ds_id")]
+    zero: list[Any] = [p for p in params if hasattr(p, "ds_id")]  # ZeRO-3's attributes (ds_status, all_gather)
     if not zero:
         return
     if not all(getattr(p, "ds_persist", False) for p in zero):
@@ -198,7 +198,7 @@ def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[]
     return out.loss, pen
 
 
-def _save(engine: nn.Module, ckpt: Path, step: int, client: dict) -> None:
+def _save(engine: Any, ckpt: Path, step: int, client: dict) -> None:
     """Trainable state (adapter, optimizer) at ``step``; older checkpoints go once ``latest`` points here.
 
     DeepSpeed writes ``latest`` after the tag's files, so a kill mid-save leaves the previous one usable.
@@ -225,7 +225,7 @@ def _latest_tag(ckpt: Path) -> str | None:
     return tag or None
 
 
-def _restore(engine: nn.Module, ckpt: Path | None) -> dict:
+def _restore(engine: Any, ckpt: Path | None) -> dict:
     """Load the latest checkpoint under ``ckpt`` into the engine; its client state ({} when none)."""
     tag = _latest_tag(ckpt) if ckpt is not None else None
     if tag is None:
@@ -246,7 +246,8 @@ class _Window:
     def __init__(self, device: torch.device) -> None:
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, penalty
         self.steps = 0  # in the window: every rank runs as many
-        self.bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)  # first non-finite step, its loss, penalty
+        # the first non-finite step, its loss, its penalty
+        self.bad = torch.full((3,), -1.0, dtype=torch.float64, device=device)
 
     def add(self, step: int, loss: Tensor, pen: Tensor) -> None:
         values = torch.stack([loss.detach().double(), pen.detach().double()])
@@ -265,8 +266,8 @@ class _Window:
         loss, pen, step, bad_loss, bad_pen = torch.cat([sums, self.bad]).tolist()  # the CPU-GPU sync point
         if step >= 0:
             what = "loss" if not math.isfinite(bad_loss) else "penalty"
-            raise DivergenceError(f"{desc}: non-finite {what} at step {int(step)} (loss={bad_loss}, penalty={bad_pen}); "
-                                  "lower training.lr or lalora.lambda")
+            raise DivergenceError(f"{desc}: non-finite {what} at step {int(step)} "
+                                  f"(loss={bad_loss}, penalty={bad_pen}); lower training.lr or lalora.lambda")
         n, self.steps = self.steps, 0
         self.sums.zero_()
         return loss / n, pen / n
@@ -360,6 +361,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
             tracker.log_metrics({"train/loss": loss_v, "train/penalty": pen_v}, step=done)
             bar.set_postfix(loss=f"{loss_v:.3f}", penalty=f"{pen_v:.3g}")
         if save:
+            assert checkpoint_dir is not None  # a save is due only with a checkpoint directory
             _save(engine, checkpoint_dir, done, {"step": done, "rng": torch.get_rng_state(), "loss": loss_v,
                                                  "penalty": pen_v})
     bar.close()

@@ -1,4 +1,5 @@
-"""benchmarks/zero3_anchor.py, plain DeepSpeed ZeRO-3 beside ours, runs at its smallest shape and ends with one JSON line."""
+"""benchmarks/zero3_anchor.py, plain DeepSpeed ZeRO-3 beside ours, runs at its smallest shape and ends with one JSON
+line."""
 
 import json
 import subprocess
