@@ -53,6 +53,8 @@ def main() -> int:
     p.add_argument("config", type=Path)
     p.add_argument("run", type=Path, help="the lineage's --out directory")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="the overrides the lineage ran with (a sweep point's --set), as lalora run takes them")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipelines.config import load_config
@@ -60,13 +62,11 @@ def main() -> int:
     from pipelines.runtime.models import load_for_inference
     from pipelines.workspace import Workspace
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     if cfg.runtime.threads:
         torch.set_num_threads(cfg.runtime.threads)
     ws, data = Workspace(args.run.resolve()), args.run.resolve() / "data"
-    base = str(cfg.model.path if cfg.model.path else ws.base)
-    if cfg.model.path and not Path(base).is_absolute():
-        base = str((args.config.parent / base).resolve())
+    base = str(cfg.model.path if cfg.model.path else ws.base)  # load_config resolved a directory beside the config
     adapters = [str(ws.init_adapter)]
     out: list[dict[str, Any]] = []
     for t, domain in enumerate(cfg.domains, start=1):

@@ -255,7 +255,8 @@ def budget_table(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
              "stage 1 | stage 2 | learning: gsm8k | gsm_symbolic | gsm_symbolic, share of plain LoRA's |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, f in figures.items():
-        lam = " / ".join(pm(f[k]) for k in ("lambda1", "lambda2") if k in f) or name.rsplit(" ", 1)[-1]
+        fixed = by_method[name][0]["point"]["settings"].get("lalora.lambda")
+        lam = " / ".join(pm(f[k]) for k in ("lambda1", "lambda2") if k in f) or f"{fixed:g}"
         compute = " / ".join(pm(f[k]) for k in ("compute1", "compute2") if k in f) or "1 / 1"
         share = statistics.fmean(f["learning2"]) / plain2
         lines.append(f"| {name} | {len(f['learning2'])} | {lam} | {compute} | {pm(f['forgetting1'])} | "
