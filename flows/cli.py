@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                          "column: the source, earlier domains, probes)")
     sw.add_argument("--out", default=None, help="output directory (default runs/<config name>-sweep)")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    val = sub.add_parser("validate", help="check CONFIG and report every error with its field path")
-    val.add_argument("config")
+    val = sub.add_parser("validate", help="check each CONFIG and report every error with its field path")
+    val.add_argument("configs", nargs="+", metavar="config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv = sub.add_parser("serve", help="serve the lineage as a Prefect deployment on a cron schedule "
                          "(needs PREFECT_API_URL: a Prefect server, e.g. from `lalora ui`)")
@@ -168,27 +168,33 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Every problem the config has that can be known without training, one line each; exit 2 if any."""
+    """Every problem each config has that can be known without training, one line each, every file checked;
+    exit 2 if any has one."""
+    codes = [_validate_one(config, args.overrides) for config in args.configs]
+    return max(codes)
+
+
+def _validate_one(config: str, overrides: list[str]) -> int:
     from pipelines.config import ConfigError, load_config
     from pipelines.lineage.preflight import memory_line, preflight
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as e:
         for line in e.errors:
             print(f"{e.source}: {line}", file=sys.stderr)
         return EXIT_BAD_INPUT
     problems = preflight(cfg)
     for line in problems:
-        print(f"{args.config}: {line}", file=sys.stderr)
+        print(f"{config}: {line}", file=sys.stderr)
     if problems:
         return EXIT_BAD_INPUT
     probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
-    print(f"{args.config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
+    print(f"{config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
           f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})")
     memory = memory_line(cfg)
     if memory:
-        print(f"{args.config}: {memory}")
+        print(f"{config}: {memory}")
     return 0
 
 

@@ -123,3 +123,19 @@ def test_base_pretrains_a_configs_tiny_base_that_a_config_then_checks(tmp_path):
     code, text = run_lalora(["base", str(DEMO), "--out", str(out)], tmp_path)
     assert (code, text) == (2, f"lalora: error: {out}: exists and is not an empty directory (give a new one, or "
                                "remove it first)\n")
+
+
+def test_validate_checks_every_file_it_is_given(tmp_path):
+    """lalora validate A B C: each file checked and reported (an OK line, or its errors, one a line), exit 2 when
+    any has a problem; a bad file in the middle does not hide the files after it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("domains: [{name: a}]\nlalora: {lambda: -1}\n")
+    auto = ROOT / "configs" / "demo-auto.yaml"
+    code, out = run_lalora(["validate", str(DEMO), str(bad), str(auto)], tmp_path)
+    assert code == 2, out
+    assert f"{DEMO}: OK (3 stages" in out and f"{auto}: OK (3 stages" in out
+    errors = [line for line in out.splitlines() if line.startswith(str(bad))]
+    assert errors == [f"{bad}: lalora.lambda: Input should be greater than or equal to 0"], out
+    assert "Traceback" not in out
+    code, out = run_lalora(["validate", str(DEMO), str(auto)], tmp_path)
+    assert code == 0 and out.count(": OK (") == 2, out
