@@ -40,6 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +169,22 @@ def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype
     return out
 
 
+def interleaved(runs: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], Any]) -> tuple[dict[str, float],
+                                                                                             dict[str, Any]]:
+    """Each run ``reps`` times, the runs interleaved (a busy spell hits them all): the fastest seconds of each and
+    its last output."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outputs: dict[str, Any] = {}
+    for _ in range(reps):
+        for name, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            outputs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}, outputs
+
+
 def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
     """Greedy batched generation as the evaluation runs it (``generate_texts``: left padding, KV cache, the adapter
     merged into a copy) against HF ``generate`` on a copy merged by peft (the anchor) and on the unmerged peft model,
@@ -205,16 +223,7 @@ def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str)
             "hf_merged": lambda new: hf(anchor, new), "hf_peft": lambda new: hf(model, new)}
     for fn in runs.values():  # warm-up
         fn(4)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    outputs: dict[str, Any] = {}
-    for _ in range(args.gen_reps):
-        for name, fn in runs.items():
-            sync()
-            t0 = time.perf_counter()
-            outputs[name] = fn(args.gen_new)
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    best = {k: min(v) for k, v in times.items()}
+    best, outputs = interleaved({k: partial(fn, args.gen_new) for k, fn in runs.items()}, args.gen_reps, sync)
     new_tokens = sum(map(len, outputs["hf_merged"]))
     texts = [tok.decode([t for t in row if t != eos], skip_special_tokens=True) for row in outputs["hf_merged"]]
     return {"tokens_per_s": new_tokens / best["ours"], "new_tokens": new_tokens, "seconds": best["ours"],
@@ -260,16 +269,7 @@ def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> 
     runs = {"ours": lambda: pair_loglikelihoods(model, examples, batch_size=batch, pad=pad), "plain_forward": plain}
     for fn in runs.values():  # warm-up (kernels, allocator; our scorer's merged copy)
         fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    outputs: dict[str, Any] = {}
-    for _ in range(args.gen_reps):
-        for name, fn in runs.items():
-            sync()
-            t0 = time.perf_counter()
-            outputs[name] = fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    best = {k: min(v) for k, v in times.items()}
+    best, outputs = interleaved(runs, args.gen_reps, sync)
     # both score the same examples: one list per example, one value per pair
     diff = max(abs(a - b) for x, y in zip(outputs["ours"], outputs["plain_forward"], strict=True)
                for a, b in zip(x, y, strict=True))
