@@ -63,6 +63,8 @@ AUTO = (f"lalora.auto.max_forgetting={BUDGET}", "lalora.auto.columns=[capitals]"
 (the CPU's budget: a trial is 60 steps, ~4 minutes); validation rows carved from what evaluation leaves
 (capitals 232 rows: 100 scored, 50 validation, 82 for curvature; demonyms 213: 120 scored, 50 validation;
 the math domains 40 each, scored by NLL, whose per-row spread is small)."""
+AUTO_ARGS = ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv)))
+"""lambda auto's three seeds are a part each, so that the two queues run two of its (long) lineages at once."""
 PARTS = (
     Part("one-stage-diag", (*LAMBDA, "0,10,100"), 1, 3),
     Part("one-stage-l2", ("--curvature", "identity", "--lambda", "0.1,1"), 1, 3),
@@ -74,19 +76,53 @@ PARTS = (
     Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
     Part("two-stage-seed2", (*LAMBDA, "0,10"), 2, 1, first_seed=2),
     Part("two-stage-replay-seed2", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 1, first_seed=2),
-    Part("two-stage-auto", ("--curvature", "diag", "--lambda", "auto", *(a for kv in AUTO for a in ("--set", kv))),
-         2, 3),
+    *(Part(f"two-stage-auto{'-seed' + str(seed) if seed else ''}", AUTO_ARGS, 2, 1, first_seed=seed)
+      for seed in range(3)),
 )
 """Two queues of about equal length: every other part."""
 
 
-def _run(part: Part, out: Path, lalora: str, run: bool = True) -> dict[str, Any]:
+def _command(part: Part, out: Path, lalora: str) -> list[str]:
+    return [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
+            "--seeds", str(part.seeds), *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
+            "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+
+
+def _recorded(part: Part, studies: list[Path]) -> dict[str, Any] | None:
+    """The part as an earlier study recorded it (``--reuse``), when every lineage it runs today finished there
+    under the same settings: a finished sweep, or the lineages a ``--no-run`` report found (a part later split
+    into one part a seed matches the seeds it names). None when no study recorded all of them."""
+    points = sweep_points(part)
+    for path in studies:
+        for recorded in json.loads(path.read_text())["parts"]:
+            summary, args = recorded["summary"], recorded["command"].split(" --stages ")[0]
+            found = {p["point"]["label"] for p in summary["points"]}
+            if (recorded["part"].split("-seed")[0] == part.name.split("-seed")[0] and summary.get("failed") == []
+                    and args == " ".join(_command(part, Path(), "")[1:]).split(" --stages ")[0]
+                    and {p.label for p in points} <= found):
+                chosen = [p for p in summary["points"] if p["point"]["label"] in {q.label for q in points}]
+                return {**recorded, "part": part.name, "reused": str(path),
+                        "summary": {**summary, "points": chosen}}
+    return None
+
+
+def sweep_points(part: Part) -> list[Any]:
+    """The lineages a part's sweep runs (settings, seed, label), as ``lalora sweep`` expands them."""
+    from flows.cli import _parser, _sweep_axes
+    from pipelines.lineage.sweep import sweep_points as expand
+
+    return expand(_sweep_axes(_parser().parse_args(["sweep", str(CONFIG), *part.args])), part.seeds, part.first_seed)
+
+
+def _run(part: Part, out: Path, lalora: str, run: bool = True, reuse: tuple[Path, ...] = ()) -> dict[str, Any]:
     """One part's sweep, logged to OUT/NAME.log; its sweep.json and wall time (``run`` False: a part that has not
-    finished is reported from the lineages it finished so far, and nothing runs)."""
+    finished is reported from the lineages it finished so far, and nothing runs). A part an earlier study in
+    ``reuse`` recorded whole is reported from it and not run."""
     finished = out / part.name / "sweep.json"
-    cmd = [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
-           "--seeds", str(part.seeds), *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
-           "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    cmd = _command(part, out, lalora)
+    if not finished.exists() and (recorded := _recorded(part, list(reuse))):
+        print(f"{part.name}: recorded by {recorded['reused']}, reported from it", flush=True)
+        return recorded
     if finished.exists() and not (summary := json.loads(finished.read_text()))["failed"]:
         print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
         return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
@@ -111,20 +147,15 @@ def _run(part: Part, out: Path, lalora: str, run: bool = True) -> dict[str, Any]
 def _finished_so_far(part: Part, out: Path) -> dict[str, Any]:
     """A part whose sweep has not finished (``--no-run``): the lineages it finished so far, read from their
     metrics.json, as sweep.json's points (the same settings, seeds and labels the sweep gives them)."""
-    from flows.cli import _parser, _sweep_axes
-    from pipelines.lineage.sweep import sweep_points
-
-    points = sweep_points(_sweep_axes(_parser().parse_args(["sweep", str(CONFIG), *part.args])), part.seeds,
-                          part.first_seed)
     found = []
-    for point in points:
+    for point in sweep_points(part):
         metrics = out / part.name / "points" / point.label / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
             found.append({"point": {"settings": dict(point.settings), "seed": point.seed, "label": point.label},
                           "R": m["R"], "BWT": m["BWT"], "auto": m.get("auto", {}),
                           "seconds": sum(t["wall_seconds"] for t in m["timing"])})
-    return {"points": found, "rows": [], "failed": [], "lineages": len(points)}
+    return {"points": found, "rows": [], "failed": [], "lineages": len(sweep_points(part))}
 
 
 def method(setting: dict[str, Any]) -> str:
@@ -281,6 +312,10 @@ def commands(parts: list[dict[str, Any]]) -> str:
              "resumed after an interruption records the time of its last invocation)", ""]
     for p in parts:
         lineages = [q["seconds"] for q in p["summary"]["points"]]
+        if "reused" in p:
+            lines.append(f"- `lalora {p['command']}`: recorded by an earlier invocation ({p['reused']}); "
+                         f"{len(lineages)} lineages used, median {statistics.median(lineages):.0f} s a lineage")
+            continue
         if "lineages" in p["summary"]:  # reported before its sweep finished (--no-run)
             lines.append(f"- `lalora {p['command']}`: not finished; {len(lineages)} of {p['summary']['lineages']} "
                          f"lineages reported" + (f", median {statistics.median(lineages):.0f} s a lineage"
@@ -322,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True, help="where study.json, study.md, study-pareto.png go")
     p.add_argument("--only", default="", help="run only the parts whose names start with this")
     p.add_argument("--workers", type=int, default=2, help="parts run at a time (each lineage one torch thread)")
+    p.add_argument("--reuse", type=Path, action="append", default=[], help="an earlier study.json: a part it recorded "
+                   "with every lineage finished (the same settings and seeds) is reported from it, not run")
     p.add_argument("--no-run", action="store_true", help="run nothing: report the finished parts, and the lineages "
                    "an unfinished part finished so far (marked so in the commands' list)")
     args = p.parse_args(argv)
@@ -331,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [part for part in PARTS if part.name.startswith(args.only)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        parts = list(pool.map(lambda part: _run(part, args.out, lalora, not args.no_run), chosen))
+        parts = list(pool.map(lambda part: _run(part, args.out, lalora, not args.no_run, tuple(args.reuse)), chosen))
     wall = time.perf_counter() - t0
     one, table = one_stage_table(_rows(parts, "one-stage"))
     two, matrices = two_stage_tables(parts)

@@ -93,3 +93,21 @@ def test_no_run_reports_what_an_unfinished_part_finished_so_far(tmp_path):
     assert [p["point"]["label"] for p in points] == ["plain-lambda0-seed2"] and points[0]["seconds"] == 11.0
     assert study.method(points[0]["point"]["settings"]) == "plain LoRA" and points[0]["point"]["seed"] == 2
     assert "not finished; 1 of 2 lineages reported" in study.commands([result])
+
+
+def test_reuse_reports_a_part_an_earlier_study_recorded_whole_and_runs_the_rest(tmp_path):
+    """--reuse: the study of 2026-12-05 recorded lambda auto's seed 0 (then one part of three seeds, reported
+    with --no-run); today each seed is its own part. Seed 0 is reported from that file and not run; seed 1, which
+    it did not record, runs (here: fails to start, lalora being absent); a part whose settings differ is not
+    taken from a recorded part of the same name."""
+    partial = RECORDED.parent / "cpu-2026-12-05" / "study-partial" / "study.json"
+    absent = str(tmp_path / "no-such-lalora")
+    seed0, seed1 = (next(p for p in study.PARTS if p.name == n) for n in ("two-stage-auto", "two-stage-auto-seed1"))
+    result = study._run(seed0, tmp_path, lalora=absent, reuse=(partial,))
+    assert result["reused"] == str(partial) and [p["point"]["seed"] for p in result["summary"]["points"]] == [0]
+    assert result["summary"]["points"][0]["auto"]["1"]["lambda"] == 1.0
+    assert "recorded by an earlier invocation" in study.commands([result])
+    with pytest.raises(FileNotFoundError):
+        study._run(seed1, tmp_path, lalora=absent, reuse=(partial,))
+    other = study.Part("two-stage", ("--curvature", "diag", "--lambda", "0,100"), 2, 2)
+    assert study._recorded(other, [partial]) is None
