@@ -220,6 +220,18 @@ class TrainingConfig(Model):
                                   "batch order stays shuffled).")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Earlier data mixed into each batch "
                                  "(part of the stage's identity when on).")
+    optimizer_impl: Literal["auto", "fused", "unfused"] = Field(
+        "auto", description="AdamW's implementation: one fused kernel for every matrix ('fused'), or torch's own "
+        "choice ('unfused': multi-tensor on a GPU, a loop over the matrices on the CPU); 'auto': fused on a GPU, "
+        "unfused on the CPU. The same update up to rounding, so not part of a stage's identity.")
+    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
+                                           "backward pass instead of keeping them: less memory for long sequences, "
+                                           "about one more forward of compute. Same result; not part of the identity.")
+    loss_chunk: int = Field(0, ge=0, description="Positions per chunk of a cross-entropy fused with the LM head: "
+                            "the head and the loss run chunk by chunk, each chunk's gradient taken at once, so the "
+                            "full (batch x length x vocabulary) float32 logits are never held (over Llama 3's 128k "
+                            "vocabulary, 4 GiB at 8 x 1024 tokens). 0: the model's own loss over the full logits. "
+                            "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.")
 
 
 class DeepSpeedConfig(Model):

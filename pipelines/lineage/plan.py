@@ -19,9 +19,11 @@ from pipelines.config import DomainConfig, LineageConfig
 from pipelines.errors import BadInput
 from pipelines.lineage.record import VersionRecord
 
-# Settings that cannot change what a stage produces (bookkeeping, resources, scoring).
-_IRRELEVANT = {"training": ("log_every", "checkpoint_every"), "deepspeed": ("world_size", "hostfile"),
-               "lalora": ("memory_budget_gb",)}
+# Settings that cannot change what a stage produces (bookkeeping, resources, scoring; how the same update is
+# computed: rounding aside, a fused optimizer, recomputed activations and a chunked loss give the same adapter).
+_IRRELEVANT = {"training": ("log_every", "checkpoint_every", "optimizer_impl", "activation_checkpointing",
+                            "loss_chunk"),
+               "deepspeed": ("world_size", "hostfile"), "lalora": ("memory_budget_gb",)}
 _UNSET_UNSEEN = ("val_size", "lambda", "steps", "lr")
 _STAGE_SECTIONS = ("seed", "model", "lora", "lalora", "source", "training", "deepspeed")
 

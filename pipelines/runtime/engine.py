@@ -19,6 +19,7 @@ from pipelines.config import DeepSpeedConfig
 from pipelines.errors import DivergenceError
 from pipelines.runtime import timeline
 from pipelines.runtime.distributed import distributed, world
+from pipelines.runtime.loss import chunked_causal_loss
 from pipelines.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -185,17 +186,28 @@ def _shard(batch: dict[str, Tensor], rank: int, size: int) -> tuple[dict[str, Te
 
 
 def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[], Tensor] | None,
-               num_items: Tensor | None, regather: Callable[[], None] | None) -> tuple[Tensor, Tensor]:
-    """Mean target-token NLL of the batch (transformers' own loss) and the penalty (at ZeRO-3 ``regather``
-    first makes the LoRA matrices whole for it)."""
-    out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                 **({"num_items_in_batch": num_items} if num_items is not None else {}))
+               num_items: Tensor | None, regather: Callable[[], None] | None, loss_chunk: int = 0
+               ) -> tuple[Tensor, Tensor]:
+    """Mean target-token NLL of the batch (transformers' own loss, or the same computed ``loss_chunk`` target
+    tokens at a time) and the penalty (at ZeRO-3 ``regather`` first makes the LoRA matrices whole for it)."""
+    if loss_chunk:
+        loss = chunked_causal_loss(engine, batch, loss_chunk, num_items)
+    else:
+        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                      **({"num_items_in_batch": num_items} if num_items is not None else {})).loss
     if penalty is None:
-        return out.loss, out.loss.new_zeros(())
+        return loss, loss.new_zeros(())
     if regather is not None:
         regather()
-    pen = penalty()
-    return out.loss, pen
+    return loss, penalty()
+
+
+def adamw(params: list[nn.Parameter], lr: float, impl: str = "auto") -> torch.optim.AdamW:
+    """The fine-tune's AdamW (no weight decay): ``impl`` 'fused' (one kernel for every matrix), 'unfused' (torch's
+    own choice: multi-tensor on a GPU, a loop over the matrices on the CPU), 'auto' (fused on a GPU, unfused on
+    the CPU, where the lineages recorded so far ran it)."""
+    fused = impl == "fused" or (impl == "auto" and torch.cuda.is_available())
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True if fused else None)
 
 
 def _save(engine: Any, ckpt: Path, step: int, client: dict) -> None:
@@ -289,6 +301,8 @@ def train(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 0,
     seed: int = 0,
+    optimizer_impl: str = "auto",
+    loss_chunk: int = 0,
 ) -> TrainResult:
     """Train ``params`` of ``model`` inside a DeepSpeed engine for ``steps`` steps.
 
@@ -301,13 +315,14 @@ def train(
     the result equals an uninterrupted run. The engine is torn down when ``train`` returns
     (its gradient hooks removed), so the next call can build another over the same parameters.
     ``seed`` seeds the RNG the steps draw from (dropout), in a fork of the process's RNG.
+    ``optimizer_impl`` and ``loss_chunk``: ``training.optimizer_impl`` and ``training.loss_chunk``.
     """
     import deepspeed
 
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with distributed(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        optimizer = adamw(params, lr, optimizer_impl)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                           config=deepspeed_config(ds, batch_size, max(p.numel() for p in params)))
         try:
@@ -319,7 +334,7 @@ def train(
             regather = (lambda: keep_whole(params)) if ds.zero_stage == 3 else None
             return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches, regather,
                          steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, loss_chunk=loss_chunk)
         finally:
             _destroy(engine)
 
@@ -327,7 +342,7 @@ def train(
 def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]],
           regather: Callable[[], None] | None, *, steps: int,
           tracker: Tracker, log_every: int, desc: str, checkpoint_dir: Path | None,
-          checkpoint_every: int) -> TrainResult:
+          checkpoint_every: int, loss_chunk: int = 0) -> TrainResult:
     """The training steps of ``train``: resume, step, log and checkpoint."""
     import time
 
@@ -350,7 +365,7 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
         loss, pen = _loss_step(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}, penalty,
-                               num_items, regather)
+                               num_items, regather, loss_chunk)
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()

@@ -16,6 +16,7 @@ from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay
 from pipelines.data.sources import DataError, load_domain
 from pipelines.data.tokens import encode, special_ids
 from pipelines.runtime.engine import train, world
+from pipelines.runtime.loss import check_chunkable
 from pipelines.runtime.models import adapter_state, load_adapter, load_base, new_adapter
 from pipelines.tracker import Tracker
 from pipelines.workspace import write_dir_atomic
@@ -59,6 +60,10 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     """
     base, tokenizer = load_base(base_path, dtype)
     model = load_adapter(base, anchor_adapter, trainable=True)
+    if training.loss_chunk:
+        check_chunkable(model)
+    if training.activation_checkpointing:  # non-reentrant: the frozen inputs need no gradient, dropout replays
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = lora_parameters(model)
     anchor = {p.name: p.param.detach().clone() for p in params}
     lam = lalora.lam
@@ -79,7 +84,8 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
                    batch_size=training.batch_size, ds=ds, make_penalty=make_penalty if precision is not None else None,
                    tracker=tracker, log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
                    checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-                   checkpoint_every=training.checkpoint_every, seed=training.seed + stage)
+                   checkpoint_every=training.checkpoint_every, seed=training.seed + stage,
+                   optimizer_impl=training.optimizer_impl, loss_chunk=training.loss_chunk)
     target = Path(out_dir) / "adapter"
     state = adapter_state(model)
     if world()[0] == 0:

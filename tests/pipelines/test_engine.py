@@ -27,7 +27,7 @@ def drift(model, anchor):
     return sum(float((p.param.detach() - anchor[p.name]).square().sum()) for p in lora_parameters(model))
 
 
-def run(lam, zero_stage=0, steps=12, log_every=4):
+def run(lam, zero_stage=0, steps=12, log_every=4, **options):
     model = tiny_lora_model(seed=0).train()
     params = lora_parameters(model)
     anchor = {p.name: p.param.detach().clone() for p in params}
@@ -36,7 +36,7 @@ def run(lam, zero_stage=0, steps=12, log_every=4):
     result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=steps, lr=1e-2,
                    batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=rec, log_every=log_every,
                    desc="test",
-                   make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)))
+                   make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)), **options)
     return model, anchor, result, rec
 
 
@@ -196,9 +196,11 @@ def test_two_consecutive_trainings_of_one_model_at_zero2(monkeypatch):
         _two_stages()
 
 
-def test_a_training_step_makes_no_host_sync(monkeypatch):
+@pytest.mark.parametrize("loss_chunk", [0, 5])
+def test_a_training_step_makes_no_host_sync(monkeypatch, loss_chunk):
     """Every device-to-host read our code makes (item, tolist, bool, int, float of a tensor) is counted: 20
-    steps make exactly one more than 10 (one more log interval's flush, log_every 10), none per step."""
+    steps make exactly one more than 10 (one more log interval's flush, log_every 10), none per step; the
+    chunked loss (training.loss_chunk) too."""
     import inspect
     from pathlib import Path
 
@@ -220,7 +222,7 @@ def test_a_training_step_makes_no_host_sync(monkeypatch):
 
     def steps(n):
         reads.clear()
-        run(1.0, steps=n, log_every=10)
+        run(1.0, steps=n, log_every=10, loss_chunk=loss_chunk)
         return list(reads)
 
     ten, twenty = steps(10), steps(20)
