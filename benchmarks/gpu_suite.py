@@ -21,7 +21,9 @@ In one process, one after the other on the same device:
    sequences on a merged copy;
 6. DeepSpeed's plain ZeRO-3 (PEFT as a user writes it: ``deepspeed.initialize`` with ``{"zero_optimization":
    {"stage": 3}}``) beside our ZeRO-3 stage, each in its own process (``benchmarks/zero3_anchor.py``): tokens/s
-   and peak memory (the GPU's on a GPU) against plain's plus the penalty's own tensors.
+   and peak memory (the GPU's on a GPU) against plain's plus the penalty's own tensors;
+7. the fine-tune's options (``training.optimizer_impl``, ``activation_checkpointing``, ``loss_chunk``), one stage
+   each at ZeRO-2 against the defaults' first stage: tokens/s and peak memory.
 
 The data is the built-in copy task at a length that fills T (character tokens; the base is the shape's
 random Llama with its full vocabulary, so every matrix is the real size). The last line printed is one
@@ -90,8 +92,10 @@ def save_base(shape: dict[str, int], dtype: torch.dtype, path: Path) -> None:
     tok.save_pretrained(path)
 
 
-def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
-    """2 stages of curvature + fine-tune through the pipeline's stage functions at one ZeRO stage."""
+def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, dtype_name: str,
+                    options: dict[str, Any] | None = None, stages: int = 2, tag: str = "") -> dict[str, Any]:
+    """``stages`` stages of curvature + fine-tune through the pipeline's stage functions at one ZeRO stage, with
+    the ``training`` options set (the defaults when None)."""
     from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
     from pipelines.stages.curvature import compute_precision
     from pipelines.stages.finetune import finetune, init_adapter
@@ -104,15 +108,15 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
     lalora = LaLoRAConfig.model_validate({"lambda": 1.0, "samples": args.batch * args.curvature_batches,
                                           "batch_size": args.batch, "curvature": {"kind": "diag"}})
     training = TrainingConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=10,
-                              checkpoint_every=0)
+                              checkpoint_every=0, **(options or {}))
     ds = DeepSpeedConfig(zero_stage=zero, precision=args.dtype, gradient_clipping=1.0)
     anchor = init_adapter(base, LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=dtype_name,
-                          out_dir=str(work / f"z{zero}-init"))
-    precision, stages = None, []
-    for stage in (1, 2):
+                          out_dir=str(work / f"z{zero}{tag}-init"))
+    precision, done = None, []
+    for stage in range(1, stages + 1):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        out = work / f"z{zero}-stage{stage}"
+        out = work / f"z{zero}{tag}-stage{stage}"
         rec = LatestTracker()
         t0 = time.perf_counter()
         prec = compute_precision(base, anchor, lalora, domain, previous=precision, stage=stage, dtype=dtype_name,
@@ -122,14 +126,38 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
         result = finetune(base, anchor, prec.path, lalora, domain, training, ds, dtype=dtype_name, stage=stage,
                           data_dir=str(work / "data"), out_dir=str(out), tracker=rec)
         precision, anchor = prec.path, result.adapter
-        stages.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
+        done.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
                        "final_loss": result.final_loss, "final_penalty": result.final_penalty,
                        "curvature_step_s": curvature_s,
                        "base_bytes_per_rank": rec.values.get("train.base_param_bytes_per_rank"),
                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
-        print(f"ZeRO-{zero} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step {curvature_s:.1f} s, "
-              f"base {stages[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank", flush=True)
-    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in stages), "stages": stages}
+        print(f"ZeRO-{zero}{tag} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step "
+              f"{curvature_s:.1f} s, base {done[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank", flush=True)
+    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in done), "stages": done,
+            "peak_gib": max((s["peak_gib"] or 0.0) for s in done) if cuda else None}
+
+
+OPTIONS = {"fused_adamw": {"optimizer_impl": "fused"}, "unfused_adamw": {"optimizer_impl": "unfused"},
+           "activation_checkpointing": {"activation_checkpointing": True}, "loss_chunk_1024": {"loss_chunk": 1024}}
+"""The fine-tune's options measured one at a time against the defaults (on a GPU the default AdamW is the fused
+one, so 'unfused_adamw' is the one to compare it with); group_by_length is left out: the suite's sequences are
+all one length."""
+
+
+def finetune_options(base: str, work: Path, args: argparse.Namespace, dtype_name: str,
+                     reference: dict[str, Any]) -> dict[str, Any]:
+    """Each option of OPTIONS at ZeRO-2, one stage each, against the ZeRO-2 series' first stage (the defaults):
+    tokens/s and peak memory, and their ratios to the defaults'."""
+    first = reference["stages"][0]
+    out: dict[str, Any] = {"defaults": {"tokens_per_s": first["tokens_per_s"], "peak_gib": first["peak_gib"]}}
+    for name, options in OPTIONS.items():
+        got = finetune_series(base, work, 2, args, dtype_name, options, stages=1, tag=f"-{name}")
+        stage = got["stages"][0]
+        out[name] = {"options": options, "tokens_per_s": stage["tokens_per_s"], "peak_gib": stage["peak_gib"],
+                     "final_loss": stage["final_loss"],
+                     "tokens_vs_defaults": stage["tokens_per_s"] / first["tokens_per_s"],
+                     "peak_vs_defaults": stage["peak_gib"] / first["peak_gib"] if first["peak_gib"] else None}
+    return out
 
 
 def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, float]:
@@ -341,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         base = str(work / "base")
         summary["finetune"] = {f"zero{z}": finetune_series(base, work, int(z), args, dtype_name)
                                for z in args.zero.split(",")}
+        if "zero2" in summary["finetune"]:
+            summary["finetune_options"] = finetune_options(base, work, args, dtype_name, summary["finetune"]["zero2"])
         summary["curvature"] = curvature_vs_backward(base, work, args, dtype_name)
         summary["generation"] = generation(base, work, args, dtype_name)
         summary["loglik"] = loglik(base, work, args, dtype_name)
@@ -348,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     ref = summary["anchor"].get("ds_zero2", {}).get("tokens_per_s")
     ratios = ({f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()}
               if ref else {})
+    if ref and "finetune_options" in summary:
+        ratios |= {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref
+                   for k, v in summary["finetune_options"].items() if k != "defaults"}
     ratios["diag_curvature_vs_backward"] = summary["curvature"]["diag_vs_backward"]
     ratios["kfac_curvature_vs_backward"] = summary["curvature"]["kfac_vs_backward"]
     ratios["generation_vs_hf_merged"] = summary["generation"]["vs_hf_merged"]

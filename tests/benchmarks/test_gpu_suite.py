@@ -30,6 +30,13 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
     z2, z3 = (summary["finetune"][z]["stages"] for z in ("zero2", "zero3"))
     assert [s["base_bytes_per_rank"] for s in z2] == [s["base_bytes_per_rank"] for s in z3]
     assert [s["final_loss"] for s in z2] == pytest.approx([s["final_loss"] for s in z3], rel=1e-5)
+    options = summary["finetune_options"]  # each fine-tune option, one stage at ZeRO-2, beside the defaults
+    assert set(options) == {"defaults", "fused_adamw", "unfused_adamw", "activation_checkpointing", "loss_chunk_1024"}
+    for name, got in options.items():
+        assert got["tokens_per_s"] > 0, name
+        if name != "defaults":  # the same first stage, computed another way
+            assert got["tokens_vs_defaults"] > 0 and got["peak_vs_defaults"] is None, name
+            assert got["final_loss"] == pytest.approx(z2[0]["final_loss"], rel=1e-4), name
     assert summary["curvature"]["diag_vs_backward"] > 0 and summary["curvature"]["kfac_vs_backward"] > 0
     generation = summary["generation"]
     assert 0 < generation["new_tokens"] <= 8 * 4 and generation["completions_equal_hf_merged"]
