@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -334,3 +335,19 @@ def nearest_kronecker(terms: Sequence[tuple[Factor, Factor]], k: int) -> tuple[F
     cross = float((gs @ alpha) @ (gg @ beta))  # <sum_i S_i (x) G_i, S (x) G>
     err2 = max(total - 2 * cross + approx, 0.0)
     return s, g, (err2 / total) ** 0.5 if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class KronTerm:
+    """One S (x) G block: ``s`` on the input side (d_in), ``g`` on the output side (d_out)."""
+
+    s: Factor
+    g: Factor
+
+
+@dataclass(frozen=True)
+class CrossTerm:
+    """The A-B cross block of one module for one term: C_S (d_in, r), C_G (r, d_out)."""
+
+    s: Tensor
+    g: Tensor

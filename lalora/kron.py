@@ -19,37 +19,17 @@ shrunk to fit (``project_psd``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
-from lalora.factors import Factor, nearest_kronecker, top_pair_weights
+from lalora.factors import CrossTerm, Factor, KronTerm, nearest_kronecker, top_pair_weights
+from lalora.kron_bind import bind_grouped, module_of
 from lalora.kron_psd import project_psd, project_psd_many
 from lalora.precision import Precision, Prior, register_precision
 
 _SEP = "|"
-
-
-@dataclass(frozen=True)
-class KronTerm:
-    """One S (x) G block: ``s`` on the input side (d_in), ``g`` on the output side (d_out)."""
-
-    s: Factor
-    g: Factor
-
-
-@dataclass(frozen=True)
-class CrossTerm:
-    """The A-B cross block of one module for one term: C_S (d_in, r), C_G (r, d_out)."""
-
-    s: Tensor
-    g: Tensor
-
-
-def module_of(name: str) -> str:
-    return name.rsplit(".", 1)[0]
 
 
 @register_precision
@@ -137,8 +117,6 @@ class KronPrecision(Precision):
 
     def bind(self, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
         """One autograd node over modules batched by shape (``kron_bind``); backward is 2 Lambda delta."""
-        from lalora.kron_bind import bind_grouped
-
         self._check_names(params)
         return bind_grouped(self, params, anchor)
 

@@ -11,12 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
 
 from lalora.factors import DenseFactor, Factor, LowRankFactor
+
+
+def module_of(name: str) -> str:
+    """The LoRA module a matrix belongs to: ``x.lora_A`` -> ``x``."""
+    return name.rsplit(".", 1)[0]
+
+
+class KronBlocks(Protocol):
+    """What the kernel reads of a Kronecker precision (``lalora.kron``'s KronPrecision and its tri subclass):
+    the matrices' names, per matrix its terms (each with factors ``s`` and ``g``) and its ridge, and for kfac-tri
+    the cross blocks per module (an attribute ``cross``, read when present). Structural, so that this module,
+    which ``lalora.kron`` imports, imports nothing of it back."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    @property
+    def blocks(self) -> Mapping[str, Sequence[Any]]: ...
+
+    @property
+    def ridge(self) -> Mapping[str, float]: ...
 
 
 class _Stacked:
@@ -83,15 +104,13 @@ class _Group:
         return y.view(self.n_terms, *x.shape).sum(0)
 
 
-def bind_grouped(prec: object, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
+def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]
+                 ) -> Callable[[], Tensor]:
     """A closure computing delta^T Lambda delta for a KronPrecision (or KronTriPrecision).
 
     One autograd node; its backward is the closed form 2 Lambda delta, computed in the
     forward without building a graph.
     """
-    from lalora.kron import KronPrecision, module_of
-
-    assert isinstance(prec, KronPrecision)
     names = prec.names
     modules = sorted({module_of(n) for n in names}, key=lambda m: names.index(f"{m}.lora_A"))
     ref = params[names[0]]

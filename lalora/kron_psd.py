@@ -11,17 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import torch
 from torch import Tensor
 
-from lalora.factors import DenseFactor, Factor, LowRankFactor
+from lalora.factors import CrossTerm, DenseFactor, Factor, KronTerm, LowRankFactor
 
-if TYPE_CHECKING:
-    from lalora.kron import CrossTerm, KronTerm
-
-Item = tuple["KronTerm", "KronTerm", "CrossTerm"]
+Item = tuple[KronTerm, KronTerm, CrossTerm]
 """(A's term, B's term, their cross block) of one module."""
 
 
