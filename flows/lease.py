@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from flows.lock import LockHeld, process_alive
-from flows.runs import _client
+from flows.runs import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class StoreLease:
     def _leases(self) -> list[tuple[int, Any]]:
         """(N, registered model) of every lease of the lineage, lowest N first."""
         prefix = f"{self.model}{SUFFIX}"
-        found = _client(self.uri).search_registered_models(filter_string=f"name LIKE '{prefix}%'")
+        found = mlflow_client(self.uri).search_registered_models(filter_string=f"name LIKE '{prefix}%'")
         out = [(int(m.name[len(prefix):]), m) for m in found
                if m.name.startswith(prefix) and m.name[len(prefix):].isdigit()]
         return sorted(out, key=lambda x: x[0])
@@ -84,7 +84,7 @@ class StoreLease:
 
         name = f"{self.model}{SUFFIX}{n}"
         try:
-            _client(self.uri).create_registered_model(
+            mlflow_client(self.uri).create_registered_model(
                 name, tags={HOLDER: json.dumps(self.me), HEARTBEAT: str(time.time()), "lalora.lease_of": self.model},
                 description=f"Lease of lineage {self.model}: the run named in its tags is writing it. Deleted when "
                             "that run ends; taken over when its heartbeat stops.")
@@ -123,7 +123,7 @@ class StoreLease:
             time.sleep(self.poll)
 
     def _drop(self, numbers: Any) -> None:
-        client = _client(self.uri)
+        client = mlflow_client(self.uri)
         for n in numbers:
             with contextlib.suppress(Exception):  # already gone: another taker removed it
                 client.delete_registered_model(f"{self.model}{SUFFIX}{n}")
@@ -135,7 +135,7 @@ class StoreLease:
         def beat() -> None:
             while not self._stop.wait(period):
                 try:
-                    _client(self.uri).set_registered_model_tag(name, HEARTBEAT, str(time.time()))
+                    mlflow_client(self.uri).set_registered_model_tag(name, HEARTBEAT, str(time.time()))
                 except Exception as e:  # the store is unreachable for a moment: the next beat retries
                     log.warning("lease heartbeat of %s failed: %s", name, e)
 

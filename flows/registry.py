@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.lock import LockHeld
-from flows.runs import RunRef, _client
+from flows.runs import RunRef, mlflow_client
 from pipelines.errors import BadInput
 from pipelines.lineage.plan import Recorded
 from pipelines.lineage.record import VersionRecord
@@ -46,7 +46,7 @@ class LineageRegistry:
 
     @property
     def client(self) -> Any:
-        return _client(self.uri)
+        return mlflow_client(self.uri)
 
     def exists(self) -> bool:
         from mlflow.exceptions import MlflowException

@@ -65,7 +65,9 @@ def ensure_sqlite_store(uri: str) -> None:
     _READY.add(uri)
 
 
-def _client(uri: str) -> Any:
+def mlflow_client(uri: str) -> Any:
+    """The MLflow client of the store at ``uri``, tracking and registry alike (a SQLite store made ready first):
+    the one way the runs, the registry and the lease reach MLflow."""
     from mlflow import MlflowClient
 
     ensure_sqlite_store(uri)
@@ -88,7 +90,7 @@ class MlflowTracker:
     the work of the stage that reports through it)."""
 
     def __init__(self, uri: str, run_id: str) -> None:
-        self.client = _client(uri)
+        self.client = mlflow_client(uri)
         self.run_id = run_id
         self.seconds = 0.0
 
@@ -137,7 +139,7 @@ def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, 
               tags: dict[str, str] | None = None) -> RunRef:
     """Create (if needed) the experiment and start a run in it. Artifacts go under ``artifact_root``
     for a local store; a tracking server (``artifact_root`` None) uses its own artifact store."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=location)
@@ -149,7 +151,7 @@ def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, 
 
 
 def end_run(ref: RunRef, status: str = "FINISHED") -> None:
-    _client(ref.uri).set_terminated(ref.run_id, status=status)
+    mlflow_client(ref.uri).set_terminated(ref.run_id, status=status)
 
 
 def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list[str]:
@@ -158,7 +160,7 @@ def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list
     A SIGKILLed or crashed run cannot close its MLflow runs; the next run of the lineage (or sweep)
     does, tagging why. Runs started on another host, or by a live process, are left alone.
     """
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
