@@ -17,7 +17,6 @@ and ``stop`` (strings that end a completion). Output: one completion per prompt.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import warnings
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.pyfunc import PythonModel
+
+from pipelines.workspace import move_into_place, sha256_text
 
 CODE = Path(__file__).with_name("generator_code.py")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -46,14 +47,13 @@ def resolve_base(ref: dict[str, Any]) -> tuple[str, str | None]:
         return location.removeprefix("file://"), None
     from mlflow.artifacts import download_artifacts
 
-    dest = cache_dir() / "bases" / hashlib.sha256(location.encode()).hexdigest()[:24]
+    dest = cache_dir() / "bases" / sha256_text(location)[:24]
     if not (dest / "config.json").is_file():
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         got = Path(download_artifacts(artifact_uri=location, dst_path=str(tmp)))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(got, dest)
+        move_into_place(got, dest)
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest), None
 

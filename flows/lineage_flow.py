@@ -12,7 +12,6 @@ version; 11. the report. Its tasks are in flows/tasks.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -56,11 +55,11 @@ from pipelines.runtime.launch import StepPaths
 from pipelines.runtime.threads import torch_threads
 from pipelines.scoring.scores import Row, rows_as_json, rows_from_json
 from pipelines.stages.gate import GateResult
-from pipelines.workspace import Workspace, write_json_atomic
+from pipelines.workspace import Workspace, sha256_json, write_json_atomic
 
 
 def config_hash(cfg: LineageConfig) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json", by_alias=True), sort_keys=True).encode()).hexdigest()
+    return sha256_json(cfg.model_dump(mode="json", by_alias=True))
 
 
 def _resolved(state: State[Any]) -> LineageResult:

@@ -10,7 +10,6 @@ tagged a duplicate, moves no alias and is never read as the stage's record.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from flows.runs import RunRef, mlflow_client
 from pipelines.errors import BadInput
 from pipelines.lineage.plan import Recorded
 from pipelines.lineage.record import VersionRecord
+from pipelines.workspace import move_into_place, sha256_text
 
 DUPLICATE_TAG = "lalora.duplicate_of"
 
@@ -70,7 +70,7 @@ class LineageRegistry:
 
     # --- recorded artifacts ------------------------------------------------------------------
     def local(self, artifact_uri: str, name: str) -> Path:
-        return self.cache / f"{hashlib.sha256(artifact_uri.encode()).hexdigest()[:16]}-{name}"
+        return self.cache / f"{sha256_text(artifact_uri)[:16]}-{name}"
 
     def fetch(self, artifact_uri: str, name: str) -> str:
         """A recorded artifact (file or directory) on this machine, downloaded once."""
@@ -83,7 +83,7 @@ class LineageRegistry:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         got = Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=self.uri))
-        os.replace(got, dest)
+        move_into_place(got, dest)
         shutil.rmtree(tmp, ignore_errors=True)
         return str(dest)
 

@@ -1,7 +1,10 @@
-"""Where a lineage run keeps its files, and writing directories atomically."""
+"""Where a lineage run keeps its files; the one way a file or directory is written atomically
+(``move_into_place`` and the writers on it) and the one way contents are hashed (``sha256_json``,
+``sha256_text``, ``tree_sha256``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -68,48 +71,80 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling directory with ``write`` and swap it onto ``target``.
+def move_into_place(src: Path, target: Path) -> Path:
+    """Put the finished file or directory ``src`` (on ``target``'s filesystem) at ``target``, flushed to disk.
 
-    A crash leaves either the previous ``target`` or the new one, never a half-written one:
-    an existing target is exchanged with the new directory in one rename (renameat2); a new
-    one appears by a plain rename.
+    A crash leaves either the previous ``target`` or the new one, never a half-written one: an existing
+    target is exchanged with ``src`` in one rename (renameat2) and its previous contents removed; a new one
+    appears by a plain rename.
     """
+    if src.is_dir():
+        _fsync_tree(src)
+    else:
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    _fsync_tree(tmp)
-    if target.exists() and _exchange(tmp, target):
-        shutil.rmtree(tmp)  # now holds the previous contents
+    if target.exists() and _exchange(src, target):
+        _remove(src)  # now holds the previous contents
     else:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():  # no renameat2: a short window where target is absent (old kept beside it)
             os.replace(target, old)
-        os.replace(tmp, target)
+        os.replace(src, target)
         if old.exists():
-            shutil.rmtree(old)
+            _remove(old)
     _fsync_dir(target.parent)
     return target
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, flush it to disk, rename it over ``path``."""
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _scratch(target: Path) -> Path:
+    """A temporary sibling of ``target`` (this process's own), emptied."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        _remove(tmp)
+    return tmp
+
+
+def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory with ``write`` (it receives the path, not yet created) and move it onto
+    ``target`` (``move_into_place``)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _scratch(target)
+    write(tmp)
+    return move_into_place(tmp, target)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling and move it onto ``path`` (``move_into_place``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(data, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    tmp = _scratch(path)
+    tmp.write_text(text)
+    move_into_place(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2))
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_json(value: Any, *, sort_keys: bool = True) -> str:
+    """sha256 of ``value``'s JSON. Keys sorted, so equal mappings hash equal; ``sort_keys=False`` only where a
+    hash was recorded that way (the data fingerprints), so that recorded lineages keep their hashes."""
+    return sha256_text(json.dumps(value, sort_keys=sort_keys))
 
 
 def tree_sha256(root: Path) -> str:
     """sha256 over a directory's files: their paths relative to ``root`` and their contents."""
-    import hashlib
-
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         h.update(str(p.relative_to(root)).encode() + b"\0")

@@ -7,9 +7,7 @@ same path a user's own JSONL takes).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from pipelines.data.formats import RowFormat
 from pipelines.data.generators import GENERATORS
 from pipelines.data.presets import Converter, RowError, converter
 from pipelines.errors import BadInput
+from pipelines.workspace import sha256_json, write_text_atomic
 
 
 class DataError(BadInput):
@@ -53,10 +52,7 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
         path = data_dir / f"{file_stem}.jsonl"
         text = "".join(json.dumps(r) + "\n" for r in rows)
         if not path.is_file() or path.read_text() != text:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
         return datasets.load_dataset("json", data_files=str(path), split="train")
     if isinstance(src, LocalSource):
         path = Path(src.path)
@@ -148,7 +144,7 @@ def load_rows(cfg: DomainConfig, data_dir: Path) -> tuple[list[dict[str, Any]], 
                  cfg.train_size)
     if not rows:
         raise DataError(f"{cfg.name}: no usable rows (every record was skipped)")
-    return rows, hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+    return rows, sha256_json(rows, sort_keys=False)  # the data fingerprint as lineages recorded it
 
 
 def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, eval_only: bool = False) -> DomainSplits:
@@ -193,5 +189,5 @@ def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, ev
         eval_rows, val_rows, train_rows = ([{**r, "chat": cfg.chat_template} for r in rows]
                                            for rows in (eval_rows, val_rows, train_rows))
     curvature_rows = train_rows[: cfg.curvature_size or default_curvature]
-    digest = hashlib.sha256(json.dumps([eval_rows, train_rows, *([val_rows] if val_size else [])]).encode()).hexdigest()
+    digest = sha256_json([eval_rows, train_rows, *([val_rows] if val_size else [])], sort_keys=False)  # as recorded
     return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest, val_rows)

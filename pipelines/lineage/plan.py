@@ -8,7 +8,6 @@ index with the same stage-config hash and data fingerprint; a changed one is a c
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 from pipelines.config import DomainConfig, LineageConfig
 from pipelines.errors import BadInput
 from pipelines.lineage.record import VersionRecord
+from pipelines.workspace import sha256_json
 
 # Settings that cannot change what a stage produces (bookkeeping, resources, scoring; how the same update is
 # computed: rounding aside, a fused optimizer, recomputed activations and a chunked loss give the same adapter).
@@ -66,10 +66,6 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
     if cfg.training.replay.enabled:  # off, a stage's hash is what it was before replay existed
         out["training"]["replay"] = {**replay, "data": [_domain_identity(d) for d in replay["data"]]}
     return out
-
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int,

@@ -25,6 +25,7 @@ from typing import Any
 from pipelines.config import DeepSpeedConfig, LineageConfig
 from pipelines.runtime import timeline
 from pipelines.tracker import JsonlTracker, NullTracker, Tracker, replay
+from pipelines.workspace import write_json_atomic
 
 _SIGNAL_EXIT = 128
 """Exit statuses above this are a signal's (the launcher exits ``256 - N`` when a rank died of signal N)."""
@@ -191,9 +192,7 @@ def _main(job_path: str) -> None:
         result = fn(cfg, job["stage"], StepPaths(**job["paths"]),
                     JsonlTracker(work / "events.jsonl") if rank == 0 else NullTracker())
         if rank == 0:
-            tmp = work / ".result.json.tmp"
-            tmp.write_text(json.dumps(dataclasses.asdict(result)))
-            os.replace(tmp, work / "result.json")
+            write_json_atomic(work / "result.json", dataclasses.asdict(result))
         gc.collect()  # the step's engines and their communication buffers, while the group still exists
         shutdown()  # a step that raised skips this: the other ranks may still be inside a collective
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from pipelines.errors import BadInput
 from pipelines.runtime.engine import train
 from pipelines.runtime.models import build_tiny_llama, char_tokenizer, weights_problem
 from pipelines.tracker import Tracker
-from pipelines.workspace import Workspace, write_dir_atomic, write_json_atomic
+from pipelines.workspace import Workspace, sha256_json, write_dir_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_d
         fingerprints.append(fingerprint)
     log.info("pretraining on %d source rows and %d more from %s", len(splits.train), len(rows) - len(splits.train),
              ", ".join(d.name for d in extra))
-    return rows, hashlib.sha256(json.dumps(fingerprints).encode()).hexdigest()
+    return rows, sha256_json(fingerprints, sort_keys=False)  # as recorded (a list: the order is its own)
 
 
 def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, *, max_length: int, seed: int,
@@ -65,9 +64,8 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
     ws = Workspace(Path(out_dir))
     rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
     pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
-    recipe = json.dumps({"tiny": model.tiny.model_dump(), "pretrain": pretrain, "seed": seed, "data": fingerprint,
-                         "max_length": max_length, "ds": ds.model_dump()}, sort_keys=True)
-    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    digest = sha256_json({"tiny": model.tiny.model_dump(), "pretrain": pretrain, "seed": seed, "data": fingerprint,
+                          "max_length": max_length, "ds": ds.model_dump()})
     marker = ws.base / "lalora_base.json"
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
         log.info("base model %s is up to date; not pretraining again", ws.base)
