@@ -109,8 +109,8 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
     parent = start_run(uri, "bench", work / "mlartifacts", "lineage")
     base_uri = registry.shared_base(parent, "bench", str(base_dir))
     stage = start_run(uri, "bench", work / "mlartifacts", "stage 1", parent=parent.run_id)
-    model_dir = generator.save(work / "model", adapter_dir, {"kind": "artifact", "uri": base_uri,
-                                                             "location": registry.location(base_uri)},
+    model_dir = generator.save(work / "model", adapter_dir,
+                               generator.ArtifactBase(uri=base_uri, location=registry.location(base_uri)),
                                dtype="float32", max_new_tokens=8, stop=[], batch_size=8)
     registry.describe("benchmark")
     record = VersionRecord("shaped", 1, "d", "c", "d", adapter_uri=f"runs:/{stage.run_id}/model/artifacts/adapter",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,46 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LALORA_CACHE_DIR") or Path.home() / ".cache" / "lalora")
 
 
-def resolve_base(ref: dict[str, Any]) -> tuple[str, str | None]:
+@dataclass(frozen=True, kw_only=True)
+class HubBase:
+    """A base on the Hugging Face hub, at the revision the lineage trained on."""
+
+    id: str
+    revision: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": "hub", "id": self.id, "revision": self.revision}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactBase:
+    """A base the lineage logged once as a run artifact: its ``runs:/`` URI and where the store keeps it."""
+
+    uri: str
+    location: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"kind": "artifact", "uri": self.uri, "location": self.location}
+
+
+BaseReference = HubBase | ArtifactBase
+"""How a version's model finds its base (its ``model_config["base"]``, as ``as_json`` writes it)."""
+
+
+def base_reference(data: dict[str, Any]) -> BaseReference:
+    """The reference a version's ``model_config`` holds."""
+    if data.get("kind") == "hub":
+        return HubBase(id=data["id"], revision=data.get("revision"))
+    if data.get("kind") == "artifact":
+        return ArtifactBase(uri=data["uri"], location=data["location"])
+    raise ValueError(f"unknown base reference {data!r}")
+
+
+def resolve_base(ref: BaseReference) -> tuple[str, str | None]:
     """(from_pretrained path or hub id, revision) of a version's base reference."""
-    if ref["kind"] == "hub":
-        return ref["id"], ref.get("revision")
-    if ref["kind"] != "artifact":
-        raise ValueError(f"unknown base reference {ref!r}")
-    location = ref["location"]
+    if isinstance(ref, HubBase):
+        return ref.id, ref.revision
+    location = ref.location
     if location.startswith("file://") and Path(location.removeprefix("file://")).is_dir():
         return location.removeprefix("file://"), None
     from mlflow.artifacts import download_artifacts
@@ -82,7 +116,7 @@ with warnings.catch_warnings(record=True):
             from pipelines.scoring.inference import merge_in_place
 
             config = context.model_config
-            base, revision = resolve_base(config["base"])
+            base, revision = resolve_base(base_reference(config["base"]))
             model, self.tokenizer = load_for_inference(base, context.artifacts["adapter"], config["dtype"], revision)
             self.model = merge_in_place(model)  # what scoring runs (a merged copy), without keeping a second one
             self.batch_size = int(config["batch_size"])
@@ -128,7 +162,7 @@ def _code_tree(dest: Path) -> list[str]:
     return paths
 
 
-def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: str, max_new_tokens: int,
+def save(dest: Path, adapter_dir: str | Path, base: BaseReference, *, dtype: str, max_new_tokens: int,
          stop: list[str], batch_size: int, example: str = EXAMPLE_PROMPT) -> Path:
     """Write the version's model to ``dest``: MLmodel, the code, the adapter's two files, the environment;
     ``example`` is the input example (a prompt of the stage's domain)."""
@@ -153,8 +187,8 @@ def save(dest: Path, adapter_dir: str | Path, base: dict[str, Any], *, dtype: st
             warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(
                 path=str(dest), python_model=str(CODE), artifacts={"adapter": str(adapter)},
-                model_config={"base": base, "dtype": dtype, "max_new_tokens": max_new_tokens, "stop": list(stop),
-                              "batch_size": batch_size},
+                model_config={"base": base.as_json(), "dtype": dtype, "max_new_tokens": max_new_tokens,
+                              "stop": list(stop), "batch_size": batch_size},
                 signature=signature, input_example=([example], {"max_new_tokens": max_new_tokens}),
                 pip_requirements=pip_requirements(), code_paths=code_paths)
     return dest

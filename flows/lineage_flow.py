@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +26,7 @@ from prefect.states import Completed, Failed
 
 from flows import auto_lambda
 from flows.console import bad_input_types
+from flows.generator import ArtifactBase, BaseReference, HubBase
 from flows.lease import StoreLease
 from flows.lock import hold, lock_paths
 from flows.notify import Outcome, announce
@@ -169,8 +170,8 @@ class Base:
     uri: str
     """what versions record: a ``runs:/`` URI of the logged base, or a hub id"""
     recipe: str = ""
-    reference: dict[str, Any] = field(default_factory=dict)
-    """how a version's model finds it (``_base_reference``), once per run; empty when no stage runs"""
+    reference: BaseReference | None = None
+    """how a version's model finds it (``_base_reference``), once per run; None when no stage runs"""
 
 
 @dataclass
@@ -412,6 +413,7 @@ def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter:
         promotion_reason=verdict.reason,
         val_rows_uri=f"runs:/{run.run_id}/lineage/val_rows.json" if cfg.searches else "",
         auto_lambda=searched.chosen.lam if searched else None, auto_trials=len(searched.trials) if searched else 0)
+    assert base.reference is not None  # set before the first stage runs
     model_dir = package_task(adapter, base.reference, cfg, _example_prompt(lx, t), str(stage_dir / "model"))
     description = report.version_description(
         lx.model, t, domain.name, lx.domains, [scores[d].score for d in lx.domains],
@@ -424,13 +426,13 @@ def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter:
     return version
 
 
-def _base_reference(lx: Lineage, base: Base) -> dict[str, Any]:
+def _base_reference(lx: Lineage, base: Base) -> BaseReference:
     """How a version's model finds its base: the logged artifact's location, or the hub id at its revision."""
     if base.uri.startswith("runs:/"):
-        return {"kind": "artifact", "uri": base.uri, "location": lx.registry.location(base.uri)}
+        return ArtifactBase(uri=base.uri, location=lx.registry.location(base.uri))
     from pipelines.runtime.models import hub_revision
 
-    return {"kind": "hub", "id": base.uri, "revision": hub_revision(base.uri)}
+    return HubBase(id=base.uri, revision=hub_revision(base.uri))
 
 
 def _example_prompt(lx: Lineage, stage: int) -> str:

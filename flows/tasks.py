@@ -18,6 +18,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from flows import generator
+from flows.generator import BaseReference
 from flows.registry import LineageRegistry
 from flows.runs import RunRef
 from pipelines.config import DomainConfig, LineageConfig
@@ -135,7 +136,7 @@ def gate_task(domains: list[str], R: list[list[float]], higher_is_better: list[b
 
 
 @task(name="package", **_TASK)
-def package_task(adapter: str, base: dict[str, Any], cfg: LineageConfig, example: str, dest: str) -> str:
+def package_task(adapter: str, base: BaseReference, cfg: LineageConfig, example: str, dest: str) -> str:
     """The version's python_function model: the adapter, the base referenced."""
     return str(generator.save(Path(dest), adapter, base, dtype=cfg.model.dtype,
                               max_new_tokens=cfg.evaluation.max_new_tokens, stop=[],
