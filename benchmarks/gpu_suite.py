@@ -97,8 +97,8 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
     """``stages`` stages of curvature + fine-tune through the pipeline's stage functions at one ZeRO stage, with
     the ``training`` options set (the defaults when None)."""
     from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
-    from pipelines.stages.curvature import compute_precision
-    from pipelines.stages.finetune import finetune, init_adapter
+    from pipelines.stages.curvature import PrecisionInputs, compute_precision
+    from pipelines.stages.finetune import FinetuneInputs, finetune, init_adapter
     from pipelines.tracker import LatestTracker
 
     cuda = torch.cuda.is_available()
@@ -119,12 +119,13 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
         out = work / f"z{zero}{tag}-stage{stage}"
         rec = LatestTracker()
         t0 = time.perf_counter()
-        prec = compute_precision(base, anchor, lalora, domain, previous=precision, stage=stage, dtype=dtype_name,
-                                 max_length=args.seq, seed=0, data_dir=str(work / "data"), out_dir=str(out),
-                                 tracker=rec, ds=ds)
+        prec = compute_precision(PrecisionInputs(base=base, anchor=anchor, lalora=lalora, domain=domain,
+                                                 previous=precision, stage=stage, dtype=dtype_name, max_length=args.seq,
+                                                 seed=0, data_dir=str(work / "data"), out_dir=str(out), ds=ds), rec)
         curvature_s = time.perf_counter() - t0
-        result = finetune(base, anchor, prec.path, lalora, domain, training, ds, dtype=dtype_name, stage=stage,
-                          data_dir=str(work / "data"), out_dir=str(out), tracker=rec)
+        result = finetune(FinetuneInputs(base=base, anchor=anchor, precision=prec.path, lalora=lalora, domain=domain,
+                                          training=training, ds=ds, dtype=dtype_name, stage=stage,
+                                          data_dir=str(work / "data"), out_dir=str(out)), rec)
         precision, anchor = prec.path, result.adapter
         done.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
                        "final_loss": result.final_loss, "final_penalty": result.final_penalty,

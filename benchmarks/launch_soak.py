@@ -3,8 +3,8 @@
     python benchmarks/launch_soak.py 150                   # 75 precision + 75 fine-tune launches, ZeRO-3, gloo
     python benchmarks/launch_soak.py 20 --zero-stage 0 --keep runs/soak-failures
 
-Each launch is what ``lalora run`` does with ``deepspeed.world_size: 2``: ``pipelines.runtime.launch.run_step``
-starts ``python -m deepspeed.launcher.runner --num_gpus 2 --module pipelines.runtime.launch JOB`` on the tiny
+Each launch is what ``lalora run`` does with ``deepspeed.world_size: 2``: ``pipelines.stages.steps.run_step``
+starts ``python -m deepspeed.launcher.runner --num_gpus 2 --module pipelines.stages.steps JOB`` on the tiny
 model (a 1-layer Llama built from a config). Launches alternate precision, fine-tune, precision, ... on an
 unchanged job, so every launch does the same work. A failed launch is counted (and, with ``--keep``, its
 ranks' output saved), never retried here. Reported: failures (with the exit statuses), the failure rate with
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from pipelines.config import LineageConfig
-    from pipelines.runtime.launch import StepPaths, run_step
+    from pipelines.stages.steps import STEPS, run_step
     from pipelines.tracker import LatestTracker
+    from pipelines.workspace import StepPaths
 
     cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": args.world_size,
                                                                 "zero_stage": args.zero_stage}})
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = LatestTracker()
             t0 = time.perf_counter()
             try:
-                result = run_step(step, cfg, 1, paths, rec)
+                result = run_step(STEPS[step], cfg, 1, paths, rec)
                 error = None
             except Exception as e:  # counted, not retried: the soak measures the launch's own failure rate
                 result, error = None, e

@@ -4,7 +4,7 @@
     python benchmarks/zero3.py --base DIR --world-size 4 --steps 5
 
 Runs a lineage stage's two steps (the curvature, diag, then the fine-tune with the penalty) through
-``pipelines.runtime.launch.run_step`` as ``lalora run`` does with ``deepspeed.world_size`` > 1, once at
+``pipelines.stages.steps.run_step`` as ``lalora run`` does with ``deepspeed.world_size`` > 1, once at
 ZeRO-2 and once at ZeRO-3, on the same data (the built-in copy task, max_length tokens). Reported: the base's
 parameter bytes one rank holds during the fine-tune (measured on the live tensors by the engine loop), the
 adapter's, the fine-tune seconds, and how far the ZeRO-3 precision and adapter are from ZeRO-2's. The last
@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from lalora import load_precision
     from pipelines.config import LineageConfig, LoraSettings
-    from pipelines.runtime.launch import StepPaths, run_step
     from pipelines.stages.finetune import init_adapter
+    from pipelines.stages.steps import FINETUNE, PRECISION, run_step
     from pipelines.tracker import LatestTracker
+    from pipelines.workspace import StepPaths
 
     n = max(2, (args.max_length - 8) // 2)
     raw = {"model": {"path": args.base},
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             paths = StepPaths(args.base, anchor, None, str(root / "data"), str(root / f"z{zero}"))
             rec = LatestTracker()
             t0 = time.perf_counter()
-            prec = run_step("precision", cfg, 1, paths, rec)
+            prec = run_step(PRECISION, cfg, 1, paths, rec)
             curvature_s = time.perf_counter() - t0
             paths = StepPaths(args.base, anchor, prec.path, str(root / "data"), str(root / f"z{zero}"))
-            fine = run_step("finetune", cfg, 1, paths, rec)
+            fine = run_step(FINETUNE, cfg, 1, paths, rec)
             results[zero] = (prec, fine)
             out[f"zero{zero}"] = {"base_bytes_per_rank": rec.values["train.base_param_bytes_per_rank"],
                                   "trainable_bytes": rec.values["train.trainable_param_bytes"],

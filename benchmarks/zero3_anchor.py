@@ -204,8 +204,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     from lalora import load_precision
     from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, TrainingConfig
     from pipelines.runtime.distributed import world
-    from pipelines.stages.curvature import compute_precision
-    from pipelines.stages.finetune import finetune
+    from pipelines.stages.curvature import PrecisionInputs, compute_precision
+    from pipelines.stages.finetune import FinetuneInputs, finetune
 
     work = Path(args.work)
     length = max(2, (args.seq - 4) // 2)  # prompt + answer fill T (as benchmarks/gpu_suite.py)
@@ -223,9 +223,9 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     gpu_reset()
     t0 = time.perf_counter()
     clock = _Clock(total)
-    prec = compute_precision(args.base, args.anchor, lalora, domain, previous=None, stage=1, dtype=args.dtype,
-                             max_length=args.seq, seed=0, data_dir=str(work / "data"), out_dir=str(work / "ours"),
-                             tracker=clock, ds=ds)
+    prec = compute_precision(PrecisionInputs(base=args.base, anchor=args.anchor, lalora=lalora, domain=domain,
+                                             previous=None, stage=1, dtype=args.dtype, max_length=args.seq, seed=0,
+                                             data_dir=str(work / "data"), out_dir=str(work / "ours"), ds=ds), clock)
     curvature_s = time.perf_counter() - t0
     precision_peak, precision_gpu = rss_kib("VmHWM"), gpu_peak()
     between, models_between = live_tensor_bytes(), live_models()
@@ -233,8 +233,9 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     reset_peak()
     gpu_reset()
     start = time.perf_counter()
-    result = finetune(args.base, args.anchor, prec.path, lalora, domain, training, ds, dtype=args.dtype, stage=1,
-                      data_dir=str(work / "data"), out_dir=str(work / "ours"), tracker=clock)
+    result = finetune(FinetuneInputs(base=args.base, anchor=args.anchor, precision=prec.path, lalora=lalora,
+                                      domain=domain, training=training, ds=ds, dtype=args.dtype, stage=1,
+                                      data_dir=str(work / "data"), out_dir=str(work / "ours")), clock)
     finetune_peak, finetune_gpu = rss_kib("VmHWM"), gpu_peak()
     after, models_after = live_tensor_bytes(), live_models()
     state = load_precision(prec.path)[0].to_state_dict()

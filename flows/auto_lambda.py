@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows.runs import RunRef, end_run
-from flows.tasks import Timed, evaluate_task, fetch_task, finetune_task, init_adapter_task
+from flows.tasks import Timed, evaluate_task, fetch_task, init_adapter_task, step_task
 from pipelines.lineage import auto, plan
-from pipelines.runtime.launch import StepPaths
-from pipelines.workspace import write_json_atomic
+from pipelines.stages.steps import FINETUNE
+from pipelines.workspace import StepPaths, write_json_atomic
 
 if TYPE_CHECKING:
     from flows.lineage_flow import Lineage
@@ -74,7 +74,7 @@ def search(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     work = sum(x.seconds for x in trials)
     adapter, val_row = chosen.adapter, chosen.scores
     if chosen.steps < stage_steps:  # the trials were shortened: the stage trains in full at the chosen lambda
-        tuned = finetune_task.with_options(**retry_options(lx))(cfg.with_stage(t, lam=chosen.lam), t, paths, run)
+        tuned = step_task(FINETUNE, cfg.with_stage(t, lam=chosen.lam), t, paths, run, **retry_options(lx))
         scores = _validation(lx, base_path, tuned.value.adapter, folder / "final-val.json")
         adapter, val_row = tuned.value.adapter, scores.value
         work = work + tuned.compute_seconds + scores.compute_seconds
@@ -101,8 +101,8 @@ def _trial(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     try:
         tracker = child.tracker()
         tracker.log_params({"trial.index": k, "trial.lambda": lam, "trial.steps": steps})
-        tuned = finetune_task.with_options(**retry_options(lx))(cfg.with_stage(t, lam=lam, steps=steps), t,
-                                                                 trial_paths, child)
+        tuned = step_task(FINETUNE, cfg.with_stage(t, lam=lam, steps=steps), t, trial_paths, child,
+                          **retry_options(lx))
         scores = _validation(lx, base_path, tuned.value.adapter, out / "val.json")
         columns = gated_columns(lx, t)
         learning, forgetting = auto.validation_metrics(columns, t, before[0], scores.value,

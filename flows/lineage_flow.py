@@ -37,14 +37,13 @@ from flows.tasks import (
     evaluate_task,
     fetch_precision_task,
     fetch_task,
-    finetune_task,
     fingerprint_task,
     gate_task,
     init_adapter_task,
     package_task,
     plan_task,
-    precision_task,
     register_task,
+    step_task,
 )
 from pipelines.config import LineageConfig, load_config
 from pipelines.errors import BadInput
@@ -52,11 +51,11 @@ from pipelines.lineage import plan, preflight, report
 from pipelines.lineage.record import VersionRecord
 from pipelines.lineage.report import LineageResult, Promotion, StageTiming
 from pipelines.runtime.environment import numerics
-from pipelines.runtime.launch import StepPaths
 from pipelines.runtime.threads import torch_threads
 from pipelines.scoring.scores import Row, rows_as_json, rows_from_json
 from pipelines.stages.gate import GateResult
-from pipelines.workspace import Workspace, sha256_json, write_json_atomic
+from pipelines.stages.steps import FINETUNE, PRECISION
+from pipelines.workspace import StepPaths, Workspace, sha256_json, write_json_atomic
 
 
 def config_hash(cfg: LineageConfig) -> str:
@@ -332,7 +331,7 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
                           str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
         # 6. precision at the anchor on the previous domain, accumulated (skipped when no stage has the penalty)
         retry = auto_lambda.retry_options(lx)
-        precision = precision_task.with_options(**retry)(cfg, t, paths, run) if cfg.penalised else None
+        precision = step_task(PRECISION, cfg, t, paths, run, **retry) if cfg.penalised else None
         if precision is not None:
             paths = replace(paths, precision=precision.value.path)
         # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run); with
@@ -377,7 +376,7 @@ def _train(lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: Ste
         searched = auto_lambda.search(lx, base.path, key, paths, run, start.val_rows, directions, start.lam)
         start.val_rows.append(searched.val_row)
         return searched.adapter, searched.compute_seconds, searched
-    tuned = finetune_task.with_options(**auto_lambda.retry_options(lx))(cfg, t, paths, run)
+    tuned = step_task(FINETUNE, cfg, t, paths, run, **auto_lambda.retry_options(lx))
     if start.val_rows is not None:
         start.val_rows.append(auto_lambda.validation_row(lx, base.path, tuned.value.adapter,
                                                          Path(paths.out) / "val.json"))

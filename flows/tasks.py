@@ -24,11 +24,12 @@ from flows.runs import RunRef
 from pipelines.config import DomainConfig, LineageConfig
 from pipelines.lineage import plan
 from pipelines.lineage.record import VersionRecord
-from pipelines.runtime.launch import StepPaths, is_transient, run_step
+from pipelines.runtime.launch import is_transient
 from pipelines.scoring.scores import Row
 from pipelines.stages import evaluate, finetune, gate, pretrain
-from pipelines.stages.curvature import PrecisionResult
+from pipelines.stages.steps import Step, run_step
 from pipelines.tracker import NullTracker, Tracker
+from pipelines.workspace import StepPaths
 
 
 class _TaskOptions(TypedDict):
@@ -106,18 +107,21 @@ def _attempt(run: RunRef, step: str) -> None:
         get_run_logger().warning("%s: attempt %d after a transient failure", step, attempt)
 
 
-@task(name="precision", retry_condition_fn=_transient, **_TASK)
-def precision_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[PrecisionResult]:
-    """Safe to retry: the precision is recomputed from the same anchor, data and previous precision."""
-    _attempt(run, "precision")
-    return _timed(run, lambda tracker: run_step("precision", cfg, stage, paths, tracker))
+@task(name="step", retry_condition_fn=_transient, **_TASK)
+def _step_task(step: Step[Any, Any], cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[Any]:
+    _attempt(run, step.name)
+    return _timed(run, lambda tracker: run_step(step, cfg, stage, paths, tracker))
 
 
-@task(name="finetune", retry_condition_fn=_transient, **_TASK)
-def finetune_task(cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[finetune.FinetuneResult]:
-    """Safe to retry: a retry continues from the stage's latest DeepSpeed checkpoint."""
-    _attempt(run, "finetune")
-    return _timed(run, lambda tracker: run_step("finetune", cfg, stage, paths, tracker))
+def step_task(step: Step[Any, T], cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef, *,
+              retries: int = 0, retry_delay_seconds: float = 0.0) -> Timed[T]:
+    """A stage's step (``pipelines.stages.steps``: the precision, the fine-tune) as the one Prefect task, named
+    after the step and retried after a transient failure only. Safe to retry either: the precision is
+    recomputed from the same anchor, data and previous precision; a fine-tune continues from the stage's latest
+    DeepSpeed checkpoint."""
+    task_run = _step_task.with_options(name=step.name, retries=retries, retry_delay_seconds=retry_delay_seconds)
+    result: Timed[T] = task_run(step, cfg, stage, paths, run)
+    return result
 
 
 @task(name="evaluate", **_TASK)

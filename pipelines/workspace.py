@@ -38,6 +38,23 @@ class Workspace:
         return self.root / "stages" / "00-init" / "adapter"
 
 
+@dataclass(frozen=True)
+class StepPaths:
+    """What a step reads and writes."""
+
+    base: str
+    """the base model (from_pretrained path or hub id)"""
+    anchor: str
+    """the adapter the stage starts from"""
+    precision: str | None
+    """the accumulated precision so far (the curvature step's previous one; the fine-tune step's penalty)"""
+    data: str
+    out: str
+    """the stage's directory"""
+    checkpoint: str | None = None
+    """the fine-tune step's DeepSpeed checkpoints"""
+
+
 _RENAME_EXCHANGE = 2
 
 

@@ -1,11 +1,9 @@
-"""The curvature and fine-tune steps of a stage, run in this process or through the deepspeed launcher.
+"""Running a step on several ranks through the deepspeed launcher, and telling a transient failure from the step's own.
 
-``run_step`` calls the stage function with the sub-configs it needs. With ``deepspeed.world_size``
-above 1 (or a hostfile) it writes a job file (the lineage config as its JSON dump, the stage, the
-paths), starts ``deepspeed [--hostfile H] --num_gpus N --module pipelines.runtime.launch JOB`` and
-waits. Every rank validates the config again with the schema and runs the same stage function
-(data parallel: each takes its share of every batch); rank 0 writes the outputs, records its
-tracker calls to a JSON-lines file and the stage result to JSON, which ``run_step`` replays and returns.
+``launch`` writes a job file, starts ``deepspeed [--hostfile H] --num_gpus N --module MODULE JOB`` and waits;
+every rank runs ``rank_main`` (from MODULE's ``__main__``), rank 0 records its tracker calls to a JSON-lines
+file and its result to JSON, which ``launch`` replays and returns. What a job holds and which step it runs is
+the caller's (``pipelines.stages.steps``): this module imports nothing above the runtime.
 """
 
 from __future__ import annotations
@@ -18,11 +16,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import DeepSpeedConfig, LineageConfig
+from pipelines.config import DeepSpeedConfig
 from pipelines.runtime import timeline
 from pipelines.tracker import JsonlTracker, NullTracker, Tracker, replay
 from pipelines.workspace import write_json_atomic
@@ -64,49 +61,6 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, LaunchError) and error.transient
 
 
-@dataclass(frozen=True)
-class StepPaths:
-    """What a step reads and writes."""
-
-    base: str
-    """the base model (from_pretrained path or hub id)"""
-    anchor: str
-    """the adapter the stage starts from"""
-    precision: str | None
-    """the accumulated precision so far (the curvature step's previous one; the fine-tune step's penalty)"""
-    data: str
-    out: str
-    """the stage's directory"""
-    checkpoint: str | None = None
-    """the fine-tune step's DeepSpeed checkpoints"""
-
-
-def _precision(cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker) -> Any:
-    from pipelines.stages.curvature import compute_precision
-
-    return compute_precision(paths.base, paths.anchor, cfg.lalora, cfg.all_domains[stage - 1], previous=paths.precision,
-                             stage=stage, dtype=cfg.model.dtype, max_length=cfg.training.max_length, seed=cfg.seed,
-                             data_dir=paths.data, out_dir=paths.out, tracker=tracker, ds=cfg.deepspeed)
-
-
-def _finetune(cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker) -> Any:
-    from pipelines.data.replay import replay_sources
-    from pipelines.stages.finetune import finetune
-
-    return finetune(paths.base, paths.anchor, paths.precision, cfg.stage_lalora(stage), cfg.domains[stage - 1],
-                    cfg.stage_training(stage), cfg.deepspeed, dtype=cfg.model.dtype, stage=stage, data_dir=paths.data,
-                    out_dir=paths.out,
-                    tracker=tracker, checkpoint_dir=paths.checkpoint,
-                    replay_from=replay_sources(cfg.training.replay, cfg.source, cfg.domains[: stage - 1]))
-
-
-def _steps() -> dict[str, tuple[Callable[..., Any], type]]:
-    from pipelines.stages.curvature import PrecisionResult
-    from pipelines.stages.finetune import FinetuneResult
-
-    return {"precision": (_precision, PrecisionResult), "finetune": (_finetune, FinetuneResult)}
-
-
 SHM_DIR = Path("/dev/shm")
 
 
@@ -129,33 +83,25 @@ def uses_launcher(ds: DeepSpeedConfig) -> bool:
     return ds.world_size > 1 or ds.hostfile is not None
 
 
-def run_step(step: str, cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker) -> Any:
-    """Run ``step`` ('precision' or 'finetune') of ``stage``; its result."""
-    fn, _ = _steps()[step]
-    if not uses_launcher(cfg.deepspeed):
-        return fn(cfg, stage, paths, tracker)
-    return _launch(step, cfg, stage, paths, tracker)
-
-
-def _launch(step: str, cfg: LineageConfig, stage: int, paths: StepPaths, tracker: Tracker) -> Any:
+def launch(step: str, job: dict[str, Any], ds: DeepSpeedConfig, work: Path, tracker: Tracker, module: str
+           ) -> dict[str, Any]:
+    """Run ``python -m MODULE JOB`` on the ranks through the deepspeed launcher (``job`` written to
+    ``work/job.json``); rank 0's ``result.json``. Its tracker calls are replayed into ``tracker``; a failed
+    launch raises ``LaunchError``."""
     from pipelines.runtime.distributed import free_port
 
-    _, result_type = _steps()[step]
-    ds = cfg.deepspeed
-    work = Path(paths.out) / f"launch-{step}"
     work.mkdir(parents=True, exist_ok=True)
     for stale in ("events.jsonl", "result.json", "timeline.jsonl", "output.log"):
         (work / stale).unlink(missing_ok=True)
-    job = work / "job.json"
-    job.write_text(json.dumps({"step": step, "stage": stage, "paths": dataclasses.asdict(paths),
-                               "config": cfg.as_json()}))
+    job_path = work / "job.json"
+    job_path.write_text(json.dumps(job))
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--no_local_rank"]
     if ds.hostfile:
         cmd += ["--hostfile", ds.hostfile]
     if ds.world_size > 1 or not ds.hostfile:
         cmd += ["--num_gpus", str(ds.world_size)]
-    cmd += ["--module", "pipelines.runtime.launch", str(job)]
+    cmd += ["--module", module, str(job_path)]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
     started = time.time()
@@ -174,28 +120,23 @@ def _launch(step: str, cfg: LineageConfig, stage: int, paths: StepPaths, tracker
     if {"first_batch", "last_batch"} <= marks.keys():
         tracker.log_metrics({f"launch/{step}_startup_seconds": marks["first_batch"] - started,
                              f"launch/{step}_teardown_seconds": ended - marks["last_batch"]})
-    return result_type(**json.loads((work / "result.json").read_text()))
+    result: dict[str, Any] = json.loads((work / "result.json").read_text())
+    return result
 
 
-def _main(job_path: str) -> None:
-    """One rank of a launched job: the step, rank 0's result, then every rank leaves the group together."""
+def rank_main(job_path: str, run: Callable[[dict[str, Any], Tracker], Any]) -> None:
+    """One rank of a launched job: ``run(job, tracker)``, rank 0's result (a dataclass) written, then every rank
+    leaves the group together."""
     import gc
 
     from pipelines.runtime.distributed import distributed, shutdown
 
     job = json.loads(Path(job_path).read_text())
-    fn, _ = _steps()[job["step"]]
-    cfg = LineageConfig.model_validate(job["config"])
     work = Path(job_path).parent
     with distributed() as (rank, _):
         timeline.record_to(work / "timeline.jsonl" if rank == 0 else None)
-        result = fn(cfg, job["stage"], StepPaths(**job["paths"]),
-                    JsonlTracker(work / "events.jsonl") if rank == 0 else NullTracker())
+        result = run(job, JsonlTracker(work / "events.jsonl") if rank == 0 else NullTracker())
         if rank == 0:
             write_json_atomic(work / "result.json", dataclasses.asdict(result))
         gc.collect()  # the step's engines and their communication buffers, while the group still exists
         shutdown()  # a step that raised skips this: the other ranks may still be inside a collective
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lalora import Precision, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature import MemoryEstimate
-from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LineageConfig
 from pipelines.data.sources import load_domain
 from pipelines.data.tokens import encode, fixed_batches, special_ids
 from pipelines.errors import BadInput
@@ -19,6 +19,7 @@ from pipelines.runtime import timeline
 from pipelines.runtime.engine import compute_device, partitioned, world
 from pipelines.runtime.models import load_adapter, load_base
 from pipelines.tracker import Tracker
+from pipelines.workspace import StepPaths
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,35 @@ def check_memory(estimate: MemoryEstimate, cfg: LaLoRAConfig, stage: int) -> Non
             "fewer modules (lora.target_modules)")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class PrecisionInputs:
+    """What the curvature step reads; ``from_config`` is the one mapping from a lineage's config to it."""
+
+    base: str
+    """the base model (from_pretrained path or hub id)"""
+    anchor: str
+    """the adapter as it stands before the stage (the LoRA initialisation for the first stage)"""
+    lalora: LaLoRAConfig
+    domain: DomainConfig
+    """the domain learned before the stage (the source for the first stage)"""
+    previous: str | None
+    """the precision accumulated so far (None at the first stage)"""
+    stage: int
+    dtype: str
+    max_length: int
+    seed: int
+    data_dir: str
+    out_dir: str
+    ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    @classmethod
+    def from_config(cls, cfg: LineageConfig, stage: int, paths: StepPaths) -> PrecisionInputs:
+        return cls(base=paths.base, anchor=paths.anchor, lalora=cfg.lalora, domain=cfg.all_domains[stage - 1],
+                   previous=paths.precision, stage=stage, dtype=cfg.model.dtype, max_length=cfg.training.max_length,
+                   seed=cfg.seed, data_dir=paths.data, out_dir=paths.out, ds=cfg.deepspeed)
+
+
+@dataclass(frozen=True, kw_only=True)
 class PrecisionResult:
     path: str
     structure: str
@@ -50,20 +79,18 @@ class PrecisionResult:
     sha256: str
 
 
-def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, curvature_domain: DomainConfig, *,
-                      previous: str | None, stage: int, dtype: str, max_length: int, seed: int, data_dir: str,
-                      out_dir: str, tracker: Tracker, ds: DeepSpeedConfig | None = None) -> PrecisionResult:
-    """F_hat(anchor; curvature_domain), accumulated onto ``previous``, written to ``out_dir``.
+def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionResult:
+    """F_hat(anchor; domain), accumulated onto ``previous``, written to ``out_dir``.
 
-    ``anchor_adapter`` is the adapter as it stands before the stage (the LoRA initialisation
-    for the first stage); ``curvature_domain`` is the domain learned before it (the source
-    for the first stage). At ``ds.zero_stage`` 3 the pass runs inside a DeepSpeed engine, the base
-    partitioned across the ranks and the LoRA matrices whole (their layer inputs and output gradients,
-    which the estimator reads, exist in the forward and backward as at any other stage).
+    At ``ds.zero_stage`` 3 the pass runs inside a DeepSpeed engine, the base partitioned across the ranks and the
+    LoRA matrices whole (their layer inputs and output gradients, which the estimator reads, exist in the forward
+    and backward as at any other stage).
     """
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
+    cfg, curvature_domain, stage, ds, dtype = inputs.lalora, inputs.domain, inputs.stage, inputs.ds, inputs.dtype
+    base_path, anchor_adapter, previous, data_dir = inputs.base, inputs.anchor, inputs.previous, inputs.data_dir
     base, tokenizer = load_base(base_path, dtype)
     model = load_adapter(base, anchor_adapter, trainable=True)
     params = lora_parameters(model)
@@ -76,10 +103,10 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
 
     splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
     _, _, pad = special_ids(tokenizer)
-    every = fixed_batches(encode(tokenizer, splits.curvature, max_length), cfg.batch_size, pad)
-    zero3 = ds is not None and ds.zero_stage == 3
+    every = fixed_batches(encode(tokenizer, splits.curvature, inputs.max_length), cfg.batch_size, pad)
+    zero3 = ds.zero_stage == 3
     batches = _rank_share(every, zero3)
-    estimator = build_estimator(cfg.curvature.kind, seed=seed + stage,
+    estimator = build_estimator(cfg.curvature.kind, seed=inputs.seed + stage,
                                 **cfg.curvature.model_dump(exclude={"kind"}))
     check_memory(estimator.memory(shapes), cfg, stage)
     with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
@@ -88,7 +115,7 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         if not zero3:
             model.to(device)
-        with partitioned(model, ds or DeepSpeedConfig(), [p.param for p in params]) as module:
+        with partitioned(model, ds, [p.param for p in params]) as module:
             timeline.mark("first_batch")
             est = estimator.estimate(module, batches, progress=bar.update)
             timeline.mark("last_batch")
@@ -101,15 +128,17 @@ def compute_precision(base_path: str, anchor_adapter: str, cfg: LaLoRAConfig, cu
     history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
                           "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
                           "data_sha256": splits.fingerprint}]
-    target = Path(out_dir) / "precision"
+    target = Path(inputs.out_dir) / "precision"
     if world()[0] != 0:
-        return PrecisionResult(str(target), precision.structure, est.n_samples, len(est.zero_curvature), 0.0, "")
+        return PrecisionResult(path=str(target), structure=precision.structure, n_samples=est.n_samples,
+                               zero_curvature=len(est.zero_curvature), seconds=0.0, sha256="")
     meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
                           history=history)
     seconds = time.perf_counter() - t0
     tracker.log_metrics(_curvature_stats(precision, seconds, est.n_samples, len(est.zero_curvature), len(zero_a)))
     tracker.log_artifact(target, "curvature")
-    return PrecisionResult(str(target), meta.structure, est.n_samples, len(est.zero_curvature), seconds, meta.sha256)
+    return PrecisionResult(path=str(target), structure=meta.structure, n_samples=est.n_samples,
+                           zero_curvature=len(est.zero_curvature), seconds=seconds, sha256=meta.sha256)
 
 
 def _rank_share(every: list[dict[str, torch.Tensor]], zero3: bool) -> list[dict[str, torch.Tensor]]:

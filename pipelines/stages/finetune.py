@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,20 +11,52 @@ from typing import Any
 import torch
 
 from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
-from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
-from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LineageConfig, LoraSettings, TrainingConfig
+from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows, replay_sources
 from pipelines.data.sources import DataError, load_domain
 from pipelines.data.tokens import encode, special_ids
 from pipelines.runtime.engine import train, world
 from pipelines.runtime.loss import check_chunkable
 from pipelines.runtime.models import adapter_state, load_adapter, load_base, new_adapter
 from pipelines.tracker import Tracker
-from pipelines.workspace import write_dir_atomic
+from pipelines.workspace import StepPaths, write_dir_atomic
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class FinetuneInputs:
+    """What the fine-tune step reads; ``from_config`` is the one mapping from a lineage's config to it."""
+
+    base: str
+    anchor: str
+    """the adapter the stage starts from (the penalty's anchor)"""
+    precision: str | None
+    """the precision accumulated before the stage (None: no penalty)"""
+    lalora: LaLoRAConfig
+    """with the stage's own lambda (a number: lambda auto has chosen it)"""
+    domain: DomainConfig
+    training: TrainingConfig
+    """with the stage's own steps and lr"""
+    ds: DeepSpeedConfig
+    dtype: str
+    stage: int
+    data_dir: str
+    out_dir: str
+    checkpoint_dir: str | None = None
+    replay_from: tuple[DomainConfig, ...] = ()
+    """the domains whose training rows are replayed (training.replay on)"""
+
+    @classmethod
+    def from_config(cls, cfg: LineageConfig, stage: int, paths: StepPaths) -> FinetuneInputs:
+        return cls(base=paths.base, anchor=paths.anchor, precision=paths.precision, lalora=cfg.stage_lalora(stage),
+                   domain=cfg.domains[stage - 1], training=cfg.stage_training(stage), ds=cfg.deepspeed,
+                   dtype=cfg.model.dtype, stage=stage, data_dir=paths.data, out_dir=paths.out,
+                   checkpoint_dir=paths.checkpoint,
+                   replay_from=tuple(replay_sources(cfg.training.replay, cfg.source, cfg.domains[: stage - 1])))
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneResult:
     adapter: str
     steps: int
@@ -46,10 +78,7 @@ def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str
     return str(target)
 
 
-def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lalora: LaLoRAConfig,
-             domain: DomainConfig, training: TrainingConfig, ds: DeepSpeedConfig, *, dtype: str, stage: int,
-             data_dir: str, out_dir: str, tracker: Tracker, checkpoint_dir: str | None = None,
-             replay_from: Sequence[DomainConfig] = ()) -> FinetuneResult:
+def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
     """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor, and with
     ``training.replay`` on, rows of ``replay_from`` (training splits only) and of the replayed data sets
     fill part of every batch.
@@ -58,8 +87,9 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     ``training.checkpoint_every`` steps and, if one is there already (an interrupted run of
     this same stage), continues from it. Under the deepspeed launcher rank 0 writes.
     """
-    base, tokenizer = load_base(base_path, dtype)
-    model = load_adapter(base, anchor_adapter, trainable=True)
+    lalora, domain, training, stage = inputs.lalora, inputs.domain, inputs.training, inputs.stage
+    base, tokenizer = load_base(inputs.base, inputs.dtype)
+    model = load_adapter(base, inputs.anchor, trainable=True)
     if training.loss_chunk:
         check_chunkable(model)
     if training.activation_checkpointing:  # non-reentrant: the frozen inputs need no gradient, dropout replays
@@ -70,23 +100,25 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
     if isinstance(lam, str):  # 'auto' is searched first: a stage trains with the chosen lambda (stage_lalora)
         raise ValueError(f"stage {stage} trains with a chosen lambda, got {lam!r}")
     precision = None
-    if precision_dir is not None and lam > 0:
-        precision, _ = load_precision(precision_dir, {p.name: tuple(p.param.shape) for p in params})
+    if inputs.precision is not None and lam > 0:
+        precision, _ = load_precision(inputs.precision, {p.name: tuple(p.param.shape) for p in params})
     prior = Prior(lalora.prior.tau_A, lalora.prior.tau_B)
 
     def make_penalty(module: torch.nn.Module) -> LaplacePenalty:
         assert precision is not None
         return LaplacePenalty(precision, anchor, lora_parameters(module), lam, prior)
 
-    batches = _batches(tokenizer, domain, training, list(replay_from), Path(data_dir), lalora.samples, stage, tracker)
+    batches = _batches(tokenizer, domain, training, list(inputs.replay_from), Path(inputs.data_dir), lalora.samples,
+                       stage, tracker)
     tracker.log_params({"train.steps": training.steps, "train.lr": training.lr, "lambda": lalora.lam})
     result = train(model, [p.param for p in params], batches, steps=training.steps, lr=training.lr,
-                   batch_size=training.batch_size, ds=ds, make_penalty=make_penalty if precision is not None else None,
+                   batch_size=training.batch_size, ds=inputs.ds,
+                   make_penalty=make_penalty if precision is not None else None,
                    tracker=tracker, log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
-                   checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+                   checkpoint_dir=Path(inputs.checkpoint_dir) if inputs.checkpoint_dir else None,
                    checkpoint_every=training.checkpoint_every, seed=training.seed + stage,
                    optimizer_impl=training.optimizer_impl, loss_chunk=training.loss_chunk)
-    target = Path(out_dir) / "adapter"
+    target = Path(inputs.out_dir) / "adapter"
     state = adapter_state(model)
     if world()[0] == 0:
         write_dir_atomic(target, lambda d: model.save_pretrained(d, state_dict=state))
@@ -97,8 +129,9 @@ def finetune(base_path: str, anchor_adapter: str, precision_dir: str | None, lal
             quadratic = 0.5 * float(precision.quad_form({n: delta[n] for n in precision.names}))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
-    return FinetuneResult(str(target), result.steps, result.final_loss, result.final_penalty, result.seconds, tps,
-                          quadratic)
+    return FinetuneResult(adapter=str(target), steps=result.steps, final_loss=result.final_loss,
+                          final_penalty=result.final_penalty, seconds=result.seconds, tokens_per_second=tps,
+                          quadratic=quadratic)
 
 
 def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, replay_from: list[DomainConfig],

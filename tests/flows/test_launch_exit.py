@@ -32,7 +32,7 @@ import atexit, json, os, sys
 
 def _record():
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is None or spec.name != "pipelines.runtime.launch" or "torch.distributed" not in sys.modules:
+    if spec is None or spec.name != "pipelines.stages.steps" or "torch.distributed" not in sys.modules:
         return  # the launcher, or another process: not a rank
     import torch.distributed as dist
     path = os.path.join(os.environ["LALORA_EXIT_RECORDS"], f"{os.getpid()}.json")
@@ -64,8 +64,9 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     """Both steps, at ZeRO-3: every rank's interpreter begins its exit with no process group (without the fix
     both ranks report it alive), and the launch exits 0."""
     from pipelines.config import LineageConfig
-    from pipelines.runtime.launch import StepPaths, run_step
+    from pipelines.stages.steps import STEPS, run_step
     from pipelines.tracker import LatestTracker
+    from pipelines.workspace import StepPaths
     from tests.flows.soak import CONFIG, tiny_base
 
     site, records = tmp_path / "site", tmp_path / "records"
@@ -81,7 +82,7 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     for step in ("precision", "finetune"):
         before = set(shm.glob("deepspeed_allreduce_buffer_*"))
         rec = LatestTracker()
-        result = run_step(step, cfg, 1, StepPaths(base, anchor, precision, str(tmp_path / "data"),
+        result = run_step(STEPS[step], cfg, 1, StepPaths(base, anchor, precision, str(tmp_path / "data"),
                                                   str(tmp_path / "out")), rec)
         precision = precision or result.path
         seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
@@ -94,7 +95,7 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
 
 
 def _pids_of_ranks(job: str) -> list[int]:
-    """The launched ranks of a job: ``python -u -m pipelines.runtime.launch JOB`` (DeepSpeed's runner and its
+    """The launched ranks of a job: ``python -u -m pipelines.stages.steps JOB`` (DeepSpeed's runner and its
     node launcher name the module and the job too, after ``--module``)."""
     found = []
     for proc in Path("/proc").iterdir():
@@ -104,7 +105,7 @@ def _pids_of_ranks(job: str) -> list[int]:
             cmd = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        ranks = any(a == b"-m" and b == b"pipelines.runtime.launch" for a, b in itertools.pairwise(cmd))
+        ranks = any(a == b"-m" and b == b"pipelines.stages.steps" for a, b in itertools.pairwise(cmd))
         if ranks and any(job.encode() in part for part in cmd):
             found.append(int(proc.name))
     return found

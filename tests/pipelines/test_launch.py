@@ -7,10 +7,11 @@ from torch.testing import assert_close
 
 from lalora import load_precision, lora_parameters
 from pipelines.config import LineageConfig, LoraSettings, TinyModelConfig
-from pipelines.runtime.launch import StepPaths, run_step
 from pipelines.runtime.models import build_tiny_llama, char_tokenizer, load_adapter, load_base
 from pipelines.stages.finetune import init_adapter
+from pipelines.stages.steps import FINETUNE, PRECISION, run_step
 from pipelines.tracker import NullTracker
+from pipelines.workspace import StepPaths
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -56,11 +57,11 @@ def _paths(root, anchor, out, precision=None):
 
 
 def _precision(root, anchor, world_size, out, tracker, zero_stage=0, kind="diag"):
-    return run_step("precision", _cfg(world_size, zero_stage, kind), 1, _paths(root, anchor, out), tracker)
+    return run_step(PRECISION, _cfg(world_size, zero_stage, kind), 1, _paths(root, anchor, out), tracker)
 
 
 def _finetune(root, anchor, precision, world_size, out, tracker, zero_stage=0, kind="diag"):
-    return run_step("finetune", _cfg(world_size, zero_stage, kind), 1, _paths(root, anchor, out, precision), tracker)
+    return run_step(FINETUNE, _cfg(world_size, zero_stage, kind), 1, _paths(root, anchor, out, precision), tracker)
 
 
 @pytest.mark.parametrize("zero_stage,kind", [(0, "diag"), (3, "diag"), (3, "kfac")])

@@ -96,10 +96,11 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
     """The batches are a pure function of the seeds: stopped at a checkpoint and run again, the stage skips
     exactly what it trained and ends with the adapter of a run that never stopped."""
     from pipelines.config import TinyModelConfig
-    from pipelines.runtime.launch import StepPaths, run_step
     from pipelines.runtime.models import build_tiny_llama, char_tokenizer
     from pipelines.stages.finetune import init_adapter
+    from pipelines.stages.steps import FINETUNE, run_step
     from pipelines.tracker import NullTracker
+    from pipelines.workspace import StepPaths
 
     tok = char_tokenizer()
     base = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -125,10 +126,10 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
                          str(tmp_path / name / "ckpt"))
 
     with pytest.raises(Killed):
-        run_step("finetune", cfg, 3, paths("resumed"), KillAt())
+        run_step(FINETUNE, cfg, 3, paths("resumed"), KillAt())
     assert "step00000002" in (Path(paths("resumed").checkpoint) / "latest").read_text()
-    resumed = run_step("finetune", cfg, 3, paths("resumed"), NullTracker())
-    straight = run_step("finetune", cfg, 3, paths("straight"), NullTracker())
+    resumed = run_step(FINETUNE, cfg, 3, paths("resumed"), NullTracker())
+    straight = run_step(FINETUNE, cfg, 3, paths("straight"), NullTracker())
     a = load_file(f"{resumed.adapter}/adapter_model.safetensors")
     b = load_file(f"{straight.adapter}/adapter_model.safetensors")
     assert a.keys() == b.keys()
