@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.config.base import NAME, Lambda, Model
-from pipelines.data.formats import (
+from pipelines.config.formats import (
     GenerateScoring,
     LmEvalScoring,
     MultipleChoiceScoring,

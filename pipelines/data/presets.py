@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.data.formats import RowFormat
+from pipelines.config.formats import RowFormat
 
 Row = dict[str, Any]
 Converter = Callable[[dict[str, Any]], Row | None]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import DataSource, DomainConfig, GeneratorSource, HubSource, LocalSource
-from pipelines.data.formats import RowFormat
+from pipelines.config.formats import RowFormat
 from pipelines.data.generators import GENERATORS
 from pipelines.data.presets import Converter, RowError, converter
 from pipelines.errors import BadInput

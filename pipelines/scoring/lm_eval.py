@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipelines.data.formats import LmEvalScoring
+from pipelines.config.formats import LmEvalScoring
 from pipelines.errors import BadInput
 
 _EXTRA = "install the lm-eval extra: pip install -e '.[lm-eval]' (lm-eval 0.4.13)"

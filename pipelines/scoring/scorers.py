@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipelines.data.formats import GenerateScoring
+from pipelines.config.formats import GenerateScoring
 from pipelines.data.tokens import encode, fixed_batches, prompt_ids, special_ids
 from pipelines.scoring.extract import is_correct
 from pipelines.scoring.greedy import decode, generate_settings, greedy_tokens, stop_check

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.data.formats import GenerateScoring
+from pipelines.config.formats import GenerateScoring
 from pipelines.data.tokens import prompt_ids
 from pipelines.runtime.models import char_tokenizer
 from pipelines.scoring.extract import extract, is_correct, reference

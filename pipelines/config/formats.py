@@ -1,8 +1,8 @@
 """How a domain's rows are read and scored: presets, field mapping, templates, scorers.
 
-Configuration models only (pydantic v2, ``extra="forbid"``); ``pipelines/config.py`` builds
-``DomainConfig`` from them and loads the YAML. The preset *loaders* (record -> row) live in
-``pipelines/presets.py``; this module only knows their names and default scorers.
+Configuration models only (the config's one base, ``pipelines.config.base.Model``); ``pipelines/config/domains.py``
+builds ``DomainConfig`` from them. The preset *loaders* (record -> row) live in ``pipelines/data/presets.py``;
+this module only knows their names and default scorers.
 """
 
 from __future__ import annotations
@@ -10,19 +10,17 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
+
+from pipelines.config.base import Model
 
 PresetName = Literal["gsm8k", "metamathqa", "hellaswag", "arc", "winogrande", "text"]
 MC_PRESETS = ("hellaswag", "arc", "winogrande")
 """Presets whose rows carry choices and a gold label."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
 # --- scoring ----------------------------------------------------------------------------
-class GenerateScoring(_Model):
+class GenerateScoring(Model):
     kind: Literal["generate"] = "generate"
     extractor: Literal["exact", "gsm8k", "last_number", "regex"] = Field(
         "exact", description="How the answer is read from a greedy generation (and from the reference): exact: the "
@@ -49,20 +47,20 @@ class GenerateScoring(_Model):
         return self
 
 
-class MultipleChoiceScoring(_Model):
+class MultipleChoiceScoring(Model):
     kind: Literal["multiple_choice"] = "multiple_choice"
     metric: Literal["acc", "acc_norm"] = Field("acc_norm", description="Score in R: acc ranks choices by summed "
                                                "log-likelihood; acc_norm by log-likelihood per character of the choice "
                                                "(both as lm-eval reports them; both are always computed).")
 
 
-class PerplexityScoring(_Model):
+class PerplexityScoring(Model):
     kind: Literal["perplexity"] = "perplexity"
     metric: Literal["nll", "perplexity"] = Field("nll", description="Score in R: mean target-token NLL or its "
                                                  "exponential (lower is better; both are always computed).")
 
 
-class LmEvalScoring(_Model):
+class LmEvalScoring(Model):
     """Scored by lm-evaluation-harness itself (the ``lm-eval`` extra): a registered task, or one a YAML in
     ``include_path`` defines (offline: ``dataset_path: json`` with local ``data_files``)."""
 
@@ -103,7 +101,7 @@ PRESET_SCORING: dict[str, GenerateScoring | MultipleChoiceScoring | PerplexitySc
 _MAPPING_FIELDS = ("prompt_field", "answer_field", "prompt_template", "answer_template", "choices_field", "label_field")
 
 
-class RowFormat(_Model):
+class RowFormat(Model):
     """How records of a dataset become rows: a preset, or a field mapping / Jinja templates."""
 
     preset: PresetName | None = Field(None, description="A known dataset shape (fields, prompt format, default "
