@@ -345,7 +345,7 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
                                    if isinstance(v, float)})
         verdict = _gate(lx, t, start.rows)
         if searched is not None and not searched.feasible:  # the budget could not be kept: never the champion
-            verdict = GateResult(False, [searched.refusal, *verdict.reasons], verdict.metrics)
+            verdict = GateResult(promoted=False, reasons=[searched.refusal, *verdict.reasons], metrics=verdict.metrics)
         # 9. the lineage state travels with the version: R so far (and its validation scores), stage config
         _lineage_state(lx, t, start, stage_dir, run)
         # 10. the version: the adapter as a python_function model, its record, the aliases it earns

@@ -77,9 +77,7 @@ def fetch_precision_task(registry: LineageRegistry, recorded: plan.Recorded) -> 
 
 @task(name="base-model", **_TASK)
 def base_task(cfg: LineageConfig, out_dir: str, run: RunRef) -> Timed[pretrain.BaseResult]:
-    return _timed(run, lambda tracker: pretrain.prepare_base(
-        cfg.model, cfg.source, cfg.deepspeed, max_length=cfg.training.max_length, seed=cfg.seed, out_dir=out_dir,
-        tracker=tracker))
+    return _timed(run, lambda tracker: pretrain.prepare_base(pretrain.BaseInputs.from_config(cfg, out_dir), tracker))
 
 
 @task(name="init-adapter", **_TASK)
@@ -128,9 +126,8 @@ def step_task(step: Step[Any, T], cfg: LineageConfig, stage: int, paths: StepPat
 def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, domains: list[DomainConfig], out_path: str,
                   data_dir: str, split: Literal["eval", "val"] = "eval") -> Timed[Row]:
     """Scores of the evaluation rows (R), or of the validation rows (lambda auto's trials)."""
-    return _timed(None, lambda _: evaluate.evaluate(
-        base_path, adapter, domains, cfg.evaluation, dtype=cfg.model.dtype, max_length=cfg.training.max_length,
-        default_curvature=cfg.lalora.samples, data_dir=data_dir, out_path=out_path, split=split))
+    return _timed(None, lambda _: evaluate.evaluate(evaluate.EvaluateInputs.from_config(
+        cfg, base=base_path, adapter=adapter, domains=domains, data_dir=data_dir, out_path=out_path, split=split)))
 
 
 @task(name="gate", **_TASK)

@@ -9,7 +9,7 @@ from lalora import continual_metrics
 from pipelines.config import PromotionConfig
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class GateResult:
     promoted: bool
     reasons: list[str] = field(default_factory=list)
@@ -54,4 +54,4 @@ def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
                 reasons.append(f"forgetting of {domains[j]} {f:.3f} > max_forgetting {cfg.max_forgetting:.3f}")
     if cfg.min_learning is not None and beyond(cfg.min_learning, m.learning[-1]):
         reasons.append(f"learning on {target} {m.learning[-1]:+.3f} < min_learning {cfg.min_learning:+.3f}")
-    return GateResult(not reasons, reasons, metrics)
+    return GateResult(promoted=not reasons, reasons=reasons, metrics=metrics)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig
+from pipelines.config import DeepSpeedConfig, DomainConfig, LineageConfig, ModelConfig
 from pipelines.data.sources import load_domain, load_rows
 from pipelines.data.tokens import encode, special_ids, train_batches
 from pipelines.errors import BadInput
@@ -20,7 +20,24 @@ from pipelines.workspace import Workspace, sha256_json, write_dir_atomic, write_
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class BaseInputs:
+    """What preparing the base reads; ``from_config`` is the one mapping from a lineage's config to it."""
+
+    model: ModelConfig
+    source: DomainConfig
+    ds: DeepSpeedConfig
+    max_length: int
+    seed: int
+    out_dir: str
+
+    @classmethod
+    def from_config(cls, cfg: LineageConfig, out_dir: str) -> BaseInputs:
+        return cls(model=cfg.model, source=cfg.source, ds=cfg.deepspeed, max_length=cfg.training.max_length,
+                   seed=cfg.seed, out_dir=out_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
 class BaseResult:
     path: str
     """from_pretrained-loadable directory or hub id."""
@@ -48,19 +65,20 @@ def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_d
     return rows, sha256_json(fingerprints, sort_keys=False)  # as recorded (a list: the order is its own)
 
 
-def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, *, max_length: int, seed: int,
-                 out_dir: str, tracker: Tracker) -> BaseResult:
+def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
     """Return the base model's path, pretraining the tiny Llama first when ``model.path`` is empty.
 
     The pretraining data is the source's training split and ``model.pretrain.extra_data``. The
     pretrained base is reused when its recipe (model shape, pretraining settings, data) is
     unchanged, so a rerun does not pay for it twice.
     """
+    model, source, ds, max_length, seed = inputs.model, inputs.source, inputs.ds, inputs.max_length, inputs.seed
+    out_dir = inputs.out_dir
     if model.path:
         problem = weights_problem(model.path, model.sha256) if model.sha256 else None
         if problem:
             raise BadInput(problem)
-        return BaseResult(model.path, pretrained_here=False)
+        return BaseResult(path=model.path, pretrained_here=False)
     ws = Workspace(Path(out_dir))
     rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
     pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
@@ -69,7 +87,7 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
     marker = ws.base / "lalora_base.json"
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
         log.info("base model %s is up to date; not pretraining again", ws.base)
-        return BaseResult(str(ws.base), pretrained_here=False)
+        return BaseResult(path=str(ws.base), pretrained_here=False)
 
     tokenizer = char_tokenizer()
     net = build_tiny_llama(model.tiny, tokenizer, seed)
@@ -89,5 +107,5 @@ def prepare_base(model: ModelConfig, source: DomainConfig, ds: DeepSpeedConfig, 
 
     write_dir_atomic(ws.base, write)
     log.info("pretrained a %d-parameter base model on %s -> %s", n_params, source.name, ws.base)
-    return BaseResult(str(ws.base), pretrained_here=True, seconds=result.seconds if result else 0.0,
+    return BaseResult(path=str(ws.base), pretrained_here=True, seconds=result.seconds if result else 0.0,
                       final_loss=result.final_loss if result else None)

@@ -8,7 +8,7 @@ from pipelines.config import DomainConfig, EvaluationConfig, GeneratorSource, Lo
 from pipelines.data.sources import load_domain
 from pipelines.runtime.models import build_tiny_llama, char_tokenizer, load_adapter, load_base, new_adapter
 from pipelines.scoring.scorers import score_generate, score_multiple_choice, score_perplexity, target_nll
-from pipelines.stages.evaluate import evaluate
+from pipelines.stages.evaluate import EvaluateInputs, evaluate
 from tests.pipelines.test_presets import ARC, TEXT
 
 
@@ -34,8 +34,9 @@ def test_each_domain_gets_its_scorer_and_eval_json_holds_every_value(saved):
     ]
     cfg = EvaluationConfig(batch_size=4, max_new_tokens=9)
     out = saved / "eval.json"
-    scores = evaluate(str(saved / "base"), str(saved / "adapter"), domains, cfg, dtype="float32", max_length=32,
-                      default_curvature=4, data_dir=str(saved / "data"), out_path=str(out))
+    scores = evaluate(EvaluateInputs(base=str(saved / "base"), adapter=str(saved / "adapter"), domains=tuple(domains),
+                                     evaluation=cfg, dtype="float32", max_length=32, samples=4,
+                                     data_dir=str(saved / "data"), out_path=str(out)))
     on_disk = json.loads(out.read_text())["scores"]
     assert on_disk == {k: v.as_json() for k, v in scores.items()}
     assert {k: (v["scoring"], v["metric"], v["higher_is_better"], v["n"]) for k, v in on_disk.items()} == {

@@ -4,7 +4,7 @@ import pytest
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, ModelConfig, load_config
 from pipelines.data.sources import load_domain
-from pipelines.stages.pretrain import prepare_base, pretraining_rows
+from pipelines.stages.pretrain import BaseInputs, prepare_base, pretraining_rows
 from pipelines.tracker import NullTracker
 
 
@@ -33,12 +33,16 @@ def test_extra_data_is_added_whole_after_the_source_training_rows(tmp_path):
 def test_the_base_is_pretrained_again_only_when_its_data_changes(tmp_path):
     model = ModelConfig.model_validate({"tiny": TINY, "pretrain": {"steps": 2, "batch_size": 8,
                                                                    "extra_data": [e.model_dump() for e in EXTRA]}})
-    kw = dict(max_length=24, seed=0, out_dir=str(tmp_path), tracker=NullTracker())
-    assert prepare_base(model, SOURCE, DeepSpeedConfig(), **kw).pretrained_here
-    assert not prepare_base(model, SOURCE, DeepSpeedConfig(), **kw).pretrained_here
+    def prepare(model):
+        inputs = BaseInputs(model=model, source=SOURCE, ds=DeepSpeedConfig(), max_length=24, seed=0,
+                            out_dir=str(tmp_path))
+        return prepare_base(inputs, NullTracker())
+
+    assert prepare(model).pretrained_here
+    assert not prepare(model).pretrained_here
     fewer = ModelConfig.model_validate({"tiny": TINY, "pretrain": {"steps": 2, "batch_size": 8,
                                                                    "extra_data": [EXTRA[0].model_dump()]}})
-    assert prepare_base(fewer, SOURCE, DeepSpeedConfig(), **kw).pretrained_here
+    assert prepare(fewer).pretrained_here
 
 
 def test_extra_local_files_are_relative_to_the_config(tmp_path):
