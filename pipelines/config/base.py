@@ -18,6 +18,20 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
 
 
+NOT_IDENTITY: dict[str, Any] = {"identity": False}
+"""A field's ``json_schema_extra``: it cannot change what a stage produces (bookkeeping, resources, how the same
+update is computed), so it is left out of the stage's identity (its hash); the schema says so too."""
+WHEN_SET: dict[str, Any] = {"identity": "when set"}
+"""A field's ``json_schema_extra``: part of the stage's identity only when set (left out when None, so configs
+from before the field keep their hashes)."""
+
+
+def identity_fields(model: type[BaseModel], mark: dict[str, Any]) -> tuple[str, ...]:
+    """The fields of ``model`` (by their names in the dump, aliases included) whose schema carries ``mark``."""
+    return tuple(f.alias or name for name, f in model.model_fields.items()
+                 if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("identity") == mark["identity"])
+
+
 def _lambda_value(value: Any) -> Any:
     """A lambda: 'auto' or a finite number >= 0, refused in one line (not one line per member of the union)."""
     if value == "auto":

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipelines.config.base import NAME, Lambda, Model
+from pipelines.config.base import NAME, WHEN_SET, Lambda, Model
 from pipelines.config.formats import (
     GenerateScoring,
     LmEvalScoring,
@@ -76,13 +76,15 @@ class DomainConfig(RowFormat):
                                        "lalora.samples.")
     val_size: int | None = Field(None, gt=0, description="Validation rows, held out from training, curvature and "
                                  f"evaluation, that lambda: auto scores its trials on (default {VAL_SIZE} when a stage "
-                                 "searches lambda; none otherwise, so other lineages keep their splits).")
+                                 "searches lambda; none otherwise, so other lineages keep their splits).",
+                                 json_schema_extra=WHEN_SET)
     lam: Lambda | None = Field(None, alias="lambda", description="This domain's stage only: its own lambda (a number "
-                               "or 'auto'); default lalora.lambda. Part of the stage's identity only when set.")
+                               "or 'auto'); default lalora.lambda. Part of the stage's identity only when set.",
+                               json_schema_extra=WHEN_SET)
     steps: int | None = Field(None, gt=0, description="This domain's stage only: its optimizer steps; default "
-                              "training.steps. Part of the stage's identity only when set.")
+                              "training.steps. Part of the stage's identity only when set.", json_schema_extra=WHEN_SET)
     lr: float | None = Field(None, gt=0, description="This domain's stage only: its learning rate; default "
-                             "training.lr. Part of the stage's identity only when set.")
+                             "training.lr. Part of the stage's identity only when set.", json_schema_extra=WHEN_SET)
     scoring: Scoring | None = Field(None, description="Score of the R matrix, by kind: generate, multiple_choice or "
                                     "perplexity. Default: the preset's (generate with extractor exact without one).")
     chat_template: Literal["never", "auto", "always"] = Field("never", description="Wrap each prompt as a user turn "

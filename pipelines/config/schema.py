@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from lalora.curvature import CURVATURES, FisherType
-from pipelines.config.base import NAME, Lambda, Model
+from pipelines.config.base import NAME, NOT_IDENTITY, Lambda, Model
 from pipelines.config.domains import VAL_SIZE, DomainConfig
 
 
@@ -175,7 +175,8 @@ class LaLoRAConfig(Model):
     accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' "
                                            "curvature combines.")
     memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed "
-                                    "this many GiB (estimated and printed before the pass).")
+                                    "this many GiB (estimated and printed before the pass).",
+                                    json_schema_extra=NOT_IDENTITY)
 
 
 # --- training, engine, evaluation, tracking ----------------------------------------------
@@ -213,9 +214,11 @@ class TrainingConfig(Model):
     overlong: Literal["truncate", "error"] = Field("truncate", description="A training sequence longer than "
                                                    "max_length: truncate it, or stop the run naming the example.")
     seed: int = Field(0, description="Seed of data order and dropout.")
-    log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.")
+    log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.",
+                           json_schema_extra=NOT_IDENTITY)
     checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
-                                  "optimizer; an interrupted stage restarts from the latest one (0: only at the end).")
+                                  "optimizer; an interrupted stage restarts from the latest one (0: only at the end).",
+                                  json_schema_extra=NOT_IDENTITY)
     group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
                                   "batch order stays shuffled).")
     replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Earlier data mixed into each batch "
@@ -223,15 +226,18 @@ class TrainingConfig(Model):
     optimizer_impl: Literal["auto", "fused", "unfused"] = Field(
         "auto", description="AdamW's implementation: one fused kernel for every matrix ('fused'), or torch's own "
         "choice ('unfused': multi-tensor on a GPU, a loop over the matrices on the CPU); 'auto': fused on a GPU, "
-        "unfused on the CPU. The same update up to rounding, so not part of a stage's identity.")
+        "unfused on the CPU. The same update up to rounding, so not part of a stage's identity.",
+        json_schema_extra=NOT_IDENTITY)
     activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
                                            "backward pass instead of keeping them: less memory for long sequences, "
-                                           "about one more forward of compute. Same result; not part of the identity.")
+                                           "about one more forward of compute. Same result; not part of the identity.",
+                                           json_schema_extra=NOT_IDENTITY)
     loss_chunk: int = Field(0, ge=0, description="Positions per chunk of a cross-entropy fused with the LM head: "
                             "the head and the loss run chunk by chunk, each chunk's gradient taken at once, so the "
                             "full (batch x length x vocabulary) float32 logits are never held (over Llama 3's 128k "
                             "vocabulary, 4 GiB at 8 x 1024 tokens). 0: the model's own loss over the full logits. "
-                            "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.")
+                            "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.",
+                            json_schema_extra=NOT_IDENTITY)
 
 
 class DeepSpeedConfig(Model):
@@ -241,9 +247,10 @@ class DeepSpeedConfig(Model):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
     world_size: int = Field(1, ge=1, description="Processes per node for fine-tuning and curvature; above 1 (or with "
-                            "a hostfile) both steps run through the deepspeed launcher, data parallel.")
+                            "a hostfile) both steps run through the deepspeed launcher, data parallel.",
+                            json_schema_extra=NOT_IDENTITY)
     hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
-                                 "relative to the config file or absolute.")
+                                 "relative to the config file or absolute.", json_schema_extra=NOT_IDENTITY)
 
 
 class EvaluationConfig(Model):

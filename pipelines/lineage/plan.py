@@ -14,17 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import DomainConfig, LineageConfig
+from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LineageConfig, TrainingConfig
+from pipelines.config.base import NOT_IDENTITY, WHEN_SET, identity_fields
 from pipelines.errors import BadInput
 from pipelines.lineage.record import VersionRecord
 from pipelines.workspace import sha256_json
 
-# Settings that cannot change what a stage produces (bookkeeping, resources, scoring; how the same update is
-# computed: rounding aside, a fused optimizer, recomputed activations and a chunked loss give the same adapter).
-_IRRELEVANT = {"training": ("log_every", "checkpoint_every", "optimizer_impl", "activation_checkpointing",
-                            "loss_chunk"),
-               "deepspeed": ("world_size", "hostfile"), "lalora": ("memory_budget_gb",)}
-_UNSET_UNSEEN = ("val_size", "lambda", "steps", "lr")
+# Settings that cannot change what a stage produces (bookkeeping, resources; how the same update is computed:
+# rounding aside, a fused optimizer, recomputed activations and a chunked loss give the same adapter), as the
+# fields mark themselves (pipelines.config.base.NOT_IDENTITY); the domain's settings counted only when set.
+_IRRELEVANT = {"training": identity_fields(TrainingConfig, NOT_IDENTITY),
+               "deepspeed": identity_fields(DeepSpeedConfig, NOT_IDENTITY),
+               "lalora": identity_fields(LaLoRAConfig, NOT_IDENTITY)}
+_UNSET_UNSEEN = identity_fields(DomainConfig, WHEN_SET)
 _STAGE_SECTIONS = ("seed", "model", "lora", "lalora", "source", "training", "deepspeed")
 
 

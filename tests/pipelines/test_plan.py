@@ -167,3 +167,26 @@ def test_gate_reads_probe_columns_and_lower_is_better_scores():
     result = gate(["src", "a", "probe"], R, PromotionConfig(max_forgetting=0.2, min_learning=0.5), [True, False, True])
     assert result.metrics["learning"] == pytest.approx(1.0)  # the NLL fell by 1.0: learning is positive
     assert not result.promoted and result.reasons == ["forgetting of probe 0.300 > max_forgetting 0.200"]
+
+
+def test_the_fields_that_mark_themselves_outside_a_stages_identity_are_the_ones_the_hash_leaves_out():
+    """The marks are on the fields (NOT_IDENTITY, WHEN_SET in their schema); plan reads the sections it hashes.
+    A mark on a field of any other model would be silently ignored: none is there."""
+    import pipelines.config as config_pkg
+    from pipelines.config.base import Model
+    from pipelines.lineage import plan as plan_module
+
+    def models(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from models(sub)
+
+    marked = {(cls.__name__, f.alias or name, f.json_schema_extra["identity"])
+              for cls in set(models(Model)) for name, f in cls.model_fields.items()
+              if isinstance(f.json_schema_extra, dict) and "identity" in f.json_schema_extra}
+    read = ({(config_pkg.TrainingConfig.__name__, n, False) for n in plan_module._IRRELEVANT["training"]}
+            | {(config_pkg.DeepSpeedConfig.__name__, n, False) for n in plan_module._IRRELEVANT["deepspeed"]}
+            | {(config_pkg.LaLoRAConfig.__name__, n, False) for n in plan_module._IRRELEVANT["lalora"]}
+            | {(config_pkg.DomainConfig.__name__, n, "when set") for n in plan_module._UNSET_UNSEEN})
+    assert marked == read
+    assert ("TrainingConfig", "loss_chunk", False) in marked and ("DomainConfig", "lambda", "when set") in marked
