@@ -40,7 +40,9 @@ errors; every field has a default unless it is marked **required**. A dotted pat
 domain's). A section chosen by `kind` (`lalora.curvature`, a domain's `data` and `scoring`) lists one table per
 kind; writing the section at all requires its `kind`. The same models give the JSON Schema editors validate
 with, `lalora.schema.json` (`lalora schema`); the [configuration guide](../configuration/index.md) says which
-fields to reach for, by task.
+fields to reach for, by task. A stage's identity (the hash that says whether a recorded stage is this one) is
+every setting up to it but the fields marked "not part of a stage's identity"; those marked "identity when
+set" count only when set.
 """
 
 
@@ -248,6 +250,9 @@ class _ConfigPage:
                 limits.insert(0, "selects this kind")
             if isinstance(info.validation_alias, AliasChoices):
                 limits += [f"also read as `{c}`" for c in info.validation_alias.choices[1:] if isinstance(c, str)]
+            identity = info.json_schema_extra.get("identity") if isinstance(info.json_schema_extra, dict) else None
+            if identity is not None:
+                limits.append("not part of a stage's identity" if identity is False else "identity when set")
             rows.append(
                 f"| `{_join(section.path, key)}` | {self._type(info.annotation, info)} | "
                 f"{self._default(info, section, name)} | {', '.join(limits)} | "
