@@ -111,3 +111,16 @@ def test_reuse_reports_a_part_an_earlier_study_recorded_whole_and_runs_the_rest(
         study._run(seed1, tmp_path, lalora=absent, reuse=(partial,))
     other = study.Part("two-stage", ("--curvature", "diag", "--lambda", "0,100"), 2, 2)
     assert study._recorded(other, [partial]) is None
+
+
+def test_the_budget_table_rebuilt_from_the_finished_study_is_its_study_md_and_the_docs():
+    """The study of 2026-12-05: lambda auto at 3 seeds beside the two-stage anchors at 3 seeds each; its table is
+    rebuilt from study.json, and study.md and the docs' study page hold it."""
+    finished = RECORDED.parent / "cpu-2026-12-05"
+    parts = json.loads((finished / "study.json").read_text())["parts"]
+    table, figures = study.budget_table(parts)
+    assert table in (finished / "study.md").read_text()
+    assert table.split("\n\nTargets")[0] in (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+    assert {m: len(f["learning2"]) for m, f in figures["figures"].items()} == {
+        "plain LoRA": 3, "diag lambda 10": 3, "replay 0.25": 3, "diag lambda auto": 3}
+    assert figures["kept"] == [True, True] and 0.6 < figures["share"] < 0.62
