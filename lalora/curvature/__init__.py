@@ -1,21 +1,38 @@
-"""Curvature estimators, one final class per structure, chosen by ``kind``."""
+"""Curvature estimators, one final class per structure, chosen by ``kind``.
 
-# Registered in this order (the config's kinds and its error messages list them so): the structures, then the baseline.
-# isort: off
-from lalora.curvature import diag as _diag  # noqa: F401  (registers "diag")
-from lalora.curvature import kfac as _kfac  # noqa: F401  (registers "kfac")
-from lalora.curvature import kfac_tri as _kfac_tri  # noqa: F401  (registers "kfac-tri")
-from lalora.curvature import identity as _identity  # noqa: F401  (registers "identity")
-# isort: on
-from lalora.curvature.base import (
-    CURVATURES,
-    CurvatureEstimate,
-    CurvatureEstimator,
-    FisherType,
-    MemoryEstimate,
-    build_estimator,
-    register_curvature,
-)
+The package loads its estimators (and torch) when one of its names is first read, not when it is imported:
+``lalora.curvature.settings``, which the config reads, stays free of torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lalora.curvature.base import (
+        CURVATURES,
+        CurvatureEstimate,
+        CurvatureEstimator,
+        MemoryEstimate,
+        build_estimator,
+        register_curvature,
+    )
+    from lalora.curvature.settings import FisherType
 
 __all__ = ["CURVATURES", "CurvatureEstimate", "CurvatureEstimator", "FisherType", "MemoryEstimate", "build_estimator",
            "register_curvature"]
+
+BUILTIN = ("diag", "kfac", "kfac_tri", "identity")
+"""The built-in structures' modules, registered in this order (the structures, then the baseline)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'lalora.curvature' has no attribute {name!r}")
+    for module in BUILTIN:  # registers "diag", "kfac", "kfac-tri", "identity"
+        importlib.import_module(f"lalora.curvature.{module}")
+    base = importlib.import_module("lalora.curvature.base")
+    value = getattr(base, name)
+    globals()[name] = value
+    return value

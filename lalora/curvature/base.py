@@ -5,16 +5,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from lalora.curvature.hooks import ModuleGrads, per_sequence_output_grads
+from lalora.curvature.settings import FisherSettings, FisherType
 from lalora.lora import LoraParam, lora_parameters
 from lalora.precision import Precision
 
-FisherType = Literal["empirical", "mc"]
 Batch = Mapping[str, Tensor]
 """``input_ids`` and ``labels`` (B, T), optional ``attention_mask`` (B, T); labels use -100
 for tokens that carry no loss (prompt, padding), shifted inside as in transformers."""
@@ -37,16 +37,6 @@ class MemoryEstimate:
 
     pass_bytes: int
     stored_bytes: int
-
-
-@dataclass(frozen=True)
-class FisherSettings:
-    """What a user sets of a curvature estimated from data: the keyword arguments of its estimator, and the
-    fields the config's ``lalora.curvature`` section has beside ``kind`` (pipelines/config.py builds it from these)."""
-
-    fisher_type: FisherType = field(default="empirical", metadata={
-        "doc": "empirical: observed labels; mc: labels sampled from the model (the 'true' Fisher)."})
-    mc_samples: int = field(default=1, metadata={"doc": "Label draws per sequence for fisher_type mc.", "ge": 1})
 
 
 class CurvatureEstimator(ABC):

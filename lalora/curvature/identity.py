@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import final
 
 import torch
@@ -11,13 +10,9 @@ from torch import Tensor, nn
 
 from lalora.curvature.base import Batch, CurvatureEstimate, CurvatureEstimator, register_curvature
 from lalora.curvature.hooks import ModuleGrads
+from lalora.curvature.settings import NoSettings
 from lalora.lora import LoraParam, lora_parameters
 from lalora.precision import DiagPrecision
-
-
-@dataclass(frozen=True)
-class NoSettings:
-    """The identity reads no data: there is nothing to set."""
 
 
 @final

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import ClassVar, final
 
 import torch
 from torch import Tensor
 
-from lalora.curvature.base import CurvatureEstimator, FisherSettings, FisherType, MemoryEstimate, register_curvature
+from lalora.curvature.base import CurvatureEstimator, MemoryEstimate, register_curvature
 from lalora.curvature.hooks import ModuleGrads
 from lalora.curvature.kron_stats import TokenRows, gram_, identical_runs, mirror_, shared_inputs
+from lalora.curvature.settings import FisherType, KronSettings
 from lalora.factors import DenseFactor, compress_many
 from lalora.kron import CrossTerm, KronPrecision, KronTerm, module_of
 from lalora.lora import LoraParam
@@ -20,16 +20,6 @@ _TOKENS = "__tokens__"
 
 def _symmetric(m: Tensor) -> Tensor:
     return 0.5 * (m + m.T)
-
-
-@dataclass(frozen=True)
-class KronSettings(FisherSettings):
-    """The Kronecker structures' settings: the Fisher's, and how the large factors are stored."""
-
-    top_k: int = field(default=32, metadata={"doc": "Eigenpairs kept of each large (d x d) factor, plus its diagonal "
-                                                    "(our default).", "ge": 1})
-    max_terms: int = field(default=4, metadata={"doc": "Kronecker terms kept per matrix across domains before the two "
-                                                       "oldest merge into their nearest Kronecker product.", "ge": 1})
 
 
 class KronCurvatureBase(CurvatureEstimator):

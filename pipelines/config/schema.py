@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from lalora.curvature import CURVATURES, FisherType
+from lalora.curvature.settings import SETTINGS, FisherType
 from pipelines.config.base import NAME, NOT_IDENTITY, Lambda, Model
 from pipelines.config.domains import VAL_SIZE, DomainConfig
 
@@ -70,8 +70,8 @@ class LoraSettings(Model):
 
 def _setting(kind: str, name: str) -> Any:
     """The field ``name`` of curvature ``kind``'s section: its default, description and bounds as the estimator
-    declares them next to itself (the settings dataclass in lalora.curvature)."""
-    f = next(f for f in dataclasses.fields(CURVATURES[kind].settings) if f.name == name)
+    declares them (its settings dataclass in lalora.curvature.settings, which imports no torch)."""
+    f = next(f for f in dataclasses.fields(SETTINGS[kind]) if f.name == name)
     bounds = {k: f.metadata[k] for k in ("ge", "gt", "le") if k in f.metadata}
     return Field(f.default, description=f.metadata.get("doc", ""), **bounds)
 
@@ -118,7 +118,7 @@ CurvatureConfig = Annotated[DiagCurvatureConfig | KfacCurvatureConfig | KfacTriC
 CURVATURE_CONFIGS: dict[str, type[Model]] = {
     "diag": DiagCurvatureConfig, "kfac": KfacCurvatureConfig, "kfac-tri": KfacTriCurvatureConfig,
     "identity": IdentityCurvatureConfig}
-"""The section of each registered curvature kind (lalora.curvature.CURVATURES), in the registry's order."""
+"""The section of each built-in curvature kind (lalora.curvature.settings.SETTINGS), in the registry's order."""
 
 
 class PriorConfig(Model):

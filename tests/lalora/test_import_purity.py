@@ -5,6 +5,8 @@ import sys
 def test_lalora_imports_no_orchestration_or_io_framework():
     code = (
         "import sys, lalora, lalora.curvature, lalora.checkpoint, lalora.metrics\n"
+        "[getattr(lalora, name) for name in lalora.__all__]  # its names load on first use: load them all\n"
+        "[getattr(lalora.curvature, name) for name in lalora.curvature.__all__]\n"
         "bad = [m for m in ('prefect', 'mlflow', 'deepspeed', 'datasets') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

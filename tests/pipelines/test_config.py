@@ -135,10 +135,12 @@ def test_the_curvature_section_is_built_from_the_estimators_registry():
     import typing
 
     from lalora import CURVATURES, build_estimator
+    from lalora.curvature.settings import SETTINGS
     from pipelines.config import CURVATURE_CONFIGS
 
-    assert list(CURVATURE_CONFIGS) == list(CURVATURES)
+    assert list(CURVATURE_CONFIGS) == list(CURVATURES) == list(SETTINGS)
     for kind, cls in CURVATURES.items():
+        assert SETTINGS[kind] is cls.settings, kind  # the torch-free table the config reads is the estimators' own
         section = CURVATURE_CONFIGS[kind]()
         settings = {f.name: f.default for f in dataclasses.fields(cls.settings)}
         assert list(section.model_dump()) == ["kind", *settings]
@@ -153,3 +155,18 @@ def test_the_curvature_section_is_built_from_the_estimators_registry():
     cfg = LineageConfig.model_validate({"domains": [{"name": "a"}],
                                         "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
     assert cfg.lalora.curvature.top_k == 4 and cfg.lalora.curvature.max_terms == 4
+
+
+def test_loading_a_config_imports_neither_torch_nor_transformers(tmp_path):
+    """The CLI validates a config before anything heavy is imported: pipelines.config (models, YAML loading) and
+    the curvature settings it reads come without torch, transformers or deepspeed, in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys\nfrom pipelines.config import load_config\n"
+            f"load_config({str(root / 'configs' / 'demo.yaml')!r})\n"
+            "print(','.join(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"loading a config imported: {out.stdout.strip()}"
