@@ -151,7 +151,8 @@ def finetune_options(base: str, work: Path, args: argparse.Namespace, dtype_name
     tokens/s and peak memory, and their ratios to the defaults'."""
     first = reference["stages"][0]
     out: dict[str, Any] = {"defaults": {"tokens_per_s": first["tokens_per_s"], "peak_gib": first["peak_gib"]}}
-    for name, options in OPTIONS.items():
+    for name in args.options.split(","):
+        options = OPTIONS[name]
         got = finetune_series(base, work, 2, args, dtype_name, options, stages=1, tag=f"-{name}")
         stage = got["stages"][0]
         out[name] = {"options": options, "tokens_per_s": stage["tokens_per_s"], "peak_gib": stage["peak_gib"],
@@ -339,6 +340,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=30, help="fine-tune steps per stage")
     ap.add_argument("--curvature-batches", type=int, default=2)
     ap.add_argument("--zero", default="2,3", help="ZeRO stages of the fine-tune series")
+    ap.add_argument("--options", default=",".join(OPTIONS), help="the fine-tune options measured (of "
+                    + ", ".join(OPTIONS) + "; default all)")
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--gen-new", type=int, default=128)
