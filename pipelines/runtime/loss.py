@@ -21,16 +21,11 @@ import torch
 from torch import Tensor, nn
 
 from pipelines.errors import BadInput
+from pipelines.runtime.models import causal_lm
 
 _POST_HEAD = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 """Config fields of models whose logits are transformed after the head (Gemma's soft-capping, Cohere's scale,
 Granite's scaling): the chunked loss would miss the transformation, so those models use the full loss."""
-
-
-def causal_lm(module: nn.Module) -> Any:
-    """The transformers model inside a peft model (or the model itself)."""
-    get = getattr(module, "get_base_model", None)
-    return get() if callable(get) else module
 
 
 def check_chunkable(module: nn.Module) -> None:

@@ -166,6 +166,11 @@ def new_adapter(base: Any, cfg: LoraSettings) -> Any:
                                                task_type="CAUSAL_LM"))
 
 
+def causal_lm(model: Any) -> Any:
+    """The transformers model inside a peft model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def load_adapter(base: Any, adapter_dir: str | Path, trainable: bool = False) -> Any:
     """A peft model from ``save_pretrained`` output on top of ``base``."""
     from peft import PeftModel

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from pipelines.runtime.models import causal_lm
+
 _MERGED: weakref.WeakKeyDictionary[Any, tuple[tuple[tuple[int, int], ...], Any]] = weakref.WeakKeyDictionary()
 
 
@@ -101,8 +103,7 @@ def merge_in_place(model: Any) -> Any:
 
 def forward_params(model: Any) -> set[str]:
     """The keyword arguments the model's (a peft model's base's) forward takes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
+    return set(inspect.signature(causal_lm(model).forward).parameters)
 
 
 def _is_deepspeed_linear(fn: Any) -> bool:
