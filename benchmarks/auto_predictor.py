@@ -74,7 +74,7 @@ def main() -> int:
         trials_file = stage / "auto" / "trials.json"
         trials = json.loads(trials_file.read_text())["trials"] if trials_file.is_file() else []
         earlier = [d for d in cfg.all_domains[:t]]
-        rows = {d.name: load_domain(d, data, cfg.lalora.samples, eval_only=True).val for d in earlier}
+        rows = {d.name: load_domain(d, data, eval_only=True).val for d in earlier}
 
         def nll(adapter: str, rows: dict[str, list[dict[str, Any]]] = rows) -> dict[str, float]:
             model, tok = load_for_inference(base, adapter, cfg.model.dtype)

@@ -48,8 +48,8 @@ def main() -> int:
         torch.set_num_threads(cfg.runtime.threads)
     checkpoints = sorted({int(s) for s in args.steps.split(",")})
     data = Path(tempfile.mkdtemp(prefix="lalora-fit-"))
-    source = load_domain(cfg.source, data, args.sequences)
-    target = load_domain(cfg.domains[0], data, args.sequences)
+    source = load_domain(cfg.source.with_samples(args.sequences), data)
+    target = load_domain(cfg.domains[0].with_samples(args.sequences), data)
     L = cfg.training.max_length
 
     def fit(model, params, rows, steps, lr, batch, seed, on_step=None):

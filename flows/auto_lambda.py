@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows.runs import RunRef, end_run
-from flows.tasks import Timed, evaluate_task, fetch_task, init_adapter_task, step_task
+from flows.tasks import Timed, fetch_task, initial_adapter, scores, stage_task
 from pipelines.lineage import auto, plan
-from pipelines.stages.steps import FINETUNE
+from pipelines.stages.steps import FINETUNE, Job
 from pipelines.workspace import StepPaths, write_json_atomic
 
 if TYPE_CHECKING:
@@ -74,10 +74,11 @@ def search(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     work = sum(x.seconds for x in trials)
     adapter, val_row = chosen.adapter, chosen.scores
     if chosen.steps < stage_steps:  # the trials were shortened: the stage trains in full at the chosen lambda
-        tuned = step_task(FINETUNE, cfg.with_stage(t, lam=chosen.lam), t, paths, run, **retry_options(lx))
-        scores = _validation(lx, base_path, tuned.value.adapter, folder / "final-val.json")
-        adapter, val_row = tuned.value.adapter, scores.value
-        work = work + tuned.compute_seconds + scores.compute_seconds
+        tuned = stage_task(FINETUNE, Job(cfg=cfg.with_stage(t, lam=chosen.lam), stage=t, paths=paths), run,
+                           **retry_options(lx))
+        final = _validation(lx, base_path, tuned.value.adapter, folder / "final-val.json")
+        adapter, val_row = tuned.value.adapter, final.value
+        work = work + tuned.compute_seconds + final.compute_seconds
     refusal = "" if feasible else auto.refusal(trials, chosen, budget, settings)
     _log_choice(run, summary, refusal)
     return Searched(adapter, val_row, trials, chosen, feasible, summary, work, refusal)
@@ -101,14 +102,14 @@ def _trial(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     try:
         tracker = child.tracker()
         tracker.log_params({"trial.index": k, "trial.lambda": lam, "trial.steps": steps})
-        tuned = step_task(FINETUNE, cfg.with_stage(t, lam=lam, steps=steps), t, trial_paths, child,
-                          **retry_options(lx))
-        scores = _validation(lx, base_path, tuned.value.adapter, out / "val.json")
+        tuned = stage_task(FINETUNE, Job(cfg=cfg.with_stage(t, lam=lam, steps=steps), stage=t, paths=trial_paths),
+                           child, **retry_options(lx))
+        scored = _validation(lx, base_path, tuned.value.adapter, out / "val.json")
         columns = gated_columns(lx, t)
-        learning, forgetting = auto.validation_metrics(columns, t, before[0], scores.value,
+        learning, forgetting = auto.validation_metrics(columns, t, before[0], scored.value,
                                                        [before[1][c] for c in columns])
-        trial = auto.Trial(k, lam, steps, learning, forgetting, tuned.compute_seconds + scores.compute_seconds,
-                           tuned.value.adapter, tuned.value.quadratic, scores.value, child.run_id,
+        trial = auto.Trial(k, lam, steps, learning, forgetting, tuned.compute_seconds + scored.compute_seconds,
+                           tuned.value.adapter, tuned.value.quadratic, scored.value, child.run_id,
                            list(cfg.lalora.auto.columns or []))
         _log_trial(child, trial)
         end_run(child)
@@ -178,8 +179,8 @@ def gated_columns(lx: Lineage, t: int) -> list[str]:
 def _validation(lx: Lineage, base_path: str, adapter: str, out: Path, names: set[str] | None = None) -> Timed[ValRow]:
     """The adapter's validation score on every domain and probe (or on those ``names``)."""
     domains = [d for d in lx.cfg.eval_domains if names is None or d.name in names]
-    scores = evaluate_task(base_path, adapter, lx.cfg, domains, str(out), str(lx.shared.data), "val")
-    return Timed({d: s.score for d, s in scores.value.items()}, scores.compute_seconds)
+    scored = scores(lx.cfg, base_path, adapter, domains, str(out), str(lx.shared.data), "val")
+    return Timed({d: s.score for d, s in scored.value.items()}, scored.compute_seconds)
 
 
 def validation_rows(lx: Lineage, base_path: str, done: list[plan.Recorded], init: str | None) -> list[ValRow]:
@@ -195,7 +196,7 @@ def validation_rows(lx: Lineage, base_path: str, done: list[plan.Recorded], init
         if not missing:
             continue
         if i == 0:
-            adapter = init or init_adapter_task(base_path, lx.cfg, str(lx.ws.init_adapter))
+            adapter = init or initial_adapter(lx.cfg, base_path, str(lx.ws.init_adapter))
         else:
             adapter = fetch_task(lx.registry, done[i - 1].uri("adapter"), "adapter")
         scored = _validation(lx, base_path, adapter, lx.ws.root / "fill" / f"val-row{i}.json", missing).value

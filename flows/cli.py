@@ -123,7 +123,8 @@ def cmd_base(args: argparse.Namespace) -> int:
     from pipelines.config import ConfigError, load_config
     from pipelines.runtime.models import WEIGHTS_FILE, file_sha256
     from pipelines.runtime.threads import torch_threads
-    from pipelines.stages.pretrain import BaseInputs, prepare_base
+    from pipelines.stages.pretrain import BaseInputs
+    from pipelines.stages.steps import PRETRAIN
     from pipelines.tracker import NullTracker
 
     try:
@@ -135,7 +136,7 @@ def cmd_base(args: argparse.Namespace) -> int:
         return fail(f"{out}: exists and is not an empty directory (give a new one, or remove it first)")
     with tempfile.TemporaryDirectory(prefix="lalora-base-") as tmp, torch_threads(cfg.runtime.threads):
         try:
-            result = prepare_base(BaseInputs.from_config(cfg, tmp), NullTracker())
+            result = PRETRAIN.run(BaseInputs.from_config(cfg, tmp), NullTracker())
         except BadInput as e:
             return fail(str(e))
         out.parent.mkdir(parents=True, exist_ok=True)

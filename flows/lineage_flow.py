@@ -33,17 +33,15 @@ from flows.notify import Outcome, announce
 from flows.registry import LineageRegistry
 from flows.runs import RunRef, close_orphaned_runs, end_run, is_local_store, start_run, tracking_uri
 from flows.tasks import (
-    base_task,
-    evaluate_task,
     fetch_precision_task,
     fetch_task,
     fingerprint_task,
-    gate_task,
-    init_adapter_task,
+    initial_adapter,
     package_task,
     plan_task,
     register_task,
-    step_task,
+    scores,
+    stage_task,
 )
 from pipelines.config import LineageConfig, load_config
 from pipelines.errors import BadInput
@@ -53,8 +51,9 @@ from pipelines.lineage.report import LineageResult, Promotion, StageTiming
 from pipelines.runtime.environment import numerics
 from pipelines.runtime.threads import torch_threads
 from pipelines.scoring.scores import Row, rows_as_json, rows_from_json
-from pipelines.stages.gate import GateResult
-from pipelines.stages.steps import FINETUNE, PRECISION
+from pipelines.stages.gate import GateInputs, GateResult
+from pipelines.stages.pretrain import BaseInputs
+from pipelines.stages.steps import FINETUNE, GATE, PRECISION, PRETRAIN, Job
 from pipelines.workspace import StepPaths, Workspace, sha256_json, write_json_atomic
 
 
@@ -284,7 +283,7 @@ def _base(lx: Lineage, parent: RunRef, last: plan.Recorded | None) -> Base:
     local_recipe = json.loads(marker.read_text()).get("recipe_sha256") if marker.is_file() else None
     if last and local_recipe != last.record.base_recipe:
         return Base(fetch_task(lx.registry, recorded, "base"), recorded, last.record.base_recipe)
-    path = base_task(cfg, str(lx.shared.root), parent).value.path
+    path = stage_task(PRETRAIN, BaseInputs.from_config(cfg, str(lx.shared.root)), parent).value.path
     recipe = json.loads(marker.read_text())["recipe_sha256"]
     return Base(path, recorded or lx.registry.shared_base(parent, cfg.tracking.experiment, path), recipe)
 
@@ -296,9 +295,9 @@ def _starting_point(lx: Lineage, base: Base, last: plan.Recorded | None) -> Star
         precision = fetch_precision_task(lx.registry, last) if last.uri("precision") else None
         return Start(fetch_task(lx.registry, last.uri("adapter"), "adapter"), precision, lx.rows(last),
                      lam=last.record.auto_lambda)
-    init = init_adapter_task(base.path, cfg, str(lx.ws.init_adapter))
-    row0 = evaluate_task(base.path, init, cfg, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"),
-                         str(lx.shared.data)).value
+    init = initial_adapter(cfg, base.path, str(lx.ws.init_adapter))
+    row0 = scores(cfg, base.path, init, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"),
+                  str(lx.shared.data)).value
     return Start(init, None, [row0], init)
 
 
@@ -310,11 +309,11 @@ def _fill_new_columns(lx: Lineage, base: Base, stands: plan.Plan, start: Start) 
         if not missing:
             continue
         if i == 0:
-            adapter = start.init or init_adapter_task(base.path, cfg, str(lx.ws.init_adapter))
+            adapter = start.init or initial_adapter(cfg, base.path, str(lx.ws.init_adapter))
         else:
             adapter = fetch_task(lx.registry, stands.done[i - 1].uri("adapter"), "adapter")
-        row |= evaluate_task(base.path, adapter, cfg, missing, str(lx.ws.root / "fill" / f"row{i}.json"),
-                             str(lx.shared.data)).value
+        row |= scores(cfg, base.path, adapter, missing, str(lx.ws.root / "fill" / f"row{i}.json"),
+                      str(lx.shared.data)).value
 
 
 def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: RunRef) -> StageOutcome:
@@ -331,17 +330,16 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
                           str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
         # 6. precision at the anchor on the previous domain, accumulated (skipped when no stage has the penalty)
         retry = auto_lambda.retry_options(lx)
-        precision = step_task(PRECISION, cfg, t, paths, run, **retry) if cfg.penalised else None
+        precision = stage_task(PRECISION, Job(cfg=cfg, stage=t, paths=paths), run, **retry) if cfg.penalised else None
         if precision is not None:
             paths = replace(paths, precision=precision.value.path)
         # 7. fine-tune on the new domain with the penalty, inside DeepSpeed (resumes an interrupted run); with
         # lambda auto, trials first, each scored on validation rows
         adapter, tuned_seconds, searched = _train(lx, base, key, start, paths, run)
         # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
-        scores = evaluate_task(base.path, adapter, cfg, cfg.eval_domains, str(stage_dir / "eval.json"),
-                               str(lx.shared.data))
-        start.rows.append(scores.value)
-        run.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scores.value.items() for k, v in s.as_json().items()
+        scored = scores(cfg, base.path, adapter, cfg.eval_domains, str(stage_dir / "eval.json"), str(lx.shared.data))
+        start.rows.append(scored.value)
+        run.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scored.value.items() for k, v in s.as_json().items()
                                    if isinstance(v, float)})
         verdict = _gate(lx, t, start.rows)
         if searched is not None and not searched.feasible:  # the budget could not be kept: never the champion
@@ -350,11 +348,11 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
         _lineage_state(lx, t, start, stage_dir, run)
         # 10. the version: the adapter as a python_function model, its record, the aliases it earns
         version = _register(lx, base, key, run, adapter, precision.value if precision else None,
-                            scores.value, verdict, stage_dir, searched)
+                            scored.value, verdict, stage_dir, searched)
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
         for trial_checkpoints in (stage_dir / "auto").glob("trial-*/checkpoints"):
             shutil.rmtree(trial_checkpoints, ignore_errors=True)
-        work = tuned_seconds + sum(x.compute_seconds for x in (precision, scores) if x is not None)
+        work = tuned_seconds + sum(x.compute_seconds for x in (precision, scored) if x is not None)
         timing = StageTiming(t, time.perf_counter() - t0, work)
         run.tracker().log_metrics({f"stage/{k}": v for k, v in timing.as_json().items() if k != "stage"})
         end_run(run)
@@ -376,7 +374,7 @@ def _train(lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: Ste
         searched = auto_lambda.search(lx, base.path, key, paths, run, start.val_rows, directions, start.lam)
         start.val_rows.append(searched.val_row)
         return searched.adapter, searched.compute_seconds, searched
-    tuned = step_task(FINETUNE, cfg, t, paths, run, **auto_lambda.retry_options(lx))
+    tuned = stage_task(FINETUNE, Job(cfg=cfg, stage=t, paths=paths), run, **auto_lambda.retry_options(lx))
     if start.val_rows is not None:
         start.val_rows.append(auto_lambda.validation_row(lx, base.path, tuned.value.adapter,
                                                          Path(paths.out) / "val.json"))
@@ -396,7 +394,9 @@ def _gate(lx: Lineage, t: int, rows: list[Row]) -> GateResult:
     """The promotion gate on R up to stage ``t``: the source, the stages' domains so far, the probes."""
     gated = [*lx.domains[: t + 1], *(d.name for d in lx.cfg.probes)]
     R = [[row[d].score for d in gated] for row in rows]
-    return gate_task(gated, R, [rows[0][d].higher_is_better for d in gated], lx.cfg)
+    inputs = GateInputs.from_config(lx.cfg, domains=gated, R=R, higher_is_better=[rows[0][d].higher_is_better
+                                                                                for d in gated])
+    return stage_task(GATE, inputs).value
 
 
 def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter: str, precision: Any,
@@ -439,7 +439,7 @@ def _example_prompt(lx: Lineage, stage: int) -> str:
     from pipelines.data.sources import load_domain
 
     domain = lx.cfg.domains[stage - 1]
-    return load_domain(domain, lx.shared.data, lx.cfg.lalora.samples, eval_only=True).eval[0]["prompt"]
+    return load_domain(domain, lx.shared.data, eval_only=True).eval[0]["prompt"]
 
 
 def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | None, outcomes: list[StageOutcome],

@@ -26,10 +26,10 @@ from pipelines.lineage import plan
 from pipelines.lineage.record import VersionRecord
 from pipelines.runtime.launch import is_transient
 from pipelines.scoring.scores import Row
-from pipelines.stages import evaluate, finetune, gate, pretrain
-from pipelines.stages.steps import Step, run_step
+from pipelines.stages.evaluate import EvaluateInputs
+from pipelines.stages.finetune import InitInputs
+from pipelines.stages.steps import EVALUATE, INIT, Stage
 from pipelines.tracker import NullTracker, Tracker
-from pipelines.workspace import StepPaths
 
 
 class _TaskOptions(TypedDict):
@@ -39,6 +39,7 @@ class _TaskOptions(TypedDict):
 
 _TASK: _TaskOptions = {"cache_policy": NO_CACHE, "persist_result": False}
 T = TypeVar("T")
+In = TypeVar("In")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def _timed(run: RunRef | None, call: Callable[[Tracker], T]) -> Timed[T]:
 @task(name="fingerprint-data", **_TASK)
 def fingerprint_task(cfg: LineageConfig, data_dir: str) -> dict[str, str]:
     replay = cfg.training.replay.data if cfg.training.replay.enabled else []
-    return plan.data_fingerprints(cfg.all_domains, data_dir, cfg.lalora.samples, cfg.model.pretrain.extra_data, replay)
+    return plan.data_fingerprints(cfg.all_domains, data_dir, cfg.model.pretrain.extra_data, replay)
 
 
 @task(name="plan", **_TASK)
@@ -73,16 +74,6 @@ def fetch_task(registry: LineageRegistry, artifact_uri: str, name: str) -> str:
 @task(name="fetch-precision", **_TASK)
 def fetch_precision_task(registry: LineageRegistry, recorded: plan.Recorded) -> str:
     return registry.fetch_precision(recorded)
-
-
-@task(name="base-model", **_TASK)
-def base_task(cfg: LineageConfig, out_dir: str, run: RunRef) -> Timed[pretrain.BaseResult]:
-    return _timed(run, lambda tracker: pretrain.prepare_base(pretrain.BaseInputs.from_config(cfg, out_dir), tracker))
-
-
-@task(name="init-adapter", **_TASK)
-def init_adapter_task(base_path: str, cfg: LineageConfig, out_dir: str) -> str:
-    return finetune.init_adapter(base_path, cfg.lora, dtype=cfg.model.dtype, out_dir=out_dir)
 
 
 def _transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -105,35 +96,36 @@ def _attempt(run: RunRef, step: str) -> None:
         get_run_logger().warning("%s: attempt %d after a transient failure", step, attempt)
 
 
-@task(name="step", retry_condition_fn=_transient, **_TASK)
-def _step_task(step: Step[Any, Any], cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef) -> Timed[Any]:
-    _attempt(run, step.name)
-    return _timed(run, lambda tracker: run_step(step, cfg, stage, paths, tracker))
+@task(name="stage", retry_condition_fn=_transient, **_TASK)
+def _stage_task(stage: Stage[Any, Any], inputs: Any, run: RunRef | None) -> Timed[Any]:
+    if stage.launched and run is not None:
+        _attempt(run, stage.name)
+    return _timed(run, lambda tracker: stage.run(inputs, tracker))
 
 
-def step_task(step: Step[Any, T], cfg: LineageConfig, stage: int, paths: StepPaths, run: RunRef, *,
-              retries: int = 0, retry_delay_seconds: float = 0.0) -> Timed[T]:
-    """A stage's step (``pipelines.stages.steps``: the precision, the fine-tune) as the one Prefect task, named
-    after the step and retried after a transient failure only. Safe to retry either: the precision is
-    recomputed from the same anchor, data and previous precision; a fine-tune continues from the stage's latest
-    DeepSpeed checkpoint."""
-    task_run = _step_task.with_options(name=step.name, retries=retries, retry_delay_seconds=retry_delay_seconds)
-    result: Timed[T] = task_run(step, cfg, stage, paths, run)
+def stage_task(stage: Stage[In, T], inputs: In, run: RunRef | None = None, *, retries: int = 0,
+               retry_delay_seconds: float = 0.0) -> Timed[T]:
+    """Any stage (``pipelines.stages.steps``: the base, the LoRA initialisation, the precision, the fine-tune, the
+    evaluation, the gate) as the one Prefect task, named after the stage, reporting to ``run`` (none: nothing
+    logged). ``retries`` apply to a launched stage's transient failures only: the precision is recomputed from the
+    same anchor, data and previous precision; a fine-tune continues from the stage's latest DeepSpeed checkpoint."""
+    task_run = _stage_task.with_options(name=stage.name, retries=retries if stage.launched else 0,
+                                        retry_delay_seconds=retry_delay_seconds)
+    result: Timed[T] = task_run(stage, inputs, run)
     return result
 
 
-@task(name="evaluate", **_TASK)
-def evaluate_task(base_path: str, adapter: str, cfg: LineageConfig, domains: list[DomainConfig], out_path: str,
-                  data_dir: str, split: Literal["eval", "val"] = "eval") -> Timed[Row]:
-    """Scores of the evaluation rows (R), or of the validation rows (lambda auto's trials)."""
-    return _timed(None, lambda _: evaluate.evaluate(evaluate.EvaluateInputs.from_config(
-        cfg, base=base_path, adapter=adapter, domains=domains, data_dir=data_dir, out_path=out_path, split=split)))
+def scores(cfg: LineageConfig, base_path: str, adapter: str, domains: list[DomainConfig], out_path: str,
+           data_dir: str, split: Literal["eval", "val"] = "eval") -> Timed[Row]:
+    """The evaluation stage: the adapter's scores of the evaluation rows (R), or of the validation rows (lambda
+    auto's trials)."""
+    return stage_task(EVALUATE, EvaluateInputs.from_config(cfg, base=base_path, adapter=adapter, domains=domains,
+                                                           data_dir=data_dir, out_path=out_path, split=split))
 
 
-@task(name="gate", **_TASK)
-def gate_task(domains: list[str], R: list[list[float]], higher_is_better: list[bool], cfg: LineageConfig
-              ) -> gate.GateResult:
-    return gate.gate(domains, R, cfg.promotion, higher_is_better)
+def initial_adapter(cfg: LineageConfig, base_path: str, out_dir: str) -> str:
+    """The LoRA initialisation stage: the first stage's anchor, row 0 of R."""
+    return stage_task(INIT, InitInputs.from_config(cfg, base=base_path, out_dir=out_dir)).value.adapter
 
 
 @task(name="package", **_TASK)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from pipelines.config.base import NAME, WHEN_SET, Lambda, Model
 from pipelines.config.formats import (
@@ -18,6 +18,8 @@ from pipelines.config.formats import (
 
 VAL_SIZE = 100
 """Validation rows per domain when a lineage searches lambda and the domain sets no val_size."""
+SAMPLES = 256
+"""``lalora.samples``'s default: curvature sequences of a domain that sets no ``curvature_size``."""
 
 SymbolOp = Literal["copy", "reverse", "next", "previous", "rotate", "double", "increment"]
 
@@ -92,6 +94,9 @@ class DomainConfig(RowFormat):
                                                               "always fails if it has none.")
     split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the "
                             "train / eval / curvature splits.")
+    _samples: int = PrivateAttr(default=SAMPLES)
+    """The lineage's ``lalora.samples``, set when the lineage's config loads (``LineageConfig``'s validator); not a
+    field, so it is in no dump: a stage's identity holds it once, in ``lalora``."""
 
     @model_validator(mode="after")
     def _scoring_fits(self) -> DomainConfig:
@@ -99,6 +104,19 @@ class DomainConfig(RowFormat):
             raise ValueError("scoring multiple_choice needs choices: use preset hellaswag, arc or winogrande, or set "
                              "choices_field and label_field" + (" on eval_data" if self.eval_data else ""))
         return self
+
+    @property
+    def curvature_rows(self) -> int:
+        """Training rows this domain gives the curvature: ``curvature_size``, else the lineage's ``lalora.samples``."""
+        return self.curvature_size or self._samples
+
+    def with_samples(self, samples: int) -> DomainConfig:
+        """This domain in a lineage whose ``lalora.samples`` is ``samples`` (a copy: a domain may be shared)."""
+        if self._samples == samples:
+            return self
+        copy = self.model_copy()
+        copy._samples = samples
+        return copy
 
     @property
     def eval_format(self) -> RowFormat:

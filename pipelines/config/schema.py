@@ -13,7 +13,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from lalora.curvature.settings import SETTINGS, FisherType
 from pipelines.config.base import NAME, NOT_IDENTITY, Lambda, Model
-from pipelines.config.domains import VAL_SIZE, DomainConfig
+from pipelines.config.domains import SAMPLES, VAL_SIZE, DomainConfig
 
 
 # --- model ----------------------------------------------------------------------------
@@ -168,7 +168,7 @@ class LaLoRAConfig(Model):
                                        description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
                                        "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
                                        "identity (plain L2).")
-    samples: int = Field(256, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy "
+    samples: int = Field(SAMPLES, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy "
                          "sets suffice).")
     batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
@@ -431,6 +431,15 @@ class LineageConfig(Model):
             value = getattr(self, name)
             object.__setattr__(self, name, with_val(value) if name == "source" else [with_val(d) for d in value])
             self.__pydantic_fields_set__.add(name)
+        return self
+
+    @model_validator(mode="after")
+    def _resolve_samples(self) -> LineageConfig:
+        """Each domain's curvature rows resolved here, once: ``curvature_size``, else ``lalora.samples``."""
+        n = self.lalora.samples
+        object.__setattr__(self, "source", self.source.with_samples(n))  # frozen: the fields keep their values
+        for name in ("domains", "probes"):
+            object.__setattr__(self, name, [d.with_samples(n) for d in getattr(self, name)])
         return self
 
     @property

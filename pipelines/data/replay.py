@@ -35,14 +35,13 @@ def replay_sources(replay: ReplayConfig, source: DomainConfig, earlier: list[Dom
     return ([source] if "source" in replay.sources else []) + (list(earlier) if "domains" in replay.sources else [])
 
 
-def replay_pool(replay: ReplayConfig, domains: list[DomainConfig], data_dir: Path,
-                default_curvature: int) -> ReplayPool:
+def replay_pool(replay: ReplayConfig, domains: list[DomainConfig], data_dir: Path) -> ReplayPool:
     """The training rows of ``domains`` and every row of ``replay.data``, each capped at ``max_per_domain``."""
     rows: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     cap = replay.max_per_domain
     for d in domains:
-        taken = load_domain(d, data_dir, default_curvature).train[:cap]
+        taken = load_domain(d, data_dir).train[:cap]
         rows += taken
         counts[d.name] = len(taken)
     for d in replay.data:

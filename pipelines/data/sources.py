@@ -147,9 +147,9 @@ def load_rows(cfg: DomainConfig, data_dir: Path) -> tuple[list[dict[str, Any]], 
     return rows, sha256_json(rows, sort_keys=False)  # the data fingerprint as lineages recorded it
 
 
-def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, eval_only: bool = False) -> DomainSplits:
+def load_domain(cfg: DomainConfig, data_dir: Path, *, eval_only: bool = False) -> DomainSplits:
     """Load a domain and fix its splits: eval first, then validation (``val_size``, when set), train the rest,
-    curvature a prefix of train (the Laplace approximation is of the training posterior).
+    curvature a prefix of train (the Laplace approximation is of the training posterior) of ``curvature_rows``.
 
     With ``eval_data`` the evaluation rows come from that source, and the validation and training rows from
     ``data``. ``eval_only`` (probes, scoring) loads only what evaluation and validation need and accepts
@@ -188,6 +188,6 @@ def load_domain(cfg: DomainConfig, data_dir: Path, default_curvature: int, *, ev
     if cfg.chat_template != "never":
         eval_rows, val_rows, train_rows = ([{**r, "chat": cfg.chat_template} for r in rows]
                                            for rows in (eval_rows, val_rows, train_rows))
-    curvature_rows = train_rows[: cfg.curvature_size or default_curvature]
+    curvature_rows = train_rows[: cfg.curvature_rows]
     digest = sha256_json([eval_rows, train_rows, *([val_rows] if val_size else [])], sort_keys=False)  # as recorded
     return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest, val_rows)

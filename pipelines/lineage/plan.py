@@ -70,14 +70,14 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
     return out
 
 
-def data_fingerprints(domains: list[DomainConfig], data_dir: str, default_curvature: int,
+def data_fingerprints(domains: list[DomainConfig], data_dir: str,
                       pretrain_extra: Sequence[DomainConfig] = (), replay: Sequence[DomainConfig] = ()
                       ) -> dict[str, str]:
     """sha256 of every domain's rows (all splits), by name: changes whenever the data does; the
     tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``, replayed data sets under ``replay:NAME``."""
     from pipelines.data.sources import load_domain, load_rows
 
-    out = {d.name: load_domain(d, Path(data_dir), default_curvature).fingerprint for d in domains}
+    out = {d.name: load_domain(d, Path(data_dir)).fingerprint for d in domains}
     out |= {f"pretrain:{d.name}": load_rows(d, Path(data_dir))[1] for d in pretrain_extra}
     return out | {f"replay:{d.name}": load_rows(d, Path(data_dir))[1] for d in replay}
 

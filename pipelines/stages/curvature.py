@@ -101,7 +101,7 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
         prev_precision, prev_meta = load_precision(previous, shapes)
         history = prev_meta.history
 
-    splits = load_domain(curvature_domain, Path(data_dir), cfg.samples)
+    splits = load_domain(curvature_domain, Path(data_dir))
     _, _, pad = special_ids(tokenizer)
     every = fixed_batches(encode(tokenizer, splits.curvature, inputs.max_length), cfg.batch_size, pad)
     zero3 = ds.zero_stage == 3

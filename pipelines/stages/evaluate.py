@@ -13,6 +13,7 @@ from pipelines.data.sources import load_domain
 from pipelines.runtime.models import load_for_inference
 from pipelines.scoring.inference import merge_in_place
 from pipelines.scoring.scores import DomainScore, score_domain
+from pipelines.tracker import Tracker
 from pipelines.workspace import write_json_atomic
 
 
@@ -26,8 +27,6 @@ class EvaluateInputs:
     evaluation: EvaluationConfig
     dtype: str
     max_length: int
-    samples: int
-    """``lalora.samples``: the domains' splits are cut as the lineage cut them"""
     data_dir: str
     out_path: str
     split: Literal["eval", "val"] = "eval"
@@ -37,11 +36,11 @@ class EvaluateInputs:
     def from_config(cls, cfg: LineageConfig, *, base: str, adapter: str, domains: Sequence[DomainConfig],
                     data_dir: str, out_path: str, split: Literal["eval", "val"] = "eval") -> EvaluateInputs:
         return cls(base=base, adapter=adapter, domains=tuple(domains), evaluation=cfg.evaluation,
-                   dtype=cfg.model.dtype, max_length=cfg.training.max_length, samples=cfg.lalora.samples,
+                   dtype=cfg.model.dtype, max_length=cfg.training.max_length,
                    data_dir=data_dir, out_path=out_path, split=split)
 
 
-def evaluate(inputs: EvaluateInputs) -> dict[str, DomainScore]:
+def evaluate(inputs: EvaluateInputs, tracker: Tracker | None = None) -> dict[str, DomainScore]:
     """Scores per domain name, also written as JSON to ``out_path``."""
     t0 = time.perf_counter()
     cfg, split, max_length = inputs.evaluation, inputs.split, inputs.max_length
@@ -52,7 +51,7 @@ def evaluate(inputs: EvaluateInputs) -> dict[str, DomainScore]:
         if domain.score.kind == "lm_eval" and split == "eval":  # lm-eval reads its own task data
             scores[domain.name] = score_domain(model, tokenizer, domain, [], cfg, max_length=max_length)
             continue
-        splits = load_domain(domain, Path(inputs.data_dir), inputs.samples, eval_only=True)
+        splits = load_domain(domain, Path(inputs.data_dir), eval_only=True)
         rows = splits.eval if split == "eval" else splits.val
         if not rows:
             raise ValueError(f"domain {domain.name} has no {split} rows to score")

@@ -69,6 +69,31 @@ class FinetuneResult:
     per-sequence loss for the move delta from the anchor; None without a precision."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class InitInputs:
+    """What the LoRA initialisation reads; ``from_config`` is the one mapping from a lineage's config to it."""
+
+    base: str
+    lora: LoraSettings
+    dtype: str
+    out_dir: str
+
+    @classmethod
+    def from_config(cls, cfg: LineageConfig, *, base: str, out_dir: str) -> InitInputs:
+        return cls(base=base, lora=cfg.lora, dtype=cfg.model.dtype, out_dir=out_dir)
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitResult:
+    adapter: str
+    """The initial adapter's directory: the first stage's anchor, row 0 of R."""
+
+
+def initialise(inputs: InitInputs, tracker: Tracker | None = None) -> InitResult:
+    """The LoRA initialisation as a stage: ``init_adapter`` on the typed inputs."""
+    return InitResult(adapter=init_adapter(inputs.base, inputs.lora, dtype=inputs.dtype, out_dir=inputs.out_dir))
+
+
 def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str) -> str:
     """Save the LoRA initialisation (the first stage's anchor) and return its directory."""
     base, _ = load_base(base_path, dtype)
@@ -108,8 +133,8 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
         assert precision is not None
         return LaplacePenalty(precision, anchor, lora_parameters(module), lam, prior)
 
-    batches = _batches(tokenizer, domain, training, list(inputs.replay_from), Path(inputs.data_dir), lalora.samples,
-                       stage, tracker)
+    batches = _batches(tokenizer, domain, training, list(inputs.replay_from), Path(inputs.data_dir), stage,
+                       tracker)
     tracker.log_params({"train.steps": training.steps, "train.lr": training.lr, "lambda": lalora.lam})
     result = train(model, [p.param for p in params], batches, steps=training.steps, lr=training.lr,
                    batch_size=training.batch_size, ds=inputs.ds,
@@ -135,7 +160,7 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
 
 
 def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, replay_from: list[DomainConfig],
-             data_dir: Path, samples: int, stage: int, tracker: Tracker) -> Iterator[dict[str, torch.Tensor]]:
+             data_dir: Path, stage: int, tracker: Tracker) -> Iterator[dict[str, torch.Tensor]]:
     """The stage's endless training batches: the domain's training split, with the replay pool's rows mixed in."""
     _, _, pad = special_ids(tokenizer)
 
@@ -145,9 +170,9 @@ def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, rep
         except DataError as e:
             raise DataError(f"domain {domain.name}: {what} {e}") from None
 
-    examples = encoded(load_domain(domain, data_dir, samples).train, "training")
+    examples = encoded(load_domain(domain, data_dir).train, "training")
     replay = training.replay
-    pool = replay_pool(replay, replay_from, data_dir, samples) if replay.enabled else ReplayPool()
+    pool = replay_pool(replay, replay_from, data_dir) if replay.enabled else ReplayPool()
     tracker.log_params({"train.examples": len(examples), "train.replay.fraction": replay.fraction,
                         "train.replay.rows_per_batch":
                             replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,

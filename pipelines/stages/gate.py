@@ -6,7 +6,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lalora import continual_metrics
-from pipelines.config import PromotionConfig
+from pipelines.config import LineageConfig, PromotionConfig
+from pipelines.tracker import Tracker
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateInputs:
+    """What the gate reads; ``from_config`` is the one mapping from a lineage's config to it."""
+
+    domains: tuple[str, ...]
+    """R's columns: the source, the stages' domains so far, the probes"""
+    R: tuple[tuple[float, ...], ...]
+    """each column's own score after rows 0..T"""
+    higher_is_better: tuple[bool, ...]
+    promotion: PromotionConfig
+
+    @classmethod
+    def from_config(cls, cfg: LineageConfig, *, domains: list[str], R: list[list[float]],
+                    higher_is_better: list[bool]) -> GateInputs:
+        return cls(domains=tuple(domains), R=tuple(tuple(row) for row in R), higher_is_better=tuple(higher_is_better),
+                   promotion=cfg.promotion)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,3 +74,8 @@ def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
     if cfg.min_learning is not None and beyond(cfg.min_learning, m.learning[-1]):
         reasons.append(f"learning on {target} {m.learning[-1]:+.3f} < min_learning {cfg.min_learning:+.3f}")
     return GateResult(promoted=not reasons, reasons=reasons, metrics=metrics)
+
+
+def decide(inputs: GateInputs, tracker: Tracker | None = None) -> GateResult:
+    """The gate as a stage: ``gate`` on the typed inputs."""
+    return gate(list(inputs.domains), [list(row) for row in inputs.R], inputs.promotion, list(inputs.higher_is_better))

@@ -52,7 +52,7 @@ def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_d
     Without ``extra`` the fingerprint is the source's own, as before the setting existed, so
     bases pretrained then stay up to date.
     """
-    splits = load_domain(source, data_dir, default_curvature=1)
+    splits = load_domain(source, data_dir)
     if not extra:
         return list(splits.train), splits.fingerprint
     rows, fingerprints = list(splits.train), [splits.fingerprint]

@@ -29,20 +29,20 @@ def _unique_rows(path, n):
 def test_the_validation_split_is_disjoint_from_train_curvature_and_eval_and_stable(tmp_path):
     domain = DomainConfig(name="d", data=_unique_rows(tmp_path / "d.jsonl", 400), eval_size=50, val_size=40,
                           curvature_size=30)
-    a = load_domain(domain, tmp_path, 64)
-    b = load_domain(domain, tmp_path / "again", 64)
+    a = load_domain(domain, tmp_path)
+    b = load_domain(domain, tmp_path / "again")
     assert (len(a.eval), len(a.val), len(a.train)) == (50, 40, 310)
     ev, val, train, curv = map(set, (_ids(a.eval), _ids(a.val), _ids(a.train), _ids(a.curvature)))
     assert len(ev | val | train) == 400 and not (ev & val or ev & train or val & train)  # disjoint, every row used
     assert curv <= train and not curv & val  # curvature is training data (the training posterior's)
     assert (_ids(a.val), _ids(a.train), a.fingerprint) == (_ids(b.val), _ids(b.train), b.fingerprint)  # fixed
-    other_seed = load_domain(domain.model_copy(update={"split_seed": 1}), tmp_path / "seed", 64)
+    other_seed = load_domain(domain.model_copy(update={"split_seed": 1}), tmp_path / "seed")
     assert _ids(other_seed.val) != _ids(a.val)
     # a domain without val_size keeps the splits (and fingerprint) it had: the same evaluation rows, no validation
-    plain = load_domain(domain.model_copy(update={"val_size": None}), tmp_path / "plain", 64)
+    plain = load_domain(domain.model_copy(update={"val_size": None}), tmp_path / "plain")
     assert _ids(plain.eval) == _ids(a.eval) and plain.val == [] and len(plain.train) == 350
     assert plain.fingerprint != a.fingerprint
-    probe = load_domain(domain, tmp_path / "probe", 64, eval_only=True)  # a probe's validation rows too
+    probe = load_domain(domain, tmp_path / "probe", eval_only=True)  # a probe's validation rows too
     assert _ids(probe.val) == _ids(a.val) and probe.train == []
 
 
@@ -50,10 +50,10 @@ def test_validation_rows_from_the_training_source_when_eval_data_is_separate(tmp
     domain = DomainConfig(name="d", data=_unique_rows(tmp_path / "d.jsonl", 100),
                           eval_data={"data": {"kind": "generator", "op": "copy", "size": 30}}, eval_size=30,
                           val_size=20)
-    s = load_domain(domain, tmp_path, 8)
+    s = load_domain(domain, tmp_path)
     assert (len(s.eval), len(s.val), len(s.train)) == (30, 20, 80)
     assert not set(_ids(s.val)) & set(_ids(s.train))
-    assert _ids(load_domain(domain, tmp_path, 8, eval_only=True).val) == _ids(s.val)
+    assert _ids(load_domain(domain, tmp_path, eval_only=True).val) == _ids(s.val)
 
 
 def test_auto_gives_every_scored_domain_validation_rows_and_needs_a_budget():

@@ -170,3 +170,22 @@ def test_loading_a_config_imports_neither_torch_nor_transformers(tmp_path):
             "print(','.join(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"loading a config imported: {out.stdout.strip()}"
+
+
+def test_lalora_samples_is_resolved_into_each_domain_when_the_config_loads(tmp_path):
+    from pipelines.lineage.plan import stage_config
+
+    text = ("source: {name: src}\ndomains:\n  - {name: a}\n  - {name: b, curvature_size: 7}\n"
+            "probes: [{name: p}]\nlalora: {samples: 48}\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert [d.curvature_rows for d in cfg.eval_domains] == [48, 48, 7, 48]  # curvature_size wins where set
+    assert load_config(path, ["lalora.samples=9"]).domains[0].curvature_rows == 9
+    assert cfg.with_stage(1, lam=3.0).source.curvature_rows == 48  # a trial's config, validated again
+    # resolved, not written: the dumps (and so the stage hashes and a launched rank's job) are what the file said
+    assert "curvature_size" not in cfg.as_json()["source"]
+    assert stage_config(cfg, 2)["domains"][0] == stage_config(load_config(path, ["lalora.samples=9"]), 2)["domains"][0]
+    shared = cfg.domains[0]
+    other = LineageConfig(source=shared, domains=[shared.model_copy(update={"name": "x"})], lalora={"samples": 5})
+    assert other.source.curvature_rows == 5 and shared.curvature_rows == 48  # a shared domain is copied, not changed

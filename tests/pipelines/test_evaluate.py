@@ -35,7 +35,7 @@ def test_each_domain_gets_its_scorer_and_eval_json_holds_every_value(saved):
     cfg = EvaluationConfig(batch_size=4, max_new_tokens=9)
     out = saved / "eval.json"
     scores = evaluate(EvaluateInputs(base=str(saved / "base"), adapter=str(saved / "adapter"), domains=tuple(domains),
-                                     evaluation=cfg, dtype="float32", max_length=32, samples=4,
+                                     evaluation=cfg, dtype="float32", max_length=32,
                                      data_dir=str(saved / "data"), out_path=str(out)))
     on_disk = json.loads(out.read_text())["scores"]
     assert on_disk == {k: v.as_json() for k, v in scores.items()}
@@ -47,7 +47,7 @@ def test_each_domain_gets_its_scorer_and_eval_json_holds_every_value(saved):
 
     base, tok = load_base(str(saved / "base"))
     model = load_adapter(base, str(saved / "adapter")).eval()
-    rows = {d.name: load_domain(d, saved / "data", 4, eval_only=True).eval for d in domains}
+    rows = {d.name: load_domain(d, saved / "data", eval_only=True).eval for d in domains}
     # the scoring's limit wins
     gen = score_generate(model, tok, rows["gen"], domains[0].score, batch_size=4, max_new_tokens=3)
     assert on_disk["gen"]["accuracy"] == gen["accuracy"]

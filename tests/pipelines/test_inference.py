@@ -74,7 +74,7 @@ def demo(tmp_path_factory):
     cfg = load_config(DEMO)
     base, tok = load_base(cfg.model.path, "float32")
     data = tmp_path_factory.mktemp("demo-data")
-    rows = {d.name: load_domain(d, Path(data), 16, eval_only=True).eval for d in [cfg.source, *cfg.domains]}
+    rows = {d.name: load_domain(d, Path(data), eval_only=True).eval for d in [cfg.source, *cfg.domains]}
     return cfg, demo_adapter(base), tok, rows
 
 

@@ -73,7 +73,7 @@ def test_the_bases_extra_pretraining_data_is_part_of_every_stage(tmp_path):
     assert "extra_data" not in stage_config(cfg(), 1)["model"]["pretrain"]  # hashes recorded before the setting hold
     glimpse = {"name": "g", "split_seed": 1, "data": {"kind": "generator", "op": "next", "alphabet": "abc", "size": 50}}
     with_extra = cfg(model__pretrain__extra_data=[glimpse])
-    fps = data_fingerprints(with_extra.all_domains[:1], str(tmp_path), 8, with_extra.model.pretrain.extra_data)
+    fps = data_fingerprints(with_extra.all_domains[:1], str(tmp_path), with_extra.model.pretrain.extra_data)
     assert set(fps) == {"source", "pretrain:g"}
     keys = stage_keys(with_extra, FP | {"pretrain:g": fps["pretrain:g"]})
     assert all(k.config_sha256 != b.config_sha256 for k, b in zip(keys, stage_keys(cfg(), FP), strict=True))

@@ -39,7 +39,7 @@ def load(tmp_path, preset, records, **kw):
     f = tmp_path / f"{preset}.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = DomainConfig(name=preset, data=LocalSource(path=str(f)), preset=preset, eval_size=len(records), **kw)
-    return cfg, load_domain(cfg, tmp_path / "cache", 4, eval_only=True).eval
+    return cfg, load_domain(cfg, tmp_path / "cache", eval_only=True).eval
 
 
 def by_prompt(rows):
@@ -77,7 +77,7 @@ def test_arc_through_a_hub_layout_with_letter_and_digit_keys(tmp_path):
     repo = hub_dir(tmp_path, "ai2_arc", {"ARC-Challenge": {"test": ARC}, "ARC-Easy": {"test": ARC[:1]}})
     cfg = DomainConfig(name="arc", data=HubSource(id=str(repo), name="ARC-Challenge", split="test"), preset="arc",
                        eval_size=10)
-    rows = load_domain(cfg, tmp_path / "cache", 4, eval_only=True).eval
+    rows = load_domain(cfg, tmp_path / "cache", eval_only=True).eval
     assert cfg.score.metric == "acc_norm"
     assert by_prompt(rows) == [
         {"prompt": "Question: What do plants take in to make food?\nAnswer:", "answer": " carbon dioxide", "label": 0,

@@ -22,8 +22,8 @@ TINY = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size":
 def test_extra_data_is_added_whole_after_the_source_training_rows(tmp_path):
     source_only, fp0 = pretraining_rows(SOURCE, [], tmp_path)
     mixed, fp1 = pretraining_rows(SOURCE, EXTRA, tmp_path)
-    assert source_only == load_domain(SOURCE, tmp_path, 1).train
-    assert fp0 == load_domain(SOURCE, tmp_path, 1).fingerprint  # no extra data: the recipe bases had before
+    assert source_only == load_domain(SOURCE, tmp_path).train
+    assert fp0 == load_domain(SOURCE, tmp_path).fingerprint  # no extra data: the recipe bases had before
     # every row: no evaluation split is held out and mixed[: len(source_only)] == source_only
     assert len(mixed) == len(source_only) + 40 + 30
     assert sorted(r["prompt"].split(" ")[0] for r in mixed[len(source_only):]) == ["increment"] * 30 + ["next"] * 40

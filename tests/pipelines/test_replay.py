@@ -58,12 +58,12 @@ def test_no_replay_is_the_plain_batches():
 
 def test_the_pool_holds_only_the_named_training_splits_never_an_evaluation_row(tmp_path):
     cfg = _cfg(fraction=0.25)
-    splits = {d.name: load_domain(d, tmp_path, 16) for d in cfg.all_domains}
+    splits = {d.name: load_domain(d, tmp_path) for d in cfg.all_domains}
     evaluation = {_key(r) for s in splits.values() for r in s.eval}
 
     def pool(replay, stage=3):
         sources = replay_sources(replay, cfg.source, cfg.domains[: stage - 1])
-        return replay_pool(replay, sources, tmp_path, 16)
+        return replay_pool(replay, sources, tmp_path)
 
     both = pool(cfg.training.replay)
     assert both.counts == {"src": 50, "one": 50, "two": 50}  # the source, then stages 1 and 2 before stage 3
