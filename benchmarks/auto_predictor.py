@@ -30,10 +30,15 @@ def per_sequence_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max
     total = 0.0
     with torch.no_grad():
         for b in fixed_batches(encode(tokenizer, rows, max_length), 64, special_ids(tokenizer)[2]):
-            logits, labels = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1], \
-                b["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                                             labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            logits, labels = (
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1],
+                b["labels"][:, 1:],
+            )
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
     return total / len(rows)
 
 
@@ -53,8 +58,14 @@ def main() -> int:
     p.add_argument("config", type=Path)
     p.add_argument("run", type=Path, help="the lineage's --out directory")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="the overrides the lineage ran with (a sweep point's --set), as lalora run takes them")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the overrides the lineage ran with (a sweep point's --set), as lalora run takes them",
+    )
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
     from pipelines.config import load_config
@@ -84,24 +95,42 @@ def main() -> int:
         for trial in trials:
             measured = nll(trial["adapter"])
             rise = sum(measured[n] - anchor[n] for n in rows)
-            out.append({"stage": t, "trial": trial["index"], "lambda": trial["lam"], "predicted": trial["predicted"],
-                        "measured": rise, "ratio": trial["predicted"] / rise if rise > 0 else None,
-                        "validation_forgetting": max(trial["forgetting"].values(), default=0.0)})
-            print(f"stage {t} trial {trial['index']}: lambda {trial['lam']:<8.4g} predicted {trial['predicted']:.4f}"
-                  f"  measured {rise:+.4f}  validation forgetting {out[-1]['validation_forgetting']:.3f}", flush=True)
+            out.append(
+                {
+                    "stage": t,
+                    "trial": trial["index"],
+                    "lambda": trial["lam"],
+                    "predicted": trial["predicted"],
+                    "measured": rise,
+                    "ratio": trial["predicted"] / rise if rise > 0 else None,
+                    "validation_forgetting": max(trial["forgetting"].values(), default=0.0),
+                }
+            )
+            print(
+                f"stage {t} trial {trial['index']}: lambda {trial['lam']:<8.4g} predicted {trial['predicted']:.4f}"
+                f"  measured {rise:+.4f}  validation forgetting {out[-1]['validation_forgetting']:.3f}",
+                flush=True,
+            )
         chosen = json.loads((args.run / "metrics.json").read_text()).get("auto", {}).get(str(t))
-        adapters.append(str(stage / "auto" / f"trial-{chosen['chosen_trial']:02d}" / "adapter") if chosen
-                        and trials else str(stage / "adapter"))
+        adapters.append(
+            str(stage / "auto" / f"trial-{chosen['chosen_trial']:02d}" / "adapter")
+            if chosen and trials
+            else str(stage / "adapter")
+        )
     by_stage = {}
     for t in sorted({r["stage"] for r in out}):
         rs = [r for r in out if r["stage"] == t]
-        by_stage[t] = {"spearman_predicted_measured": _spearman([r["predicted"] for r in rs],
-                                                                [r["measured"] for r in rs]),
-                       "spearman_predicted_forgetting": _spearman([r["predicted"] for r in rs],
-                                                                  [r["validation_forgetting"] for r in rs])}
-        print(f"stage {t}: rank correlation of predicted with measured loss rise "
-              f"{by_stage[t]['spearman_predicted_measured']}, with validation forgetting "
-              f"{by_stage[t]['spearman_predicted_forgetting']}")
+        by_stage[t] = {
+            "spearman_predicted_measured": _spearman([r["predicted"] for r in rs], [r["measured"] for r in rs]),
+            "spearman_predicted_forgetting": _spearman(
+                [r["predicted"] for r in rs], [r["validation_forgetting"] for r in rs]
+            ),
+        }
+        print(
+            f"stage {t}: rank correlation of predicted with measured loss rise "
+            f"{by_stage[t]['spearman_predicted_measured']}, with validation forgetting "
+            f"{by_stage[t]['spearman_predicted_forgetting']}"
+        )
     print(json.dumps({"trials": out, "by_stage": by_stage}))
     return 0
 

@@ -33,23 +33,45 @@ SHAPES = {
 }
 
 
-def build(hidden: int, layers: int, vocab: int, r: int, seed: int = 0, intermediate: int | None = None,
-          heads: int | None = None, kv_heads: int | None = None, device: str = "cpu",
-          dtype: torch.dtype = torch.float32):
+def build(
+    hidden: int,
+    layers: int,
+    vocab: int,
+    r: int,
+    seed: int = 0,
+    intermediate: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     heads = heads or max(1, hidden // 64)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
-                      max_position_embeddings=4096, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     with torch.device(device):
         base = LlamaForCausalLM(cfg).to(dtype)
     base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for _name, p in model.named_parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.01)  # nonzero B so every gradient is informative
@@ -70,13 +92,17 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", default="128,32,16",
-                    help="tokens per sequence, comma-separated; the first sets the top-level keys (the demo's "
-                         "sequences are 12-18 tokens)")
+    ap.add_argument(
+        "--seq",
+        default="128,32,16",
+        help="tokens per sequence, comma-separated; the first sets the top-level keys (the demo's "
+        "sequences are 12-18 tokens)",
+    )
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--top-k", type=int, default=32, help="eigenpairs kept per large Kronecker factor")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
-                    help="a named model shape (overrides --hidden ...)")
+    ap.add_argument(
+        "--shape", choices=sorted(SHAPES), default=None, help="a named model shape (overrides --hidden ...)"
+    )
     ap.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 x hidden)")
     ap.add_argument("--heads", type=int, default=None)
     ap.add_argument("--kv-heads", type=int, default=None)
@@ -93,8 +119,17 @@ def main() -> None:
         for k, v in SHAPES[args.shape].items():
             setattr(args, k, v)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, cfg = build(args.hidden, args.layers, args.vocab, args.rank, intermediate=args.intermediate,
-                       heads=args.heads, kv_heads=args.kv_heads, device=args.device, dtype=dtype)
+    model, cfg = build(
+        args.hidden,
+        args.layers,
+        args.vocab,
+        args.rank,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        device=args.device,
+        dtype=dtype,
+    )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model.eval()  # dropout is 0, so train and eval mode compute the same; no mode switches are timed
     params = lora_parameters(model)
@@ -120,8 +155,9 @@ def main() -> None:
             elif kind in kron_penalties:
                 loss = loss + kron_penalties[kind]()
             elif kind == "naive":
-                loss = loss + 0.5 * sum((f * (p - a).square()).sum()
-                                        for f, p, a in zip(naive_f, plist, naive_a, strict=True))
+                loss = loss + 0.5 * sum(
+                    (f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a, strict=True)
+                )
             loss.backward()
             opt.step()
 
@@ -134,8 +170,9 @@ def main() -> None:
         kron_precisions = {S: e.estimate(model, [batch]).precision for S, e in kron_estimators.items()}
         kron_penalties = {S: LaplacePenalty(p, anchor, params, lam=1.0) for S, p in kron_precisions.items()}
         adapter_bytes = sum(p.numel() * p.element_size() for p in plist)
-        kron_bytes = {S: sum(t.numel() * t.element_size() for t in p.to_state_dict().values())
-                      for S, p in kron_precisions.items()}
+        kron_bytes = {
+            S: sum(t.numel() * t.element_size() for t in p.to_state_dict().values()) for S, p in kron_precisions.items()
+        }
 
         def fisher_hook() -> None:
             estimator.estimate(model, [batch])
@@ -144,7 +181,7 @@ def main() -> None:
             acc = [torch.zeros_like(p) for p in plist]
             for i in range(B):
                 model.zero_grad(set_to_none=True)
-                sequence_nll(model(input_ids=ids[i:i + 1]).logits, ids[i:i + 1]).sum().backward()
+                sequence_nll(model(input_ids=ids[i : i + 1]).logits, ids[i : i + 1]).sum().backward()
                 for a, p in zip(acc, plist, strict=True):
                     a.add_(p.grad.square())
 
@@ -152,12 +189,20 @@ def main() -> None:
             penalty().backward()
 
         def naive_only() -> None:
-            (0.5 * sum((f * (p - a).square()).sum()
-                       for f, p, a in zip(naive_f, plist, naive_a, strict=True))).backward()
+            (
+                0.5 * sum((f * (p - a).square()).sum() for f, p, a in zip(naive_f, plist, naive_a, strict=True))
+            ).backward()
 
-        fns = {"step_plain": lambda: step("plain"), "step_diag": lambda: step("diag"),
-               "step_naive": lambda: step("naive"), "backward": backward, "fisher_hook": fisher_hook,
-               "fisher_loop": fisher_loop, "penalty_only": penalty_only, "naive_only": naive_only}
+        fns = {
+            "step_plain": lambda: step("plain"),
+            "step_diag": lambda: step("diag"),
+            "step_naive": lambda: step("naive"),
+            "backward": backward,
+            "fisher_hook": fisher_hook,
+            "fisher_loop": fisher_loop,
+            "penalty_only": penalty_only,
+            "naive_only": naive_only,
+        }
         if args.skip_loop:
             del fns["fisher_loop"]
         for S in KRON:
@@ -169,7 +214,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in fns}
         order = list(fns)
         for rep in range(args.reps):  # interleaved, order reversed every other rep, so drift hits all alike
-            for k in (order if rep % 2 == 0 else order[::-1]):
+            for k in order if rep % 2 == 0 else order[::-1]:
                 n = args.block if k.startswith("step_") else 1  # steps timed in blocks: a few % must show
                 sync()
                 t0 = time.perf_counter()
@@ -196,10 +241,21 @@ def main() -> None:
             "bytes_vs_adapter_diag": 1.0,
             "ms": {k: round(v, 2) for k, v in ms.items()},
             "ms_median": {k: round(v, 2) for k, v in median.items()},
-            "model": {"params": n_all, "lora_params": sum(p.numel() for p in plist), "lora_matrices": len(plist),
-                      "hidden": args.hidden, "layers": args.layers, "vocab": args.vocab, "rank": args.rank,
-                      "top_k": args.top_k},
-            "batch": B, "seq": T, "reps": args.reps, "threads": torch.get_num_threads(), "dtype": args.dtype,
+            "model": {
+                "params": n_all,
+                "lora_params": sum(p.numel() for p in plist),
+                "lora_matrices": len(plist),
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "vocab": args.vocab,
+                "rank": args.rank,
+                "top_k": args.top_k,
+            },
+            "batch": B,
+            "seq": T,
+            "reps": args.reps,
+            "threads": torch.get_num_threads(),
+            "dtype": args.dtype,
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         }
         return summary
@@ -207,26 +263,42 @@ def main() -> None:
     seqs = [int(v) for v in args.seq.split(",")]
     results = {T: measure(T) for T in seqs}
     summary = dict(results[seqs[0]])
-    keep = ("penalty_overhead", "penalty_overhead_naive", "penalty_overhead_isolated",
-            "penalty_overhead_naive_isolated", "curvature_vs_backward", "loop_vs_hook", "ms",
-            *(f"{m}_{S}" for S in KRON for m in ("penalty_overhead", "curvature_vs_backward")),
-            *(f"penalty_overhead_{S}_isolated" for S in KRON))
+    keep = (
+        "penalty_overhead",
+        "penalty_overhead_naive",
+        "penalty_overhead_isolated",
+        "penalty_overhead_naive_isolated",
+        "curvature_vs_backward",
+        "loop_vs_hook",
+        "ms",
+        *(f"{m}_{S}" for S in KRON for m in ("penalty_overhead", "curvature_vs_backward")),
+        *(f"penalty_overhead_{S}_isolated" for S in KRON),
+    )
     summary["by_seq"] = {str(T): {k: r[k] for k in keep} for T, r in results.items()}
-    summary["targets"] = {f"curvature_vs_backward_{S} <= {KRON_CURVATURE_TARGET}":
-                          summary[f"curvature_vs_backward_{S}"] <= KRON_CURVATURE_TARGET for S in KRON}
+    summary["targets"] = {
+        f"curvature_vs_backward_{S} <= {KRON_CURVATURE_TARGET}": summary[f"curvature_vs_backward_{S}"]
+        <= KRON_CURVATURE_TARGET
+        for S in KRON
+    }
     if not args.json:
-        print(f"{'seq':>5} {'plain step':>11} {'diag/plain':>11} {'naive/plain':>12} {'diag alone':>11} "
-              f"{'naive alone':>12} {'curv/bwd':>9} {'loop/hook':>10}")
+        print(
+            f"{'seq':>5} {'plain step':>11} {'diag/plain':>11} {'naive/plain':>12} {'diag alone':>11} "
+            f"{'naive alone':>12} {'curv/bwd':>9} {'loop/hook':>10}"
+        )
         for T, r in results.items():
-            print(f"{T:>5} {r['ms']['step_plain']:>8.1f} ms {r['penalty_overhead']:>11.3f} "
-                  f"{r['penalty_overhead_naive']:>12.3f} {r['penalty_overhead_isolated']:>11.4f} "
-                  f"{r['penalty_overhead_naive_isolated']:>12.4f} {r['curvature_vs_backward']:>9.3f} "
-                  f"{(r['loop_vs_hook'] or float('nan')):>10.2f}")
+            print(
+                f"{T:>5} {r['ms']['step_plain']:>8.1f} ms {r['penalty_overhead']:>11.3f} "
+                f"{r['penalty_overhead_naive']:>12.3f} {r['penalty_overhead_isolated']:>11.4f} "
+                f"{r['penalty_overhead_naive_isolated']:>12.4f} {r['curvature_vs_backward']:>9.3f} "
+                f"{(r['loop_vs_hook'] or float('nan')):>10.2f}"
+            )
         print(f"\n{'seq':>5} {'structure':>10} {'step/plain':>11} {'alone':>8} {'curv/bwd':>9} {'bytes/adapter':>14}")
         for T, r in results.items():
             for S in KRON:
-                print(f"{T:>5} {S:>10} {r[f'penalty_overhead_{S}']:>11.3f} {r[f'penalty_overhead_{S}_isolated']:>8.4f} "
-                      f"{r[f'curvature_vs_backward_{S}']:>9.3f} {r[f'bytes_vs_adapter_{S}']:>14.2f}")
+                print(
+                    f"{T:>5} {S:>10} {r[f'penalty_overhead_{S}']:>11.3f} {r[f'penalty_overhead_{S}_isolated']:>8.4f} "
+                    f"{r[f'curvature_vs_backward_{S}']:>9.3f} {r[f'bytes_vs_adapter_{S}']:>14.2f}"
+                )
         print("\n" + "\n".join(f"target {k}: {v}" for k, v in summary["targets"].items()))
     print(json.dumps(summary))
 

@@ -41,8 +41,11 @@ def _run(config: Path, out: Path, capability: str, seed: int, lam: float | None,
         cmd += [a for s in sets for a in ("--set", s)]  # the cell's own settings after them: they win
         cmd += ["--set", f"training.seed={seed}", "--set", f"lora.init_seed={seed}"]
         cmd += ["--set", f"lalora.lambda={lam:g}"] if lam is not None else []
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability,
-               "PREFECT_HOME": str(out.parent / f".prefect-{out.name}")}
+        env = {
+            **os.environ,
+            "ATEN_CPU_CAPABILITY": capability,
+            "PREFECT_HOME": str(out.parent / f".prefect-{out.name}"),
+        }
         Path(env["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
         log = out.parent / f"{out.name}.log"
         with open(log, "w") as f:
@@ -62,47 +65,77 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "demo-robustness")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (each pins one torch thread)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for every run (as lalora run --set)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every run (as lalora run --set)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     caps = args.capabilities or list(dict.fromkeys(["default", "avx2", best_capability()]))
     cells = [(c, s) for c in caps for s in args.seeds]
     t0 = time.perf_counter()
-    jobs = {(c, s, kind): (args.out / f"{c}-seed{s}-{kind}", 0.0 if kind == "plain" else None)
-            for c, s in cells for kind in ("plain", "lalora")}
+    jobs = {
+        (c, s, kind): (args.out / f"{c}-seed{s}-{kind}", 0.0 if kind == "plain" else None)
+        for c, s in cells
+        for kind in ("plain", "lalora")
+    }
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = {key: pool.submit(_run, args.config, out, key[0], key[1], lam, args.sets)
-                   for key, (out, lam) in jobs.items()}
+        futures = {
+            key: pool.submit(_run, args.config, out, key[0], key[1], lam, args.sets) for key, (out, lam) in jobs.items()
+        }
         metrics = {key: f.result() for key, f in futures.items()}
     rows = []
     for c, s in cells:
         plain, lalora = metrics[(c, s, "plain")], metrics[(c, s, "lalora")]
         check = check_target(plain, lalora)
         limit = MAX_FORGETTING_SHARE * check.plain_mean_forgetting
-        rows.append({"capability": c, "ran_on": lalora.get("environment", {}).get("torch_cpu_capability"),
-                     "seed": s, "plain_mean_forgetting": check.plain_mean_forgetting,
-                     "lalora_mean_forgetting": check.mean_forgetting, "limit": limit,
-                     "forgetting_margin": limit - check.mean_forgetting, "plain_max_drop": check.plain_max_drop,
-                     "learned_ratio": check.learned_ratio, "min_learned_ratio": min(check.learned_ratio.values()),
-                     "learning_margin": min(check.learned_ratio.values()) - MIN_LEARNED_RATIO, "met": check.met,
-                     "row0": lalora["R"][0]})
-    print("| capability (ran on) | seed | plain mean forgetting | LaLoRA mean forgetting | limit | smallest "
-          "R[i][i] ratio | met |")
+        rows.append(
+            {
+                "capability": c,
+                "ran_on": lalora.get("environment", {}).get("torch_cpu_capability"),
+                "seed": s,
+                "plain_mean_forgetting": check.plain_mean_forgetting,
+                "lalora_mean_forgetting": check.mean_forgetting,
+                "limit": limit,
+                "forgetting_margin": limit - check.mean_forgetting,
+                "plain_max_drop": check.plain_max_drop,
+                "learned_ratio": check.learned_ratio,
+                "min_learned_ratio": min(check.learned_ratio.values()),
+                "learning_margin": min(check.learned_ratio.values()) - MIN_LEARNED_RATIO,
+                "met": check.met,
+                "row0": lalora["R"][0],
+            }
+        )
+    print(
+        "| capability (ran on) | seed | plain mean forgetting | LaLoRA mean forgetting | limit | smallest "
+        "R[i][i] ratio | met |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['capability']} ({r['ran_on']}) | {r['seed']} | {r['plain_mean_forgetting']:.3f} | "
-              f"{r['lalora_mean_forgetting']:.3f} | {r['limit']:.3f} | {r['min_learned_ratio']:.0%} | "
-              f"{'yes' if r['met'] else 'NO'} |")
-    report = {"config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
-              "overrides": args.sets,
-              "cells": rows, "met": all(r["met"] for r in rows),
-              "smallest_forgetting_margin": min(r["forgetting_margin"] for r in rows),
-              "smallest_learning_margin": min(r["learning_margin"] for r in rows),
-              "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}
-    print(f"{sum(r['met'] for r in rows)} of {len(rows)} cells meet the target; smallest margins: forgetting "
-          f"{report['smallest_forgetting_margin']:+.3f} (limit minus LaLoRA's), learning ratio "
-          f"{report['smallest_learning_margin']:+.0%} (over {MIN_LEARNED_RATIO:.0%})")
+        print(
+            f"| {r['capability']} ({r['ran_on']}) | {r['seed']} | {r['plain_mean_forgetting']:.3f} | "
+            f"{r['lalora_mean_forgetting']:.3f} | {r['limit']:.3f} | {r['min_learned_ratio']:.0%} | "
+            f"{'yes' if r['met'] else 'NO'} |"
+        )
+    report = {
+        "config": str(args.config.relative_to(ROOT)) if args.config.is_relative_to(ROOT) else str(args.config),
+        "overrides": args.sets,
+        "cells": rows,
+        "met": all(r["met"] for r in rows),
+        "smallest_forgetting_margin": min(r["forgetting_margin"] for r in rows),
+        "smallest_learning_margin": min(r["learning_margin"] for r in rows),
+        "seconds": time.perf_counter() - t0,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"{sum(r['met'] for r in rows)} of {len(rows)} cells meet the target; smallest margins: forgetting "
+        f"{report['smallest_forgetting_margin']:+.3f} (limit minus LaLoRA's), learning ratio "
+        f"{report['smallest_learning_margin']:+.0%} (over {MIN_LEARNED_RATIO:.0%})"
+    )
     if args.json:
         out = ROOT / "benchmarks" / "results" / f"cpu-{report['date']}" / "demo-robustness.json"
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -39,13 +39,19 @@ def main() -> int:
         print(json.dumps({**asdict(check), "met": check.met, "lambda": lalora.get("lambda")}, indent=2))
         return 0 if check.met else 1
     ok = lambda b: "yes" if b else "NO"  # noqa: E731
-    print(f"plain LoRA, largest drop of an earlier domain: {check.plain_max_drop:.3f} (>= {MIN_PLAIN_DROP:.2f}: "
-          f"{ok(check.plain_forgets)})")
-    print(f"mean forgetting: plain {check.plain_mean_forgetting:.3f}, LaLoRA (lambda {lalora.get('lambda')}) "
-          f"{check.mean_forgetting:.3f} (<= half: {ok(check.forgets_less)})")
+    print(
+        f"plain LoRA, largest drop of an earlier domain: {check.plain_max_drop:.3f} (>= {MIN_PLAIN_DROP:.2f}: "
+        f"{ok(check.plain_forgets)})"
+    )
+    print(
+        f"mean forgetting: plain {check.plain_mean_forgetting:.3f}, LaLoRA (lambda {lalora.get('lambda')}) "
+        f"{check.mean_forgetting:.3f} (<= half: {ok(check.forgets_less)})"
+    )
     for i, (domain, r) in enumerate(check.learned_ratio.items(), start=1):
-        print(f"stage {i} {domain}: R[{i}][{i}] LaLoRA {lalora['R'][i][i]:.3f} / plain {plain['R'][i][i]:.3f} = "
-              f"{r:.0%} (>= {MIN_LEARNED_RATIO:.0%}: {ok(check.learned(domain))})")
+        print(
+            f"stage {i} {domain}: R[{i}][{i}] LaLoRA {lalora['R'][i][i]:.3f} / plain {plain['R'][i][i]:.3f} = "
+            f"{r:.0%} (>= {MIN_LEARNED_RATIO:.0%}: {ok(check.learned(domain))})"
+        )
     print("target met" if check.met else "target NOT met")
     return 0 if check.met else 1
 

@@ -49,10 +49,19 @@ def build(hidden: int, layers: int, heads: int, kv_heads: int, device: str, dtyp
 
     tok = char_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
-                      initializer_range=0.1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval(), tok
 
 
@@ -108,16 +117,24 @@ def hf_generate(model: Any, tok: Any, prompts: list[list[int]], batch: int, max_
     for start in range(0, len(order), batch):
         chunk = order[start : start + batch]
         ids, mask = left_pad([prompts[i] for i in chunk], pad, torch.device(device))
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=pad, eos_token_id=eos, use_cache=True)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            use_cache=True,
+        )
         for i, gen in zip(chunk, out[:, ids.shape[1] :].tolist(), strict=True):
             texts[i] = tok.decode(gen[: gen.index(eos)] if eos in gen else gen, skip_special_tokens=True)
     return texts
 
 
 @torch.no_grad()
-def mc_plain(model: Any, examples: list[list[tuple[list[int], list[int]]]], batch: int, pad: int,
-             device: str) -> list[list[float]]:
+def mc_plain(
+    model: Any, examples: list[list[tuple[list[int], list[int]]]], batch: int, pad: int, device: str
+) -> list[list[float]]:
     """A plain forward of the full sequences, right-padded, ``batch`` pairs per forward, batched by length."""
     pairs = [p for ex in examples for p in ex]
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
@@ -129,10 +146,17 @@ def mc_plain(model: Any, examples: list[list[tuple[list[int], list[int]]]], batc
         ids = torch.tensor([q + [pad] * (W - len(q)) for q in seqs], device=device)
         mask = torch.tensor([[1] * len(q) + [0] * (W - len(q)) for q in seqs], device=device)
         logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)  # (b, W-1, V)
-        target = torch.tensor([[0] * (len(pairs[i][0]) - 1) + pairs[i][1] + [0] * (W - len(q))
-                               for i, q in zip(chunk, seqs, strict=True)], device=device)
-        scored = torch.tensor([[0] * (len(pairs[i][0]) - 1) + [1] * len(pairs[i][1]) + [0] * (W - len(q))
-                               for i, q in zip(chunk, seqs, strict=True)], device=device)
+        target = torch.tensor(
+            [[0] * (len(pairs[i][0]) - 1) + pairs[i][1] + [0] * (W - len(q)) for i, q in zip(chunk, seqs, strict=True)],
+            device=device,
+        )
+        scored = torch.tensor(
+            [
+                [0] * (len(pairs[i][0]) - 1) + [1] * len(pairs[i][1]) + [0] * (W - len(q))
+                for i, q in zip(chunk, seqs, strict=True)
+            ],
+            device=device,
+        )
         for i, v in zip(chunk, (logp.gather(-1, target[..., None])[..., 0] * scored).sum(-1).tolist(), strict=True):
             lls[i] = v
     out, k = [], 0
@@ -152,8 +176,9 @@ def main() -> None:
     ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank on every linear layer")
     ap.add_argument("--n", type=int, default=32, help="prompts / multiple-choice examples")
     ap.add_argument("--choices", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=32,
-                    help="prompts per generate call; (context, choice) pairs per batch")
+    ap.add_argument(
+        "--batch", type=int, default=32, help="prompts per generate call; (context, choice) pairs per batch"
+    )
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-loops", action="store_true", help="skip the one-at-a-time loops (slow at long lengths)")
@@ -175,8 +200,10 @@ def main() -> None:
     merge_s, _ = timed(lambda: merged_copy(model), device)  # what our scorers pay once per model
     rng = random.Random(0)
     prompts = [prompt_ids(tok, text(rng, 20, 60)) for _ in range(args.n)]
-    rows = [{"prompt": text(rng, 40, 120), "choices": [text(rng, 8, 40) for _ in range(args.choices)], "label": 0}
-            for _ in range(args.n)]
+    rows = [
+        {"prompt": text(rng, 40, 120), "choices": [text(rng, 8, 40) for _ in range(args.choices)], "label": 0}
+        for _ in range(args.n)
+    ]
     examples = [choice_pairs(tok, r, None) for r in rows]
     pad = tok.pad_token_id
 
@@ -200,28 +227,50 @@ def main() -> None:
             times[name].append(t)
     best = {k: min(v) for k, v in times.items()}
     unmerged = mc_plain(model, examples, args.batch, pad, device)  # not timed: the reference for the merge
-    flat = {k: torch.tensor([v for ex in outs for v in ex])
-            for k, outs in {**{k: outputs[k] for k in outputs if k.startswith("mc_")}, "unmerged": unmerged}.items()}
+    flat = {
+        k: torch.tensor([v for ex in outs for v in ex])
+        for k, outs in {**{k: outputs[k] for k in outputs if k.startswith("mc_")}, "unmerged": unmerged}.items()
+    }
     new_tokens = sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in outputs["gen_hf_merged"])
-    ratios = {"generate_vs_hf_merged": best["gen_hf_merged"] / best["gen_ours"],
-              "generate_vs_hf_peft": best["gen_hf_peft"] / best["gen_ours"],
-              "loglik_vs_plain_forward": best["mc_plain"] / best["mc_ours"]}
+    ratios = {
+        "generate_vs_hf_merged": best["gen_hf_merged"] / best["gen_ours"],
+        "generate_vs_hf_peft": best["gen_hf_peft"] / best["gen_ours"],
+        "loglik_vs_plain_forward": best["mc_plain"] / best["mc_ours"],
+    }
     if not args.no_loops:
-        ratios |= {"generation_loop_over_batched": best["gen_loop"] / best["gen_ours"],
-                   "mc_loop_over_batched": best["mc_loop"] / best["mc_ours"]}
+        ratios |= {
+            "generation_loop_over_batched": best["gen_loop"] / best["gen_ours"],
+            "mc_loop_over_batched": best["mc_loop"] / best["mc_ours"],
+        }
     result = {
-        "device": (torch.cuda.get_device_name() if device.startswith("cuda")
-                   else f"cpu ({torch.get_num_threads()} threads)"),
-        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
-                  "params_M": round(params / 1e6, 2), "lora_r": args.lora_r, "dtype": args.dtype},
-        "workload": {"n": args.n, "choices": args.choices, "batch": args.batch, "max_new_tokens": args.max_new,
-                     "reps": args.reps, "new_tokens": new_tokens},
+        "device": (
+            torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+        ),
+        "model": {
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "params_M": round(params / 1e6, 2),
+            "lora_r": args.lora_r,
+            "dtype": args.dtype,
+        },
+        "workload": {
+            "n": args.n,
+            "choices": args.choices,
+            "batch": args.batch,
+            "max_new_tokens": args.max_new,
+            "reps": args.reps,
+            "new_tokens": new_tokens,
+        },
         "seconds": {k: round(v, 4) for k, v in best.items()},
         "merge_s": round(merge_s, 4),
         "tokens_per_s": {k: round(new_tokens / best[k], 1) for k in best if k.startswith("gen_")},
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
-        "targets": {"generate_vs_hf_merged": ratios["generate_vs_hf_merged"] >= 1.0,
-                    "loglik_vs_plain_forward": ratios["loglik_vs_plain_forward"] >= 1.0},
+        "targets": {
+            "generate_vs_hf_merged": ratios["generate_vs_hf_merged"] >= 1.0,
+            "loglik_vs_plain_forward": ratios["loglik_vs_plain_forward"] >= 1.0,
+        },
         "generations_equal_hf_merged": outputs["gen_ours"] == outputs["gen_hf_merged"],
         "generations_equal_unmerged": outputs["gen_ours"] == outputs["gen_hf_peft"],
         "mc_max_abs_diff_vs_plain": float((flat["mc_ours"] - flat["mc_plain"]).abs().max()),
@@ -231,15 +280,21 @@ def main() -> None:
         result["generations_equal_loop"] = outputs["gen_ours"] == outputs["gen_loop"]
         result["mc_max_abs_diff_vs_loop"] = float((flat["mc_ours"] - flat["mc_loop"]).abs().max())
     if not args.json:
-        print(f"{result['device']}, {result['model']['params_M']} M parameters + LoRA r={args.lora_r}, {args.dtype}; "
-              f"merging a copy: {merge_s * 1e3:.1f} ms")
+        print(
+            f"{result['device']}, {result['model']['params_M']} M parameters + LoRA r={args.lora_r}, {args.dtype}; "
+            f"merging a copy: {merge_s * 1e3:.1f} ms"
+        )
         for k, v in best.items():
             print(f"  {k:<14} {v * 1e3:9.1f} ms")
-        print(f"  generation: HF generate merged / ours = {ratios['generate_vs_hf_merged']:.2f}x, unmerged / ours = "
-              f"{ratios['generate_vs_hf_peft']:.2f}x (equal: {result['generations_equal_hf_merged']}, "
-              f"{result['generations_equal_unmerged']})")
-        print(f"  log-likelihood: plain forward merged / ours = {ratios['loglik_vs_plain_forward']:.2f}x (max |d ll| "
-              f"{result['mc_max_abs_diff_vs_plain']:.1e}, vs unmerged {result['mc_max_abs_diff_vs_unmerged']:.1e})")
+        print(
+            f"  generation: HF generate merged / ours = {ratios['generate_vs_hf_merged']:.2f}x, unmerged / ours = "
+            f"{ratios['generate_vs_hf_peft']:.2f}x (equal: {result['generations_equal_hf_merged']}, "
+            f"{result['generations_equal_unmerged']})"
+        )
+        print(
+            f"  log-likelihood: plain forward merged / ours = {ratios['loglik_vs_plain_forward']:.2f}x (max |d ll| "
+            f"{result['mc_max_abs_diff_vs_plain']:.1e}, vs unmerged {result['mc_max_abs_diff_vs_unmerged']:.1e})"
+        )
     print(json.dumps(result))
 
 

@@ -54,8 +54,17 @@ def main() -> None:
 
     shape = SHAPES[args.shape]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, cfg = build(shape["hidden"], shape["layers"], shape["vocab"], args.rank, intermediate=shape["intermediate"],
-                       heads=shape["heads"], kv_heads=shape["kv_heads"], device=args.device, dtype=dtype)
+    model, cfg = build(
+        shape["hidden"],
+        shape["layers"],
+        shape["vocab"],
+        args.rank,
+        intermediate=shape["intermediate"],
+        heads=shape["heads"],
+        kv_heads=shape["kv_heads"],
+        device=args.device,
+        dtype=dtype,
+    )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     params = lora_parameters(model)
     plist = [p.param for p in params]
@@ -104,22 +113,38 @@ def main() -> None:
         train(model, plist, batches(), steps=args.warmup, desc=f"stage {stage} warm-up", **common)
         sync()
         res = train(model, plist, batches(), steps=args.steps, desc=f"stage {stage}", **common)
-        stages.append({"stage": stage, "tokens_per_s": res.tokens / res.seconds,
-                       "ms_per_step": res.seconds * 1e3 / res.steps,
-                       "final_loss": res.final_loss, "final_penalty": res.final_penalty,
-                       "curvature_ms_per_batch": curv_ms, "curvature_vs_backward": curv_ms / bwd,
-                       "backward_ms": bwd, "zero_curvature_matrices": len(est.zero_curvature)})
-    summary = {"shape": args.shape, "dtype": args.dtype, "zero_stage": args.zero, "batch": B, "seq": T,
-               "rank": args.rank,
-               "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-               "tokens_per_s": statistics.median(s["tokens_per_s"] for s in stages),
-               "curvature_vs_backward": statistics.median(s["curvature_vs_backward"] for s in stages),
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
-               "stages": stages}
+        stages.append(
+            {
+                "stage": stage,
+                "tokens_per_s": res.tokens / res.seconds,
+                "ms_per_step": res.seconds * 1e3 / res.steps,
+                "final_loss": res.final_loss,
+                "final_penalty": res.final_penalty,
+                "curvature_ms_per_batch": curv_ms,
+                "curvature_vs_backward": curv_ms / bwd,
+                "backward_ms": bwd,
+                "zero_curvature_matrices": len(est.zero_curvature),
+            }
+        )
+    summary = {
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "zero_stage": args.zero,
+        "batch": B,
+        "seq": T,
+        "rank": args.rank,
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "tokens_per_s": statistics.median(s["tokens_per_s"] for s in stages),
+        "curvature_vs_backward": statistics.median(s["curvature_vs_backward"] for s in stages),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+        "stages": stages,
+    }
     if not args.json:
         for s in stages:
-            print(f"stage {s['stage']}: {s['tokens_per_s']:,.0f} tok/s ({s['ms_per_step']:.1f} ms/step), curvature "
-                  f"{s['curvature_ms_per_batch']:.1f} ms/batch = {s['curvature_vs_backward']:.2f} x backward")
+            print(
+                f"stage {s['stage']}: {s['tokens_per_s']:,.0f} tok/s ({s['ms_per_step']:.1f} ms/step), curvature "
+                f"{s['curvature_ms_per_batch']:.1f} ms/batch = {s['curvature_vs_backward']:.2f} x backward"
+            )
     print(json.dumps(summary))
 
 

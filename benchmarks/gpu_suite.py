@@ -64,8 +64,13 @@ def run_anchor(device: str, path: Path) -> dict[str, Any]:
         return {"skipped": "the anchor is CUDA-only (nccl, a 1B model on cuda)"}
     if not path.is_file():
         return {"skipped": f"{path} not found"}
-    proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, cwd=path.parent,
-                          env={**os.environ, "MASTER_PORT": "29533"})
+    proc = subprocess.run(
+        [sys.executable, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=path.parent,
+        env={**os.environ, "MASTER_PORT": "29533"},
+    )
     out: dict[str, Any] = {"exit": proc.returncode}
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
@@ -83,17 +88,34 @@ def save_base(shape: dict[str, int], dtype: torch.dtype, path: Path) -> None:
     from pipelines.runtime.models import char_tokenizer
 
     tok = char_tokenizer()
-    cfg = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-                      num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                      num_key_value_heads=shape["kv_heads"], max_position_embeddings=4096, tie_word_embeddings=True,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
     tok.save_pretrained(path)
 
 
-def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, dtype_name: str,
-                    options: dict[str, Any] | None = None, stages: int = 2, tag: str = "") -> dict[str, Any]:
+def finetune_series(
+    base: str,
+    work: Path,
+    zero: int,
+    args: argparse.Namespace,
+    dtype_name: str,
+    options: dict[str, Any] | None = None,
+    stages: int = 2,
+    tag: str = "",
+) -> dict[str, Any]:
     """``stages`` stages of curvature + fine-tune through the pipeline's stage functions at one ZeRO stage, with
     the ``training`` options set (the defaults when None)."""
     from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LoraSettings, TrainingConfig
@@ -103,15 +125,34 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
 
     cuda = torch.cuda.is_available()
     length = max(2, (args.seq - 4) // 2)  # prompt + answer fill T
-    domain = DomainConfig.model_validate({"name": "copy", "data": {"kind": "generator", "op": "copy", "min_len": length,
-                                                                  "max_len": length, "size": 400}, "eval_size": 8})
-    lalora = LaLoRAConfig.model_validate({"lambda": 1.0, "samples": args.batch * args.curvature_batches,
-                                          "batch_size": args.batch, "curvature": {"kind": "diag"}})
-    training = TrainingConfig(steps=args.steps, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=10,
-                              checkpoint_every=0, **(options or {}))
+    domain = DomainConfig.model_validate(
+        {
+            "name": "copy",
+            "data": {"kind": "generator", "op": "copy", "min_len": length, "max_len": length, "size": 400},
+            "eval_size": 8,
+        }
+    )
+    lalora = LaLoRAConfig.model_validate(
+        {
+            "lambda": 1.0,
+            "samples": args.batch * args.curvature_batches,
+            "batch_size": args.batch,
+            "curvature": {"kind": "diag"},
+        }
+    )
+    training = TrainingConfig(
+        steps=args.steps,
+        lr=1e-5,
+        batch_size=args.batch,
+        max_length=args.seq,
+        log_every=10,
+        checkpoint_every=0,
+        **(options or {}),
+    )
     ds = DeepSpeedConfig(zero_stage=zero, precision=args.dtype, gradient_clipping=1.0)
-    anchor = init_adapter(base, LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=dtype_name,
-                          out_dir=str(work / f"z{zero}{tag}-init"))
+    anchor = init_adapter(
+        base, LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=dtype_name, out_dir=str(work / f"z{zero}{tag}-init")
+    )
     precision, done = None, []
     for stage in range(1, stages + 1):
         if cuda:
@@ -119,34 +160,79 @@ def finetune_series(base: str, work: Path, zero: int, args: argparse.Namespace, 
         out = work / f"z{zero}{tag}-stage{stage}"
         rec = LatestTracker()
         t0 = time.perf_counter()
-        prec = compute_precision(PrecisionInputs(base=base, anchor=anchor, lalora=lalora, domain=domain,
-                                                 previous=precision, stage=stage, dtype=dtype_name, max_length=args.seq,
-                                                 seed=0, data_dir=str(work / "data"), out_dir=str(out), ds=ds), rec)
+        prec = compute_precision(
+            PrecisionInputs(
+                base=base,
+                anchor=anchor,
+                lalora=lalora,
+                domain=domain,
+                previous=precision,
+                stage=stage,
+                dtype=dtype_name,
+                max_length=args.seq,
+                seed=0,
+                data_dir=str(work / "data"),
+                out_dir=str(out),
+                ds=ds,
+            ),
+            rec,
+        )
         curvature_s = time.perf_counter() - t0
-        result = finetune(FinetuneInputs(base=base, anchor=anchor, precision=prec.path, lalora=lalora, domain=domain,
-                                          training=training, ds=ds, dtype=dtype_name, stage=stage,
-                                          data_dir=str(work / "data"), out_dir=str(out)), rec)
+        result = finetune(
+            FinetuneInputs(
+                base=base,
+                anchor=anchor,
+                precision=prec.path,
+                lalora=lalora,
+                domain=domain,
+                training=training,
+                ds=ds,
+                dtype=dtype_name,
+                stage=stage,
+                data_dir=str(work / "data"),
+                out_dir=str(out),
+            ),
+            rec,
+        )
         precision, anchor = prec.path, result.adapter
-        done.append({"stage": stage, "tokens_per_s": result.tokens_per_second, "seconds": result.seconds,
-                       "final_loss": result.final_loss, "final_penalty": result.final_penalty,
-                       "curvature_step_s": curvature_s,
-                       "base_bytes_per_rank": rec.values.get("train.base_param_bytes_per_rank"),
-                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None})
-        print(f"ZeRO-{zero}{tag} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step "
-              f"{curvature_s:.1f} s, base {done[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank", flush=True)
-    return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in done), "stages": done,
-            "peak_gib": max((s["peak_gib"] or 0.0) for s in done) if cuda else None}
+        done.append(
+            {
+                "stage": stage,
+                "tokens_per_s": result.tokens_per_second,
+                "seconds": result.seconds,
+                "final_loss": result.final_loss,
+                "final_penalty": result.final_penalty,
+                "curvature_step_s": curvature_s,
+                "base_bytes_per_rank": rec.values.get("train.base_param_bytes_per_rank"),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            }
+        )
+        print(
+            f"ZeRO-{zero}{tag} stage {stage}: {result.tokens_per_second:,.0f} tok/s, curvature step "
+            f"{curvature_s:.1f} s, base {done[-1]['base_bytes_per_rank'] / 2**20:.1f} MiB per rank",
+            flush=True,
+        )
+    return {
+        "tokens_per_s": statistics.median(s["tokens_per_s"] for s in done),
+        "stages": done,
+        "peak_gib": max((s["peak_gib"] or 0.0) for s in done) if cuda else None,
+    }
 
 
-OPTIONS = {"fused_adamw": {"optimizer_impl": "fused"}, "unfused_adamw": {"optimizer_impl": "unfused"},
-           "activation_checkpointing": {"activation_checkpointing": True}, "loss_chunk_1024": {"loss_chunk": 1024}}
+OPTIONS = {
+    "fused_adamw": {"optimizer_impl": "fused"},
+    "unfused_adamw": {"optimizer_impl": "unfused"},
+    "activation_checkpointing": {"activation_checkpointing": True},
+    "loss_chunk_1024": {"loss_chunk": 1024},
+}
 """The fine-tune's options measured one at a time against the defaults (on a GPU the default AdamW is the fused
 one, so 'unfused_adamw' is the one to compare it with); group_by_length is left out: the suite's sequences are
 all one length."""
 
 
-def finetune_options(base: str, work: Path, args: argparse.Namespace, dtype_name: str,
-                     reference: dict[str, Any]) -> dict[str, Any]:
+def finetune_options(
+    base: str, work: Path, args: argparse.Namespace, dtype_name: str, reference: dict[str, Any]
+) -> dict[str, Any]:
     """Each option of OPTIONS at ZeRO-2, one stage each, against the ZeRO-2 series' first stage (the defaults):
     tokens/s and peak memory, and their ratios to the defaults'."""
     first = reference["stages"][0]
@@ -155,10 +241,14 @@ def finetune_options(base: str, work: Path, args: argparse.Namespace, dtype_name
         options = OPTIONS[name]
         got = finetune_series(base, work, 2, args, dtype_name, options, stages=1, tag=f"-{name}")
         stage = got["stages"][0]
-        out[name] = {"options": options, "tokens_per_s": stage["tokens_per_s"], "peak_gib": stage["peak_gib"],
-                     "final_loss": stage["final_loss"],
-                     "tokens_vs_defaults": stage["tokens_per_s"] / first["tokens_per_s"],
-                     "peak_vs_defaults": stage["peak_gib"] / first["peak_gib"] if first["peak_gib"] else None}
+        out[name] = {
+            "options": options,
+            "tokens_per_s": stage["tokens_per_s"],
+            "peak_gib": stage["peak_gib"],
+            "final_loss": stage["final_loss"],
+            "tokens_vs_defaults": stage["tokens_per_s"] / first["tokens_per_s"],
+            "peak_vs_defaults": stage["peak_gib"] / first["peak_gib"] if first["peak_gib"] else None,
+        }
     return out
 
 
@@ -199,8 +289,9 @@ def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype
     return out
 
 
-def interleaved(runs: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], Any]) -> tuple[dict[str, float],
-                                                                                             dict[str, Any]]:
+def interleaved(
+    runs: dict[str, Callable[[], Any]], reps: int, sync: Callable[[], Any]
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Each run ``reps`` times, the runs interleaved (a busy spell hits them all): the fastest seconds of each and
     its last output."""
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -245,24 +336,40 @@ def generation(base: str, work: Path, args: argparse.Namespace, dtype_name: str)
     def hf(m: Any, new: int) -> list[list[int]]:
         ids, mask = left_pad(prompts, pad, device)
         with torch_linear():
-            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_cache=True,
-                             pad_token_id=pad, eos_token_id=eos)[:, ids.shape[1]:].tolist()
+            out = m.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+                eos_token_id=eos,
+            )[:, ids.shape[1] :].tolist()
         return [row[: row.index(eos) + 1] if eos in row else row for row in out]
 
-    runs = {"ours": lambda new: generate_texts(model, tok, prompts, batch_size=args.gen_batch, max_new_tokens=new),
-            "hf_merged": lambda new: hf(anchor, new), "hf_peft": lambda new: hf(model, new)}
+    runs = {
+        "ours": lambda new: generate_texts(model, tok, prompts, batch_size=args.gen_batch, max_new_tokens=new),
+        "hf_merged": lambda new: hf(anchor, new),
+        "hf_peft": lambda new: hf(model, new),
+    }
     for fn in runs.values():  # warm-up
         fn(4)
     best, outputs = interleaved({k: partial(fn, args.gen_new) for k, fn in runs.items()}, args.gen_reps, sync)
     new_tokens = sum(map(len, outputs["hf_merged"]))
     texts = [tok.decode([t for t in row if t != eos], skip_special_tokens=True) for row in outputs["hf_merged"]]
-    return {"tokens_per_s": new_tokens / best["ours"], "new_tokens": new_tokens, "seconds": best["ours"],
-            "hf_merged_tokens_per_s": new_tokens / best["hf_merged"],
-            "hf_peft_tokens_per_s": new_tokens / best["hf_peft"],
-            "ms_per_step": {k: v / args.gen_new * 1e3 for k, v in best.items()},
-            "vs_hf_merged": best["hf_merged"] / best["ours"], "vs_hf_peft": best["hf_peft"] / best["ours"],
-            "completions_equal_hf_merged": outputs["ours"] == texts, "merge_s": merge_s,
-            "deepspeed_linear_replaced": replaced}
+    return {
+        "tokens_per_s": new_tokens / best["ours"],
+        "new_tokens": new_tokens,
+        "seconds": best["ours"],
+        "hf_merged_tokens_per_s": new_tokens / best["hf_merged"],
+        "hf_peft_tokens_per_s": new_tokens / best["hf_peft"],
+        "ms_per_step": {k: v / args.gen_new * 1e3 for k, v in best.items()},
+        "vs_hf_merged": best["hf_merged"] / best["ours"],
+        "vs_hf_peft": best["hf_peft"] / best["ours"],
+        "completions_equal_hf_merged": outputs["ours"] == texts,
+        "merge_s": merge_s,
+        "deepspeed_linear_replaced": replaced,
+    }
 
 
 def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
@@ -287,9 +394,10 @@ def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> 
     def tokens(lo: int, hi: int) -> list[int]:
         return [rng.randrange(5, 100) for _ in range(rng.randint(lo, hi))]
 
-    examples = [[(context, tokens(1, 8)) for _ in range(4)]
-                for context in (tokens(max(1, args.gen_prompt // 2), args.gen_prompt)
-                                for _ in range(args.gen_batch * 4))]
+    examples = [
+        [(context, tokens(1, 8)) for _ in range(4)]
+        for context in (tokens(max(1, args.gen_prompt // 2), args.gen_prompt) for _ in range(args.gen_batch * 4))
+    ]
     pad, batch = tok.pad_token_id, args.gen_batch * 4
 
     def plain() -> list[list[float]]:
@@ -301,10 +409,18 @@ def loglik(base: str, work: Path, args: argparse.Namespace, dtype_name: str) -> 
         fn()
     best, outputs = interleaved(runs, args.gen_reps, sync)
     # both score the same examples: one list per example, one value per pair
-    diff = max(abs(a - b) for x, y in zip(outputs["ours"], outputs["plain_forward"], strict=True)
-               for a, b in zip(x, y, strict=True))
-    return {"pairs": sum(map(len, examples)), "seconds": best["ours"], "plain_forward_seconds": best["plain_forward"],
-            "vs_plain_forward": best["plain_forward"] / best["ours"], "max_abs_diff_vs_plain_forward": diff}
+    diff = max(
+        abs(a - b)
+        for x, y in zip(outputs["ours"], outputs["plain_forward"], strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    return {
+        "pairs": sum(map(len, examples)),
+        "seconds": best["ours"],
+        "plain_forward_seconds": best["plain_forward"],
+        "vs_plain_forward": best["plain_forward"] / best["ours"],
+        "max_abs_diff_vs_plain_forward": diff,
+    }
 
 
 def zero3_vs_plain(work: Path, args: argparse.Namespace, dtype_name: str) -> dict[str, Any]:
@@ -315,16 +431,29 @@ def zero3_vs_plain(work: Path, args: argparse.Namespace, dtype_name: str) -> dic
     from pipelines.config import LoraSettings
     from pipelines.stages.finetune import init_adapter
 
-    anchor = init_adapter(str(work / "base"), LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=dtype_name,
-                          out_dir=str(work / "z3-anchor-init"))
-    ns = argparse.Namespace(batch=args.batch, seq=args.seq, warmup=min(3, max(1, args.steps - 1)), steps=args.steps,
-                            curvature="diag", world_size=1, dtype=dtype_name)
+    anchor = init_adapter(
+        str(work / "base"),
+        LoraSettings(r=args.rank, alpha=2 * args.rank),
+        dtype=dtype_name,
+        out_dir=str(work / "z3-anchor-init"),
+    )
+    ns = argparse.Namespace(
+        batch=args.batch,
+        seq=args.seq,
+        warmup=min(3, max(1, args.steps - 1)),
+        steps=args.steps,
+        curvature="diag",
+        world_size=1,
+        dtype=dtype_name,
+    )
     sides = {side: zero3_anchor.run_side(side, ns, work, anchor) for side in ("plain", "ours")}
     out = {**sides, **zero3_anchor.compare(sides["plain"], sides["ours"])}
-    print(f"ZeRO-3: ours / plain DeepSpeed {out['ratios']['zero3_tokens_per_s_vs_plain']:.3f}x tokens/s; peak "
-          f"{sides['ours']['peak_gpu'] or sides['ours']['peak_rss']:.0f} MiB vs plain "
-          f"{sides['plain']['peak_gpu'] or sides['plain']['peak_rss']:.0f} + penalty {out['penalty_tensors']:.1f} MiB",
-          flush=True)
+    print(
+        f"ZeRO-3: ours / plain DeepSpeed {out['ratios']['zero3_tokens_per_s_vs_plain']:.3f}x tokens/s; peak "
+        f"{sides['ours']['peak_gpu'] or sides['ours']['peak_rss']:.0f} MiB vs plain "
+        f"{sides['plain']['peak_gpu'] or sides['plain']['peak_rss']:.0f} + penalty {out['penalty_tensors']:.1f} MiB",
+        flush=True,
+    )
     return out
 
 
@@ -340,8 +469,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=30, help="fine-tune steps per stage")
     ap.add_argument("--curvature-batches", type=int, default=2)
     ap.add_argument("--zero", default="2,3", help="ZeRO stages of the fine-tune series")
-    ap.add_argument("--options", default=",".join(OPTIONS), help="the fine-tune options measured (of "
-                    + ", ".join(OPTIONS) + "; default all)")
+    ap.add_argument(
+        "--options",
+        default=",".join(OPTIONS),
+        help="the fine-tune options measured (of " + ", ".join(OPTIONS) + "; default all)",
+    )
     ap.add_argument("--gen-batch", type=int, default=8)
     ap.add_argument("--gen-prompt", type=int, default=128)
     ap.add_argument("--gen-new", type=int, default=128)
@@ -356,14 +488,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here; use --device cpu")
     if args.device == "cpu" and torch.cuda.is_available():
-        raise SystemExit("--device cpu on a GPU machine: the pipeline would use the GPU; "
-                         "hide it (CUDA_VISIBLE_DEVICES=)")
+        raise SystemExit(
+            "--device cpu on a GPU machine: the pipeline would use the GPU; hide it (CUDA_VISIBLE_DEVICES=)"
+        )
     dtype_name = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
     t_all = time.perf_counter()
-    summary: dict[str, Any] = {"shape": args.shape, "dtype": args.dtype, "batch": args.batch, "seq": args.seq,
-                               "rank": args.rank, "steps": args.steps,
-                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                               "torch_threads": torch.get_num_threads()}
+    summary: dict[str, Any] = {
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "seq": args.seq,
+        "rank": args.rank,
+        "steps": args.steps,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
     summary["anchor"] = run_anchor(args.device, args.anchor)
     print(f"anchor: {json.dumps(summary['anchor'])[:400]}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -371,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         save_base(SHAPES[args.shape], {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], work / "base")
         base = str(work / "base")
-        summary["finetune"] = {f"zero{z}": finetune_series(base, work, int(z), args, dtype_name)
-                               for z in args.zero.split(",")}
+        summary["finetune"] = {
+            f"zero{z}": finetune_series(base, work, int(z), args, dtype_name) for z in args.zero.split(",")
+        }
         if "zero2" in summary["finetune"]:
             summary["finetune_options"] = finetune_options(base, work, args, dtype_name, summary["finetune"]["zero2"])
         summary["curvature"] = curvature_vs_backward(base, work, args, dtype_name)
@@ -380,24 +520,33 @@ def main(argv: list[str] | None = None) -> int:
         summary["loglik"] = loglik(base, work, args, dtype_name)
         summary["zero3_vs_plain"] = zero3_vs_plain(work, args, dtype_name)
     ref = summary["anchor"].get("ds_zero2", {}).get("tokens_per_s")
-    ratios = ({f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()}
-              if ref else {})
+    ratios = (
+        {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref for k, v in summary["finetune"].items()}
+        if ref
+        else {}
+    )
     if ref and "finetune_options" in summary:
-        ratios |= {f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref
-                   for k, v in summary["finetune_options"].items() if k != "defaults"}
+        ratios |= {
+            f"finetune_{k}_vs_anchor_zero2": v["tokens_per_s"] / ref
+            for k, v in summary["finetune_options"].items()
+            if k != "defaults"
+        }
     ratios["diag_curvature_vs_backward"] = summary["curvature"]["diag_vs_backward"]
     ratios["kfac_curvature_vs_backward"] = summary["curvature"]["kfac_vs_backward"]
     ratios["generation_vs_hf_merged"] = summary["generation"]["vs_hf_merged"]
     ratios["loglik_vs_plain_forward"] = summary["loglik"]["vs_plain_forward"]
     ratios |= summary["zero3_vs_plain"]["ratios"]
     summary["ratios"] = ratios
-    summary["targets"] = {**summary["zero3_vs_plain"]["targets"],
+    summary["targets"] = {
+        **summary["zero3_vs_plain"]["targets"],
         "finetune_zero2_vs_anchor_zero2 >= 1.00": (ratios["finetune_zero2_vs_anchor_zero2"] >= 1.0)
-        if "finetune_zero2_vs_anchor_zero2" in ratios else None,
+        if "finetune_zero2_vs_anchor_zero2" in ratios
+        else None,
         "diag_curvature_vs_backward <= 1.3": ratios["diag_curvature_vs_backward"] <= 1.3,
         "kfac_curvature_vs_backward <= 2.0": ratios["kfac_curvature_vs_backward"] <= 2.0,
         "generation_vs_hf_merged >= 1.00": ratios["generation_vs_hf_merged"] >= 1.0,
-        "loglik_vs_plain_forward >= 1.00": ratios["loglik_vs_plain_forward"] >= 1.0}
+        "loglik_vs_plain_forward >= 1.00": ratios["loglik_vs_plain_forward"] >= 1.0,
+    }
     summary["seconds"] = time.perf_counter() - t_all
     print(json.dumps(summary))
     return 0

@@ -79,7 +79,7 @@ def main() -> int:
     model = new_adapter(base, cfg.lora)
     params = lora_parameters(model)
     anchor = {q.name: q.param.detach().clone() for q in params}
-    seqs = encode(tok, source.curvature[:args.sequences], L)
+    seqs = encode(tok, source.curvature[: args.sequences], L)
     batches = fixed_batches(seqs, 32, pad)
 
     def per_sequence_nll(m) -> float:
@@ -88,9 +88,11 @@ def main() -> int:
             for b in batches:
                 out = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                 logits, labels = out.logits[:, :-1].float(), b["labels"][:, 1:]
-                total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                                 labels.reshape(-1), ignore_index=-100,
-                                                                 reduction="sum"))
+                total += float(
+                    torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                    )
+                )
         return total / len(seqs)
 
     # per-sequence gradients at the anchor (a loop: the exact empirical Fisher, no structure)
@@ -114,27 +116,48 @@ def main() -> int:
         if step not in checkpoints:
             return
         delta = torch.cat([(q.param.detach() - anchor[q.name]).flatten() for q in params])
-        row = {"step": step, "actual": per_sequence_nll(model) - before,
-               "full_fisher": 0.5 * float(((G @ delta) ** 2).mean())}
+        row = {
+            "step": step,
+            "actual": per_sequence_nll(model) - before,
+            "full_fisher": 0.5 * float(((G @ delta) ** 2).mean()),
+        }
         with torch.no_grad():
             row |= {k: float(pen()) for k, pen in quads.items()}
         rows.append(row)
 
     torch.manual_seed(cfg.training.seed + 1)
-    fit(model, [q.param for q in params], target.train, max(checkpoints), cfg.training.lr, cfg.training.batch_size,
-        cfg.training.seed + 1, measure)
-    result = {"config": str(args.config), "domain": cfg.domains[0].name, "source": cfg.source.name,
-              "source_nll_per_sequence_at_anchor": before, "sequences": len(seqs), "rows": rows}
+    fit(
+        model,
+        [q.param for q in params],
+        target.train,
+        max(checkpoints),
+        cfg.training.lr,
+        cfg.training.batch_size,
+        cfg.training.seed + 1,
+        measure,
+    )
+    result = {
+        "config": str(args.config),
+        "domain": cfg.domains[0].name,
+        "source": cfg.source.name,
+        "source_nll_per_sequence_at_anchor": before,
+        "sequences": len(seqs),
+        "rows": rows,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"plain LoRA on {result['domain']}, source {result['source']}: mean per-sequence NLL {before:.3f} at the "
-          f"anchor, {len(seqs)} sequences")
+    print(
+        f"plain LoRA on {result['domain']}, source {result['source']}: mean per-sequence NLL {before:.3f} at the "
+        f"anchor, {len(seqs)} sequences"
+    )
     print(f"{'step':>5} {'actual rise':>12} {'full Fisher':>12} {'kfac':>10} {'diag':>10} {'actual/full':>12}")
     for r in rows:
         ratio = r["actual"] / r["full_fisher"] if r["full_fisher"] > 0 else float("inf")
-        print(f"{r['step']:>5} {r['actual']:>12.3f} {r['full_fisher']:>12.4f} {r['kfac']:>10.4f} {r['diag']:>10.4f} "
-              f"{ratio:>12.1f}")
+        print(
+            f"{r['step']:>5} {r['actual']:>12.3f} {r['full_fisher']:>12.4f} {r['kfac']:>10.4f} {r['diag']:>10.4f} "
+            f"{ratio:>12.1f}"
+        )
     return 0
 
 

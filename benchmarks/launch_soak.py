@@ -44,12 +44,14 @@ def tiny_base(root: Path) -> tuple[str, str]:
     from pipelines.stages.finetune import init_adapter
 
     tok = char_tokenizer()
-    base = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                            max_positions=32), tok, seed=3)
+    base = build_tiny_llama(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32), tok, seed=3
+    )
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    anchor = init_adapter(str(root / "base"), LoraSettings.model_validate(CONFIG["lora"]), dtype="float32",
-                          out_dir=str(root / "init"))
+    anchor = init_adapter(
+        str(root / "base"), LoraSettings.model_validate(CONFIG["lora"]), dtype="float32", out_dir=str(root / "init")
+    )
     return str(root / "base"), anchor
 
 
@@ -86,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.tracker import LatestTracker
     from pipelines.workspace import StepPaths
 
-    cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": args.world_size,
-                                                                "zero_stage": args.zero_stage}})
+    cfg = LineageConfig.model_validate(
+        {**CONFIG, "deepspeed": {"world_size": args.world_size, "zero_stage": args.zero_stage}}
+    )
     keep = Path(args.keep) if args.keep else None
     launches: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         precision: str | None = None
         for i in range(args.n):
             step = "precision" if i % 2 == 0 or precision is None else "finetune"
-            paths = StepPaths(base, anchor, precision if step == "finetune" else None,
-                              str(root / "data"), str(root / "out"))
+            paths = StepPaths(
+                base, anchor, precision if step == "finetune" else None, str(root / "data"), str(root / "out")
+            )
             rec = LatestTracker()
             t0 = time.perf_counter()
             try:
@@ -108,32 +112,46 @@ def main(argv: list[str] | None = None) -> int:
             wall = time.perf_counter() - t0
             if step == "precision" and result is not None:
                 precision = result.path
-            entry: dict[str, Any] = {"step": step, "ok": error is None, "wall_seconds": wall,
-                                     "returncode": getattr(error, "returncode", None if error is None else -1),
-                                     "error": None if error is None else str(error)[-400:],
-                                     "startup_seconds": rec.values.get(f"launch/{step}_startup_seconds"),
-                                     "teardown_seconds": rec.values.get(f"launch/{step}_teardown_seconds"),
-                                     "work_seconds": getattr(result, "seconds", None)}
+            entry: dict[str, Any] = {
+                "step": step,
+                "ok": error is None,
+                "wall_seconds": wall,
+                "returncode": getattr(error, "returncode", None if error is None else -1),
+                "error": None if error is None else str(error)[-400:],
+                "startup_seconds": rec.values.get(f"launch/{step}_startup_seconds"),
+                "teardown_seconds": rec.values.get(f"launch/{step}_teardown_seconds"),
+                "work_seconds": getattr(result, "seconds", None),
+            }
             launches.append(entry)
             if error is not None and keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 log = root / "out" / f"launch-{step}" / "output.log"
                 (keep / f"launch-{i:04d}-{step}.log").write_text(log.read_text() if log.is_file() else str(error))
-            print(f"launch {i + 1}/{args.n} {step}: {'ok' if error is None else 'FAILED'} {wall:.1f} s"
-                  + (f" ({entry['error']})" if error else ""), flush=True)
+            print(
+                f"launch {i + 1}/{args.n} {step}: {'ok' if error is None else 'FAILED'} {wall:.1f} s"
+                + (f" ({entry['error']})" if error else ""),
+                flush=True,
+            )
 
     failed = [e for e in launches if not e["ok"]]
-    report = {"n": args.n, "world_size": args.world_size, "zero_stage": args.zero_stage, "failures": len(failed),
-              "failure_rate": len(failed) / args.n, "failure_rate_upper_95": upper_95(len(failed), args.n),
-              "exit_statuses": sorted({e["returncode"] for e in failed}),
-              "wall_seconds": _summary([e["wall_seconds"] for e in launches]),
-              "startup_seconds": _summary([e["startup_seconds"] for e in launches if e["startup_seconds"] is not None]),
-              "teardown_seconds": _summary([e["teardown_seconds"] for e in launches
-                                            if e["teardown_seconds"] is not None]),
-              "work_seconds": _summary([e["work_seconds"] for e in launches if e["work_seconds"]]),
-              "date": time.strftime("%Y-%m-%d")}
-    print(f"{len(failed)} of {args.n} launches failed (rate {report['failure_rate']:.3f}, 95% upper bound "
-          f"{report['failure_rate_upper_95']:.3f}); exit statuses {report['exit_statuses']}")
+    report = {
+        "n": args.n,
+        "world_size": args.world_size,
+        "zero_stage": args.zero_stage,
+        "failures": len(failed),
+        "failure_rate": len(failed) / args.n,
+        "failure_rate_upper_95": upper_95(len(failed), args.n),
+        "exit_statuses": sorted({e["returncode"] for e in failed}),
+        "wall_seconds": _summary([e["wall_seconds"] for e in launches]),
+        "startup_seconds": _summary([e["startup_seconds"] for e in launches if e["startup_seconds"] is not None]),
+        "teardown_seconds": _summary([e["teardown_seconds"] for e in launches if e["teardown_seconds"] is not None]),
+        "work_seconds": _summary([e["work_seconds"] for e in launches if e["work_seconds"]]),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(
+        f"{len(failed)} of {args.n} launches failed (rate {report['failure_rate']:.3f}, 95% upper bound "
+        f"{report['failure_rate_upper_95']:.3f}); exit statuses {report['exit_statuses']}"
+    )
     for key in ("wall_seconds", "startup_seconds", "teardown_seconds", "work_seconds"):
         if report[key]:
             print(f"{key}: median {report[key]['median']:.2f}, max {report[key]['max']:.2f}")

@@ -32,18 +32,24 @@ def side(args: argparse.Namespace) -> dict[str, float]:
     from pipelines.runtime.loss import chunked_causal_loss
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                      num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=args.seq)
-    model = get_peft_model(LlamaForCausalLM(cfg).to(args.device),
-                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")).train()
+    cfg = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg).to(args.device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
+    ).train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     cuda = args.device.startswith("cuda")
 
     def step() -> float:
-        loss = (chunked_causal_loss(model, batch, args.chunk, None) if args.side == "chunked"
-                else model(**batch).loss)
+        loss = chunked_causal_loss(model, batch, args.chunk, None) if args.side == "chunked" else model(**batch).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         return float(loss)
@@ -56,8 +62,9 @@ def side(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(args.steps):
         loss = step()
     seconds = (time.perf_counter() - t0) / args.steps
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {"seconds_per_step": seconds, "peak_mib": peak, "loss": loss}
 
 
@@ -78,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out: dict[str, object] = {k: v for k, v in vars(args).items() if k != "side"}
     for name in ("full", "chunked"):
-        proc = subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-                               "--side", name], capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--side", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"{name}: {out[name]}", flush=True)
     full, chunked = out["full"], out["chunked"]

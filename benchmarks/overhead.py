@@ -43,17 +43,35 @@ def main() -> int:
     rows = []
     for s in result["timing"]:
         budget = max(3.0, 0.05 * s["wall_seconds"])
-        rows.append({**s, "overhead_fraction": s["overhead_seconds"] / s["wall_seconds"], "budget_seconds": budget,
-                     "within_budget": s["overhead_seconds"] <= budget})
+        rows.append(
+            {
+                **s,
+                "overhead_fraction": s["overhead_seconds"] / s["wall_seconds"],
+                "budget_seconds": budget,
+                "within_budget": s["overhead_seconds"] <= budget,
+            }
+        )
     if args.json:
-        print(json.dumps({"config": args.config, "overrides": args.overrides, "lineage_seconds": total,
-                          "cpu_threads": os.cpu_count(), "stages": rows}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "config": args.config,
+                    "overrides": args.overrides,
+                    "lineage_seconds": total,
+                    "cpu_threads": os.cpu_count(),
+                    "stages": rows,
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"{'stage':>5} {'wall s':>8} {'work s':>8} {'overhead s':>11} {'overhead %':>11} {'budget s':>9}")
         for r in rows:
-            print(f"{r['stage']:>5} {r['wall_seconds']:>8.2f} {r['compute_seconds']:>8.2f} "
-                  f"{r['overhead_seconds']:>11.2f} {100 * r['overhead_fraction']:>10.1f}% {r['budget_seconds']:>9.2f}"
-                  + ("" if r["within_budget"] else "  OVER BUDGET"))
+            print(
+                f"{r['stage']:>5} {r['wall_seconds']:>8.2f} {r['compute_seconds']:>8.2f} "
+                f"{r['overhead_seconds']:>11.2f} {100 * r['overhead_fraction']:>10.1f}% {r['budget_seconds']:>9.2f}"
+                + ("" if r["within_budget"] else "  OVER BUDGET")
+            )
         print(f"lineage: {total:.1f} s in all (base model and row 0 included), output in {out}")
     return 0 if all(r["within_budget"] for r in rows) else 1
 

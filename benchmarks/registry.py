@@ -57,8 +57,10 @@ def _version_bytes(tracking_uri: str, model: str, version: str) -> dict[str, flo
 
     v = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version(model, version)
     model_dir = Path(v.source.removeprefix("file://"))
-    adapter = sum((model_dir / "artifacts" / "adapter" / n).stat().st_size
-                  for n in ("adapter_config.json", "adapter_model.safetensors"))
+    adapter = sum(
+        (model_dir / "artifacts" / "adapter" / n).stat().st_size
+        for n in ("adapter_config.json", "adapter_model.safetensors")
+    )
     return {"version_bytes": _bytes(model_dir), "adapter_bytes": adapter, "bytes_ratio": _bytes(model_dir) / adapter}
 
 
@@ -73,10 +75,18 @@ def demo(store: Path, reps: int) -> dict[str, object]:
     if record is None or record.format < 2:
         raise SystemExit(f"{store}: the demo's champion is not a python_function model; rerun make demo")
     model_dir = Path(v.source.removeprefix("file://"))
-    return {"model_uri": "models:/lalora-demo@champion", "version": v.version,
-            **_timed_loads("models:/lalora-demo@champion", uri, str(store.parent / "base"),
-                           str(model_dir / "artifacts" / "adapter"), reps),
-            **_version_bytes(uri, "lalora-demo", str(v.version))}
+    return {
+        "model_uri": "models:/lalora-demo@champion",
+        "version": v.version,
+        **_timed_loads(
+            "models:/lalora-demo@champion",
+            uri,
+            str(store.parent / "base"),
+            str(model_dir / "artifacts" / "adapter"),
+            reps,
+        ),
+        **_version_bytes(uri, "lalora-demo", str(v.version)),
+    }
 
 
 def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
@@ -94,9 +104,19 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
     base_dir, adapter_dir = work / "base", work / "adapter"
     torch.manual_seed(0)
     tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     net = LlamaForCausalLM(config)
     net.save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
@@ -109,17 +129,36 @@ def smollm_shaped(work: Path, reps: int) -> dict[str, object]:
     parent = start_run(uri, "bench", work / "mlartifacts", "lineage")
     base_uri = registry.shared_base(parent, "bench", str(base_dir))
     stage = start_run(uri, "bench", work / "mlartifacts", "stage 1", parent=parent.run_id)
-    model_dir = generator.save(work / "model", adapter_dir,
-                               generator.ArtifactBase(uri=base_uri, location=registry.location(base_uri)),
-                               dtype="float32", max_new_tokens=8, stop=[], batch_size=8)
+    model_dir = generator.save(
+        work / "model",
+        adapter_dir,
+        generator.ArtifactBase(uri=base_uri, location=registry.location(base_uri)),
+        dtype="float32",
+        max_new_tokens=8,
+        stop=[],
+        batch_size=8,
+    )
     registry.describe("benchmark")
-    record = VersionRecord("shaped", 1, "d", "c", "d", adapter_uri=f"runs:/{stage.run_id}/model/artifacts/adapter",
-                           rows_uri="", config_uri="", base_uri=base_uri)
+    record = VersionRecord(
+        "shaped",
+        1,
+        "d",
+        "c",
+        "d",
+        adapter_uri=f"runs:/{stage.run_id}/model/artifacts/adapter",
+        rows_uri="",
+        config_uri="",
+        base_uri=base_uri,
+    )
     version = registry.register(stage, model_dir, record, "benchmark", ["champion"])
     stored = registry.location(base_uri).removeprefix("file://")
-    return {"model_uri": "models:/shaped@champion", "base_params": params, "base_bytes": _bytes(Path(stored)),
-            **_timed_loads("models:/shaped@champion", uri, stored, str(adapter_dir), reps),
-            **_version_bytes(uri, "shaped", version)}
+    return {
+        "model_uri": "models:/shaped@champion",
+        "base_params": params,
+        "base_bytes": _bytes(Path(stored)),
+        **_timed_loads("models:/shaped@champion", uri, stored, str(adapter_dir), reps),
+        **_version_bytes(uri, "shaped", version),
+    }
 
 
 def _up(url: str) -> bool:
@@ -137,9 +176,27 @@ def served(store: Path, prompt: str) -> dict[str, float]:
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/lalora-demo@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/lalora-demo@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         while not _up(f"http://127.0.0.1:{port}/ping"):
             if proc.poll() is not None:
@@ -150,8 +207,9 @@ def served(store: Path, prompt: str) -> dict[str, float]:
 
         def ask() -> float:
             start = time.perf_counter()
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(request, timeout=120) as r:
                 r.read()
             return time.perf_counter() - start
@@ -161,8 +219,12 @@ def served(store: Path, prompt: str) -> dict[str, float]:
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
-    return {"ready_seconds": ready, "first_request_seconds": first, "first_response_seconds": ready + first,
-            "later_request_median_seconds": statistics.median(later)}
+    return {
+        "ready_seconds": ready,
+        "first_request_seconds": first,
+        "first_response_seconds": ready + first,
+        "later_request_median_seconds": statistics.median(later),
+    }
 
 
 def main() -> int:
@@ -188,13 +250,17 @@ def main() -> int:
     else:
         for name in ("demo", "smollm2_shaped"):
             r = out[name]
-            print(f"{name}: load through pyfunc {r['pyfunc_seconds']:.3f} s, base + adapter with peft "
-                  f"{r['peft_seconds']:.3f} s, ratio {r['ratio']:.2f}; version {r['version_bytes']:,} bytes for an "
-                  f"adapter of {r['adapter_bytes']:,} ({r['bytes_ratio']:.3f}x)")
+            print(
+                f"{name}: load through pyfunc {r['pyfunc_seconds']:.3f} s, base + adapter with peft "
+                f"{r['peft_seconds']:.3f} s, ratio {r['ratio']:.2f}; version {r['version_bytes']:,} bytes for an "
+                f"adapter of {r['adapter_bytes']:,} ({r['bytes_ratio']:.3f}x)"
+            )
         s = out["served_demo"]
-        print(f"served demo: ready after {s['ready_seconds']:.2f} s, first answer {s['first_response_seconds']:.2f} s "
-              f"after start ({s['first_request_seconds'] * 1000:.0f} ms request), later requests "
-              f"{s['later_request_median_seconds'] * 1000:.0f} ms (median of 10)")
+        print(
+            f"served demo: ready after {s['ready_seconds']:.2f} s, first answer {s['first_response_seconds']:.2f} s "
+            f"after start ({s['first_request_seconds'] * 1000:.0f} ms request), later requests "
+            f"{s['later_request_median_seconds'] * 1000:.0f} ms (median of 10)"
+        )
     return 0
 
 

@@ -48,25 +48,47 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.workspace import StepPaths
 
     n = max(2, (args.max_length - 8) // 2)
-    raw = {"model": {"path": args.base},
-           "lora": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-           "lalora": {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch},
-           "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "min_len": n, "max_len": n,
-                                              "size": 200}, "eval_size": 8},
-           "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "min_len": n, "max_len": n,
-                                                "size": 200}, "eval_size": 8}],
-           "training": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-4, "log_every": args.steps,
-                        "max_length": args.max_length, "checkpoint_every": 0}}
-    out: dict[str, Any] = {"base": args.base, "world_size": args.world_size, "steps": args.steps, "batch": args.batch,
-                           "max_length": args.max_length}
+    raw = {
+        "model": {"path": args.base},
+        "lora": {"r": args.rank, "alpha": 2 * args.rank, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "lalora": {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch},
+        "source": {
+            "name": "src",
+            "data": {"kind": "generator", "op": "copy", "min_len": n, "max_len": n, "size": 200},
+            "eval_size": 8,
+        },
+        "domains": [
+            {
+                "name": "one",
+                "data": {"kind": "generator", "op": "reverse", "min_len": n, "max_len": n, "size": 200},
+                "eval_size": 8,
+            }
+        ],
+        "training": {
+            "steps": args.steps,
+            "batch_size": args.batch,
+            "lr": 1e-4,
+            "log_every": args.steps,
+            "max_length": args.max_length,
+            "checkpoint_every": 0,
+        },
+    }
+    out: dict[str, Any] = {
+        "base": args.base,
+        "world_size": args.world_size,
+        "steps": args.steps,
+        "batch": args.batch,
+        "max_length": args.max_length,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         lora = LoraSettings.model_validate(raw["lora"])
         anchor = init_adapter(args.base, lora, dtype="float32", out_dir=str(root / "init"))
         results = {}
         for zero in (2, 3):
-            cfg = LineageConfig.model_validate({**raw,
-                                                "deepspeed": {"world_size": args.world_size, "zero_stage": zero}})
+            cfg = LineageConfig.model_validate(
+                {**raw, "deepspeed": {"world_size": args.world_size, "zero_stage": zero}}
+            )
             paths = StepPaths(args.base, anchor, None, str(root / "data"), str(root / f"z{zero}"))
             rec = LatestTracker()
             t0 = time.perf_counter()
@@ -75,15 +97,21 @@ def main(argv: list[str] | None = None) -> int:
             paths = StepPaths(args.base, anchor, prec.path, str(root / "data"), str(root / f"z{zero}"))
             fine = run_step(FINETUNE, cfg, 1, paths, rec)
             results[zero] = (prec, fine)
-            out[f"zero{zero}"] = {"base_bytes_per_rank": rec.values["train.base_param_bytes_per_rank"],
-                                  "trainable_bytes": rec.values["train.trainable_param_bytes"],
-                                  "finetune_seconds": fine.seconds, "curvature_step_seconds": curvature_s,
-                                  "final_loss": fine.final_loss}
+            out[f"zero{zero}"] = {
+                "base_bytes_per_rank": rec.values["train.base_param_bytes_per_rank"],
+                "trainable_bytes": rec.values["train.trainable_param_bytes"],
+                "finetune_seconds": fine.seconds,
+                "curvature_step_seconds": curvature_s,
+                "final_loss": fine.final_loss,
+            }
             mib = 2**20
             sizes = out[f"zero{zero}"]
-            print(f"ZeRO-{zero}, {args.world_size} ranks: base {sizes['base_bytes_per_rank'] / mib:.1f} MiB "
-                  f"per rank, LoRA {sizes['trainable_bytes'] / mib:.2f} MiB, fine-tune {fine.seconds:.1f} s "
-                  f"({args.steps} steps)", flush=True)
+            print(
+                f"ZeRO-{zero}, {args.world_size} ranks: base {sizes['base_bytes_per_rank'] / mib:.1f} MiB "
+                f"per rank, LoRA {sizes['trainable_bytes'] / mib:.2f} MiB, fine-tune {fine.seconds:.1f} s "
+                f"({args.steps} steps)",
+                flush=True,
+            )
         (p2, f2), (p3, f3) = results[2], results[3]
         s2, s3 = load_precision(p2.path)[0].diagonal(), load_precision(p3.path)[0].diagonal()
         a2 = load_file(f"{f2.adapter}/adapter_model.safetensors")
@@ -93,11 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         out["adapter_max_abs_diff"] = max(float((a3[k] - a2[k]).abs().max()) for k in a2)
         out["adapter_close_rtol1e-4_atol1e-6"] = all(torch.allclose(a3[k], a2[k], rtol=1e-4, atol=1e-6) for k in a2)
         out["adapter_tensors"] = len(a3)
-        out["base_bytes_ratio_zero3_vs_zero2"] = (out["zero3"]["base_bytes_per_rank"]
-                                                  / out["zero2"]["base_bytes_per_rank"])
-    print(f"ZeRO-3 / ZeRO-2 base bytes per rank: {out['base_bytes_ratio_zero3_vs_zero2']:.3f}; precision max rel "
-          f"diff {out['precision_max_rel_diff']:.1e}; adapter max abs diff {out['adapter_max_abs_diff']:.1e} (within "
-          f"rtol 1e-4, atol 1e-6: {out['adapter_close_rtol1e-4_atol1e-6']})")
+        out["base_bytes_ratio_zero3_vs_zero2"] = (
+            out["zero3"]["base_bytes_per_rank"] / out["zero2"]["base_bytes_per_rank"]
+        )
+    print(
+        f"ZeRO-3 / ZeRO-2 base bytes per rank: {out['base_bytes_ratio_zero3_vs_zero2']:.3f}; precision max rel "
+        f"diff {out['precision_max_rel_diff']:.1e}; adapter max abs diff {out['adapter_max_abs_diff']:.1e} (within "
+        f"rtol 1e-4, atol 1e-6: {out['adapter_close_rtol1e-4_atol1e-6']})"
+    )
     print(json.dumps(out))
     return 0
 

@@ -64,8 +64,13 @@ def reset_peak() -> None:
 def live_models() -> dict[str, int]:
     """How many DeepSpeed engines, peft models and transformers models are alive (reachable or not yet collected)."""
     gc.collect()
-    names = ("DeepSpeedEngine", "PeftModelForCausalLM", "PeftModel", "LlamaForCausalLM",
-             "DeepSpeedZeroOptimizer_Stage3")
+    names = (
+        "DeepSpeedEngine",
+        "PeftModelForCausalLM",
+        "PeftModel",
+        "LlamaForCausalLM",
+        "DeepSpeedZeroOptimizer_Stage3",
+    )
     found = {n: 0 for n in names}
     for obj in gc.get_objects():
         name = type(obj).__name__
@@ -109,11 +114,14 @@ def _imports() -> None:
 def _throughput(times: list[float], start: float, warmup: int, tokens_per_step: float) -> dict[str, float]:
     """tokens/s after ``warmup`` (>= 1) steps and over every step; ``times`` are the ends of the steps."""
     timed = len(times) - warmup
-    return {"tokens_per_s": timed * tokens_per_step / (times[-1] - times[warmup - 1]),
-            "tokens_per_s_all_steps": len(times) * tokens_per_step / (times[-1] - start),
-            # each step's start beside its end: as many as the steps
-            "step_ms_median": sorted((b - a) * 1e3
-                                     for a, b in zip([start, *times[:-1]], times, strict=True))[len(times) // 2]}
+    return {
+        "tokens_per_s": timed * tokens_per_step / (times[-1] - times[warmup - 1]),
+        "tokens_per_s_all_steps": len(times) * tokens_per_step / (times[-1] - start),
+        # each step's start beside its end: as many as the steps
+        "step_ms_median": sorted((b - a) * 1e3 for a, b in zip([start, *times[:-1]], times, strict=True))[
+            len(times) // 2
+        ],
+    }
 
 
 def gpu_reset() -> None:
@@ -146,18 +154,28 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     reset_peak()
     gpu_reset()
     dtype = getattr(torch, args.dtype)
-    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(args.base, dtype=dtype), args.anchor,
-                                      is_trainable=True)
+    model = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(args.base, dtype=dtype), args.anchor, is_trainable=True
+    )
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
-    config = {"train_micro_batch_size_per_gpu": args.batch // size, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3}, "gradient_clipping": 1.0, "steps_per_print": 10**9,
-              **({"bf16": {"enabled": True}} if dtype == torch.bfloat16 else {})}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
-                                      optimizer=torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0), config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": args.batch // size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        **({"bf16": {"enabled": True}} if dtype == torch.bfloat16 else {}),
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        optimizer=torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0),
+        config=config,
+    )
     ids = torch.randint(5, 100, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     n = args.batch // size
-    ids = ids[rank * n:(rank + 1) * n].to(engine.device)
+    ids = ids[rank * n : (rank + 1) * n].to(engine.device)
     engine.train()
     times, start = [], time.perf_counter()
     for _ in range(args.warmup + args.steps):
@@ -166,12 +184,20 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
         engine.step()
         times.append(time.perf_counter())
     held, models = parameter_bytes(engine.module), live_models()
-    out = {"rank": rank, "side": "plain", "rss_start": rss0 / 1024, "peak_rss": rss_kib("VmHWM") / 1024,
-           "peak_gpu": gpu_peak(),
-           "live_tensor_after_last_step": live_tensor_bytes() / MIB, "base_bytes_per_rank": held.base_per_rank,
-           "trainable_bytes": held.trainable, "final_loss": float(loss), "live_models_training": models,
-           "persistence_threshold": engine._config.zero_config.param_persistence_threshold,
-           **_throughput(times, start, args.warmup, args.batch * args.seq)}
+    out = {
+        "rank": rank,
+        "side": "plain",
+        "rss_start": rss0 / 1024,
+        "peak_rss": rss_kib("VmHWM") / 1024,
+        "peak_gpu": gpu_peak(),
+        "live_tensor_after_last_step": live_tensor_bytes() / MIB,
+        "base_bytes_per_rank": held.base_per_rank,
+        "trainable_bytes": held.trainable,
+        "final_loss": float(loss),
+        "live_models_training": models,
+        "persistence_threshold": engine._config.zero_config.param_persistence_threshold,
+        **_throughput(times, start, args.warmup, args.batch * args.seq),
+    }
     engine.destroy()
     return out
 
@@ -209,23 +235,48 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     work = Path(args.work)
     length = max(2, (args.seq - 4) // 2)  # prompt + answer fill T (as benchmarks/gpu_suite.py)
-    domain = DomainConfig.model_validate({"name": "copy", "data": {"kind": "generator", "op": "copy", "min_len": length,
-                                                                  "max_len": length, "size": 400}, "eval_size": 8})
-    lalora = LaLoRAConfig.model_validate({"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch,
-                                          "curvature": {"kind": args.curvature}})
+    domain = DomainConfig.model_validate(
+        {
+            "name": "copy",
+            "data": {"kind": "generator", "op": "copy", "min_len": length, "max_len": length, "size": 400},
+            "eval_size": 8,
+        }
+    )
+    lalora = LaLoRAConfig.model_validate(
+        {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch, "curvature": {"kind": args.curvature}}
+    )
     total = args.warmup + args.steps
-    training = TrainingConfig(steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1,
-                              checkpoint_every=0)
-    ds = DeepSpeedConfig(zero_stage=3, world_size=args.world_size,
-                         precision="bf16" if args.dtype == "bfloat16" else "fp32", gradient_clipping=1.0)
+    training = TrainingConfig(
+        steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1, checkpoint_every=0
+    )
+    ds = DeepSpeedConfig(
+        zero_stage=3,
+        world_size=args.world_size,
+        precision="bf16" if args.dtype == "bfloat16" else "fp32",
+        gradient_clipping=1.0,
+    )
     rss0 = rss_kib("VmRSS")
     reset_peak()
     gpu_reset()
     t0 = time.perf_counter()
     clock = _Clock(total)
-    prec = compute_precision(PrecisionInputs(base=args.base, anchor=args.anchor, lalora=lalora, domain=domain,
-                                             previous=None, stage=1, dtype=args.dtype, max_length=args.seq, seed=0,
-                                             data_dir=str(work / "data"), out_dir=str(work / "ours"), ds=ds), clock)
+    prec = compute_precision(
+        PrecisionInputs(
+            base=args.base,
+            anchor=args.anchor,
+            lalora=lalora,
+            domain=domain,
+            previous=None,
+            stage=1,
+            dtype=args.dtype,
+            max_length=args.seq,
+            seed=0,
+            data_dir=str(work / "data"),
+            out_dir=str(work / "ours"),
+            ds=ds,
+        ),
+        clock,
+    )
     curvature_s = time.perf_counter() - t0
     precision_peak, precision_gpu = rss_kib("VmHWM"), gpu_peak()
     between, models_between = live_tensor_bytes(), live_models()
@@ -233,29 +284,53 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     reset_peak()
     gpu_reset()
     start = time.perf_counter()
-    result = finetune(FinetuneInputs(base=args.base, anchor=args.anchor, precision=prec.path, lalora=lalora,
-                                      domain=domain, training=training, ds=ds, dtype=args.dtype, stage=1,
-                                      data_dir=str(work / "data"), out_dir=str(work / "ours")), clock)
+    result = finetune(
+        FinetuneInputs(
+            base=args.base,
+            anchor=args.anchor,
+            precision=prec.path,
+            lalora=lalora,
+            domain=domain,
+            training=training,
+            ds=ds,
+            dtype=args.dtype,
+            stage=1,
+            data_dir=str(work / "data"),
+            out_dir=str(work / "ours"),
+        ),
+        clock,
+    )
     finetune_peak, finetune_gpu = rss_kib("VmHWM"), gpu_peak()
     after, models_after = live_tensor_bytes(), live_models()
     state = load_precision(prec.path)[0].to_state_dict()
     size = world()[1]  # the loop counts this rank's tokens; every rank takes an equal share of the global batch
     per_step = result.tokens_per_second * result.seconds / result.steps * size
-    return {"rank": world()[0], "side": "ours", "rss_start": rss0 / 1024,
-            "peak_rss": max(precision_peak, finetune_peak) / 1024, "precision_step_peak_rss": precision_peak / 1024,
-            "peak_gpu": max(precision_gpu, finetune_gpu) if finetune_gpu is not None else None,
-            "finetune_peak_gpu": finetune_gpu,
-            "rss_between_steps": rss1 / 1024, "finetune_peak_rss": finetune_peak / 1024,
-            "live_tensor_between_steps": between / MIB, "live_tensor_after_last_step": clock.live / MIB,
-            "live_models_training": clock.models, "tokens_per_step": per_step,
-            "live_tensor_after_finetune": after / MIB, "live_models_between_steps": models_between,
-            "live_models_after_finetune": models_after,
-            "base_bytes_per_rank": clock.values["train.base_param_bytes_per_rank"],
-            "trainable_bytes": clock.values["train.trainable_param_bytes"],
-            "precision_bytes": sum(t.numel() * t.element_size() for t in state.values()),
-            "final_loss": result.final_loss, "final_penalty": result.final_penalty, "curvature_step_s": curvature_s,
-            **_throughput(clock.times, start, args.warmup, per_step),
-            "tokens_per_s_all_steps": result.tokens_per_second * size}  # the loop's own clock (its load excluded)
+    return {
+        "rank": world()[0],
+        "side": "ours",
+        "rss_start": rss0 / 1024,
+        "peak_rss": max(precision_peak, finetune_peak) / 1024,
+        "precision_step_peak_rss": precision_peak / 1024,
+        "peak_gpu": max(precision_gpu, finetune_gpu) if finetune_gpu is not None else None,
+        "finetune_peak_gpu": finetune_gpu,
+        "rss_between_steps": rss1 / 1024,
+        "finetune_peak_rss": finetune_peak / 1024,
+        "live_tensor_between_steps": between / MIB,
+        "live_tensor_after_last_step": clock.live / MIB,
+        "live_models_training": clock.models,
+        "tokens_per_step": per_step,
+        "live_tensor_after_finetune": after / MIB,
+        "live_models_between_steps": models_between,
+        "live_models_after_finetune": models_after,
+        "base_bytes_per_rank": clock.values["train.base_param_bytes_per_rank"],
+        "trainable_bytes": clock.values["train.trainable_param_bytes"],
+        "precision_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "final_loss": result.final_loss,
+        "final_penalty": result.final_penalty,
+        "curvature_step_s": curvature_s,
+        **_throughput(clock.times, start, args.warmup, per_step),
+        "tokens_per_s_all_steps": result.tokens_per_second * size,
+    }  # the loop's own clock (its load excluded)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -277,18 +352,43 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
     from pipelines.runtime.launch import release_shared_memory
 
     port = free_port()
-    script = [str(Path(__file__).resolve()), "--child", side, "--work", str(work), "--base", str(work / "base"),
-              "--anchor", anchor, *(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                    if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype"))]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                           "MASTER_PORT")}
+    script = [
+        str(Path(__file__).resolve()),
+        "--child",
+        side,
+        "--work",
+        str(work),
+        "--base",
+        str(work / "base"),
+        "--anchor",
+        anchor,
+        *(
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype")
+        ),
+    ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = str(ROOT)
     if args.world_size == 1:
         cmd = [sys.executable, *script]
         env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(port), "--no_local_rank",
-               "--num_gpus", str(args.world_size), *script]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--master_port",
+            str(port),
+            "--no_local_rank",
+            "--num_gpus",
+            str(args.world_size),
+            *script,
+        ]
     for old in work.glob(f"{side}-rank*.json"):
         old.unlink()
     try:
@@ -315,18 +415,24 @@ def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
         "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"])
         / (plain["peak_rss"] - plain["rss_start"]),
-        "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"] /
-        (plain["live_tensor_after_last_step"] + penalty_mib)}
-    targets = {"zero3_tokens_per_s_vs_plain": ratios["zero3_tokens_per_s_vs_plain"] >= 1.0,
-               "zero3_peak_memory_vs_plain_plus_penalty": ours["peak_rss"] <= budget}
+        "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"]
+        / (plain["live_tensor_after_last_step"] + penalty_mib),
+    }
+    targets = {
+        "zero3_tokens_per_s_vs_plain": ratios["zero3_tokens_per_s_vs_plain"] >= 1.0,
+        "zero3_peak_memory_vs_plain_plus_penalty": ours["peak_rss"] <= budget,
+    }
     if plain.get("peak_gpu") is not None and ours.get("peak_gpu") is not None:  # on a GPU the device's memory counts
         gpu_budget = plain["peak_gpu"] + penalty_mib
         ratios["zero3_peak_gpu_vs_plain_plus_penalty"] = ours["peak_gpu"] / gpu_budget
         ratios["zero3_finetune_peak_gpu_vs_plain_plus_penalty"] = ours["finetune_peak_gpu"] / gpu_budget
         targets["zero3_peak_memory_vs_plain_plus_penalty"] = ours["peak_gpu"] <= gpu_budget
-    return {"penalty_tensors": penalty_mib, "ratios": ratios, "targets": targets,
-            "live_tensor_diff_ours_minus_plain": ours["live_tensor_after_last_step"]
-            - plain["live_tensor_after_last_step"]}
+    return {
+        "penalty_tensors": penalty_mib,
+        "ratios": ratios,
+        "targets": targets,
+        "live_tensor_diff_ours_minus_plain": ours["live_tensor_after_last_step"] - plain["live_tensor_after_last_step"],
+    }
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -365,20 +471,37 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.config import LoraSettings
     from pipelines.stages.finetune import init_adapter
 
-    shape = {"hidden": args.hidden, "layers": args.layers, "vocab": args.vocab,
-             "intermediate": args.intermediate or 4 * args.hidden, "heads": max(1, args.hidden // 64),
-             "kv_heads": max(1, args.hidden // 64)}
+    shape = {
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "intermediate": args.intermediate or 4 * args.hidden,
+        "heads": max(1, args.hidden // 64),
+        "kv_heads": max(1, args.hidden // 64),
+    }
     t_all = time.perf_counter()
-    summary: dict[str, Any] = {"shape": shape, "lora_rank": args.rank, "batch": args.batch, "seq": args.seq,
-                               "warmup": args.warmup, "steps": args.steps, "world_size": args.world_size,
-                               "curvature": args.curvature, "torch_threads": torch.get_num_threads(),
-                               "memory_unit": "MiB"}
+    summary: dict[str, Any] = {
+        "shape": shape,
+        "lora_rank": args.rank,
+        "batch": args.batch,
+        "seq": args.seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "world_size": args.world_size,
+        "curvature": args.curvature,
+        "torch_threads": torch.get_num_threads(),
+        "memory_unit": "MiB",
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         save_base(shape, getattr(torch, args.dtype), work / "base")
-        anchor = init_adapter(str(work / "base"), LoraSettings(r=args.rank, alpha=2 * args.rank), dtype=args.dtype,
-                              out_dir=str(work / "init"))
+        anchor = init_adapter(
+            str(work / "base"),
+            LoraSettings(r=args.rank, alpha=2 * args.rank),
+            dtype=args.dtype,
+            out_dir=str(work / "init"),
+        )
         runs: dict[str, list[dict[str, Any]]] = {"plain": [], "ours": []}
         for _ in range(args.repeats):  # alternated, so that a busy spell of a shared machine hits both sides
             for side in ("plain", "ours"):
@@ -387,14 +510,19 @@ def main(argv: list[str] | None = None) -> int:
             summary[side] = max(done, key=lambda r: r["tokens_per_s"])
             summary[side]["tokens_per_s_repeats"] = [r["tokens_per_s"] for r in done]
             s = summary[side]
-            print(f"{side}: {s['tokens_per_s']:,.0f} tok/s, peak RSS {s['peak_rss']:.0f} MiB (from {s['rss_start']:.0f}"
-                  f" after imports), live tensors {s['live_tensor_after_last_step']:.1f} MiB", flush=True)
+            print(
+                f"{side}: {s['tokens_per_s']:,.0f} tok/s, peak RSS {s['peak_rss']:.0f} MiB (from {s['rss_start']:.0f}"
+                f" after imports), live tensors {s['live_tensor_after_last_step']:.1f} MiB",
+                flush=True,
+            )
     summary.update(compare(summary["plain"], summary["ours"]))
     summary["seconds"] = time.perf_counter() - t_all
     plain, ours = summary["plain"], summary["ours"]
-    print(f"ours / plain tokens/s {summary['ratios']['zero3_tokens_per_s_vs_plain']:.3f}; "
-          f"peak RSS {ours['peak_rss']:.0f}"
-          f" MiB vs plain {plain['peak_rss']:.0f} + penalty {summary['penalty_tensors']:.2f} MiB")
+    print(
+        f"ours / plain tokens/s {summary['ratios']['zero3_tokens_per_s_vs_plain']:.3f}; "
+        f"peak RSS {ours['peak_rss']:.0f}"
+        f" MiB vs plain {plain['peak_rss']:.0f} + penalty {summary['penalty_tensors']:.2f} MiB"
+    )
     print(json.dumps(summary))
     return 0
 

@@ -35,17 +35,21 @@ def _torch_lines() -> list[tuple[str, str]]:
         return [("torch CPU capability", capability), ("CUDA available", "False")]
     n = torch.cuda.device_count()
     names = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(n)}))
-    return [("torch CPU capability", capability),
-            ("CUDA available", f"True (CUDA {torch.version.cuda}, {n} device{'s' if n != 1 else ''}: {names})")]
+    return [
+        ("torch CPU capability", capability),
+        ("CUDA available", f"True (CUDA {torch.version.cuda}, {n} device{'s' if n != 1 else ''}: {names})"),
+    ]
 
 
 def environment() -> list[tuple[str, str]]:
     """(name, value) pairs, in the order they are printed."""
-    return [(DISTRIBUTION, version()),
-            ("Python", f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})"),
-            ("platform", platform.platform()),
-            *((name, installed_version(name)) for name in LIBRARIES),
-            *_torch_lines()]
+    return [
+        (DISTRIBUTION, version()),
+        ("Python", f"{platform.python_version()} ({platform.python_implementation()}, {sys.executable})"),
+        ("platform", platform.platform()),
+        *((name, installed_version(name)) for name in LIBRARIES),
+        *_torch_lines(),
+    ]
 
 
 def environment_lines() -> list[str]:

@@ -55,8 +55,16 @@ def retry_options(lx: Lineage) -> dict[str, Any]:
     return {"retries": o.launch_retries, "retry_delay_seconds": o.retry_delay_seconds}
 
 
-def search(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, run: RunRef, val_rows: list[ValRow],
-           higher_is_better: dict[str, bool], warm: float | None) -> Searched:
+def search(
+    lx: Lineage,
+    base_path: str,
+    key: plan.StageKey,
+    paths: StepPaths,
+    run: RunRef,
+    val_rows: list[ValRow],
+    higher_is_better: dict[str, bool],
+    warm: float | None,
+) -> Searched:
     """Stage ``key.stage``'s lambda: trials until the search ends, then the stage's adapter at the winner's.
     ``val_rows``: the validation scores of R's rows before the stage; ``higher_is_better``: each column's."""
     cfg, t = lx.cfg, key.stage
@@ -66,16 +74,16 @@ def search(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, ru
     folder = Path(paths.out) / "auto"
     trials = _recorded_trials(lx, folder, key, run)
     while (lam := auto.next_lambda(trials, settings, budget, warm)) is not None:
-        trials.append(_trial(lx, base_path, key, paths, run, (val_rows, higher_is_better), len(trials) + 1, lam,
-                             steps))
+        trials.append(_trial(lx, base_path, key, paths, run, (val_rows, higher_is_better), len(trials) + 1, lam, steps))
         write_json_atomic(folder / "trials.json", {"key": _key(key), "trials": [x.as_json() for x in trials]})
     chosen, feasible = auto.choose(trials, budget)
     summary = auto.summary(trials, chosen, feasible, budget, stage_steps)
     work = sum(x.seconds for x in trials)
     adapter, val_row = chosen.adapter, chosen.scores
     if chosen.steps < stage_steps:  # the trials were shortened: the stage trains in full at the chosen lambda
-        tuned = stage_task(FINETUNE, Job(cfg=cfg.with_stage(t, lam=chosen.lam), stage=t, paths=paths), run,
-                           **retry_options(lx))
+        tuned = stage_task(
+            FINETUNE, Job(cfg=cfg.with_stage(t, lam=chosen.lam), stage=t, paths=paths), run, **retry_options(lx)
+        )
         final = _validation(lx, base_path, tuned.value.adapter, folder / "final-val.json")
         adapter, val_row = tuned.value.adapter, final.value
         work = work + tuned.compute_seconds + final.compute_seconds
@@ -88,55 +96,102 @@ def _key(key: plan.StageKey) -> str:
     return f"{key.config_sha256}-{key.data_sha256}"
 
 
-def _trial(lx: Lineage, base_path: str, key: plan.StageKey, paths: StepPaths, run: RunRef,
-           before: tuple[list[ValRow], dict[str, bool]], k: int, lam: float, steps: int) -> auto.Trial:
+def _trial(
+    lx: Lineage,
+    base_path: str,
+    key: plan.StageKey,
+    paths: StepPaths,
+    run: RunRef,
+    before: tuple[list[ValRow], dict[str, bool]],
+    k: int,
+    lam: float,
+    steps: int,
+) -> auto.Trial:
     """Trial ``k``: the stage's fine-tune at ``lam`` for ``steps`` steps as a nested run, scored on validation."""
     cfg, t = lx.cfg, key.stage
     domain = cfg.domains[t - 1].name
     out = Path(paths.out) / "auto" / f"trial-{k:02d}"
-    trial_paths = replace(paths, out=str(out),
-                          checkpoint=str(out / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
-    child = lx.start_run(f"stage {t}: {domain}, trial {k} (lambda {lam:.4g})", parent=run.run_id,
-                         tags={"lalora.stage": str(t), "lalora.domain": domain, "lalora.lineage": lx.model,
-                               "lalora.trial": str(k)})
+    trial_paths = replace(
+        paths, out=str(out), checkpoint=str(out / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}")
+    )
+    child = lx.start_run(
+        f"stage {t}: {domain}, trial {k} (lambda {lam:.4g})",
+        parent=run.run_id,
+        tags={"lalora.stage": str(t), "lalora.domain": domain, "lalora.lineage": lx.model, "lalora.trial": str(k)},
+    )
     try:
         tracker = child.tracker()
         tracker.log_params({"trial.index": k, "trial.lambda": lam, "trial.steps": steps})
-        tuned = stage_task(FINETUNE, Job(cfg=cfg.with_stage(t, lam=lam, steps=steps), stage=t, paths=trial_paths),
-                           child, **retry_options(lx))
+        tuned = stage_task(
+            FINETUNE,
+            Job(cfg=cfg.with_stage(t, lam=lam, steps=steps), stage=t, paths=trial_paths),
+            child,
+            **retry_options(lx),
+        )
         scored = _validation(lx, base_path, tuned.value.adapter, out / "val.json")
         columns = gated_columns(lx, t)
-        learning, forgetting = auto.validation_metrics(columns, t, before[0], scored.value,
-                                                       [before[1][c] for c in columns])
-        trial = auto.Trial(k, lam, steps, learning, forgetting, tuned.compute_seconds + scored.compute_seconds,
-                           tuned.value.adapter, tuned.value.quadratic, scored.value, child.run_id,
-                           list(cfg.lalora.auto.columns or []))
+        learning, forgetting = auto.validation_metrics(
+            columns, t, before[0], scored.value, [before[1][c] for c in columns]
+        )
+        trial = auto.Trial(
+            k,
+            lam,
+            steps,
+            learning,
+            forgetting,
+            tuned.compute_seconds + scored.compute_seconds,
+            tuned.value.adapter,
+            tuned.value.quadratic,
+            scored.value,
+            child.run_id,
+            list(cfg.lalora.auto.columns or []),
+        )
         _log_trial(child, trial)
         end_run(child)
     except BaseException:
         end_run(child, "FAILED")
         raise
-    log.info("stage %d (%s), trial %d: lambda %.4g, validation learning %+.3f, forgetting %.3f (%s)%s",
-                          t, domain, k, lam, learning, trial.max_forgetting, trial.worst or "-",
-                          "" if trial.feasible(cfg.budget) else f" over the budget {cfg.budget:g}")
+    log.info(
+        "stage %d (%s), trial %d: lambda %.4g, validation learning %+.3f, forgetting %.3f (%s)%s",
+        t,
+        domain,
+        k,
+        lam,
+        learning,
+        trial.max_forgetting,
+        trial.worst or "-",
+        "" if trial.feasible(cfg.budget) else f" over the budget {cfg.budget:g}",
+    )
     return trial
 
 
 def _log_trial(child: RunRef, trial: auto.Trial) -> None:
-    child.tracker().log_metrics({
-        "trial/validation_learning": trial.learning, "trial/validation_forgetting": trial.max_forgetting,
-        "trial/seconds": trial.seconds, "trial/lambda": trial.lam, "trial/steps": float(trial.steps),
-        **({"trial/predicted_loss_rise": trial.predicted} if trial.predicted is not None else {}),
-        **{f"val/{d}/forgetting": f for d, f in trial.forgetting.items()},
-        **{f"val/{d}/score": s for d, s in trial.scores.items()}})
+    child.tracker().log_metrics(
+        {
+            "trial/validation_learning": trial.learning,
+            "trial/validation_forgetting": trial.max_forgetting,
+            "trial/seconds": trial.seconds,
+            "trial/lambda": trial.lam,
+            "trial/steps": float(trial.steps),
+            **({"trial/predicted_loss_rise": trial.predicted} if trial.predicted is not None else {}),
+            **{f"val/{d}/forgetting": f for d, f in trial.forgetting.items()},
+            **{f"val/{d}/score": s for d, s in trial.scores.items()},
+        }
+    )
 
 
 def _log_choice(run: RunRef, summary: dict[str, Any], refusal: str) -> None:
     tracker = run.tracker()
-    tracker.log_metrics({"auto/lambda": summary["lambda"], "auto/trials": float(summary["trials"]),
-                         "auto/feasible": float(summary["feasible"]), "auto/compute": summary["compute"],
-                         "auto/validation_forgetting": summary["validation_forgetting"],
-                         "auto/validation_learning": summary["validation_learning"]})
+    tracker.log_metrics(
+        {
+            "auto/lambda": summary["lambda"],
+            "auto/trials": float(summary["trials"]),
+            "auto/feasible": float(summary["feasible"]),
+            "auto/compute": summary["compute"],
+            "auto/validation_forgetting": summary["validation_forgetting"],
+            "auto/validation_learning": summary["validation_learning"],
+        }
+    )
     tracker.set_tags({"lalora.auto_lambda": f"{summary['lambda']:.6g}", "lalora.auto_trials": str(summary["trials"])})
     if refusal:
         log.warning("%s", refusal)
@@ -156,18 +211,26 @@ def _recorded_trials(lx: Lineage, folder: Path, key: plan.StageKey, run: RunRef)
         trial = auto.Trial.from_json(data)
         if not (Path(trial.adapter) / "adapter_config.json").is_file():
             break
-        child = lx.start_run(f"stage {key.stage}: {key.domain}, trial {trial.index} (lambda {trial.lam:.4g}, "
-                             "recorded by an interrupted run)", parent=run.run_id,
-                             tags={"lalora.stage": str(key.stage), "lalora.domain": key.domain,
-                                   "lalora.lineage": lx.model, "lalora.trial": str(trial.index),
-                                   "lalora.trial_run": trial.run_id})
+        child = lx.start_run(
+            f"stage {key.stage}: {key.domain}, trial {trial.index} (lambda {trial.lam:.4g}, "
+            "recorded by an interrupted run)",
+            parent=run.run_id,
+            tags={
+                "lalora.stage": str(key.stage),
+                "lalora.domain": key.domain,
+                "lalora.lineage": lx.model,
+                "lalora.trial": str(trial.index),
+                "lalora.trial_run": trial.run_id,
+            },
+        )
         child.tracker().log_params({"trial.index": trial.index, "trial.lambda": trial.lam, "trial.steps": trial.steps})
         _log_trial(child, trial)
         end_run(child)
         trials.append(trial)
     if trials:
-        log.info("stage %d (%s): resuming the lambda search after %d recorded trial(s)", key.stage,
-                              key.domain, len(trials))
+        log.info(
+            "stage %d (%s): resuming the lambda search after %d recorded trial(s)", key.stage, key.domain, len(trials)
+        )
     return trials
 
 

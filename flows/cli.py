@@ -23,50 +23,96 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"lalora {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="adapt the base model through every domain of CONFIG")
-    run.add_argument("config", help="lineage YAML, e.g. the one `lalora init DIR` writes (configs/demo.yaml in a "
-                     "checkout)")
+    run.add_argument(
+        "config", help="lineage YAML, e.g. the one `lalora init DIR` writes (configs/demo.yaml in a checkout)"
+    )
     run.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config field, e.g. --set lalora.lambda=0 (repeatable)")
-    run.add_argument("--fork", default=None, metavar="NAME",
-                     help="start a new lineage (registered model NAME) from the first stage whose config changed")
-    run.add_argument("--wait", action="store_true",
-                     help="if another run holds this lineage, wait for it instead of refusing")
-    sw = sub.add_parser("sweep", help="run CONFIG's lineage per point of a grid of config fields (and seed); "
-                        "table and Pareto plot")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set lalora.lambda=0 (repeatable)",
+    )
+    run.add_argument(
+        "--fork",
+        default=None,
+        metavar="NAME",
+        help="start a new lineage (registered model NAME) from the first stage whose config changed",
+    )
+    run.add_argument(
+        "--wait", action="store_true", help="if another run holds this lineage, wait for it instead of refusing"
+    )
+    sw = sub.add_parser(
+        "sweep", help="run CONFIG's lineage per point of a grid of config fields (and seed); table and Pareto plot"
+    )
     sw.add_argument("config")
-    sw.add_argument("--lambda", dest="lambdas", default=None,
-                    help="comma-separated lambdas; 0 is plain LoRA, auto searches each stage's within the forgetting "
-                         "budget (default 0,1,10,100 unless only --grid is given)")
-    sw.add_argument("--curvature", dest="curvatures", default=None,
-                    help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity; default diag,identity "
-                         "unless only --grid is given)")
-    sw.add_argument("--grid", dest="grid", action="append", default=[], metavar="FIELD=v1,v2",
-                    help="sweep any config field too, e.g. --grid training.replay.fraction=0,0.25 (repeatable)")
+    sw.add_argument(
+        "--lambda",
+        dest="lambdas",
+        default=None,
+        help="comma-separated lambdas; 0 is plain LoRA, auto searches each stage's within the forgetting "
+        "budget (default 0,1,10,100 unless only --grid is given)",
+    )
+    sw.add_argument(
+        "--curvature",
+        dest="curvatures",
+        default=None,
+        help="comma-separated curvature kinds (diag, kfac, kfac-tri, identity; default diag,identity "
+        "unless only --grid is given)",
+    )
+    sw.add_argument(
+        "--grid",
+        dest="grid",
+        action="append",
+        default=[],
+        metavar="FIELD=v1,v2",
+        help="sweep any config field too, e.g. --grid training.replay.fraction=0,0.25 (repeatable)",
+    )
     sw.add_argument("--seeds", type=int, default=1, help="seeds per point (LoRA init and data order)")
-    sw.add_argument("--first-seed", type=int, default=0,
-                    help="the first seed: --seeds 1 --first-seed 2 runs seed 2 alone (adds a seed to a sweep)")
-    sw.add_argument("--stages", type=int, default=None,
-                    help="use only the first N domains (1: one-stage transfer, forgetting measured on the source)")
-    sw.add_argument("--forgetting-on", dest="forgetting_on", default=None, metavar="NAMES",
-                    help="comma-separated columns the forgetting axis averages (default: every accuracy-like earlier "
-                         "column: the source, earlier domains, probes)")
+    sw.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="the first seed: --seeds 1 --first-seed 2 runs seed 2 alone (adds a seed to a sweep)",
+    )
+    sw.add_argument(
+        "--stages",
+        type=int,
+        default=None,
+        help="use only the first N domains (1: one-stage transfer, forgetting measured on the source)",
+    )
+    sw.add_argument(
+        "--forgetting-on",
+        dest="forgetting_on",
+        default=None,
+        metavar="NAMES",
+        help="comma-separated columns the forgetting axis averages (default: every accuracy-like earlier "
+        "column: the source, earlier domains, probes)",
+    )
     sw.add_argument("--out", default=None, help="output directory (default runs/<config name>-sweep)")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     val = sub.add_parser("validate", help="check each CONFIG and report every error with its field path")
     val.add_argument("configs", nargs="+", metavar="config")
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    srv = sub.add_parser("serve", help="serve the lineage as a Prefect deployment on a cron schedule "
-                         "(needs PREFECT_API_URL: a Prefect server, e.g. from `lalora ui`)")
+    srv = sub.add_parser(
+        "serve",
+        help="serve the lineage as a Prefect deployment on a cron schedule "
+        "(needs PREFECT_API_URL: a Prefect server, e.g. from `lalora ui`)",
+    )
     srv.add_argument("config")
     srv.add_argument("--cron", required=True, help='schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
     srv.add_argument("--timezone", default="UTC", help="time zone of the cron schedule")
     srv.add_argument("--out", default=None, help="output directory (default runs/<config name>)")
     srv.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    dep = sub.add_parser("deploy", help="register the lineage as a deployment on a Prefect work pool (created if "
-                         "missing, type process), run by `prefect worker start --pool NAME` on any host with this "
-                         "package; needs PREFECT_API_URL")
+    dep = sub.add_parser(
+        "deploy",
+        help="register the lineage as a deployment on a Prefect work pool (created if "
+        "missing, type process), run by `prefect worker start --pool NAME` on any host with this "
+        "package; needs PREFECT_API_URL",
+    )
     dep.add_argument("config")
     dep.add_argument("--pool", required=True, help="the work pool's name")
     dep.add_argument("--cron", default=None, help='optional schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
@@ -74,8 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--name", default=None, help="deployment name (default: the config's file name)")
     dep.add_argument("--out", default=None, help="output directory on the worker's host (default runs/<config name>)")
     dep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    exp = sub.add_parser("export", help="write a registered version as a peft adapter folder (or, with --merge, "
-                         "a standalone transformers model) that other tools load without MLflow")
+    exp = sub.add_parser(
+        "export",
+        help="write a registered version as a peft adapter folder (or, with --merge, "
+        "a standalone transformers model) that other tools load without MLflow",
+    )
     exp.add_argument("model_uri", metavar="MODEL_URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
     exp.add_argument("--out", required=True, help="a new (or empty) directory")
     exp.add_argument("--merge", action="store_true", help="merge the adapter into the base weights (merge_and_unload)")
@@ -90,11 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("dir", metavar="DIR", help="directory to write it in (created if missing)")
     init.add_argument("--force", action="store_true", help="overwrite an existing DIR/lalora.yaml")
     sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
-    sch = sub.add_parser("schema", help="print the JSON Schema of a lineage config (what lalora.schema.json holds; "
-                         "editors validate a config with it as it is typed)")
+    sch = sub.add_parser(
+        "schema",
+        help="print the JSON Schema of a lineage config (what lalora.schema.json holds; "
+        "editors validate a config with it as it is typed)",
+    )
     sch.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead")
-    base = sub.add_parser("base", help="pretrain CONFIG's tiny base (model.tiny, model.pretrain, the source) into DIR "
-                          "and print its sha256, for a config's model.path and model.sha256 (make demo-base)")
+    base = sub.add_parser(
+        "base",
+        help="pretrain CONFIG's tiny base (model.tiny, model.pretrain, the source) into DIR "
+        "and print its sha256, for a config's model.path and model.sha256 (make demo-base)",
+    )
     base.add_argument("config")
     base.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -142,8 +197,10 @@ def cmd_base(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(result.path, out, dirs_exist_ok=True)
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    print(f"wrote {out}: a tiny Llama pretrained {cfg.model.pretrain.steps} steps on {cfg.source.name} and "
-          f"{len(cfg.model.pretrain.extra_data)} extra data sets in {result.seconds:.0f} s{loss}")
+    print(
+        f"wrote {out}: a tiny Llama pretrained {cfg.model.pretrain.steps} steps on {cfg.source.name} and "
+        f"{len(cfg.model.pretrain.extra_data)} extra data sets in {result.seconds:.0f} s{loss}"
+    )
     print(f"model.sha256: {file_sha256(out / WEIGHTS_FILE)}")
     return 0
 
@@ -190,8 +247,10 @@ def _validate_one(config: str, overrides: list[str]) -> int:
     if problems:
         return EXIT_BAD_INPUT
     probes = f"; probes: {', '.join(d.name for d in cfg.probes)}" if cfg.probes else ""
-    print(f"{config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
-          f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})")
+    print(
+        f"{config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
+        f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})"
+    )
     memory = memory_line(cfg)
     if memory:
         print(f"{config}: {memory}")
@@ -244,17 +303,21 @@ def _print_result(result: Any, cfg: Any, where: Path, out: Path, seconds: float)
     if not ran:
         print(f"lineage {result.registered_model!r} is up to date: {len(skipped)} stages recorded, nothing run")
     else:
-        print(f"lineage {result.registered_model!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
-              + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
-              + f"; lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind}")
+        print(
+            f"lineage {result.registered_model!r}: ran stage(s) {', '.join(map(str, ran))} in {seconds:.0f} s"
+            + (f", skipped finished stage(s) {', '.join(map(str, skipped))}" if skipped else "")
+            + f"; lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind}"
+        )
     for number, p in result.promotion.items():
         if p.promoted:
             print(f"promotion:  version {number} (stage {p.stage}) -> alias {cfg.promotion.alias!r}")
         else:
             print(f"promotion:  version {number} (stage {p.stage}) NOT promoted: {p.reason}")
     print(f"metrics:    {where / 'metrics.json'}   heatmap: {where / 'R.png'}")
-    print(f"registered: {result.registered_model} versions {', '.join(result.versions)} "
-          f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result.aliases.items())})")
+    print(
+        f"registered: {result.registered_model} versions {', '.join(result.versions)} "
+        f"(aliases: {', '.join(f'{a} -> {v}' for a, v in result.aliases.items())})"
+    )
     print(ui_hint(result.mlflow_uri, out))
 
 
@@ -275,10 +338,15 @@ def build_deployment(config: str, out: str, overrides: list[str], cron: str, nam
     from flows.lineage_flow import lineage_flow
 
     return lineage_flow.to_deployment(
-        name=name, schedules=[Cron(cron, timezone=timezone)],
-        parameters={"config_path": str(Path(config).resolve()), "out_dir": str(Path(out).resolve()),
-                    "overrides": list(overrides)},
-        description="LaLoRA lineage: adapts to any new domain of the config on every scheduled run")
+        name=name,
+        schedules=[Cron(cron, timezone=timezone)],
+        parameters={
+            "config_path": str(Path(config).resolve()),
+            "out_dir": str(Path(out).resolve()),
+            "overrides": list(overrides),
+        },
+        description="LaLoRA lineage: adapts to any new domain of the config on every scheduled run",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -295,14 +363,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BadInput as e:
         return fail(str(e))
     if not os.environ.get("PREFECT_API_URL"):
-        return fail("lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
-                     "127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+        return fail(
+            "lalora serve needs a Prefect server: start one (lalora ui, or prefect server start --host "
+            "127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     prepare_environment()
     from prefect import serve
 
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    deployment = build_deployment(args.config, out, args.overrides, args.cron, args.name or Path(args.config).stem,
-                                  args.timezone)
+    deployment = build_deployment(
+        args.config, out, args.overrides, args.cron, args.name or Path(args.config).stem, args.timezone
+    )
     print(f"serving lalora-lineage/{deployment.name} on {args.cron!r} ({args.timezone}); Ctrl-C stops")
     serve(deployment, print_starting_message=False)
     return 0
@@ -321,8 +392,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         from flows.deploy import deploy
 
         out = args.out or str(Path("runs") / Path(args.config).stem)
-        done = deploy(args.config, args.pool, out, list(args.overrides), name=args.name or Path(args.config).stem,
-                      cron=args.cron, timezone=args.timezone)
+        done = deploy(
+            args.config,
+            args.pool,
+            out,
+            list(args.overrides),
+            name=args.name or Path(args.config).stem,
+            cron=args.cron,
+            timezone=args.timezone,
+        )
         pool = f"work pool {done.pool!r} ({'created, ' if done.pool_created else ''}type process)"
         when = f"on {done.schedule!r} ({args.timezone})" if done.schedule else "on demand"
         print(f"deployed {done.name} to {pool}, {when}, one run at a time (id {done.deployment_id})")
@@ -342,19 +420,46 @@ def cmd_ui(args: argparse.Namespace) -> int:
     store = args.backend_store_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
     if store.startswith("sqlite:///"):
         Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-               MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"))
-    cmds = {"mlflow": [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1",
-                       "--port", str(args.mlflow_port)]}
+    env = dict(
+        os.environ,
+        PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+    )
+    cmds = {
+        "mlflow": [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.mlflow_port),
+        ]
+    }
     if not args.no_prefect:
-        cmds["prefect"] = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                           "--port", str(args.prefect_port)]
+        cmds["prefect"] = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.prefect_port),
+        ]
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in cmds.items()}
     print(f"MLflow UI:      http://127.0.0.1:{args.mlflow_port}   (store {store})", flush=True)
     if "prefect" in procs:
         print(f"Prefect server: http://127.0.0.1:{args.prefect_port}", flush=True)
-        print(f"use them:       export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api "
-              f"MLFLOW_TRACKING_URI=http://127.0.0.1:{args.mlflow_port}", flush=True)
+        print(
+            f"use them:       export PREFECT_API_URL=http://127.0.0.1:{args.prefect_port}/api "
+            f"MLFLOW_TRACKING_URI=http://127.0.0.1:{args.mlflow_port}",
+            flush=True,
+        )
 
     stopping = []
 
@@ -398,16 +503,20 @@ def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     if grid and args.lambdas is None and args.curvatures is None:
         return grid
     try:
-        lambdas = tuple(AUTO if v.strip() == AUTO else float(v)
-                        for v in (args.lambdas or "0,1,10,100").split(",") if v.strip())
+        lambdas = tuple(
+            AUTO if v.strip() == AUTO else float(v) for v in (args.lambdas or "0,1,10,100").split(",") if v.strip()
+        )
     except ValueError:
-        raise BadInput(f"--lambda {args.lambdas!r}: expected comma-separated numbers or auto, e.g. --lambda 0,1,10 "
-                       "or --lambda 0,auto") from None
+        raise BadInput(
+            f"--lambda {args.lambdas!r}: expected comma-separated numbers or auto, e.g. --lambda 0,1,10 "
+            "or --lambda 0,auto"
+        ) from None
     curvatures = tuple(c.strip() for c in (args.curvatures or "diag,identity").split(",") if c.strip())
     unknown = [c for c in curvatures if c not in CURVATURES]
     if unknown:
-        raise BadInput(f"--curvature: unknown kind(s) {', '.join(unknown)}; "
-                       f"choose from {', '.join(sorted(CURVATURES))}")
+        raise BadInput(
+            f"--curvature: unknown kind(s) {', '.join(unknown)}; choose from {', '.join(sorted(CURVATURES))}"
+        )
     return [Axis(CURVATURE, curvatures), Axis(LAMBDA, lambdas), *grid]
 
 
@@ -424,8 +533,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         forgetting_on = [n.strip() for n in args.forgetting_on.split(",") if n.strip()] if args.forgetting_on else None
         allowed = forgetting_columns(cfg, args.stages)
         if forgetting_on and set(forgetting_on) - set(allowed):
-            raise BadInput(f"--forgetting-on: {', '.join(sorted(set(forgetting_on) - set(allowed)))} is not an earlier "
-                           f"column of this sweep; choose from {', '.join(allowed)}")
+            raise BadInput(
+                f"--forgetting-on: {', '.join(sorted(set(forgetting_on) - set(allowed)))} is not an earlier "
+                f"column of this sweep; choose from {', '.join(allowed)}"
+            )
     except ConfigError as e:
         return fail(f"{e.source}: {'; '.join(e.errors)}")
     except BadInput as e:
@@ -435,8 +546,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return report(lambda: _sweep(args, cfg, out, axes, points, forgetting_on))
 
 
-def _sweep(args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], points: list[Any],
-           forgetting_on: list[str] | None) -> int:
+def _sweep(
+    args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], points: list[Any], forgetting_on: list[str] | None
+) -> int:
     from flows.console import keep_run_failures_off_the_console
 
     keep_run_failures_off_the_console()
@@ -444,8 +556,16 @@ def _sweep(args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], point
 
     print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
     t0 = time.perf_counter()
-    summary = sweep_flow(str(args.config), str(out), [(a.field, list(a.values)) for a in axes], args.seeds,
-                         list(args.overrides), args.stages, forgetting_on, args.first_seed)
+    summary = sweep_flow(
+        str(args.config),
+        str(out),
+        [(a.field, list(a.values)) for a in axes],
+        args.seeds,
+        list(args.overrides),
+        args.stages,
+        forgetting_on,
+        args.first_seed,
+    )
     print((out / "sweep.md").read_text())
     for f in summary["failed"]:
         print(f"left out (diverged): {f['point']}: {f['reason']}")
@@ -458,8 +578,10 @@ def _sweep(args: argparse.Namespace, cfg: Any, out: Path, axes: list[Any], point
 def cmd_export(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        return fail("export needs the tracking store: set MLFLOW_TRACKING_URI or pass --tracking-uri "
-                    "(e.g. sqlite:///runs/demo/mlflow.db)")
+        return fail(
+            "export needs the tracking store: set MLFLOW_TRACKING_URI or pass --tracking-uri "
+            "(e.g. sqlite:///runs/demo/mlflow.db)"
+        )
     prepare_environment()
 
     def run() -> int:
@@ -467,8 +589,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         done = export(uri, args.model_uri, Path(args.out), merge=args.merge)
         what = "merged transformers model" if done.merged else "peft adapter folder"
-        print(f"exported {done.model} version {done.version} (stage {done.record.stage}: {done.record.domain}) as a "
-              f"{what}: {done.out}")
+        print(
+            f"exported {done.model} version {done.version} (stage {done.record.stage}: {done.record.domain}) as a "
+            f"{what}: {done.out}"
+        )
         return 0
 
     return report(run)
@@ -480,9 +604,19 @@ def _lambda(lam: float | str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "serve": cmd_serve, "deploy": cmd_deploy,
-            "export": cmd_export, "ui": cmd_ui, "init": cmd_init, "env": cmd_env, "base": cmd_base,
-            "schema": cmd_schema}[args.command](args)
+    return {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "sweep": cmd_sweep,
+        "serve": cmd_serve,
+        "deploy": cmd_deploy,
+        "export": cmd_export,
+        "ui": cmd_ui,
+        "init": cmd_init,
+        "env": cmd_env,
+        "base": cmd_base,
+        "schema": cmd_schema,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ def keep_run_failures_off_the_console() -> None:
 
     loggers = [logging.getLogger(), logging.getLogger("prefect"), *map(logging.getLogger, _RUN_LOGGERS)]
     for handler in {h for lg in loggers for h in lg.handlers}:
-        if not isinstance(handler, APILogHandler) and not any(isinstance(f, _ReportedByCommand)
-                                                              for f in handler.filters):
+        if not isinstance(handler, APILogHandler) and not any(
+            isinstance(f, _ReportedByCommand) for f in handler.filters
+        ):
             handler.addFilter(_ReportedByCommand())
 
 
@@ -113,7 +114,9 @@ def report(command: Callable[[], int]) -> int:
         return EXIT_INTERRUPTED
     except Exception as e:
         traceback.print_exc()
-        print(f"lalora: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-              "\nThis is a bug in lalora, not a problem with your input: please report it with the traceback above.",
-              file=sys.stderr)
+        print(
+            f"lalora: internal error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            "\nThis is a bug in lalora, not a problem with your input: please report it with the traceback above.",
+            file=sys.stderr,
+        )
         return EXIT_BUG

@@ -37,16 +37,20 @@ def api_url() -> str:
 
     url = PREFECT_API_URL.value()
     if not url:
-        raise BadInput("lalora deploy needs a Prefect server: set PREFECT_API_URL (e.g. "
-                       "PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start --host 127.0.0.1`)")
+        raise BadInput(
+            "lalora deploy needs a Prefect server: set PREFECT_API_URL (e.g. "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start --host 127.0.0.1`)"
+        )
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:  # with the profile's credentials (PREFECT_API_KEY, auth string)
         error = client.api_healthcheck()
     if error is not None:
-        raise BadInput(f"PREFECT_API_URL={url}: no Prefect server answers there ({type(error).__name__}: "
-                       f"{str(error).splitlines()[0] if str(error) else ''}); start one or set PREFECT_API_URL to "
-                       "the server's /api URL")
+        raise BadInput(
+            f"PREFECT_API_URL={url}: no Prefect server answers there ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); start one or set PREFECT_API_URL to "
+            "the server's /api URL"
+        )
     return url
 
 
@@ -61,8 +65,10 @@ def check_schedule(cron: str | None, timezone: str) -> None:
         ZoneInfo(timezone)
         Cron(cron, timezone=timezone)
     except (ValueError, KeyError):  # ZoneInfoNotFoundError is a KeyError
-        raise BadInput(f"--cron {cron!r} / --timezone {timezone!r}: not a valid cron schedule in a known time "
-                       "zone (e.g. --cron \"0 3 * * 1\" --timezone Europe/Berlin)") from None
+        raise BadInput(
+            f"--cron {cron!r} / --timezone {timezone!r}: not a valid cron schedule in a known time "
+            'zone (e.g. --cron "0 3 * * 1" --timezone Europe/Berlin)'
+        ) from None
 
 
 def ensure_pool(pool: str) -> bool:
@@ -78,13 +84,16 @@ def ensure_pool(pool: str) -> bool:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             return True
     if existing.type != "process":
-        raise BadInput(f"--pool {pool!r} is a work pool of type {existing.type!r}; lalora deploys to a 'process' "
-                       "pool (its workers run the installed package): name another pool")
+        raise BadInput(
+            f"--pool {pool!r} is a work pool of type {existing.type!r}; lalora deploys to a 'process' "
+            "pool (its workers run the installed package): name another pool"
+        )
     return False
 
 
-def deploy(config: str, pool: str, out: str, overrides: list[str], *, name: str, cron: str | None = None,
-           timezone: str = "UTC") -> Deployed:
+def deploy(
+    config: str, pool: str, out: str, overrides: list[str], *, name: str, cron: str | None = None, timezone: str = "UTC"
+) -> Deployed:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType, RunnerDeployment
     from prefect.schedules import Cron
@@ -95,12 +104,19 @@ def deploy(config: str, pool: str, out: str, overrides: list[str], *, name: str,
     check_schedule(cron, timezone)
     created = ensure_pool(pool)
     deployment = RunnerDeployment.from_flow(
-        lineage_flow, name=name, entrypoint_type=EntrypointType.MODULE_PATH, work_pool_name=pool,
-        parameters={"config_path": str(Path(config).resolve()), "out_dir": str(Path(out).resolve()),
-                    "overrides": list(overrides)},
+        lineage_flow,
+        name=name,
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        work_pool_name=pool,
+        parameters={
+            "config_path": str(Path(config).resolve()),
+            "out_dir": str(Path(out).resolve()),
+            "overrides": list(overrides),
+        },
         schedules=[Cron(cron, timezone=timezone)] if cron else None,
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         description=f"LaLoRA lineage of {Path(config).name}: adapts to every domain of the config the lineage has "
-                    "not seen; one run at a time (later runs wait in the queue)")
+        "not seen; one run at a time (later runs wait in the queue)",
+    )
     deployment_id = deployment.apply()
     return Deployed(f"{FLOW_NAME}/{name}", pool, created, str(deployment_id), cron)

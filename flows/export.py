@@ -37,8 +37,10 @@ def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
 
     m = _URI.match(model_uri)
     if not m:
-        raise BadInput(f"{model_uri!r} is not a model URI: give models:/NAME/VERSION or models:/NAME@ALIAS "
-                       "(e.g. models:/lalora-demo@champion)")
+        raise BadInput(
+            f"{model_uri!r} is not a model URI: give models:/NAME/VERSION or models:/NAME@ALIAS "
+            "(e.g. models:/lalora-demo@champion)"
+        )
     name = m["name"]
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
@@ -46,8 +48,11 @@ def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
     except MlflowException:
         raise BadInput(f"no registered model {name!r} in {uri} (check the name, or --tracking-uri)") from None
     try:
-        v = client.get_model_version(name, m["version"]) if m["version"] else \
-            client.get_model_version_by_alias(name, m["alias"])
+        v = (
+            client.get_model_version(name, m["version"])
+            if m["version"]
+            else client.get_model_version_by_alias(name, m["alias"])
+        )
     except MlflowException:
         what = f"version {m['version']}" if m["version"] else f"alias {m['alias']!r}"
         have = ", ".join(f"{a} -> {n}" for a, n in model.aliases.items()) or "none"
@@ -93,7 +98,18 @@ def export(uri: str, model_uri: str, out: Path, merge: bool = False) -> Exported
             export_adapter(adapter, str(out / "base"), out, base_name=str((out / "base").resolve()))
         else:
             export_adapter(adapter, base, out, revision=revision)
-    (out / "lalora_export.json").write_text(json.dumps(
-        {"model_uri": model_uri, "registered_model": name, "version": version, "stage": record.stage,
-         "domain": record.domain, "base": record.base_uri, "merged": merge}, indent=2))
+    (out / "lalora_export.json").write_text(
+        json.dumps(
+            {
+                "model_uri": model_uri,
+                "registered_model": name,
+                "version": version,
+                "stage": record.stage,
+                "domain": record.domain,
+                "base": record.base_uri,
+                "merged": merge,
+            },
+            indent=2,
+        )
+    )
     return Exported(out, name, version, record, merge)

@@ -127,8 +127,15 @@ with warnings.catch_warnings(record=True):
             from pipelines.scoring.scorers import complete
 
             p = {**self.defaults, **{k: v for k, v in (params or {}).items() if v is not None}}
-            return complete(self.model, self.tokenizer, prompts_of(model_input), batch_size=self.batch_size,
-                            max_new_tokens=int(p["max_new_tokens"]), stop=[str(s) for s in p["stop"]], desc="serve")
+            return complete(
+                self.model,
+                self.tokenizer,
+                prompts_of(model_input),
+                batch_size=self.batch_size,
+                max_new_tokens=int(p["max_new_tokens"]),
+                stop=[str(s) for s in p["stop"]],
+                desc="serve",
+            )
 
 
 CODE_PACKAGES = ("lalora", "pipelines", "flows")
@@ -162,8 +169,17 @@ def _code_tree(dest: Path) -> list[str]:
     return paths
 
 
-def save(dest: Path, adapter_dir: str | Path, base: BaseReference, *, dtype: str, max_new_tokens: int,
-         stop: list[str], batch_size: int, example: str = EXAMPLE_PROMPT) -> Path:
+def save(
+    dest: Path,
+    adapter_dir: str | Path,
+    base: BaseReference,
+    *,
+    dtype: str,
+    max_new_tokens: int,
+    stop: list[str],
+    batch_size: int,
+    example: str = EXAMPLE_PROMPT,
+) -> Path:
     """Write the version's model to ``dest``: MLmodel, the code, the adapter's two files, the environment;
     ``example`` is the input example (a prompt of the stage's domain)."""
     import tempfile
@@ -173,9 +189,12 @@ def save(dest: Path, adapter_dir: str | Path, base: BaseReference, *, dtype: str
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     signature = ModelSignature(
-        inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", max_new_tokens),
-                            ParamSpec("stop", "string", list(stop), shape=(-1,))]))
+        inputs=Schema([ColSpec("string")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [ParamSpec("max_new_tokens", "long", max_new_tokens), ParamSpec("stop", "string", list(stop), shape=(-1,))]
+        ),
+    )
     shutil.rmtree(dest, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = Path(tmp) / "adapter"  # peft's README model card is not part of the model
@@ -186,9 +205,19 @@ def save(dest: Path, adapter_dir: str | Path, base: BaseReference, *, dtype: str
         with warnings.catch_warnings():  # MLflow suggests type hints on predict; the signature is explicit
             warnings.simplefilter("ignore", UserWarning)
             mlflow.pyfunc.save_model(
-                path=str(dest), python_model=str(CODE), artifacts={"adapter": str(adapter)},
-                model_config={"base": base.as_json(), "dtype": dtype, "max_new_tokens": max_new_tokens,
-                              "stop": list(stop), "batch_size": batch_size},
-                signature=signature, input_example=([example], {"max_new_tokens": max_new_tokens}),
-                pip_requirements=pip_requirements(), code_paths=code_paths)
+                path=str(dest),
+                python_model=str(CODE),
+                artifacts={"adapter": str(adapter)},
+                model_config={
+                    "base": base.as_json(),
+                    "dtype": dtype,
+                    "max_new_tokens": max_new_tokens,
+                    "stop": list(stop),
+                    "batch_size": batch_size,
+                },
+                signature=signature,
+                input_example=([example], {"max_new_tokens": max_new_tokens}),
+                pip_requirements=pip_requirements(),
+                code_paths=code_paths,
+            )
     return dest

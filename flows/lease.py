@@ -45,8 +45,12 @@ class StoreLease:
         self.uri, self.model, self.ttl, self.poll = uri, model, float(ttl), poll
         self.key = f"lease\n{uri}\n{model}"
         self.name: str | None = None
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                   "command": " ".join(sys.argv[:4]) or "python"}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "command": " ".join(sys.argv[:4]) or "python",
+        }
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -55,8 +59,11 @@ class StoreLease:
         """(N, registered model) of every lease of the lineage, lowest N first."""
         prefix = f"{self.model}{SUFFIX}"
         found = mlflow_client(self.uri).search_registered_models(filter_string=f"name LIKE '{prefix}%'")
-        out = [(int(m.name[len(prefix):]), m) for m in found
-               if m.name.startswith(prefix) and m.name[len(prefix):].isdigit()]
+        out = [
+            (int(m.name[len(prefix) :]), m)
+            for m in found
+            if m.name.startswith(prefix) and m.name[len(prefix) :].isdigit()
+        ]
         return sorted(out, key=lambda x: x[0])
 
     def _stale(self, lease: Any) -> bool:
@@ -75,8 +82,10 @@ class StoreLease:
         holder = json.loads(lease.tags.get(HOLDER, "{}"))
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder.get("started", 0))))
         age = time.time() - float(lease.tags.get(HEARTBEAT, "0"))
-        return (f"pid {holder.get('pid')} on {holder.get('host')} since {when} ({holder.get('command', '')}; "
-                f"last heartbeat {age:.0f} s ago)")
+        return (
+            f"pid {holder.get('pid')} on {holder.get('host')} since {when} ({holder.get('command', '')}; "
+            f"last heartbeat {age:.0f} s ago)"
+        )
 
     # --- holding ---------------------------------------------------------------------------------
     def _create(self, n: int) -> bool:
@@ -85,9 +94,11 @@ class StoreLease:
         name = f"{self.model}{SUFFIX}{n}"
         try:
             mlflow_client(self.uri).create_registered_model(
-                name, tags={HOLDER: json.dumps(self.me), HEARTBEAT: str(time.time()), "lalora.lease_of": self.model},
+                name,
+                tags={HOLDER: json.dumps(self.me), HEARTBEAT: str(time.time()), "lalora.lease_of": self.model},
                 description=f"Lease of lineage {self.model}: the run named in its tags is writing it. Deleted when "
-                            "that run ends; taken over when its heartbeat stops.")
+                "that run ends; taken over when its heartbeat stops.",
+            )
         except MlflowException as e:
             if getattr(e, "error_code", "") == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(e):
                 return False
@@ -104,21 +115,30 @@ class StoreLease:
             if top is None or self._stale(top[1]):
                 if self._create(top[0] + 1 if top else 1):
                     if top is not None:
-                        log.warning("took over the lease of lineage %s from a run that stopped (%s)", self.model,
-                                    self._describe(top[1]))
+                        log.warning(
+                            "took over the lease of lineage %s from a run that stopped (%s)",
+                            self.model,
+                            self._describe(top[1]),
+                        )
                     self._drop(n for n, _ in leases)
                     self._start_heartbeat()
                     return
                 continue  # another worker created it first: read again
             if not wait:
-                raise LockHeld(f"lineage {self.model} is held by another run: {self._describe(top[1])}; lease "
-                               f"{top[1].name} in {self.uri} (wait for it with --wait)")
+                raise LockHeld(
+                    f"lineage {self.model} is held by another run: {self._describe(top[1])}; lease "
+                    f"{top[1].name} in {self.uri} (wait for it with --wait)"
+                )
             if deadline is not None and time.monotonic() > deadline:
-                raise LockHeld(f"gave up after {timeout:g} s waiting for the run holding lineage {self.model}: "
-                               f"{self._describe(top[1])} (orchestration.lock_timeout_seconds)")
+                raise LockHeld(
+                    f"gave up after {timeout:g} s waiting for the run holding lineage {self.model}: "
+                    f"{self._describe(top[1])} (orchestration.lock_timeout_seconds)"
+                )
             if not announced:
-                print(f"lalora: waiting for the run holding lineage {self.model}: {self._describe(top[1])}",
-                      file=sys.stderr)
+                print(
+                    f"lalora: waiting for the run holding lineage {self.model}: {self._describe(top[1])}",
+                    file=sys.stderr,
+                )
                 announced = True
             time.sleep(self.poll)
 
@@ -146,9 +166,11 @@ class StoreLease:
         """Raise LeaseLost unless this run's lease is still the lineage's."""
         leases = self._leases()
         if not leases or leases[-1][1].name != self.name:
-            raise LeaseLost(f"this run's lease of lineage {self.model} expired and another run took it over "
-                            f"({self._describe(leases[-1][1]) if leases else 'no lease left'}); nothing more is "
-                            "recorded by this run")
+            raise LeaseLost(
+                f"this run's lease of lineage {self.model} expired and another run took it over "
+                f"({self._describe(leases[-1][1]) if leases else 'no lease left'}); nothing more is "
+                "recorded by this run"
+            )
 
     def release(self) -> None:
         if self.name is None:

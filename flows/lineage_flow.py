@@ -68,8 +68,13 @@ def _resolved(state: State[Any]) -> LineageResult:
 
 
 @flow(name="lalora-lineage")
-def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = None, fork: str | None = None,
-                 config: dict[str, Any] | None = None) -> LineageResult:
+def lineage_flow(
+    config_path: str,
+    out_dir: str,
+    overrides: list[str] | None = None,
+    fork: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> LineageResult:
     """Bring the lineage up to date with the config; return its result (``as_json()`` is metrics.json).
 
     The config is the YAML at ``config_path`` with ``overrides``, or ``config``, a config's JSON dump
@@ -86,27 +91,47 @@ def lineage_flow(config_path: str, out_dir: str, overrides: list[str] | None = N
         return _resolved(Failed(message=message, data=e))
     try:
         preflight.check(cfg)  # a missing model or data file, LoRA targets matching nothing: before anything is recorded
-        with (hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds)
-              as (_, lease), torch_threads(cfg.runtime.threads)):
+        with (
+            hold(lineage_locks(cfg, out_dir, fork), wait=True, timeout=cfg.orchestration.lock_timeout_seconds) as (
+                _,
+                lease,
+            ),
+            torch_threads(cfg.runtime.threads),
+        ):
             result = _lineage(Lineage.open(cfg, config_path, out_dir, fork, lease))
     except Exception as e:  # someone hears of it: a Prefect event, and the webhook if one is set
-        announce(Outcome("failed", fork or cfg.tracking.registered_model, reason=f"{type(e).__name__}: {e}"),
-                 cfg.notify.webhook, cfg.notify.timeout_seconds)
+        announce(
+            Outcome("failed", fork or cfg.tracking.registered_model, reason=f"{type(e).__name__}: {e}"),
+            cfg.notify.webhook,
+            cfg.notify.timeout_seconds,
+        )
         if isinstance(e, bad_input_types()):  # its one line is the run's final message, with no traceback logged
             return _resolved(Failed(message=str(e).strip().splitlines()[0], data=e))
         raise
     rejected = {v: p for v, p in result.promotion.items() if not p.promoted}
     if rejected:  # the run completed; its final state says what the gate refused
-        return _resolved(Completed(message="; ".join(f"version {v} (stage {p.stage}) not promoted: {p.reason}"
-                                                     for v, p in rejected.items()), data=result))
+        return _resolved(
+            Completed(
+                message="; ".join(
+                    f"version {v} (stage {p.stage}) not promoted: {p.reason}" for v, p in rejected.items()
+                ),
+                data=result,
+            )
+        )
     return result
 
 
 def lineage_locks(cfg: LineageConfig, out_dir: str | Path, fork: str | None = None) -> list[Any]:
     """What a run of this lineage holds: its output directory's lock and the store's lease on the model."""
     root = Path(out_dir).resolve()
-    return [*lock_paths(root), StoreLease(tracking_uri(cfg.tracking.mlflow_uri, root),
-                                          fork or cfg.tracking.registered_model, cfg.orchestration.lease_ttl_seconds)]
+    return [
+        *lock_paths(root),
+        StoreLease(
+            tracking_uri(cfg.tracking.mlflow_uri, root),
+            fork or cfg.tracking.registered_model,
+            cfg.orchestration.lease_ttl_seconds,
+        ),
+    ]
 
 
 @dataclass
@@ -129,9 +154,15 @@ class Lineage:
         shared = Workspace(Path(out_dir).resolve())
         shared.root.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri(cfg.tracking.mlflow_uri, shared.root)
-        return cls(cfg, config_path, shared, Workspace(shared.root / "forks" / fork) if fork else shared,
-                   LineageRegistry(uri, fork or cfg.tracking.registered_model, shared.root / "registry"), lease,
-                   shared.root / "mlartifacts" if is_local_store(uri) else None)
+        return cls(
+            cfg,
+            config_path,
+            shared,
+            Workspace(shared.root / "forks" / fork) if fork else shared,
+            LineageRegistry(uri, fork or cfg.tracking.registered_model, shared.root / "registry"),
+            lease,
+            shared.root / "mlartifacts" if is_local_store(uri) else None,
+        )
 
     @property
     def uri(self) -> str:
@@ -154,11 +185,13 @@ class Lineage:
 
     def model_description(self) -> str:
         cfg = self.cfg
-        return (f"LaLoRA lineage '{cfg.name}' (config {self.config_path}): one version per stage, each a "
-                "python_function model (greedy completions by the base model with that stage's adapter). "
-                f"Alias '{cfg.tracking.latest_alias}': the newest stage; '{cfg.promotion.alias}': the last version "
-                f"the promotion gate accepted. Load: mlflow.pyfunc.load_model('models:/{self.model}@"
-                f"{cfg.promotion.alias}').")
+        return (
+            f"LaLoRA lineage '{cfg.name}' (config {self.config_path}): one version per stage, each a "
+            "python_function model (greedy completions by the base model with that stage's adapter). "
+            f"Alias '{cfg.tracking.latest_alias}': the newest stage; '{cfg.promotion.alias}': the last version "
+            f"the promotion gate accepted. Load: mlflow.pyfunc.load_model('models:/{self.model}@"
+            f"{cfg.promotion.alias}')."
+        )
 
 
 @dataclass(frozen=True)
@@ -207,10 +240,22 @@ def _lineage(lx: Lineage) -> LineageResult:
     if not stands.todo:  # 2. nothing new: report what is recorded, record nothing (unless a new probe needs scores)
         rows = lx.rows(stands.done[-1])
         if all(d in row for row in rows for d in lx.domains):
-            return _finish(lx, rows, stands, None, [], lx.registry.reconcile_aliases(cfg.tracking.latest_alias,
-                                                                                     cfg.promotion.alias))
-    parent = lx.start_run(cfg.name, tags={"lalora.lineage": lx.model, "lalora.config_sha256": config_hash(cfg),
-                                          "lalora.resume_from": str(stands.resume_from)})
+            return _finish(
+                lx,
+                rows,
+                stands,
+                None,
+                [],
+                lx.registry.reconcile_aliases(cfg.tracking.latest_alias, cfg.promotion.alias),
+            )
+    parent = lx.start_run(
+        cfg.name,
+        tags={
+            "lalora.lineage": lx.model,
+            "lalora.config_sha256": config_hash(cfg),
+            "lalora.resume_from": str(stands.resume_from),
+        },
+    )
     parent.tracker().log_params(cfg.model_dump(mode="json", by_alias=True))
     parent.tracker().log_params({f"environment.{k}": v for k, v in numerics(cfg.model.dtype).items()})
     try:
@@ -245,8 +290,11 @@ def _where_it_stands(lx: Lineage) -> plan.Plan:
     source = cfg.tracking.registered_model
     if lx.model != source and not lx.registry.exists():  # a new fork: copies of the unchanged versions
         original = LineageRegistry(lx.uri, source, lx.registry.cache)
-        recorded = lx.registry.fork(source, plan.fork_point(keys, original.stages(), source),
-                                    f"LaLoRA adapters, forked from {source}. " + lx.model_description())
+        recorded = lx.registry.fork(
+            source,
+            plan.fork_point(keys, original.stages(), source),
+            f"LaLoRA adapters, forked from {source}. " + lx.model_description(),
+        )
     else:
         recorded = lx.registry.stages()
     try:
@@ -265,8 +313,12 @@ def _refusal(lx: Lineage, conflict: plan.LineageConflict) -> plan.LineageConflic
             detail = " (" + "; ".join(plan.config_diff(old, plan.stage_config(lx.cfg, conflict.stage))) + ")"
         except Exception:  # the diff is a courtesy; the refusal stands without it
             detail = ""
-    return plan.LineageConflict(f"{conflict}{detail}; nothing was run or recorded. Restore the config, or start a "
-                                f"new lineage from stage {conflict.stage} with --fork NAME", conflict.stage, rec)
+    return plan.LineageConflict(
+        f"{conflict}{detail}; nothing was run or recorded. Restore the config, or start a "
+        f"new lineage from stage {conflict.stage} with --fork NAME",
+        conflict.stage,
+        rec,
+    )
 
 
 def _base(lx: Lineage, parent: RunRef, last: plan.Recorded | None) -> Base:
@@ -293,11 +345,16 @@ def _starting_point(lx: Lineage, base: Base, last: plan.Recorded | None) -> Star
     cfg = lx.cfg
     if last:
         precision = fetch_precision_task(lx.registry, last) if last.uri("precision") else None
-        return Start(fetch_task(lx.registry, last.uri("adapter"), "adapter"), precision, lx.rows(last),
-                     lam=last.record.auto_lambda)
+        return Start(
+            fetch_task(lx.registry, last.uri("adapter"), "adapter"),
+            precision,
+            lx.rows(last),
+            lam=last.record.auto_lambda,
+        )
     init = initial_adapter(cfg, base.path, str(lx.ws.init_adapter))
-    row0 = scores(cfg, base.path, init, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"),
-                  str(lx.shared.data)).value
+    row0 = scores(
+        cfg, base.path, init, cfg.eval_domains, str(lx.ws.init_adapter.parent / "eval.json"), str(lx.shared.data)
+    ).value
     return Start(init, None, [row0], init)
 
 
@@ -312,8 +369,9 @@ def _fill_new_columns(lx: Lineage, base: Base, stands: plan.Plan, start: Start) 
             adapter = start.init or initial_adapter(cfg, base.path, str(lx.ws.init_adapter))
         else:
             adapter = fetch_task(lx.registry, stands.done[i - 1].uri("adapter"), "adapter")
-        row |= scores(cfg, base.path, adapter, missing, str(lx.ws.root / "fill" / f"row{i}.json"),
-                      str(lx.shared.data)).value
+        row |= scores(
+            cfg, base.path, adapter, missing, str(lx.ws.root / "fill" / f"row{i}.json"), str(lx.shared.data)
+        ).value
 
 
 def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: RunRef) -> StageOutcome:
@@ -322,12 +380,25 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
     domain = cfg.domains[t - 1]
     t0 = time.perf_counter()
     stage_dir = lx.ws.stage(t, domain.name)
-    run = lx.start_run(f"stage {t}: {domain.name}", parent=parent.run_id,
-                       tags={"lalora.stage": str(t), "lalora.domain": domain.name, "lalora.lineage": lx.model,
-                             "lalora.stage_config_sha256": key.config_sha256})
+    run = lx.start_run(
+        f"stage {t}: {domain.name}",
+        parent=parent.run_id,
+        tags={
+            "lalora.stage": str(t),
+            "lalora.domain": domain.name,
+            "lalora.lineage": lx.model,
+            "lalora.stage_config_sha256": key.config_sha256,
+        },
+    )
     try:
-        paths = StepPaths(base.path, start.anchor, start.precision, str(lx.shared.data), str(stage_dir),
-                          str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"))
+        paths = StepPaths(
+            base.path,
+            start.anchor,
+            start.precision,
+            str(lx.shared.data),
+            str(stage_dir),
+            str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"),
+        )
         # 6. precision at the anchor on the previous domain, accumulated (skipped when no stage has the penalty)
         retry = auto_lambda.retry_options(lx)
         precision = stage_task(PRECISION, Job(cfg=cfg, stage=t, paths=paths), run, **retry) if cfg.penalised else None
@@ -339,16 +410,32 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
         # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
         scored = scores(cfg, base.path, adapter, cfg.eval_domains, str(stage_dir / "eval.json"), str(lx.shared.data))
         start.rows.append(scored.value)
-        run.tracker().log_metrics({f"eval/{d}/{k}": v for d, s in scored.value.items() for k, v in s.as_json().items()
-                                   if isinstance(v, float)})
+        run.tracker().log_metrics(
+            {
+                f"eval/{d}/{k}": v
+                for d, s in scored.value.items()
+                for k, v in s.as_json().items()
+                if isinstance(v, float)
+            }
+        )
         verdict = _gate(lx, t, start.rows)
         if searched is not None and not searched.feasible:  # the budget could not be kept: never the champion
             verdict = GateResult(promoted=False, reasons=[searched.refusal, *verdict.reasons], metrics=verdict.metrics)
         # 9. the lineage state travels with the version: R so far (and its validation scores), stage config
         _lineage_state(lx, t, start, stage_dir, run)
         # 10. the version: the adapter as a python_function model, its record, the aliases it earns
-        version = _register(lx, base, key, run, adapter, precision.value if precision else None,
-                            scored.value, verdict, stage_dir, searched)
+        version = _register(
+            lx,
+            base,
+            key,
+            run,
+            adapter,
+            precision.value if precision else None,
+            scored.value,
+            verdict,
+            stage_dir,
+            searched,
+        )
         shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
         for trial_checkpoints in (stage_dir / "auto").glob("trial-*/checkpoints"):
             shutil.rmtree(trial_checkpoints, ignore_errors=True)
@@ -359,12 +446,19 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
     except BaseException:
         end_run(run, "FAILED")
         raise
-    return StageOutcome(version, Promotion(t, verdict.promoted, verdict.reason), adapter, paths.precision,
-                        timing, searched.summary if searched else None)
+    return StageOutcome(
+        version,
+        Promotion(t, verdict.promoted, verdict.reason),
+        adapter,
+        paths.precision,
+        timing,
+        searched.summary if searched else None,
+    )
 
 
-def _train(lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: StepPaths, run: RunRef
-           ) -> tuple[str, float, auto_lambda.Searched | None]:
+def _train(
+    lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: StepPaths, run: RunRef
+) -> tuple[str, float, auto_lambda.Searched | None]:
     """7. The stage's adapter and the seconds it took; with lambda auto, the search that chose its lambda. In a
     lineage that searches, the adapter's validation scores join ``start.val_rows``."""
     cfg, t = lx.cfg, key.stage
@@ -376,8 +470,9 @@ def _train(lx: Lineage, base: Base, key: plan.StageKey, start: Start, paths: Ste
         return searched.adapter, searched.compute_seconds, searched
     tuned = stage_task(FINETUNE, Job(cfg=cfg, stage=t, paths=paths), run, **auto_lambda.retry_options(lx))
     if start.val_rows is not None:
-        start.val_rows.append(auto_lambda.validation_row(lx, base.path, tuned.value.adapter,
-                                                         Path(paths.out) / "val.json"))
+        start.val_rows.append(
+            auto_lambda.validation_row(lx, base.path, tuned.value.adapter, Path(paths.out) / "val.json")
+        )
     return tuned.value.adapter, tuned.compute_seconds, None
 
 
@@ -394,30 +489,59 @@ def _gate(lx: Lineage, t: int, rows: list[Row]) -> GateResult:
     """The promotion gate on R up to stage ``t``: the source, the stages' domains so far, the probes."""
     gated = [*lx.domains[: t + 1], *(d.name for d in lx.cfg.probes)]
     R = [[row[d].score for d in gated] for row in rows]
-    inputs = GateInputs.from_config(lx.cfg, domains=gated, R=R, higher_is_better=[rows[0][d].higher_is_better
-                                                                                for d in gated])
+    inputs = GateInputs.from_config(
+        lx.cfg, domains=gated, R=R, higher_is_better=[rows[0][d].higher_is_better for d in gated]
+    )
     return stage_task(GATE, inputs).value
 
 
-def _register(lx: Lineage, base: Base, key: plan.StageKey, run: RunRef, adapter: str, precision: Any,
-              scores: Row, verdict: GateResult, stage_dir: Path, searched: auto_lambda.Searched | None = None) -> str:
+def _register(
+    lx: Lineage,
+    base: Base,
+    key: plan.StageKey,
+    run: RunRef,
+    adapter: str,
+    precision: Any,
+    scores: Row,
+    verdict: GateResult,
+    stage_dir: Path,
+    searched: auto_lambda.Searched | None = None,
+) -> str:
     cfg, t = lx.cfg, key.stage
     domain = cfg.domains[t - 1]
     record = VersionRecord(
-        lineage=lx.model, stage=t, domain=domain.name, config_sha256=key.config_sha256, data_sha256=key.data_sha256,
-        adapter_uri=f"runs:/{run.run_id}/model/artifacts/adapter", rows_uri=f"runs:/{run.run_id}/lineage/rows.json",
-        config_uri=f"runs:/{run.run_id}/lineage/stage_config.json", base_uri=base.uri, base_recipe=base.recipe,
+        lineage=lx.model,
+        stage=t,
+        domain=domain.name,
+        config_sha256=key.config_sha256,
+        data_sha256=key.data_sha256,
+        adapter_uri=f"runs:/{run.run_id}/model/artifacts/adapter",
+        rows_uri=f"runs:/{run.run_id}/lineage/rows.json",
+        config_uri=f"runs:/{run.run_id}/lineage/stage_config.json",
+        base_uri=base.uri,
+        base_recipe=base.recipe,
         precision_uri=f"runs:/{run.run_id}/curvature" if precision else "",
-        precision_sha256=precision.sha256 if precision else "", promoted=verdict.promoted,
+        precision_sha256=precision.sha256 if precision else "",
+        promoted=verdict.promoted,
         promotion_reason=verdict.reason,
         val_rows_uri=f"runs:/{run.run_id}/lineage/val_rows.json" if cfg.searches else "",
-        auto_lambda=searched.chosen.lam if searched else None, auto_trials=len(searched.trials) if searched else 0)
+        auto_lambda=searched.chosen.lam if searched else None,
+        auto_trials=len(searched.trials) if searched else 0,
+    )
     assert base.reference is not None  # set before the first stage runs
     model_dir = package_task(adapter, base.reference, cfg, _example_prompt(lx, t), str(stage_dir / "model"))
     description = report.version_description(
-        lx.model, t, domain.name, lx.domains, [scores[d].score for d in lx.domains],
-        [scores[d].metric for d in lx.domains], verdict.promoted, verdict.reason, cfg.promotion.alias,
-        report.auto_text(searched.summary) if searched else "")
+        lx.model,
+        t,
+        domain.name,
+        lx.domains,
+        [scores[d].score for d in lx.domains],
+        [scores[d].metric for d in lx.domains],
+        verdict.promoted,
+        verdict.reason,
+        cfg.promotion.alias,
+        report.auto_text(searched.summary) if searched else "",
+    )
     aliases = [cfg.tracking.latest_alias] + ([cfg.promotion.alias] if verdict.promoted else [])
     version = register_task(lx.registry, run, model_dir, record, description, aliases, lx.lease)
     for kind in ("registered", *(() if verdict.promoted else ("rejected",))):
@@ -442,18 +566,36 @@ def _example_prompt(lx: Lineage, stage: int) -> str:
     return load_domain(domain, lx.shared.data, eval_only=True).eval[0]["prompt"]
 
 
-def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | None, outcomes: list[StageOutcome],
-            aliases: dict[str, str]) -> LineageResult:
+def _finish(
+    lx: Lineage,
+    rows: list[Row],
+    stands: plan.Plan,
+    parent: RunRef | None,
+    outcomes: list[StageOutcome],
+    aliases: dict[str, str],
+) -> LineageResult:
     """11. The report: R per score, continual-learning metrics, plots; logged on the run when there is one,
     and as a Markdown artifact of the Prefect flow run."""
     cfg, ws, domains = lx.cfg, lx.ws, lx.domains
     rows = [{d: row[d] for d in domains} for row in rows]  # columns of domains the config no longer lists drop out
     lineage_report = report.build_report(domains, rows)
-    result = LineageResult(lineage_report, lx.model, [r.version for r in stands.done] + [o.version for o in outcomes],
-                           lx.uri, parent.run_id if parent else None, cfg.lalora.lam, cfg.lalora.curvature.kind,
-                           config_hash(cfg), [r.stage for r in stands.done], [k.stage for k in stands.todo],
-                           {o.version: o.promotion for o in outcomes}, aliases, [o.timing for o in outcomes],
-                           numerics(cfg.model.dtype), _searches(stands, outcomes))
+    result = LineageResult(
+        lineage_report,
+        lx.model,
+        [r.version for r in stands.done] + [o.version for o in outcomes],
+        lx.uri,
+        parent.run_id if parent else None,
+        cfg.lalora.lam,
+        cfg.lalora.curvature.kind,
+        config_hash(cfg),
+        [r.stage for r in stands.done],
+        [k.stage for k in stands.todo],
+        {o.version: o.promotion for o in outcomes},
+        aliases,
+        [o.timing for o in outcomes],
+        numerics(cfg.model.dtype),
+        _searches(stands, outcomes),
+    )
     ws.root.mkdir(parents=True, exist_ok=True)
     write_json_atomic(ws.root / "metrics.json", result.as_json())
     plots = report.write_plots(lineage_report, ws.root, f"{cfg.name}: lambda = {report.lambda_text(cfg.lalora.lam)}")
@@ -471,8 +613,11 @@ def _finish(lx: Lineage, rows: list[Row], stands: plan.Plan, parent: RunRef | No
 
 def _searches(stands: plan.Plan, outcomes: list[StageOutcome]) -> dict[str, dict[str, Any]]:
     """What each stage's lambda search did, by stage: this run's in full, earlier runs' as their versions say."""
-    out = {str(r.stage): {"lambda": r.record.auto_lambda, "trials": r.record.auto_trials} for r in stands.done
-           if r.record.auto_lambda is not None}
+    out = {
+        str(r.stage): {"lambda": r.record.auto_lambda, "trials": r.record.auto_trials}
+        for r in stands.done
+        if r.record.auto_lambda is not None
+    }
     return out | {str(o.promotion.stage): o.auto for o in outcomes if o.auto is not None}
 
 
@@ -481,6 +626,10 @@ def _publish(lx: Lineage, result: LineageResult) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     key = re.sub(r"[^a-z0-9-]+", "-", f"lalora-{lx.model}".lower()).strip("-")
-    create_markdown_artifact(markdown=report.markdown_summary(result.report, result.promotion, lx.model,
-                                                              lx.cfg.promotion.alias, result.auto),
-                             key=key, description=f"LaLoRA lineage {lx.model}: R and promotions")
+    create_markdown_artifact(
+        markdown=report.markdown_summary(
+            result.report, result.promotion, lx.model, lx.cfg.promotion.alias, result.auto
+        ),
+        key=key,
+        description=f"LaLoRA lineage {lx.model}: R and promotions",
+    )

@@ -107,11 +107,15 @@ class LineageLock:
         while not self._try_lock():
             holder = _read(self.path) or Holder(-1, "?", 0.0, "releasing")
             if not wait:
-                raise LockHeld(f"lineage is locked by another run: {holder.describe()}; lock file {self.path} "
-                               "(wait for it with --wait)")
+                raise LockHeld(
+                    f"lineage is locked by another run: {holder.describe()}; lock file {self.path} "
+                    "(wait for it with --wait)"
+                )
             if deadline is not None and time.monotonic() > deadline:
-                raise LockHeld(f"gave up after {timeout:g} s waiting for the run holding {self.path}: "
-                               f"{holder.describe()} (orchestration.lock_timeout_seconds)")
+                raise LockHeld(
+                    f"gave up after {timeout:g} s waiting for the run holding {self.path}: "
+                    f"{holder.describe()} (orchestration.lock_timeout_seconds)"
+                )
             if not announced:
                 print(f"lalora: waiting for the run holding {self.path}: {holder.describe()}", file=sys.stderr)
                 announced = True

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass
 
 log = logging.getLogger(__name__)
 
-EVENTS = {"registered": "lalora.version.registered", "rejected": "lalora.promotion.rejected",
-          "failed": "lalora.lineage.failed"}
+EVENTS = {
+    "registered": "lalora.version.registered",
+    "rejected": "lalora.promotion.rejected",
+    "failed": "lalora.lineage.failed",
+}
 POSTED = ("rejected", "failed")
 """The outcomes a webhook receives (a registered version is routine: its event is enough)."""
 
@@ -45,11 +48,20 @@ def announce(outcome: Outcome, webhook: str | None = None, timeout: float = 10.0
     try:
         from prefect.events import emit_event
 
-        related = [{"prefect.resource.id": f"prefect.flow-run.{payload['flow_run']}",
-                    "prefect.resource.role": "flow-run"}] if payload["flow_run"] else []
-        emit_event(event=EVENTS[outcome.kind], payload=payload, related=related,
-                   resource={"prefect.resource.id": f"lalora.lineage.{outcome.lineage}",
-                             "prefect.resource.name": outcome.lineage})
+        related = (
+            [{"prefect.resource.id": f"prefect.flow-run.{payload['flow_run']}", "prefect.resource.role": "flow-run"}]
+            if payload["flow_run"]
+            else []
+        )
+        emit_event(
+            event=EVENTS[outcome.kind],
+            payload=payload,
+            related=related,
+            resource={
+                "prefect.resource.id": f"lalora.lineage.{outcome.lineage}",
+                "prefect.resource.name": outcome.lineage,
+            },
+        )
     except Exception as e:  # the run's outcome stands whether or not the event went out
         log.warning("could not emit the Prefect event %s: %s", EVENTS[outcome.kind], e)
     if webhook and outcome.kind in POSTED:
@@ -57,8 +69,12 @@ def announce(outcome: Outcome, webhook: str | None = None, timeout: float = 10.0
 
 
 def post(url: str, payload: dict[str, object], timeout: float) -> None:
-    request = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "User-Agent": "lalora"})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload, default=str).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "lalora"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()

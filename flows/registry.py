@@ -109,9 +109,11 @@ class LineageRegistry:
                     shutil.rmtree(path, ignore_errors=True)
                     continue
                 reason = str(e).replace(str(Path(path)), artifact)
-        raise RecordDamaged(f"version {rec.version} of {self.model} (stage {rec.stage}, {rec.domain}): {reason}; "
-                            f"nothing was run or recorded. Restore the artifact in the store, or delete version "
-                            f"{rec.version} so stage {rec.stage} runs again")
+        raise RecordDamaged(
+            f"version {rec.version} of {self.model} (stage {rec.stage}, {rec.domain}): {reason}; "
+            f"nothing was run or recorded. Restore the artifact in the store, or delete version "
+            f"{rec.version} so stage {rec.stage} runs again"
+        )
 
     def location(self, runs_uri: str) -> str:
         """The absolute artifact location (``file://``, ``mlflow-artifacts:/``, ...) of a ``runs:/`` URI."""
@@ -131,20 +133,26 @@ class LineageRegistry:
             except MlflowException:  # created by another worker in between
                 self.client.update_registered_model(self.model, description=description)
 
-    def register(self, run: RunRef, model_dir: Path, record: VersionRecord, description: str,
-                 aliases: list[str]) -> str:
+    def register(
+        self, run: RunRef, model_dir: Path, record: VersionRecord, description: str, aliases: list[str]
+    ) -> str:
         """Log the version's model on ``run`` and register it; move ``aliases`` to it unless another
         version already records the stage (then this one is tagged a duplicate and StageTaken raised)."""
         client = self.client
         client.log_artifacts(run.run_id, str(model_dir), "model")
         source = self.location(f"runs:/{run.run_id}/model")
-        version = str(client.create_model_version(self.model, source=source, run_id=run.run_id,
-                                                  tags=record.to_tags(), description=description).version)
+        version = str(
+            client.create_model_version(
+                self.model, source=source, run_id=run.run_id, tags=record.to_tags(), description=description
+            ).version
+        )
         first = min(int(r.version) for r in self.stages() if r.stage == record.stage)
         if first != int(version):
             client.set_model_version_tag(self.model, version, DUPLICATE_TAG, str(first))
-            raise StageTaken(f"another run registered stage {record.stage} of {self.model} as version {first} while "
-                             f"this one ran; this run's version {version} is tagged a duplicate and moved no alias")
+            raise StageTaken(
+                f"another run registered stage {record.stage} of {self.model} as version {first} while "
+                f"this one ran; this run's version {version} is tagged a duplicate and moved no alias"
+            )
         for alias in aliases:
             client.set_registered_model_alias(self.model, alias, version)
         return version
@@ -174,8 +182,9 @@ class LineageRegistry:
         for r in keep:
             v = client.get_model_version(source, r.version)
             record = r.record.forked(self.model, source, r.version)
-            new = client.create_model_version(self.model, source=v.source, run_id=v.run_id, tags=record.to_tags(),
-                                              description=v.description)
+            new = client.create_model_version(
+                self.model, source=v.source, run_id=v.run_id, tags=record.to_tags(), description=v.description
+            )
             out.append(Recorded(str(new.version), record))
         return out
 

@@ -135,8 +135,14 @@ class MlflowTracker:
             self.client.set_tag(self.run_id, k, v)
 
 
-def start_run(uri: str, experiment: str, artifact_root: Path | None, name: str, parent: str | None = None,
-              tags: dict[str, str] | None = None) -> RunRef:
+def start_run(
+    uri: str,
+    experiment: str,
+    artifact_root: Path | None,
+    name: str,
+    parent: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RunRef:
     """Create (if needed) the experiment and start a run in it. Artifacts go under ``artifact_root``
     for a local store; a tracking server (``artifact_root`` None) uses its own artifact store."""
     client = mlflow_client(uri)
@@ -166,20 +172,30 @@ def close_orphaned_runs(uri: str, experiment: str, tag: str, value: str) -> list
         return []
     host = socket.gethostname()
     closed = []
-    for run in client.search_runs([exp.experiment_id], f"tags.`{tag}` = '{value}' and "
-                                                       "attributes.status = 'RUNNING'", max_results=1000):
+    for run in client.search_runs(
+        [exp.experiment_id], f"tags.`{tag}` = '{value}' and attributes.status = 'RUNNING'", max_results=1000
+    ):
         tags = run.data.tags
         if tags.get("lalora.host") != host or not tags.get("lalora.pid", "").isdigit():
             continue
         if process_alive(int(tags["lalora.pid"])):
             continue
-        client.set_tag(run.info.run_id, "lalora.closed", f"KILLED: its process (pid {tags['lalora.pid']} on {host}) "
-                       "ended without closing it; closed by the next run")
+        client.set_tag(
+            run.info.run_id,
+            "lalora.closed",
+            f"KILLED: its process (pid {tags['lalora.pid']} on {host}) "
+            "ended without closing it; closed by the next run",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
         closed.append(run.info.run_id)
     if closed:
-        log.warning("closed %d run(s) of %s %s left RUNNING by a process that died: %s", len(closed), tag, value,
-                    ", ".join(closed))
+        log.warning(
+            "closed %d run(s) of %s %s left RUNNING by a process that died: %s",
+            len(closed),
+            tag,
+            value,
+            ", ".join(closed),
+        )
     return closed
 
 

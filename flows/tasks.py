@@ -103,24 +103,37 @@ def _stage_task(stage: Stage[Any, Any], inputs: Any, run: RunRef | None) -> Time
     return _timed(run, lambda tracker: stage.run(inputs, tracker))
 
 
-def stage_task(stage: Stage[In, T], inputs: In, run: RunRef | None = None, *, retries: int = 0,
-               retry_delay_seconds: float = 0.0) -> Timed[T]:
+def stage_task(
+    stage: Stage[In, T], inputs: In, run: RunRef | None = None, *, retries: int = 0, retry_delay_seconds: float = 0.0
+) -> Timed[T]:
     """Any stage (``pipelines.stages.steps``: the base, the LoRA initialisation, the precision, the fine-tune, the
     evaluation, the gate) as the one Prefect task, named after the stage, reporting to ``run`` (none: nothing
     logged). ``retries`` apply to a launched stage's transient failures only: the precision is recomputed from the
     same anchor, data and previous precision; a fine-tune continues from the stage's latest DeepSpeed checkpoint."""
-    task_run = _stage_task.with_options(name=stage.name, retries=retries if stage.launched else 0,
-                                        retry_delay_seconds=retry_delay_seconds)
+    task_run = _stage_task.with_options(
+        name=stage.name, retries=retries if stage.launched else 0, retry_delay_seconds=retry_delay_seconds
+    )
     result: Timed[T] = task_run(stage, inputs, run)
     return result
 
 
-def scores(cfg: LineageConfig, base_path: str, adapter: str, domains: list[DomainConfig], out_path: str,
-           data_dir: str, split: Literal["eval", "val"] = "eval") -> Timed[Row]:
+def scores(
+    cfg: LineageConfig,
+    base_path: str,
+    adapter: str,
+    domains: list[DomainConfig],
+    out_path: str,
+    data_dir: str,
+    split: Literal["eval", "val"] = "eval",
+) -> Timed[Row]:
     """The evaluation stage: the adapter's scores of the evaluation rows (R), or of the validation rows (lambda
     auto's trials)."""
-    return stage_task(EVALUATE, EvaluateInputs.from_config(cfg, base=base_path, adapter=adapter, domains=domains,
-                                                           data_dir=data_dir, out_path=out_path, split=split))
+    return stage_task(
+        EVALUATE,
+        EvaluateInputs.from_config(
+            cfg, base=base_path, adapter=adapter, domains=domains, data_dir=data_dir, out_path=out_path, split=split
+        ),
+    )
 
 
 def initial_adapter(cfg: LineageConfig, base_path: str, out_dir: str) -> str:
@@ -131,13 +144,29 @@ def initial_adapter(cfg: LineageConfig, base_path: str, out_dir: str) -> str:
 @task(name="package", **_TASK)
 def package_task(adapter: str, base: BaseReference, cfg: LineageConfig, example: str, dest: str) -> str:
     """The version's python_function model: the adapter, the base referenced."""
-    return str(generator.save(Path(dest), adapter, base, dtype=cfg.model.dtype,
-                              max_new_tokens=cfg.evaluation.max_new_tokens, stop=[],
-                              batch_size=cfg.evaluation.batch_size, example=example))
+    return str(
+        generator.save(
+            Path(dest),
+            adapter,
+            base,
+            dtype=cfg.model.dtype,
+            max_new_tokens=cfg.evaluation.max_new_tokens,
+            stop=[],
+            batch_size=cfg.evaluation.batch_size,
+            example=example,
+        )
+    )
 
 
 @task(name="register", **_TASK)
-def register_task(registry: LineageRegistry, run: RunRef, model_dir: str, record: VersionRecord, description: str,
-                  aliases: list[str], lease: Any) -> str:
+def register_task(
+    registry: LineageRegistry,
+    run: RunRef,
+    model_dir: str,
+    record: VersionRecord,
+    description: str,
+    aliases: list[str],
+    lease: Any,
+) -> str:
     lease.check()  # still this lineage's writer: a run whose lease expired registers nothing
     return registry.register(run, Path(model_dir), record, description, aliases)

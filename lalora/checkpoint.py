@@ -41,8 +41,10 @@ def _check_finite(state: dict[str, Tensor], what: str) -> None:
     for name, t in state.items():
         if t.is_floating_point() and not bool(t.isfinite().all()):
             bad = int((~t.isfinite()).sum())
-            raise NonFinitePrecision(f"{what}: {name} has {bad} non-finite value(s) (NaN or inf); the curvature "
-                                     "diverged (check the base model and data, or lower lalora.prior / lambda)")
+            raise NonFinitePrecision(
+                f"{what}: {name} has {bad} non-finite value(s) (NaN or inf); the curvature "
+                "diverged (check the base model and data, or lower lalora.prior / lambda)"
+            )
 
 
 @dataclass
@@ -91,16 +93,24 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def save_precision(directory: str | os.PathLike[str], precision: Precision, *, fisher_type: str, n_samples: int,
-                   prior: Prior, history: list[dict[str, Any]] | None = None) -> CurvatureMeta:
+def save_precision(
+    directory: str | os.PathLike[str],
+    precision: Precision,
+    *,
+    fisher_type: str,
+    n_samples: int,
+    prior: Prior,
+    history: list[dict[str, Any]] | None = None,
+) -> CurvatureMeta:
     """Write ``precision`` to ``directory`` and return the metadata written beside it."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     # Cloned: structures may share a factor between terms (safetensors refuses shared storage).
     state = {k: v.detach().cpu().contiguous().clone() for k, v in precision.to_state_dict().items()}
     _check_finite(state, f"refusing to save the {precision.structure} precision to {d}")
-    tensors_tmp = _write_tmp(d / TENSORS,
-                             lambda p: save_file(state, str(p), metadata={"structure": precision.structure}))
+    tensors_tmp = _write_tmp(
+        d / TENSORS, lambda p: save_file(state, str(p), metadata={"structure": precision.structure})
+    )
     meta = CurvatureMeta(
         structure=precision.structure,
         fisher_type=fisher_type,
@@ -143,8 +153,9 @@ def read_meta(directory: str | os.PathLike[str]) -> CurvatureMeta:
     except (json.JSONDecodeError, TypeError) as e:
         raise CheckpointError(f"curvature metadata {path} is unreadable: {e}") from None
     if meta.format_version != FORMAT_VERSION:
-        raise CheckpointError(f"curvature checkpoint format {meta.format_version} is not supported "
-                              f"(expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"curvature checkpoint format {meta.format_version} is not supported (expected {FORMAT_VERSION})"
+        )
     if meta.structure not in PRECISIONS:
         raise CheckpointError(f"curvature checkpoint has unknown structure {meta.structure!r}")
     return meta
@@ -162,13 +173,16 @@ def verify(directory: str | os.PathLike[str]) -> CurvatureMeta:
     if not tensors.is_file():
         raise CheckpointError(f"curvature checkpoint {d} has metadata but no {TENSORS}")
     if digest != meta.sha256:
-        raise CheckpointError(f"curvature checkpoint {tensors} fails its checksum (sha256 {digest[:12]}..., "
-                              f"metadata says {meta.sha256[:12]}...): the file was modified or is corrupt")
+        raise CheckpointError(
+            f"curvature checkpoint {tensors} fails its checksum (sha256 {digest[:12]}..., "
+            f"metadata says {meta.sha256[:12]}...): the file was modified or is corrupt"
+        )
     return meta
 
 
-def load_precision(directory: str | os.PathLike[str],
-                   expected_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[Precision, CurvatureMeta]:
+def load_precision(
+    directory: str | os.PathLike[str], expected_shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[Precision, CurvatureMeta]:
     """Load a checkpoint, verifying its checksum, and its names and shapes against an adapter.
 
     ``expected_shapes`` maps each LoRA matrix name of the adapter the precision will be
@@ -187,8 +201,9 @@ def load_precision(directory: str | os.PathLike[str],
         raise CheckpointError(f"curvature checkpoint {d}: tensor names do not match its metadata")
     for name, t in state.items():
         if list(t.shape) != listed[name]:
-            raise CheckpointError(f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, "
-                                  f"metadata says {listed[name]}")
+            raise CheckpointError(
+                f"curvature checkpoint {d}: {name} has shape {list(t.shape)}, metadata says {listed[name]}"
+            )
     try:
         precision = PRECISIONS[meta.structure].from_state_dict(state)
     except (ValueError, KeyError) as e:
@@ -199,14 +214,19 @@ def load_precision(directory: str | os.PathLike[str],
     if expected_shapes is not None:
         missing = [n for n in expected_shapes if n not in matrices]
         if missing:
-            raise CheckpointError(f"curvature checkpoint {d} lacks {len(missing)} LoRA matrices of the adapter, "
-                                  f"e.g. {missing[0]} (was it computed for another adapter or target_modules?)")
+            raise CheckpointError(
+                f"curvature checkpoint {d} lacks {len(missing)} LoRA matrices of the adapter, "
+                f"e.g. {missing[0]} (was it computed for another adapter or target_modules?)"
+            )
         extra = [n for n in matrices if n not in expected_shapes]
         if extra:
-            raise CheckpointError(f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, "
-                                  f"e.g. {extra[0]}")
+            raise CheckpointError(
+                f"curvature checkpoint {d} has {len(extra)} LoRA matrices the adapter lacks, e.g. {extra[0]}"
+            )
         for name, shape in expected_shapes.items():
             if tuple(matrices[name]) != tuple(shape):
-                raise CheckpointError(f"curvature checkpoint {d}: shape mismatch for {name}: checkpoint "
-                                      f"{tuple(matrices[name])}, adapter {tuple(shape)} (another LoRA rank?)")
+                raise CheckpointError(
+                    f"curvature checkpoint {d}: shape mismatch for {name}: checkpoint "
+                    f"{tuple(matrices[name])}, adapter {tuple(shape)} (another LoRA rank?)"
+                )
     return precision, meta

@@ -165,8 +165,9 @@ def compress(m: Tensor, k: int, exact_below: int = 128, power_iters: int = 3, se
     return compress_many([0.5 * (m + m.T)], k, exact_below, power_iters, seed)[0]
 
 
-def compress_many(ms: Sequence[Tensor], k: int, exact_below: int = 128, power_iters: int = 3,
-                  seed: int = 0) -> list[LowRankFactor]:
+def compress_many(
+    ms: Sequence[Tensor], k: int, exact_below: int = 128, power_iters: int = 3, seed: int = 0
+) -> list[LowRankFactor]:
     """``compress`` of each of several symmetric matrices (the exact path reads the lower triangle).
 
     Matrices of one size go through one batched eigendecomposition, or subspace iteration

@@ -38,8 +38,14 @@ class KronPrecision(Precision):
 
     structure: ClassVar[str] = "kfac"
 
-    def __init__(self, blocks: Mapping[str, list[KronTerm]], *, top_k: int, max_terms: int,
-                 ridge: Mapping[str, float] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Mapping[str, list[KronTerm]],
+        *,
+        top_k: int,
+        max_terms: int,
+        ridge: Mapping[str, float] | None = None,
+    ) -> None:
         if max_terms < 1:
             raise ValueError(f"max_terms must be >= 1, got {max_terms}")
         self.blocks: dict[str, list[KronTerm]] = {n: list(t) for n, t in blocks.items()}
@@ -107,12 +113,15 @@ class KronPrecision(Precision):
 
     def diagonal(self) -> dict[str, Tensor]:
         """Element (i, j) of matrix W is sum_terms G_ii S_jj + tau (cross blocks are off-diagonal)."""
-        return {n: sum(torch.outer(t.g.diag(), t.s.diag()) for t in ts) + self.ridge[n]  # type: ignore[misc]
-                for n, ts in self.blocks.items()}
+        return {
+            n: sum(torch.outer(t.g.diag(), t.s.diag()) for t in ts) + self.ridge[n]  # type: ignore[misc]
+            for n, ts in self.blocks.items()
+        }
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> KronPrecision:
-        blocks = {n: [KronTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts]
-                  for n, ts in self.blocks.items()}
+        blocks = {
+            n: [KronTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts] for n, ts in self.blocks.items()
+        }
         return self._new(blocks, self.ridge)
 
     def bind(self, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
@@ -126,8 +135,10 @@ class KronPrecision(Precision):
 
     # --- serialisation -----------------------------------------------------------------
     def to_state_dict(self) -> dict[str, Tensor]:
-        state: dict[str, Tensor] = {"_config.top_k": torch.tensor(self.top_k),
-                                    "_config.max_terms": torch.tensor(self.max_terms)}
+        state: dict[str, Tensor] = {
+            "_config.top_k": torch.tensor(self.top_k),
+            "_config.max_terms": torch.tensor(self.max_terms),
+        }
         for n, terms in self.blocks.items():
             for i, t in enumerate(terms):
                 for side, f in (("S", t.s), ("G", t.g)):
@@ -138,8 +149,9 @@ class KronPrecision(Precision):
         return state
 
     @classmethod
-    def _parse_state(cls, state: Mapping[str, Tensor]
-                     ) -> tuple[dict[str, list[KronTerm]], dict[str, float], dict[str, int]]:
+    def _parse_state(
+        cls, state: Mapping[str, Tensor]
+    ) -> tuple[dict[str, list[KronTerm]], dict[str, float], dict[str, int]]:
         config = {k.split(".", 1)[1]: int(v) for k, v in state.items() if k.startswith("_config.")}
         parts: dict[str, dict[int, dict[str, dict[str, Tensor]]]] = {}
         ridge: dict[str, float] = {}
@@ -154,8 +166,10 @@ class KronPrecision(Precision):
                 raise ValueError(f"unexpected tensor {key!r} in a {cls.structure} precision")
             name, i, side, part = fields
             parts.setdefault(name, {}).setdefault(int(i), {}).setdefault(side, {})[part] = v
-        blocks = {n: [KronTerm(Factor.from_state(t[i]["S"]), Factor.from_state(t[i]["G"])) for i in sorted(t)]
-                  for n, t in parts.items()}
+        blocks = {
+            n: [KronTerm(Factor.from_state(t[i]["S"]), Factor.from_state(t[i]["G"])) for i in sorted(t)]
+            for n, t in parts.items()
+        }
         return blocks, ridge, config
 
     @classmethod
@@ -170,16 +184,24 @@ class KronTriPrecision(KronPrecision):
 
     structure: ClassVar[str] = "kfac-tri"
 
-    def __init__(self, blocks: Mapping[str, list[KronTerm]], *, top_k: int, max_terms: int,
-                 ridge: Mapping[str, float] | None = None, cross: Mapping[str, list[CrossTerm]] | None = None) -> None:
+    def __init__(
+        self,
+        blocks: Mapping[str, list[KronTerm]],
+        *,
+        top_k: int,
+        max_terms: int,
+        ridge: Mapping[str, float] | None = None,
+        cross: Mapping[str, list[CrossTerm]] | None = None,
+    ) -> None:
         super().__init__(blocks, top_k=top_k, max_terms=max_terms, ridge=ridge)
         self.cross: dict[str, list[CrossTerm]] = {m: list(c) for m, c in (cross or {}).items()}
         for m, terms in self.cross.items():
             if len(terms) != len(self.blocks[f"{m}.lora_A"]) or len(terms) != len(self.blocks[f"{m}.lora_B"]):
                 raise ValueError(f"module {m}: cross terms and K-FAC terms disagree in number")
 
-    def _new(self, blocks: Mapping[str, list[KronTerm]], ridge: Mapping[str, float],
-             **extra: object) -> KronTriPrecision:
+    def _new(
+        self, blocks: Mapping[str, list[KronTerm]], ridge: Mapping[str, float], **extra: object
+    ) -> KronTriPrecision:
         cross = self.cross
         if "other" in extra:
             other: KronTriPrecision = extra["other"]  # type: ignore[assignment]
@@ -216,8 +238,9 @@ class KronTriPrecision(KronPrecision):
 
     def to_device(self, device: torch.device, dtype: torch.dtype) -> KronTriPrecision:
         base = super().to_device(device, dtype)
-        cross = {m: [CrossTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts]
-                 for m, ts in self.cross.items()}
+        cross = {
+            m: [CrossTerm(t.s.to(device, dtype), t.g.to(device, dtype)) for t in ts] for m, ts in self.cross.items()
+        }
         return KronTriPrecision(base.blocks, top_k=self.top_k, max_terms=self.max_terms, ridge=self.ridge, cross=cross)
 
     def to_state_dict(self) -> dict[str, Tensor]:
@@ -237,8 +260,10 @@ class KronTriPrecision(KronPrecision):
             if len(fields) == 3 and fields[1].startswith("x"):
                 raw.setdefault(fields[0], {}).setdefault(int(fields[1][1:]), {})[fields[2]] = v
         cross = {m: [CrossTerm(t[i]["S"], t[i]["G"]) for i in sorted(t)] for m, t in raw.items()}
-        return cls(blocks, top_k=config.get("top_k", 32), max_terms=config.get("max_terms", 4), ridge=ridge,
-                   cross=cross)
+        return cls(
+            blocks, top_k=config.get("top_k", 32), max_terms=config.get("max_terms", 4), ridge=ridge, cross=cross
+        )
+
 
 def _dense(p: KronPrecision) -> Tensor:
     names = p.names
@@ -249,14 +274,14 @@ def _dense(p: KronPrecision) -> Tensor:
     for n, terms in p.blocks.items():
         o, size = offsets[n], int(torch.tensor(p.shapes[n]).prod())
         block = sum(torch.kron(t.s.to_dense().double(), t.g.to_dense().double()) for t in terms)
-        out[o:o + size, o:o + size] = block + p.ridge[n] * torch.eye(size, dtype=torch.float64)
+        out[o : o + size, o : o + size] = block + p.ridge[n] * torch.eye(size, dtype=torch.float64)
     for m, terms in getattr(p, "cross", {}).items():
         a, b = f"{m}.lora_A", f"{m}.lora_B"
         oa, ob = offsets[a], offsets[b]
         na, nb = int(torch.tensor(p.shapes[a]).prod()), int(torch.tensor(p.shapes[b]).prod())
         c = cast(Tensor, sum(torch.kron(t.s.double(), t.g.double()) for t in terms))
-        out[oa:oa + na, ob:ob + nb] = c
-        out[ob:ob + nb, oa:oa + na] = c.T
+        out[oa : oa + na, ob : ob + nb] = c
+        out[ob : ob + nb, oa : oa + na] = c.T
     return out
 
 

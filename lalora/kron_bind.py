@@ -104,8 +104,7 @@ class _Group:
         return y.view(self.n_terms, *x.shape).sum(0)
 
 
-def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]
-                 ) -> Callable[[], Tensor]:
+def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> Callable[[], Tensor]:
     """A closure computing delta^T Lambda delta for a KronPrecision (or KronTriPrecision).
 
     One autograd node; its backward is the closed form 2 Lambda delta, computed in the
@@ -119,9 +118,13 @@ def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping
     buckets: dict[tuple[object, ...], list[str]] = {}
     for m in modules:
         a, b = f"{m}.lora_A", f"{m}.lora_B"
-        key = (tuple(params[a].shape), tuple(params[b].shape),
-               tuple((_signature(t.s), _signature(t.g)) for t in prec.blocks[a]),
-               tuple((_signature(t.s), _signature(t.g)) for t in prec.blocks[b]), len(cross.get(m, [])))
+        key = (
+            tuple(params[a].shape),
+            tuple(params[b].shape),
+            tuple((_signature(t.s), _signature(t.g)) for t in prec.blocks[a]),
+            tuple((_signature(t.s), _signature(t.g)) for t in prec.blocks[b]),
+            len(cross.get(m, [])),
+        )
         # (the key fixes the number of terms and each term's factor kinds and sizes)
         buckets.setdefault(key, []).append(m)
 
@@ -138,8 +141,10 @@ def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping
 
         def terms(ns: list[str], n_terms: int) -> tuple[_Stacked, _Stacked]:
             order = [(i, n) for i in range(n_terms) for n in ns]  # term-major, as _Group._apply reads it
-            return (_Stacked([prec.blocks[n][i].s for i, n in order], device, dtype),
-                    _Stacked([prec.blocks[n][i].g for i, n in order], device, dtype))
+            return (
+                _Stacked([prec.blocks[n][i].s for i, n in order], device, dtype),
+                _Stacked([prec.blocks[n][i].g for i, n in order], device, dtype),
+            )
 
         def ridge(ns: list[str]) -> Tensor:
             return torch.tensor([prec.ridge[n] for n in ns], device=device, dtype=dtype)[:, None, None]
@@ -150,10 +155,20 @@ def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping
             cs = torch.stack([cross[m][i].s for m in ms]).to(device, dtype)
             cg = torch.stack([cross[m][i].g for m in ms]).to(device, dtype)
             xs.append((cs, cs.transpose(1, 2).contiguous(), cg, cg.transpose(1, 2).contiguous()))
-        groups.append(_Group(a_idx, b_idx, n_terms, terms(a_names, n_terms), terms(b_names, n_terms),
-                             ridge(a_names), ridge(b_names), xs,
-                             torch.stack([anchor[n].detach() for n in a_names]).to(device, dtype),
-                             torch.stack([anchor[n].detach() for n in b_names]).to(device, dtype)))
+        groups.append(
+            _Group(
+                a_idx,
+                b_idx,
+                n_terms,
+                terms(a_names, n_terms),
+                terms(b_names, n_terms),
+                ridge(a_names),
+                ridge(b_names),
+                xs,
+                torch.stack([anchor[n].detach() for n in a_names]).to(device, dtype),
+                torch.stack([anchor[n].detach() for n in b_names]).to(device, dtype),
+            )
+        )
 
     def quad() -> Tensor:
         out: Tensor = _GroupedQuadForm.apply(groups, *plist)

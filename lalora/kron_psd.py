@@ -121,8 +121,9 @@ def project_psd_many(items: Sequence[Item], rel_damping: float = 1e-6, margin: f
     return [replace(c, g=c.g * s.to(c.g.dtype)) for (_, _, c), s in zip(items, scales, strict=True)]
 
 
-def project_psd(a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float = 1e-6,
-                margin: float = 1e-3) -> CrossTerm:
+def project_psd(
+    a: KronTerm, b: KronTerm, cross: CrossTerm, rel_damping: float = 1e-6, margin: float = 1e-3
+) -> CrossTerm:
     """The cross block shrunk, if needed, so that [[S_A (x) G_A, C], [C^T, S_B (x) G_B]] is PSD.
 
     One module (``psd_scales``); the block itself comes back when it already fits.

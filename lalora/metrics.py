@@ -80,8 +80,10 @@ def continual_metrics(R: Sequence[Sequence[float]], higher_is_better: Sequence[b
     T = len(R) - 1
     width = len(R[0]) if R else 0
     if T < 1 or width < T + 1 or any(len(row) != width for row in R):
-        raise ValueError(f"R must be (T+1) x (T+1) with T >= 1 (row 0 before any stage), plus optional probe "
-                         f"columns; got {len(R)} rows of lengths {[len(r) for r in R]}")
+        raise ValueError(
+            f"R must be (T+1) x (T+1) with T >= 1 (row 0 before any stage), plus optional probe "
+            f"columns; got {len(R)} rows of lengths {[len(r) for r in R]}"
+        )
     up = list(higher_is_better) if higher_is_better is not None else [True] * width
     if len(up) != width:
         raise ValueError(f"higher_is_better has {len(up)} entries for {width} columns")
@@ -95,5 +97,13 @@ def continual_metrics(R: Sequence[Sequence[float]], higher_is_better: Sequence[b
     columns = tuple(ref)
     forgetting = [max(s[j] * R[i][j] for i in range(T)) - s[j] * R[T][j] for j in columns]
     learning = [s[t] * (R[t][t] - R[t - 1][t]) for t in range(1, T + 1)]
-    return ContinualMetrics(acc if acc is not None else 0.0, bwt if bwt is not None else 0.0, fwt, forgetting,
-                            learning, columns, averaged, tuple(up))
+    return ContinualMetrics(
+        acc if acc is not None else 0.0,
+        bwt if bwt is not None else 0.0,
+        fwt,
+        forgetting,
+        learning,
+        columns,
+        averaged,
+        tuple(up),
+    )

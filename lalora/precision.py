@@ -117,8 +117,10 @@ class Precision(ABC):
 
     def _check_compatible(self, other: Precision) -> None:
         if type(other) is not type(self):
-            raise ValueError(f"cannot combine a {self.structure} precision with a {other.structure} precision; "
-                             "start a new lineage to change the curvature kind")
+            raise ValueError(
+                f"cannot combine a {self.structure} precision with a {other.structure} precision; "
+                "start a new lineage to change the curvature kind"
+            )
         if self.shapes != other.shapes:
             missing = sorted(set(self.shapes) ^ set(other.shapes))
             detail = f"names differ: {missing[:3]}" if missing else "shapes differ"
@@ -208,8 +210,14 @@ class _FlatQuadForm(torch.autograd.Function):
     """sum_i Lambda_i (theta_i - theta*_i)^2 over flattened parameters, with a closed-form backward."""
 
     @staticmethod
-    def forward(ctx: Any, anchor: Tensor, prec: Tensor, layout: tuple[list[int], list[torch.Size]],
-                views: list[Tensor], *params: Tensor) -> Tensor:
+    def forward(
+        ctx: Any,
+        anchor: Tensor,
+        prec: Tensor,
+        layout: tuple[list[int], list[torch.Size]],
+        views: list[Tensor],
+        *params: Tensor,
+    ) -> Tensor:
         delta = torch.cat(views).sub_(anchor)
         weighted = delta * prec
         ctx.save_for_backward(weighted)
@@ -234,7 +242,8 @@ Q = TypeVar("Q", bound=type[Precision])
 def register_precision(cls: Q) -> Q:
     """Class decorator adding a precision class to ``PRECISIONS`` under its ``structure``."""
     if cls.structure in PRECISIONS:
-        raise ValueError(f"precision structure {cls.structure!r} is already registered by "
-                         f"{PRECISIONS[cls.structure].__name__}")
+        raise ValueError(
+            f"precision structure {cls.structure!r} is already registered by {PRECISIONS[cls.structure].__name__}"
+        )
     PRECISIONS[cls.structure] = cls
     return cls

@@ -116,8 +116,9 @@ def _convert(gguf_path: Path, out: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     # dequantize=True: plain Linear layers (no GGUF kernels), which peft can wrap and training needs.
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32,
-                                                  quantization_config=GgufConfig(dequantize=True))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     # transformers refuses to save a model loaded through its GGUF quantizer, even a dequantized
     # one: the same weights go into a model built from the config without the quantization entry.
     config = loaded.config
@@ -151,11 +152,17 @@ def prepare_smollm2(cache_dir: str | Path) -> Path:
     def write(tmp: Path) -> None:
         started = time.perf_counter()
         _convert(gguf_path, tmp)
-        write_json_atomic(tmp / MARKER, {
-            "gguf": gguf_path.name, "sha256": digest, "package": f"{SMOLLM2_DIST} {_version(SMOLLM2_DIST)}",
-            "transformers": transformers.__version__, "dtype": "float32 (dequantized from Q4_1)",
-            "seconds": round(time.perf_counter() - started, 1),
-        })
+        write_json_atomic(
+            tmp / MARKER,
+            {
+                "gguf": gguf_path.name,
+                "sha256": digest,
+                "package": f"{SMOLLM2_DIST} {_version(SMOLLM2_DIST)}",
+                "transformers": transformers.__version__,
+                "dtype": "float32 (dequantized from Q4_1)",
+                "seconds": round(time.perf_counter() - started, 1),
+            },
+        )
 
     return write_dir_atomic(out, write)
 
@@ -170,12 +177,16 @@ def gsm8k_split(eval_size: int = GSM8K_EVAL, seed: int = 0) -> tuple[list[Row], 
     path = _distribution_file(GSM8K_DIST, GSM8K_FILE)
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if len(records) != GSM8K_ROWS:
-        raise StudyAssetsError(f"{path} has {len(records)} rows, expected {GSM8K_ROWS} "
-                               f"({GSM8K_DIST} {_version(GSM8K_DIST)} differs from the one this split was fixed on)")
+        raise StudyAssetsError(
+            f"{path} has {len(records)} rows, expected {GSM8K_ROWS} "
+            f"({GSM8K_DIST} {_version(GSM8K_DIST)} differs from the one this split was fixed on)"
+        )
     if not 0 < eval_size < len(records):
         raise ValueError(f"eval_size must be in 1..{len(records) - 1}, got {eval_size}")
-    rows = [{"id": f"gsm8k-test-{i}", "question": r["question"].strip(),
-             "answer": _CALCULATOR.sub("", r["answer"]).strip()} for i, r in enumerate(records)]
+    rows = [
+        {"id": f"gsm8k-test-{i}", "question": r["question"].strip(), "answer": _CALCULATOR.sub("", r["answer"]).strip()}
+        for i, r in enumerate(records)
+    ]
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     return [rows[i] for i in order[eval_size:]], [rows[i] for i in order[:eval_size]]
@@ -199,8 +210,13 @@ def gsm_symbolic_rows(size: int, seed: int = 0) -> list[Row]:
             continue
         seen.add(question)
         cot = _FINAL.sub("", ex["metadata"]["answer_cot"].strip()).strip()
-        rows.append({"id": f"gsm_symbolic-{seed}-{i}", "question": question,
-                     "answer": f"{cot}\n#### {str(ex['answer']).strip()}"})
+        rows.append(
+            {
+                "id": f"gsm_symbolic-{seed}-{i}",
+                "question": question,
+                "answer": f"{cot}\n#### {str(ex['answer']).strip()}",
+            }
+        )
         if len(rows) == size:
             return rows
     raise StudyAssetsError(f"gsm_symbolic gave fewer than {size} distinct problems for seed {seed}")
@@ -213,8 +229,11 @@ def capital_table() -> list[tuple[str, str]]:
     except ImportError:
         raise StudyAssetsError(f"package countryinfo is not installed; {_INSTALL}") from None
     pairs = [(c.name(), c.capital()) for c in all_countries()]
-    single = [(n, c.strip()) for n, c in pairs
-              if isinstance(n, str) and isinstance(c, str) and c.strip() and "/" not in c and not set(",()") & set(n)]
+    single = [
+        (n, c.strip())
+        for n, c in pairs
+        if isinstance(n, str) and isinstance(c, str) and c.strip() and "/" not in c and not set(",()") & set(n)
+    ]
     shared = Counter(c for n, c in pairs if isinstance(c, str) and c.strip())
     return sorted({(n, c) for n, c in single if shared[c] == 1})
 
@@ -232,8 +251,10 @@ def _four_way(table: list[tuple[str, str]], seed: int, n_choices: int) -> Iterat
 
 def capitals_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
     """Multiple-choice rows: the true capital among ``n_choices - 1`` other capitals, order and label seeded."""
-    return [{"question": f"What is the capital of {country}?", "choices": choices, "label": label, "country": country}
-            for country, choices, label in _four_way(capital_table(), seed, n_choices)]
+    return [
+        {"question": f"What is the capital of {country}?", "choices": choices, "label": label, "country": country}
+        for country, choices, label in _four_way(capital_table(), seed, n_choices)
+    ]
 
 
 def demonym_table() -> list[tuple[str, str]]:
@@ -245,8 +266,12 @@ def demonym_table() -> list[tuple[str, str]]:
     pairs = []
     for c in all_countries():
         name, demonym = c.name(), c.info().get("demonym")
-        if (isinstance(name, str) and isinstance(demonym, str) and demonym.strip()
-                and not set(",()/") & set(name + demonym)):
+        if (
+            isinstance(name, str)
+            and isinstance(demonym, str)
+            and demonym.strip()
+            and not set(",()/") & set(name + demonym)
+        ):
             pairs.append((name, demonym.strip()))
     shared = Counter(d for _, d in pairs)
     return sorted({(n, d) for n, d in pairs if shared[d] == 1})
@@ -254,8 +279,10 @@ def demonym_table() -> list[tuple[str, str]]:
 
 def demonyms_rows(seed: int = 0, n_choices: int = 4) -> list[Row]:
     """Multiple-choice rows: "A person from X is called" the true demonym among ``n_choices - 1`` others, seeded."""
-    return [{"country": country, "choices": choices, "label": label}
-            for country, choices, label in _four_way(demonym_table(), seed, n_choices)]
+    return [
+        {"country": country, "choices": choices, "label": label}
+        for country, choices, label in _four_way(demonym_table(), seed, n_choices)
+    ]
 
 
 # --- files -------------------------------------------------------------------------------
@@ -279,34 +306,46 @@ def write_jsonl(path: Path, rows: list[Row]) -> None:
     os.replace(tmp, path)
 
 
-def build_study_data(out_dir: str | Path, *, seed: int = 0, gsm8k_eval: int = GSM8K_EVAL,
-                     symbolic_size: int = 2000) -> StudyData:
+def build_study_data(
+    out_dir: str | Path, *, seed: int = 0, gsm8k_eval: int = GSM8K_EVAL, symbolic_size: int = 2000
+) -> StudyData:
     """Write gsm8k-train/-eval, gsm_symbolic, capitals and demonyms JSONL files and a manifest to ``out_dir``."""
     out = Path(out_dir)
     train, evaluation = gsm8k_split(gsm8k_eval, seed)
-    sets = {"gsm8k-train": train, "gsm8k-eval": evaluation,
-            "gsm_symbolic": gsm_symbolic_rows(symbolic_size, seed), "capitals": capitals_rows(seed),
-            "demonyms": demonyms_rows(seed)}
+    sets = {
+        "gsm8k-train": train,
+        "gsm8k-eval": evaluation,
+        "gsm_symbolic": gsm_symbolic_rows(symbolic_size, seed),
+        "capitals": capitals_rows(seed),
+        "demonyms": demonyms_rows(seed),
+    }
     files = {name: out / f"{name}.jsonl" for name in sets}
     for name, rows in sets.items():
         write_jsonl(files[name], rows)
     sizes = {name: len(rows) for name, rows in sets.items()}
-    write_json_atomic(out / "manifest.json", {
-        "seed": seed, "sizes": sizes,
-        "gsm8k_split": f"{GSM8K_FILE} ({GSM8K_ROWS} rows) shuffled with random.Random({seed}): "
-                       f"the first {gsm8k_eval} are gsm8k-eval, the rest gsm8k-train",
-        "packages": {d: _version(d) for d in (GSM8K_DIST, "reasoning-gym", "countryinfo")},
-        "sha256": {name: sha256_file(p) for name, p in files.items()},
-    })
+    write_json_atomic(
+        out / "manifest.json",
+        {
+            "seed": seed,
+            "sizes": sizes,
+            "gsm8k_split": f"{GSM8K_FILE} ({GSM8K_ROWS} rows) shuffled with random.Random({seed}): "
+            f"the first {gsm8k_eval} are gsm8k-eval, the rest gsm8k-train",
+            "packages": {d: _version(d) for d in (GSM8K_DIST, "reasoning-gym", "countryinfo")},
+            "sha256": {name: sha256_file(p) for name, p in files.items()},
+        },
+    )
     return StudyData(out, files, sizes)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m studies.assets",
-                                description="Prepare the SmolLM2 learning-forgetting study: data files and model.")
+    p = argparse.ArgumentParser(
+        prog="python -m studies.assets",
+        description="Prepare the SmolLM2 learning-forgetting study: data files and model.",
+    )
     p.add_argument("--data", type=Path, help="directory for the JSONL files (e.g. .cache/study-data)")
-    p.add_argument("--model", type=Path,
-                   help="directory of the converted checkpoint (e.g. .cache/smollm2-135m-instruct)")
+    p.add_argument(
+        "--model", type=Path, help="directory of the converted checkpoint (e.g. .cache/smollm2-135m-instruct)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the GSM8K split, gsm_symbolic and the distractors")
     p.add_argument("--symbolic-size", type=int, default=2000, help="gsm_symbolic problems generated")
     args = p.parse_args(argv)

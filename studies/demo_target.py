@@ -52,8 +52,13 @@ def check_target(plain: dict[str, Any], lalora: dict[str, Any]) -> TargetCheck:
         raise ValueError(f"the runs cover different domains: {plain['domains']} and {lalora['domains']}")
     stages = len(plain["R"]) - 1
     stage_domains = plain["domains"][1 : stages + 1]
-    ratio = {d: (lalora["R"][i][i] / plain["R"][i][i] if plain["R"][i][i] > 0 else float("inf"))
-             for i, d in enumerate(stage_domains, start=1)}
-    return TargetCheck(plain_max_drop=max(plain["forgetting"].values()),
-                       plain_mean_forgetting=plain["mean_forgetting"], mean_forgetting=lalora["mean_forgetting"],
-                       learned_ratio=ratio)
+    ratio = {
+        d: (lalora["R"][i][i] / plain["R"][i][i] if plain["R"][i][i] > 0 else float("inf"))
+        for i, d in enumerate(stage_domains, start=1)
+    }
+    return TargetCheck(
+        plain_max_drop=max(plain["forgetting"].values()),
+        plain_mean_forgetting=plain["mean_forgetting"],
+        mean_forgetting=lalora["mean_forgetting"],
+        learned_ratio=ratio,
+    )

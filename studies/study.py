@@ -57,8 +57,15 @@ SAMPLES_LAMBDA = 10.0
 earlier study's best diag lambda, fixed before this one ran."""
 BUDGET = 0.02
 """The forgetting budget of the lambda auto part, on the capitals' validation rows."""
-AUTO = (f"lalora.auto.max_forgetting={BUDGET}", "lalora.auto.columns=[capitals]", "lalora.auto.max_trials=3",
-        "source.val_size=50", "probes.0.val_size=50", "domains.0.val_size=40", "domains.1.val_size=40")
+AUTO = (
+    f"lalora.auto.max_forgetting={BUDGET}",
+    "lalora.auto.columns=[capitals]",
+    "lalora.auto.max_trials=3",
+    "source.val_size=50",
+    "probes.0.val_size=50",
+    "domains.0.val_size=40",
+    "domains.1.val_size=40",
+)
 """lambda auto: the budget on capitals (the source, what the base knows); at most 3 full-length trials a stage
 (the CPU's budget: a trial is 60 steps, ~4 minutes); validation rows carved from what evaluation leaves
 (capitals 232 rows: 100 scored, 50 validation, 82 for curvature; demonyms 213: 120 scored, 50 validation;
@@ -76,16 +83,30 @@ PARTS = (
     Part("two-stage-replay", (*LAMBDA, "0,10", "--grid", "training.replay.fraction=0.25"), 2, 2),
     Part("two-stage-seed2", (*LAMBDA, "0,10"), 2, 1, first_seed=2),
     Part("two-stage-replay-seed2", (*LAMBDA, "0", "--grid", "training.replay.fraction=0.25"), 2, 1, first_seed=2),
-    *(Part(f"two-stage-auto{'-seed' + str(seed) if seed else ''}", AUTO_ARGS, 2, 1, first_seed=seed)
-      for seed in range(3)),
+    *(
+        Part(f"two-stage-auto{'-seed' + str(seed) if seed else ''}", AUTO_ARGS, 2, 1, first_seed=seed)
+        for seed in range(3)
+    ),
 )
 """Two queues of about equal length: every other part."""
 
 
 def _command(part: Part, out: Path, lalora: str) -> list[str]:
-    return [lalora, "sweep", str(CONFIG.relative_to(ROOT)), *part.args, "--stages", str(part.stages),
-            "--seeds", str(part.seeds), *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
-            "--forgetting-on", ",".join(PROBES), "--out", str(out / part.name)]
+    return [
+        lalora,
+        "sweep",
+        str(CONFIG.relative_to(ROOT)),
+        *part.args,
+        "--stages",
+        str(part.stages),
+        "--seeds",
+        str(part.seeds),
+        *(["--first-seed", str(part.first_seed)] if part.first_seed else []),
+        "--forgetting-on",
+        ",".join(PROBES),
+        "--out",
+        str(out / part.name),
+    ]
 
 
 def _recorded(part: Part, studies: list[Path]) -> dict[str, Any] | None:
@@ -97,12 +118,14 @@ def _recorded(part: Part, studies: list[Path]) -> dict[str, Any] | None:
         for recorded in json.loads(path.read_text())["parts"]:
             summary, args = recorded["summary"], recorded["command"].split(" --stages ")[0]
             found = {p["point"]["label"] for p in summary["points"]}
-            if (recorded["part"].split("-seed")[0] == part.name.split("-seed")[0] and summary.get("failed") == []
-                    and args == " ".join(_command(part, Path(), "")[1:]).split(" --stages ")[0]
-                    and {p.label for p in points} <= found):
+            if (
+                recorded["part"].split("-seed")[0] == part.name.split("-seed")[0]
+                and summary.get("failed") == []
+                and args == " ".join(_command(part, Path(), "")[1:]).split(" --stages ")[0]
+                and {p.label for p in points} <= found
+            ):
                 chosen = [p for p in summary["points"] if p["point"]["label"] in {q.label for q in points}]
-                return {**recorded, "part": part.name, "reused": str(path),
-                        "summary": {**summary, "points": chosen}}
+                return {**recorded, "part": part.name, "reused": str(path), "summary": {**summary, "points": chosen}}
     return None
 
 
@@ -125,11 +148,14 @@ def _run(part: Part, out: Path, lalora: str, run: bool = True, reuse: tuple[Path
         return recorded
     if finished.exists() and not (summary := json.loads(finished.read_text()))["failed"]:
         print(f"{part.name}: finished earlier ({finished}), reported from it", flush=True)
-        return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"],
-                "summary": summary}
+        return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": summary["seconds"], "summary": summary}
     if not run:
-        return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": None,
-                "summary": _finished_so_far(part, out)}
+        return {
+            "part": part.name,
+            "command": " ".join(cmd[1:]),
+            "wall_seconds": None,
+            "summary": _finished_so_far(part, out),
+        }
     # Each part its own Prefect database: two ephemeral servers migrating one fresh SQLite file at once
     # race (one fails its start-up with "no such column" and Prefect starts another).
     env = {**os.environ, "PREFECT_HOME": str(out / part.name / ".prefect")}
@@ -140,8 +166,12 @@ def _run(part: Part, out: Path, lalora: str, run: bool = True, reuse: tuple[Path
     if code != 0:
         raise SystemExit(f"study part {part.name} failed (exit {code}); see {out / part.name}.log")
     summary = json.loads((out / part.name / "sweep.json").read_text())
-    return {"part": part.name, "command": " ".join(cmd[1:]), "wall_seconds": time.perf_counter() - t0,
-            "summary": summary}
+    return {
+        "part": part.name,
+        "command": " ".join(cmd[1:]),
+        "wall_seconds": time.perf_counter() - t0,
+        "summary": summary,
+    }
 
 
 def _finished_so_far(part: Part, out: Path) -> dict[str, Any]:
@@ -152,9 +182,15 @@ def _finished_so_far(part: Part, out: Path) -> dict[str, Any]:
         metrics = out / part.name / "points" / point.label / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
-            found.append({"point": {"settings": dict(point.settings), "seed": point.seed, "label": point.label},
-                          "R": m["R"], "BWT": m["BWT"], "auto": m.get("auto", {}),
-                          "seconds": sum(t["wall_seconds"] for t in m["timing"])})
+            found.append(
+                {
+                    "point": {"settings": dict(point.settings), "seed": point.seed, "label": point.label},
+                    "R": m["R"],
+                    "BWT": m["BWT"],
+                    "auto": m.get("auto", {}),
+                    "seconds": sum(t["wall_seconds"] for t in m["timing"]),
+                }
+            )
     return {"points": found, "rows": [], "failed": [], "lineages": len(sweep_points(part))}
 
 
@@ -191,33 +227,44 @@ def one_stage_table(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any
     table = list(unique.values())
     for i in pareto_front([TradeOffPoint(r["learning"], r["forgetting"]) for r in table]):
         table[i]["study_pareto"] = True
-    head = ("| method | seeds | learning (GSM8K NLL drop) | forgetting: capitals | forgetting: demonyms | "
-            "forgetting (mean of both) | capitals after | Pareto |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| method | seeds | learning (GSM8K NLL drop) | forgetting: capitals | forgetting: demonyms | "
+        "forgetting (mean of both) | capitals after | Pareto |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in table:
         cols = r["per_column"]
-        lines.append(f"| {r['method']} | {r['n']} | {_pm(r['learning'], r['learning_sd'])} | "
-                     f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
-                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} | "
-                     f"{_pm(r['forgetting'], r['forgetting_sd'])} | "
-                     f"{r['source_final']:.3f} | {'*' if r.get('study_pareto') else ''} |")
+        lines.append(
+            f"| {r['method']} | {r['n']} | {_pm(r['learning'], r['learning_sd'])} | "
+            f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
+            f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} | "
+            f"{_pm(r['forgetting'], r['forgetting_sd'])} | "
+            f"{r['source_final']:.3f} | {'*' if r.get('study_pareto') else ''} |"
+        )
     return "\n".join(lines), table
 
 
 def samples_table(rows: list[dict[str, Any]]) -> str:
     def at_point(r: dict[str, Any]) -> bool:  # diag, lambda SAMPLES_LAMBDA, no replay
         st = r["setting"]
-        return (st.get("lalora.curvature.kind") == "diag" and st.get("lalora.lambda") == SAMPLES_LAMBDA
-                and not st.get("training.replay.fraction"))
+        return (
+            st.get("lalora.curvature.kind") == "diag"
+            and st.get("lalora.lambda") == SAMPLES_LAMBDA
+            and not st.get("training.replay.fraction")
+        )
 
     chosen = sorted(filter(at_point, rows), key=lambda r: r["setting"].get("lalora.samples", 32))
-    lines = ["| lalora.samples (curvature sequences) | learning | forgetting: capitals | forgetting: demonyms |",
-             "|---|---|---|---|"]
+    lines = [
+        "| lalora.samples (curvature sequences) | learning | forgetting: capitals | forgetting: demonyms |",
+        "|---|---|---|---|",
+    ]
     for r in chosen:
         cols = r["per_column"]
-        lines.append(f"| {r['setting'].get('lalora.samples', 32)} | {_pm(r['learning'], r['learning_sd'])} | "
-                     f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
-                     f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} |")
+        lines.append(
+            f"| {r['setting'].get('lalora.samples', 32)} | {_pm(r['learning'], r['learning_sd'])} | "
+            f"{_pm(cols['capitals']['mean'], cols['capitals']['sd'])} | "
+            f"{_pm(cols['demonyms']['mean'], cols['demonyms']['sd'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -231,13 +278,18 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     out, text = {}, []
     domains = ["capitals", "gsm8k", "gsm_symbolic", "demonyms"]
     for name, points in by_method.items():
-        R = [[statistics.fmean(p["R"][i][j] for p in points) for j in range(len(points[0]["R"][0]))]
-             for i in range(len(points[0]["R"]))]
+        R = [
+            [statistics.fmean(p["R"][i][j] for p in points) for j in range(len(points[0]["R"][0]))]
+            for i in range(len(points[0]["R"]))
+        ]
         bwt = [p["BWT"] for p in points]
         out[name] = {"R_mean": R, "BWT": bwt, "seeds": len(points)}
-        text += [f"{name} ({len(points)} seeds): BWT {statistics.fmean(bwt):+.3f} +- {_sd(bwt):.3f}", "",
-                 "| after stage | " + " | ".join(f"{d} ({'NLL' if d.startswith('gsm') else 'acc'})" for d in domains)
-                 + " |", "|---|---|---|---|---|"]
+        text += [
+            f"{name} ({len(points)} seeds): BWT {statistics.fmean(bwt):+.3f} +- {_sd(bwt):.3f}",
+            "",
+            "| after stage | " + " | ".join(f"{d} ({'NLL' if d.startswith('gsm') else 'acc'})" for d in domains) + " |",
+            "|---|---|---|---|---|",
+        ]
         for i, row in enumerate(R):
             text.append(f"| {'before' if i == 0 else domains[i]} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
         text.append("")
@@ -282,23 +334,29 @@ def budget_table(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         return f"{statistics.fmean(values):.3f} +- {_sd(values):.3f}"
 
     plain2 = statistics.fmean(figures["plain LoRA"]["learning2"])
-    lines = ["| method | seeds | lambda (stage 1 / 2) | trials' compute (stage 1 / 2) | forgetting: capitals, "
-             "stage 1 | stage 2 | learning: gsm8k | gsm_symbolic | gsm_symbolic, share of plain LoRA's |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | lambda (stage 1 / 2) | trials' compute (stage 1 / 2) | forgetting: capitals, "
+        "stage 1 | stage 2 | learning: gsm8k | gsm_symbolic | gsm_symbolic, share of plain LoRA's |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, f in figures.items():
         fixed = by_method[name][0]["point"]["settings"].get("lalora.lambda")
         lam = " / ".join(pm(f[k]) for k in ("lambda1", "lambda2") if k in f) or f"{fixed:g}"
         compute = " / ".join(pm(f[k]) for k in ("compute1", "compute2") if k in f) or "1 / 1"
         share = statistics.fmean(f["learning2"]) / plain2
-        lines.append(f"| {name} | {len(f['learning2'])} | {lam} | {compute} | {pm(f['forgetting1'])} | "
-                     f"{pm(f['forgetting2'])} | {pm(f['learning1'])} | {pm(f['learning2'])} | {share:.0%} |")
+        lines.append(
+            f"| {name} | {len(f['learning2'])} | {lam} | {compute} | {pm(f['forgetting1'])} | "
+            f"{pm(f['forgetting2'])} | {pm(f['learning1'])} | {pm(f['learning2'])} | {share:.0%} |"
+        )
     auto = figures["diag lambda auto"]
     kept = [statistics.fmean(auto[k]) <= BUDGET + _sd(auto[k]) for k in ("forgetting1", "forgetting2")]
     share = statistics.fmean(auto["learning2"]) / plain2
-    verdict = (f"Targets: capitals' forgetting within the budget {BUDGET} plus the seeds' spread at stage 1: "
-               f"{'holds' if kept[0] else 'does not hold'}; at stage 2: {'holds' if kept[1] else 'does not hold'}; "
-               f"second-stage learning at least 80% of plain LoRA's: {share:.0%}, "
-               f"{'holds' if share >= 0.8 else 'does not hold'}.")
+    verdict = (
+        f"Targets: capitals' forgetting within the budget {BUDGET} plus the seeds' spread at stage 1: "
+        f"{'holds' if kept[0] else 'does not hold'}; at stage 2: {'holds' if kept[1] else 'does not hold'}; "
+        f"second-stage learning at least 80% of plain LoRA's: {share:.0%}, "
+        f"{'holds' if share >= 0.8 else 'does not hold'}."
+    )
     return "\n".join([*lines, "", verdict]), {"figures": figures, "budget": BUDGET, "kept": kept, "share": share}
 
 
@@ -308,21 +366,29 @@ def _sd(values: list[float]) -> float:
 
 def commands(parts: list[dict[str, Any]]) -> str:
     """Each part's command, its sweep's wall time (the other queue running beside it) and its median lineage."""
-    lines = ["## The commands (each a lalora sweep; wall time with the other queue running beside it; a part "
-             "resumed after an interruption records the time of its last invocation)", ""]
+    lines = [
+        "## The commands (each a lalora sweep; wall time with the other queue running beside it; a part "
+        "resumed after an interruption records the time of its last invocation)",
+        "",
+    ]
     for p in parts:
         lineages = [q["seconds"] for q in p["summary"]["points"]]
         if "reused" in p:
-            lines.append(f"- `lalora {p['command']}`: recorded by an earlier invocation ({p['reused']}); "
-                         f"{len(lineages)} lineages used, median {statistics.median(lineages):.0f} s a lineage")
+            lines.append(
+                f"- `lalora {p['command']}`: recorded by an earlier invocation ({p['reused']}); "
+                f"{len(lineages)} lineages used, median {statistics.median(lineages):.0f} s a lineage"
+            )
             continue
         if "lineages" in p["summary"]:  # reported before its sweep finished (--no-run)
-            lines.append(f"- `lalora {p['command']}`: not finished; {len(lineages)} of {p['summary']['lineages']} "
-                         f"lineages reported" + (f", median {statistics.median(lineages):.0f} s a lineage"
-                                                 if lineages else ""))
+            lines.append(
+                f"- `lalora {p['command']}`: not finished; {len(lineages)} of {p['summary']['lineages']} "
+                f"lineages reported" + (f", median {statistics.median(lineages):.0f} s a lineage" if lineages else "")
+            )
             continue
-        lines.append(f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s, {len(lineages)} lineages, median "
-                     f"{statistics.median(lineages):.0f} s a lineage")
+        lines.append(
+            f"- `lalora {p['command']}`: {p['wall_seconds']:.0f} s, {len(lineages)} lineages, median "
+            f"{statistics.median(lineages):.0f} s a lineage"
+        )
     return "\n".join(lines)
 
 
@@ -335,12 +401,27 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.2, 5.2))
     for r in table:
         marker = "*" if r["method"] == "plain LoRA" else ("s" if "replay" in r["method"] else "o")
-        ax.errorbar(r["forgetting"], r["learning"], xerr=r["forgetting_sd"], yerr=r["learning_sd"], marker=marker,
-                    markersize=10 if marker == "*" else 6, capsize=3, linestyle="none", label=r["method"])
+        ax.errorbar(
+            r["forgetting"],
+            r["learning"],
+            xerr=r["forgetting_sd"],
+            yerr=r["learning_sd"],
+            marker=marker,
+            markersize=10 if marker == "*" else 6,
+            capsize=3,
+            linestyle="none",
+            label=r["method"],
+        )
     front = sorted((r for r in table if r.get("study_pareto")), key=lambda r: r["forgetting"])
     if len(front) > 1:
-        ax.plot([r["forgetting"] for r in front], [r["learning"] for r in front], color="grey", linestyle=":",
-                linewidth=1, label="Pareto front")
+        ax.plot(
+            [r["forgetting"] for r in front],
+            [r["learning"] for r in front],
+            color="grey",
+            linestyle=":",
+            linewidth=1,
+            label="Pareto front",
+        )
     ax.set_xlabel("forgetting (mean drop of capitals and demonyms accuracy; mean +- sd over 3 seeds)")
     ax.set_ylabel("learning (GSM8K worked-answer NLL drop, nats/token)")
     ax.set_title("SmolLM2-135M-Instruct learns GSM8K: one stage, 60 steps")
@@ -357,10 +438,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, required=True, help="where study.json, study.md, study-pareto.png go")
     p.add_argument("--only", default="", help="run only the parts whose names start with this")
     p.add_argument("--workers", type=int, default=2, help="parts run at a time (each lineage one torch thread)")
-    p.add_argument("--reuse", type=Path, action="append", default=[], help="an earlier study.json: a part it recorded "
-                   "with every lineage finished (the same settings and seeds) is reported from it, not run")
-    p.add_argument("--no-run", action="store_true", help="run nothing: report the finished parts, and the lineages "
-                   "an unfinished part finished so far (marked so in the commands' list)")
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        action="append",
+        default=[],
+        help="an earlier study.json: a part it recorded "
+        "with every lineage finished (the same settings and seeds) is reported from it, not run",
+    )
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="run nothing: report the finished parts, and the lineages "
+        "an unfinished part finished so far (marked so in the commands' list)",
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -373,17 +464,29 @@ def main(argv: list[str] | None = None) -> int:
     one, table = one_stage_table(_rows(parts, "one-stage"))
     two, matrices = two_stage_tables(parts)
     budget, budget_json = budget_table(parts)
-    md = (f"# The study (python -m studies.study, {args.workers} parts at a time, one thread a lineage; this "
-          f"invocation {wall:.0f} s)\n\n## One stage, 3 seeds\n\n{one}\n\n"
-          f"## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
-          f"## Two stages\n\n{two}\n\n"
-          + (f"## A forgetting budget: lambda auto, {BUDGET} on capitals\n\n{budget}\n\n" if budget else "")
-          + f"{commands(parts)}\n")
+    md = (
+        f"# The study (python -m studies.study, {args.workers} parts at a time, one thread a lineage; this "
+        f"invocation {wall:.0f} s)\n\n## One stage, 3 seeds\n\n{one}\n\n"
+        f"## The curvature data size\n\n{samples_table(_rows(parts, 'one-stage'))}\n\n"
+        f"## Two stages\n\n{two}\n\n"
+        + (f"## A forgetting budget: lambda auto, {BUDGET} on capitals\n\n{budget}\n\n" if budget else "")
+        + f"{commands(parts)}\n"
+    )
     (args.results / "study.md").write_text(md)
-    (args.results / "study.json").write_text(json.dumps(
-        {"wall_seconds": wall, "workers": args.workers, "cpu_count": os.cpu_count(), "one_stage": table,
-         "two_stage": matrices, "budget": budget_json, "parts": [{k: v for k, v in p.items()} for p in parts]},
-        indent=1))
+    (args.results / "study.json").write_text(
+        json.dumps(
+            {
+                "wall_seconds": wall,
+                "workers": args.workers,
+                "cpu_count": os.cpu_count(),
+                "one_stage": table,
+                "two_stage": matrices,
+                "budget": budget_json,
+                "parts": [{k: v for k, v in p.items()} for p in parts],
+            },
+            indent=1,
+        )
+    )
     if table:
         plot(table, args.results / "study-pareto.png")
     print(md)

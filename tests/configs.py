@@ -15,15 +15,19 @@ import yaml
 DOMAINS: dict[str, dict[str, Any]] = {
     "one": {"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 80}, "eval_size": 12},
     "two": {"name": "two", "data": {"kind": "generator", "op": "increment", "size": 80}, "eval_size": 12},
-    "three": {"name": "three", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 80},
-              "eval_size": 12},
+    "three": {
+        "name": "three",
+        "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 80},
+        "eval_size": 12,
+    },
 }
 
 BASE: dict[str, Any] = {
     "name": "tiny",
-    "model": {"tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
-                       "max_positions": 32},
-              "pretrain": {"steps": 20, "lr": 3.0e-3, "batch_size": 16}},
+    "model": {
+        "tiny": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "max_positions": 32},
+        "pretrain": {"steps": 20, "lr": 3.0e-3, "batch_size": 16},
+    },
     "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
     "lalora": {"lambda": 5, "samples": 16, "batch_size": 8},
     "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 80}, "eval_size": 12},

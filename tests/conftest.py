@@ -17,12 +17,22 @@ VOCAB = 11
 def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r: int = 2):
     """A 1-layer Llama with LoRA on q/v/up projections, fp32, eval mode."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     base = LlamaForCausalLM(cfg)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
-                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    model = get_peft_model(
+        base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     if nonzero_b:
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -55,8 +65,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of a child process (`python -m flows.cli ...`): the repository importable, and
     none of this process's rendezvous (in-process DeepSpeed tests set MASTER_* explicitly)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    }
     return env | {"PYTHONPATH": str(ROOT), **extra}
 
 
@@ -79,13 +92,20 @@ def run_lalora(args: list[str], tmp_path: Path, *, timeout: float = 600, **env: 
     import subprocess
 
     home = tmp_path / "prefect-home" / "nested"
-    proc = subprocess.run([lalora_script(), *args], env=child_env(PREFECT_HOME=str(home), **env),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [lalora_script(), *args],
+        env=child_env(PREFECT_HOME=str(home), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
     return proc.returncode, proc.stdout
 
 
-def run_until_then_sigkill(args: list[str], env: dict[str, str], log_path: Path, reached: Any,
-                           timeout: float = 300) -> Any:
+def run_until_then_sigkill(
+    args: list[str], env: dict[str, str], log_path: Path, reached: Any, timeout: float = 300
+) -> Any:
     """Start ``python -m flows.cli ARGS`` (its output to ``log_path``: a file, not a pipe, so nothing blocks the
     child while we poll), wait until ``reached()`` holds, SIGKILL it; the finished process. Fails when the run
     ended first."""
@@ -95,8 +115,9 @@ def run_until_then_sigkill(args: list[str], env: dict[str, str], log_path: Path,
     import time
 
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         try:
             deadline = time.time() + timeout
             while not reached() and proc.poll() is None and time.time() < deadline:

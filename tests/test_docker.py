@@ -68,8 +68,11 @@ def test_compose_stack_starts_in_order_and_restarts(compose):
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
     assert "/api/health" in " ".join(services["prefect-server"]["healthcheck"]["test"])
     needs = services["worker"]["depends_on"]
-    assert needs == {"mlflow": {"condition": "service_healthy"}, "prefect-server": {"condition": "service_healthy"},
-                     "deploy": {"condition": "service_completed_successfully"}}
+    assert needs == {
+        "mlflow": {"condition": "service_healthy"},
+        "prefect-server": {"condition": "service_healthy"},
+        "deploy": {"condition": "service_completed_successfully"},
+    }
     assert services["deploy"]["depends_on"] == {"prefect-server": {"condition": "service_healthy"}}
     env = services["worker"]["environment"]
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"

@@ -43,7 +43,8 @@ def test_every_requirement_of_pyproject_is_locked_within_its_range():
             continue
         assert name in lock, f"{req.name} is in pyproject.toml but not in constraints.txt: run make lock"
         assert req.specifier.contains(lock[name], prereleases=True), (
-            f"constraints.txt has {req.name}=={lock[name]}, outside pyproject's {req}: run make lock")
+            f"constraints.txt has {req.name}=={lock[name]}, outside pyproject's {req}: run make lock"
+        )
 
 
 def test_this_environment_is_the_locked_set():

@@ -12,8 +12,9 @@ from pipelines.safety import REDACTED, PathEscape, contained, redact_params
 from pipelines.workspace import Workspace
 
 ROOT = Path(__file__).parents[1]
-SOURCES = sorted(p for d in ("lalora", "pipelines", "flows", "studies", "benchmarks", "tests")
-                 for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(
+    p for d in ("lalora", "pipelines", "flows", "studies", "benchmarks", "tests") for p in (ROOT / d).rglob("*.py")
+)
 
 
 def _calls(text: str, name: str) -> list[str]:
@@ -24,7 +25,7 @@ def _calls(text: str, name: str) -> list[str]:
         while depth and i < len(text):
             depth += {"(": 1, ")": -1}.get(text[i], 0)
             i += 1
-        out.append(text[m.start():i])
+        out.append(text[m.start() : i])
     return out
 
 
@@ -82,16 +83,31 @@ def test_servers_bind_to_localhost():
 
 def test_secret_params_are_redacted():
     env = {"MLFLOW_TRACKING_PASSWORD": "hunter2-pw", "HF_TOKEN": "hf_abcdef", "HOME": "/root", "DEBUG": "1"}
-    params = {"lalora.lambda": 5.0, "hf_token": "hf_abcdef", "tracking.password": "x", "aws.secret_access_key": "k",
-              "tracking.api_key": "k2", "note": "pw is hunter2-pw", "tracking.mlflow_uri": "https://u:pw@host:5000/x",
-              "domains.0.name": "math", "training.steps": 1, "home": "/root", "monkey": "banana"}
+    params = {
+        "lalora.lambda": 5.0,
+        "hf_token": "hf_abcdef",
+        "tracking.password": "x",
+        "aws.secret_access_key": "k",
+        "tracking.api_key": "k2",
+        "note": "pw is hunter2-pw",
+        "tracking.mlflow_uri": "https://u:pw@host:5000/x",
+        "domains.0.name": "math",
+        "training.steps": 1,
+        "home": "/root",
+        "monkey": "banana",
+    }
     out = redact_params(params, env)
     for key in ("hf_token", "tracking.password", "aws.secret_access_key", "tracking.api_key"):
         assert out[key] == REDACTED
     assert out["note"] == f"pw is {REDACTED}"
     assert out["tracking.mlflow_uri"] == f"https://u:{REDACTED}@host:5000/x"
     assert {k: out[k] for k in ("lalora.lambda", "domains.0.name", "training.steps", "home", "monkey")} == {
-        "lalora.lambda": 5.0, "domains.0.name": "math", "training.steps": 1, "home": "/root", "monkey": "banana"}
+        "lalora.lambda": 5.0,
+        "domains.0.name": "math",
+        "training.steps": 1,
+        "home": "/root",
+        "monkey": "banana",
+    }
     assert not any(s in str(v) for v in out.values() for s in ("hunter2-pw", "hf_abcdef", ":pw@"))
 
 
@@ -111,8 +127,9 @@ def test_the_mlflow_tracker_never_stores_a_secret(tmp_path, monkeypatch):
 def test_config_refuses_a_password_in_the_tracking_uri(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("domains: [{name: d1}]\ntracking: {mlflow_uri: 'https://me:pw@mlflow.example:5000'}\n")
-    with pytest.raises(ConfigError,
-                       match=r"tracking.mlflow_uri: holds a password; secrets come only from the environment"):
+    with pytest.raises(
+        ConfigError, match=r"tracking.mlflow_uri: holds a password; secrets come only from the environment"
+    ):
         load_config(cfg)
 
 
@@ -131,8 +148,12 @@ def test_workspace_and_config_refuse_escaping_names(tmp_path):
     with pytest.raises(PathEscape):
         Workspace(tmp_path).stage(1, "a")
     cfg = tmp_path / "c.yaml"
-    for field, value in (("domains.0.name", "../up"), ("source.name", "/abs"), ("tracking.registered_model", "../m"),
-                         ("tracking.registered_model", "a/b")):
+    for field, value in (
+        ("domains.0.name", "../up"),
+        ("source.name", "/abs"),
+        ("tracking.registered_model", "../m"),
+        ("tracking.registered_model", "a/b"),
+    ):
         cfg.write_text("domains: [{name: d1}]\n")
         with pytest.raises(ConfigError, match=f"{re.escape(field)}: .*is not a valid"):
             load_config(cfg, [f"{field}={value}"])

@@ -20,8 +20,15 @@ if TYPE_CHECKING:
     )
     from lalora.curvature.settings import FisherType
 
-__all__ = ["CURVATURES", "CurvatureEstimate", "CurvatureEstimator", "FisherType", "MemoryEstimate", "build_estimator",
-           "register_curvature"]
+__all__ = [
+    "CURVATURES",
+    "CurvatureEstimate",
+    "CurvatureEstimator",
+    "FisherType",
+    "MemoryEstimate",
+    "build_estimator",
+    "register_curvature",
+]
 
 BUILTIN = ("diag", "kfac", "kfac_tri", "identity")
 """The built-in structures' modules, registered in this order (the structures, then the baseline)."""

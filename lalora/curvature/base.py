@@ -53,8 +53,9 @@ class CurvatureEstimator(ABC):
     settings: ClassVar[type] = FisherSettings
     """The estimator's user settings, a frozen dataclass: its fields are keyword arguments of ``__init__``."""
 
-    def __init__(self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0,
-                 adapter_name: str = "default") -> None:
+    def __init__(
+        self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0, adapter_name: str = "default"
+    ) -> None:
         if fisher_type not in ("empirical", "mc"):
             raise ValueError(f"fisher_type must be 'empirical' or 'mc', got {fisher_type!r}")
         if mc_samples < 1:
@@ -83,8 +84,9 @@ class CurvatureEstimator(ABC):
         return MemoryEstimate(n, n)
 
     # --- the shared pass --------------------------------------------------------------
-    def estimate(self, model: nn.Module, batches: Iterable[Batch],
-                 progress: Callable[[int], None] | None = None) -> CurvatureEstimate:
+    def estimate(
+        self, model: nn.Module, batches: Iterable[Batch], progress: Callable[[int], None] | None = None
+    ) -> CurvatureEstimate:
         # A DeepSpeed engine (ZeRO 0-2: parameters replicated) is run through its module, so
         # the engine's gradient-reduction hooks never see this pass.
         model = unwrap(model)
@@ -158,6 +160,7 @@ def build_estimator(kind: str, **kwargs: object) -> CurvatureEstimator:
     try:
         cls = CURVATURES[kind]
     except KeyError:
-        raise ValueError(f"unknown curvature kind {kind!r}; "
-                         f"registered kinds: {', '.join(sorted(CURVATURES))}") from None
+        raise ValueError(
+            f"unknown curvature kind {kind!r}; registered kinds: {', '.join(sorted(CURVATURES))}"
+        ) from None
     return cls(**kwargs)  # type: ignore[arg-type]

@@ -22,8 +22,9 @@ class IdentityCurvature(CurvatureEstimator):
 
     settings = NoSettings
 
-    def estimate(self, model: nn.Module, batches: Iterable[Batch],
-                 progress: Callable[[int], None] | None = None) -> CurvatureEstimate:
+    def estimate(
+        self, model: nn.Module, batches: Iterable[Batch], progress: Callable[[int], None] | None = None
+    ) -> CurvatureEstimate:
         params = lora_parameters(model, self.adapter_name)
         return CurvatureEstimate(self._finalize({}, 1, params), 0, "identity")
 
@@ -34,5 +35,6 @@ class IdentityCurvature(CurvatureEstimator):
         return None
 
     def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> DiagPrecision:
-        return DiagPrecision({p.name: torch.ones(p.param.shape, dtype=torch.float32, device=p.param.device)
-                              for p in params})
+        return DiagPrecision(
+            {p.name: torch.ones(p.param.shape, dtype=torch.float32, device=p.param.device) for p in params}
+        )

@@ -38,8 +38,15 @@ class KronCurvatureBase(CurvatureEstimator):
     precision_cls: ClassVar[type[KronPrecision]] = KronPrecision
     settings = KronSettings
 
-    def __init__(self, fisher_type: FisherType = "empirical", mc_samples: int = 1, seed: int = 0,
-                 adapter_name: str = "default", top_k: int = 32, max_terms: int = 4) -> None:
+    def __init__(
+        self,
+        fisher_type: FisherType = "empirical",
+        mc_samples: int = 1,
+        seed: int = 0,
+        adapter_name: str = "default",
+        top_k: int = 32,
+        max_terms: int = 4,
+    ) -> None:
         super().__init__(fisher_type, mc_samples, seed, adapter_name)
         if top_k < 1 or max_terms < 1:
             raise ValueError(f"top_k and max_terms must be >= 1, got {top_k} and {max_terms}")
@@ -62,8 +69,9 @@ class KronCurvatureBase(CurvatureEstimator):
                 gram_([state[f"G:{rec.param.name}"]], rows(rec.out_grads))
         state[_TOKENS] += rows.count * len(grads[0].inputs)
 
-    def _terms(self, state: dict[str, Tensor], n_samples: int,
-               params: list[LoraParam]) -> tuple[dict[str, KronTerm], dict[str, CrossTerm]]:
+    def _terms(
+        self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]
+    ) -> tuple[dict[str, KronTerm], dict[str, CrossTerm]]:
         """Every matrix's term, and each module's cross block C_S (d_in, r), C_G (r, d_out) before any projection.
 
         S_A = sum / tokens and G_B = sum / N, the large sides, compressed together

@@ -28,8 +28,9 @@ class KFACTriCurvature(KronCurvatureBase):
         terms, raw = self._terms(state, n_samples, params)
         items = [(terms[f"{m}.lora_A"], terms[f"{m}.lora_B"], c) for m, c in raw.items()]
         cross = {m: [c] for m, c in zip(raw, project_psd_many(items), strict=True)}  # modules of one shape in one batch
-        return KronTriPrecision({n: [t] for n, t in terms.items()}, top_k=self.top_k, max_terms=self.max_terms,
-                                cross=cross)
+        return KronTriPrecision(
+            {n: [t] for n, t in terms.items()}, top_k=self.top_k, max_terms=self.max_terms, cross=cross
+        )
 
     def memory(self, shapes: dict[str, tuple[int, ...]]) -> MemoryEstimate:
         base = super().memory(shapes)

@@ -28,8 +28,11 @@ from before the field keep their hashes)."""
 
 def identity_fields(model: type[BaseModel], mark: dict[str, Any]) -> tuple[str, ...]:
     """The fields of ``model`` (by their names in the dump, aliases included) whose schema carries ``mark``."""
-    return tuple(f.alias or name for name, f in model.model_fields.items()
-                 if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("identity") == mark["identity"])
+    return tuple(
+        f.alias or name
+        for name, f in model.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("identity") == mark["identity"]
+    )
 
 
 def _lambda_value(value: Any) -> Any:

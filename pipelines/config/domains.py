@@ -27,8 +27,10 @@ SymbolOp = Literal["copy", "reverse", "next", "previous", "rotate", "double", "i
 class GeneratorSource(Model):
     kind: Literal["generator"] = "generator"
     name: Literal["symbol-ops"] = Field("symbol-ops", description="Built-in generator.")
-    op: SymbolOp | list[SymbolOp] = Field("copy", description="Transformation of the symbol string; a list "
-                                          "mixes several, each example drawing one at random.")
+    op: SymbolOp | list[SymbolOp] = Field(
+        "copy",
+        description="Transformation of the symbol string; a list mixes several, each example drawing one at random.",
+    )
     alphabet: str = Field("0123456789", min_length=2, description="Symbols the strings are drawn from.")
     min_len: int = Field(3, ge=1, description="Shortest string.")
     max_len: int = Field(5, ge=1, description="Longest string.")
@@ -69,31 +71,65 @@ class EvalDataConfig(RowFormat):
 class DomainConfig(RowFormat):
     name: str = Field(description="Domain name: letters, digits, '.', '_' or '-'; used in paths, runs and tags.")
     data: DataSource = Field(default_factory=GeneratorSource, description="Where the examples come from.")
-    eval_data: EvalDataConfig | None = Field(None, description="Evaluation rows from another source and format (e.g. "
-                                             "train on MetaMathQA, score on GSM8K test); default: held out from data.")
-    eval_size: int = Field(200, gt=0, description="Held-out examples scored after every stage (at most this many for "
-                           "eval_data and for probes).")
+    eval_data: EvalDataConfig | None = Field(
+        None,
+        description="Evaluation rows from another source and format (e.g. "
+        "train on MetaMathQA, score on GSM8K test); default: held out from data.",
+    )
+    eval_size: int = Field(
+        200,
+        gt=0,
+        description="Held-out examples scored after every stage (at most this many for eval_data and for probes).",
+    )
     train_size: int | None = Field(None, gt=0, description="Cap on training examples (after the shuffle); default all.")
-    curvature_size: int | None = Field(None, gt=0, description="Examples for this domain's curvature; default "
-                                       "lalora.samples.")
-    val_size: int | None = Field(None, gt=0, description="Validation rows, held out from training, curvature and "
-                                 f"evaluation, that lambda: auto scores its trials on (default {VAL_SIZE} when a stage "
-                                 "searches lambda; none otherwise, so other lineages keep their splits).",
-                                 json_schema_extra=WHEN_SET)
-    lam: Lambda | None = Field(None, alias="lambda", description="This domain's stage only: its own lambda (a number "
-                               "or 'auto'); default lalora.lambda. Part of the stage's identity only when set.",
-                               json_schema_extra=WHEN_SET)
-    steps: int | None = Field(None, gt=0, description="This domain's stage only: its optimizer steps; default "
-                              "training.steps. Part of the stage's identity only when set.", json_schema_extra=WHEN_SET)
-    lr: float | None = Field(None, gt=0, description="This domain's stage only: its learning rate; default "
-                             "training.lr. Part of the stage's identity only when set.", json_schema_extra=WHEN_SET)
-    scoring: Scoring | None = Field(None, description="Score of the R matrix, by kind: generate, multiple_choice or "
-                                    "perplexity. Default: the preset's (generate with extractor exact without one).")
-    chat_template: Literal["never", "auto", "always"] = Field("never", description="Wrap each prompt as a user turn "
-                                                              "in the tokenizer's chat template: auto when it has one; "
-                                                              "always fails if it has none.")
-    split_seed: int = Field(0, description="Seed of the generator (built-in data) and of the shuffle fixing the "
-                            "train / eval / curvature splits.")
+    curvature_size: int | None = Field(
+        None, gt=0, description="Examples for this domain's curvature; default lalora.samples."
+    )
+    val_size: int | None = Field(
+        None,
+        gt=0,
+        description="Validation rows, held out from training, curvature and "
+        f"evaluation, that lambda: auto scores its trials on (default {VAL_SIZE} when a stage "
+        "searches lambda; none otherwise, so other lineages keep their splits).",
+        json_schema_extra=WHEN_SET,
+    )
+    lam: Lambda | None = Field(
+        None,
+        alias="lambda",
+        description="This domain's stage only: its own lambda (a number "
+        "or 'auto'); default lalora.lambda. Part of the stage's identity only when set.",
+        json_schema_extra=WHEN_SET,
+    )
+    steps: int | None = Field(
+        None,
+        gt=0,
+        description="This domain's stage only: its optimizer steps; default "
+        "training.steps. Part of the stage's identity only when set.",
+        json_schema_extra=WHEN_SET,
+    )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="This domain's stage only: its learning rate; default "
+        "training.lr. Part of the stage's identity only when set.",
+        json_schema_extra=WHEN_SET,
+    )
+    scoring: Scoring | None = Field(
+        None,
+        description="Score of the R matrix, by kind: generate, multiple_choice or "
+        "perplexity. Default: the preset's (generate with extractor exact without one).",
+    )
+    chat_template: Literal["never", "auto", "always"] = Field(
+        "never",
+        description="Wrap each prompt as a user turn "
+        "in the tokenizer's chat template: auto when it has one; "
+        "always fails if it has none.",
+    )
+    split_seed: int = Field(
+        0,
+        description="Seed of the generator (built-in data) and of the shuffle fixing the "
+        "train / eval / curvature splits.",
+    )
     _samples: int = PrivateAttr(default=SAMPLES)
     """The lineage's ``lalora.samples``, set when the lineage's config loads (``LineageConfig``'s validator); not a
     field, so it is in no dump: a stage's identity holds it once, in ``lalora``."""
@@ -101,8 +137,10 @@ class DomainConfig(RowFormat):
     @model_validator(mode="after")
     def _scoring_fits(self) -> DomainConfig:
         if self.score.kind == "multiple_choice" and not self.eval_format.has_choices:
-            raise ValueError("scoring multiple_choice needs choices: use preset hellaswag, arc or winogrande, or set "
-                             "choices_field and label_field" + (" on eval_data" if self.eval_data else ""))
+            raise ValueError(
+                "scoring multiple_choice needs choices: use preset hellaswag, arc or winogrande, or set "
+                "choices_field and label_field" + (" on eval_data" if self.eval_data else "")
+            )
         return self
 
     @property

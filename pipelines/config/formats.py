@@ -23,15 +23,22 @@ MC_PRESETS = ("hellaswag", "arc", "winogrande")
 class GenerateScoring(Model):
     kind: Literal["generate"] = "generate"
     extractor: Literal["exact", "gsm8k", "last_number", "regex"] = Field(
-        "exact", description="How the answer is read from a greedy generation (and from the reference): exact: the "
+        "exact",
+        description="How the answer is read from a greedy generation (and from the reference): exact: the "
         "whole text up to EOS, stripped; gsm8k: the number after '####' (lm-eval strict-match); last_number: the last "
-        "number in the text (lm-eval flexible-extract); regex: the first group of `pattern`.")
-    pattern: str | None = Field(None, description="Regular expression for extractor regex (its first group, or the "
-                                "whole match, is the answer).")
-    max_new_tokens: int | None = Field(None, gt=0, description="Generation length limit; default "
-                                       "evaluation.max_new_tokens.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings: generation ends at the first one and the "
-                            "text is cut there (e.g. 'Question:' for GSM8K).")
+        "number in the text (lm-eval flexible-extract); regex: the first group of `pattern`.",
+    )
+    pattern: str | None = Field(
+        None, description="Regular expression for extractor regex (its first group, or the whole match, is the answer)."
+    )
+    max_new_tokens: int | None = Field(
+        None, gt=0, description="Generation length limit; default evaluation.max_new_tokens."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings: generation ends at the first one and the "
+        "text is cut there (e.g. 'Question:' for GSM8K).",
+    )
 
     @model_validator(mode="after")
     def _pattern(self) -> GenerateScoring:
@@ -49,15 +56,20 @@ class GenerateScoring(Model):
 
 class MultipleChoiceScoring(Model):
     kind: Literal["multiple_choice"] = "multiple_choice"
-    metric: Literal["acc", "acc_norm"] = Field("acc_norm", description="Score in R: acc ranks choices by summed "
-                                               "log-likelihood; acc_norm by log-likelihood per character of the choice "
-                                               "(both as lm-eval reports them; both are always computed).")
+    metric: Literal["acc", "acc_norm"] = Field(
+        "acc_norm",
+        description="Score in R: acc ranks choices by summed "
+        "log-likelihood; acc_norm by log-likelihood per character of the choice "
+        "(both as lm-eval reports them; both are always computed).",
+    )
 
 
 class PerplexityScoring(Model):
     kind: Literal["perplexity"] = "perplexity"
-    metric: Literal["nll", "perplexity"] = Field("nll", description="Score in R: mean target-token NLL or its "
-                                                 "exponential (lower is better; both are always computed).")
+    metric: Literal["nll", "perplexity"] = Field(
+        "nll",
+        description="Score in R: mean target-token NLL or its exponential (lower is better; both are always computed).",
+    )
 
 
 class LmEvalScoring(Model):
@@ -70,8 +82,11 @@ class LmEvalScoring(Model):
     metric: str = Field("acc", min_length=1, description="The task's metric that goes into R (acc, acc_norm, ...).")
     num_fewshot: int = Field(0, ge=0, description="Few-shot examples per prompt.")
     limit: int | None = Field(None, gt=0, description="Score at most this many documents of the task.")
-    add_bos_token: bool = Field(True, description="Put BOS before each context, as the project's own scorers do "
-                                "(lm-eval otherwise leaves it to the tokenizer).")
+    add_bos_token: bool = Field(
+        True,
+        description="Put BOS before each context, as the project's own scorers do "
+        "(lm-eval otherwise leaves it to the tokenizer).",
+    )
 
 
 def _scoring_shorthand(v: Any) -> Any:
@@ -83,8 +98,11 @@ def _scoring_shorthand(v: Any) -> Any:
     return v
 
 
-Scoring = Annotated[GenerateScoring | MultipleChoiceScoring | PerplexityScoring | LmEvalScoring,
-                    Field(discriminator="kind"), BeforeValidator(_scoring_shorthand)]
+Scoring = Annotated[
+    GenerateScoring | MultipleChoiceScoring | PerplexityScoring | LmEvalScoring,
+    Field(discriminator="kind"),
+    BeforeValidator(_scoring_shorthand),
+]
 
 PRESET_SCORING: dict[str, GenerateScoring | MultipleChoiceScoring | PerplexityScoring] = {
     "gsm8k": GenerateScoring(extractor="gsm8k", stop=["Question:"]),
@@ -104,17 +122,27 @@ _MAPPING_FIELDS = ("prompt_field", "answer_field", "prompt_template", "answer_te
 class RowFormat(Model):
     """How records of a dataset become rows: a preset, or a field mapping / Jinja templates."""
 
-    preset: PresetName | None = Field(None, description="A known dataset shape (fields, prompt format, default "
-                                      "scorer): gsm8k, metamathqa, hellaswag, arc, winogrande or text.")
+    preset: PresetName | None = Field(
+        None,
+        description="A known dataset shape (fields, prompt format, default "
+        "scorer): gsm8k, metamathqa, hellaswag, arc, winogrande or text.",
+    )
     prompt_field: str = Field("prompt", description="Column holding the prompt (no preset, no prompt_template).")
     answer_field: str = Field("answer", description="Column holding the answer (the training target).")
-    prompt_template: str | None = Field(None, description="Jinja template of the prompt over the columns, e.g. "
-                                        "'Question: {{question}}\\nAnswer:'; overrides prompt_field.")
-    answer_template: str | None = Field(None, description="Jinja template of the answer, e.g. ' {{answer}}'; "
-                                        "overrides answer_field.")
+    prompt_template: str | None = Field(
+        None,
+        description="Jinja template of the prompt over the columns, e.g. "
+        "'Question: {{question}}\\nAnswer:'; overrides prompt_field.",
+    )
+    answer_template: str | None = Field(
+        None, description="Jinja template of the answer, e.g. ' {{answer}}'; overrides answer_field."
+    )
     choices_field: str | None = Field(None, description="Column holding the list of choices (multiple choice).")
-    label_field: str | None = Field(None, description="Column holding the gold choice: an index, a digit string, a "
-                                    "letter A, B, ... or the choice text. The answer is the gold choice.")
+    label_field: str | None = Field(
+        None,
+        description="Column holding the gold choice: an index, a digit string, a "
+        "letter A, B, ... or the choice text. The answer is the gold choice.",
+    )
 
     @model_validator(mode="after")
     def _one_way(self) -> RowFormat:

@@ -20,13 +20,14 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     for i, key in enumerate(keys[:-1]):
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is not an index of a list of "
-                                            f"{len(node)}"])
+                raise ConfigError(
+                    "--set", [f"{dotted}: {'.'.join(keys[: i + 1])} is not an index of a list of {len(node)}"]
+                )
             node = node[int(key)]
         else:
             node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
-                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[:i + 1])} is a value, not a section"])
+                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[: i + 1])} is a value, not a section"])
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -127,13 +128,20 @@ def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
         if not isinstance(d, dict):
             continue
         scoring = d.get("scoring")
-        if (isinstance(scoring, dict) and isinstance(scoring.get("include_path"), str)  # an lm-eval task's YAMLs
-                and not Path(scoring["include_path"]).is_absolute()):
+        if (
+            isinstance(scoring, dict)
+            and isinstance(scoring.get("include_path"), str)  # an lm-eval task's YAMLs
+            and not Path(scoring["include_path"]).is_absolute()
+        ):
             scoring["include_path"] = str((base / scoring["include_path"]).resolve())
         eval_data = d.get("eval_data")
         for src in (d.get("data"), (eval_data or {}).get("data") if isinstance(eval_data, dict) else None):
-            if (isinstance(src, dict) and src.get("kind") == "local" and isinstance(src.get("path"), str)
-                    and not Path(src["path"]).is_absolute()):
+            if (
+                isinstance(src, dict)
+                and src.get("kind") == "local"
+                and isinstance(src.get("path"), str)
+                and not Path(src["path"]).is_absolute()
+            ):
                 src["path"] = str((base / src["path"]).resolve())
 
 

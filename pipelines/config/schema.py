@@ -35,36 +35,50 @@ class PretrainConfig(Model):
     steps: int = Field(600, ge=0, description="Full-parameter training steps on the source domain for the tiny base.")
     lr: float = Field(3e-3, gt=0, description="AdamW learning rate for pretraining.")
     batch_size: int = Field(64, gt=0, description="Sequences per pretraining step.")
-    extra_data: list[DomainConfig] = Field(default_factory=list, description="More data mixed into pretraining "
-                                           "beside the source's training split (all of its rows, up to train_size; "
-                                           "never scored). The demo gives the base a glimpse of each domain's task, "
-                                           "as a pretrained LLM has seen a little of everything. Give generators a "
-                                           "split_seed other than the domains' so the rows differ from theirs.")
+    extra_data: list[DomainConfig] = Field(
+        default_factory=list,
+        description="More data mixed into pretraining "
+        "beside the source's training split (all of its rows, up to train_size; "
+        "never scored). The demo gives the base a glimpse of each domain's task, "
+        "as a pretrained LLM has seen a little of everything. Give generators a "
+        "split_seed other than the domains' so the rows differ from theirs.",
+    )
 
 
 class ModelConfig(Model):
-    path: str | None = Field(None, description="Hugging Face hub id or local directory of a causal LM and its "
-                             "tokenizer (from_pretrained); a local directory is relative to the config file. Empty: "
-                             "build a tiny Llama and pretrain it on the source domain.")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the local model's "
-                               "model.safetensors (what sha256sum prints): a run stops before training when the file "
-                               "differs. Set, it identifies the base in the stages' identity instead of the path, "
-                               "so a lineage resumes from another checkout. `lalora base` prints it.")
+    path: str | None = Field(
+        None,
+        description="Hugging Face hub id or local directory of a causal LM and its "
+        "tokenizer (from_pretrained); a local directory is relative to the config file. Empty: "
+        "build a tiny Llama and pretrain it on the source domain.",
+    )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the local model's "
+        "model.safetensors (what sha256sum prints): a run stops before training when the file "
+        "differs. Set, it identifies the base in the stages' identity instead of the path, "
+        "so a lineage resumes from another checkout. `lalora base` prints it.",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype when loading.")
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the tiny Llama "
-                                  "(model.path empty).")
+    tiny: TinyModelConfig = Field(
+        default_factory=TinyModelConfig, description="Shape of the tiny Llama (model.path empty)."
+    )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Pretraining of the tiny Llama.")
 
 
 # --- LoRA and LaLoRA --------------------------------------------------------------------
 class LoraSettings(Model):
     r: int = Field(8, gt=0, description="LoRA rank (our default; the paper's rank is not given).")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in "
-                         "Biderman et al.")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA alpha; the update is (alpha / r) B A. Default 2r as in Biderman et al."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout during fine-tuning (never during curvature).")
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1, description="Module names that get LoRA matrices (peft target_modules).")
+        min_length=1,
+        description="Module names that get LoRA matrices (peft target_modules).",
+    )
     init_seed: int = Field(0, description="Seed of the LoRA initialisation (the first stage's anchor).")
 
 
@@ -112,45 +126,71 @@ class IdentityCurvatureConfig(Model):
     kind: Literal["identity"] = "identity"
 
 
-CurvatureConfig = Annotated[DiagCurvatureConfig | KfacCurvatureConfig | KfacTriCurvatureConfig
-                            | IdentityCurvatureConfig, Field(discriminator="kind")]
+CurvatureConfig = Annotated[
+    DiagCurvatureConfig | KfacCurvatureConfig | KfacTriCurvatureConfig | IdentityCurvatureConfig,
+    Field(discriminator="kind"),
+]
 """The ``lalora.curvature`` section: one of the sections above, chosen by ``kind``."""
 CURVATURE_CONFIGS: dict[str, type[Model]] = {
-    "diag": DiagCurvatureConfig, "kfac": KfacCurvatureConfig, "kfac-tri": KfacTriCurvatureConfig,
-    "identity": IdentityCurvatureConfig}
+    "diag": DiagCurvatureConfig,
+    "kfac": KfacCurvatureConfig,
+    "kfac-tri": KfacTriCurvatureConfig,
+    "identity": IdentityCurvatureConfig,
+}
 """The section of each built-in curvature kind (lalora.curvature.settings.SETTINGS), in the registry's order."""
 
 
 class PriorConfig(Model):
-    tau_A: float = Field(1.0, ge=0, description="Prior precision of A matrices. At the first anchor (B = 0) A has zero "
-                         "curvature, so this alone holds A; our default, not the paper's.")
+    tau_A: float = Field(
+        1.0,
+        ge=0,
+        description="Prior precision of A matrices. At the first anchor (B = 0) A has zero "
+        "curvature, so this alone holds A; our default, not the paper's.",
+    )
     tau_B: float = Field(1e-4, ge=0, description="Prior precision of B matrices (our default).")
 
 
 class AccumulationConfig(Model):
-    mode: Literal["sum", "online", "replace"] = Field("sum", description="sum: recursive Laplace; online: "
-                                                      "gamma-decayed (online EWC); replace: newest domain only.")
+    mode: Literal["sum", "online", "replace"] = Field(
+        "sum", description="sum: recursive Laplace; online: gamma-decayed (online EWC); replace: newest domain only."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Decay of earlier domains' curvature for mode online.")
 
 
 class AutoLambdaConfig(Model):
     """How ``lambda: auto`` searches, per stage, for the lambda that learns most within a forgetting budget."""
 
-    max_forgetting: float | None = Field(None, ge=0, description="The forgetting budget: no earlier domain (source "
-                                         "and probes included) may forget more than this on its validation rows, in "
-                                         "its own score's units. Default: promotion.max_forgetting (one of the two "
-                                         "must be set).")
+    max_forgetting: float | None = Field(
+        None,
+        ge=0,
+        description="The forgetting budget: no earlier domain (source "
+        "and probes included) may forget more than this on its validation rows, in "
+        "its own score's units. Default: promotion.max_forgetting (one of the two "
+        "must be set).",
+    )
     min_lambda: float = Field(0.01, gt=0, description="Smallest lambda tried.")
     max_lambda: float = Field(1000.0, gt=0, description="Largest lambda tried.")
     max_trials: int = Field(6, ge=1, description="At most this many trial trainings per stage.")
-    trial_share: float = Field(1.0, gt=0, le=1, description="Share of the stage's steps a trial trains. 1: every "
-                               "trial is a full-length stage and the best one is kept; below 1 the stage then "
-                               "trains once more, in full, at the chosen lambda.")
-    resolution: float = Field(1.5, gt=1, description="Stop when the feasible lambda and the infeasible one below "
-                              "it are closer than this factor.")
-    columns: list[str] | None = Field(None, min_length=1, description="The earlier columns (source, domains, probes, "
-                                      "by name) the budget applies to; the others' forgetting is recorded but does "
-                                      "not bound lambda. Default: every earlier column.")
+    trial_share: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Share of the stage's steps a trial trains. 1: every "
+        "trial is a full-length stage and the best one is kept; below 1 the stage then "
+        "trains once more, in full, at the chosen lambda.",
+    )
+    resolution: float = Field(
+        1.5,
+        gt=1,
+        description="Stop when the feasible lambda and the infeasible one below it are closer than this factor.",
+    )
+    columns: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="The earlier columns (source, domains, probes, "
+        "by name) the budget applies to; the others' forgetting is recorded but does "
+        "not bound lambda. Default: every earlier column.",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> AutoLambdaConfig:
@@ -160,23 +200,37 @@ class AutoLambdaConfig(Model):
 
 
 class LaLoRAConfig(Model):
-    lam: Lambda = Field(10.0, alias="lambda", description="Penalty strength lambda; 0 is plain LoRA; 'auto': each "
-                        "stage searches for it within a forgetting budget (lalora.auto).")
-    auto: AutoLambdaConfig = Field(default_factory=AutoLambdaConfig, description="The search of lambda: auto "
-                                   "(part of a stage's identity only when that stage searches).")
-    curvature: CurvatureConfig = Field(default_factory=DiagCurvatureConfig,
-                                       description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
-                                       "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
-                                       "identity (plain L2).")
-    samples: int = Field(SAMPLES, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy "
-                         "sets suffice).")
+    lam: Lambda = Field(
+        10.0,
+        alias="lambda",
+        description="Penalty strength lambda; 0 is plain LoRA; 'auto': each "
+        "stage searches for it within a forgetting budget (lalora.auto).",
+    )
+    auto: AutoLambdaConfig = Field(
+        default_factory=AutoLambdaConfig,
+        description="The search of lambda: auto (part of a stage's identity only when that stage searches).",
+    )
+    curvature: CurvatureConfig = Field(
+        default_factory=DiagCurvatureConfig,
+        description="Curvature structure, by kind: diag, kfac, kfac-tri (with "
+        "fisher_type, mc_samples; top_k, max_terms for the Kronecker kinds) or "
+        "identity (plain L2).",
+    )
+    samples: int = Field(
+        SAMPLES, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy sets suffice)."
+    )
     batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
-    accumulate: AccumulationConfig = Field(default_factory=AccumulationConfig, description="How domains' "
-                                           "curvature combines.")
-    memory_budget_gb: float = Field(8.0, gt=0, description="Refuse a curvature pass whose accumulators would exceed "
-                                    "this many GiB (estimated and printed before the pass).",
-                                    json_schema_extra=NOT_IDENTITY)
+    accumulate: AccumulationConfig = Field(
+        default_factory=AccumulationConfig, description="How domains' curvature combines."
+    )
+    memory_budget_gb: float = Field(
+        8.0,
+        gt=0,
+        description="Refuse a curvature pass whose accumulators would exceed "
+        "this many GiB (estimated and printed before the pass).",
+        json_schema_extra=NOT_IDENTITY,
+    )
 
 
 # --- training, engine, evaluation, tracking ----------------------------------------------
@@ -188,16 +242,27 @@ class ReplayConfig(Model):
     """Rehearsal: earlier data mixed into every batch of a stage (the baseline teams use; with lambda 0,
     replay alone; with the penalty, both)."""
 
-    fraction: float = Field(0.0, ge=0, lt=1, description="Share of each batch drawn from earlier data: "
-                            "round(fraction * batch_size) rows a batch (0: no replay).")
+    fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each batch drawn from earlier data: "
+        "round(fraction * batch_size) rows a batch (0: no replay).",
+    )
     sources: list[Literal["domains", "source"]] = Field(
-        default_factory=_every_replay_source, description="Where replayed rows come from: 'domains', "
+        default_factory=_every_replay_source,
+        description="Where replayed rows come from: 'domains', "
         "the earlier stages' domains' training splits; 'source', the source's training split. Evaluation rows "
-        "never.")
-    data: list[DomainConfig] = Field(default_factory=list, description="Named data sets replayed too (every row, "
-                                     "up to train_size; never scored), e.g. general text a team keeps.")
-    max_per_domain: int | None = Field(None, gt=0, description="At most this many rows of each source (the first "
-                                       "of its seeded shuffle); default all.")
+        "never.",
+    )
+    data: list[DomainConfig] = Field(
+        default_factory=list,
+        description="Named data sets replayed too (every row, "
+        "up to train_size; never scored), e.g. general text a team keeps.",
+    )
+    max_per_domain: int | None = Field(
+        None, gt=0, description="At most this many rows of each source (the first of its seeded shuffle); default all."
+    )
     seed: int = Field(0, description="Seed of which replayed rows go into which batch.")
 
     @property
@@ -209,48 +274,79 @@ class TrainingConfig(Model):
     steps: int = Field(300, gt=0, description="Optimizer steps per stage.")
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the LoRA matrices (our default).")
     batch_size: int = Field(64, gt=0, description="Sequences per step.")
-    max_length: int = Field(32, gt=1, description="Longest training sequence in tokens; longer ones are truncated "
-                            "or refused (overlong).")
-    overlong: Literal["truncate", "error"] = Field("truncate", description="A training sequence longer than "
-                                                   "max_length: truncate it, or stop the run naming the example.")
+    max_length: int = Field(
+        32, gt=1, description="Longest training sequence in tokens; longer ones are truncated or refused (overlong)."
+    )
+    overlong: Literal["truncate", "error"] = Field(
+        "truncate",
+        description="A training sequence longer than max_length: truncate it, or stop the run naming the example.",
+    )
     seed: int = Field(0, description="Seed of data order and dropout.")
-    log_every: int = Field(10, gt=0, description="Steps between logged loss / penalty values.",
-                           json_schema_extra=NOT_IDENTITY)
-    checkpoint_every: int = Field(50, ge=0, description="Steps between DeepSpeed checkpoints of the adapter and "
-                                  "optimizer; an interrupted stage restarts from the latest one (0: only at the end).",
-                                  json_schema_extra=NOT_IDENTITY)
-    group_by_length: bool = Field(False, description="Batch examples of similar length together (less padding; "
-                                  "batch order stays shuffled).")
-    replay: ReplayConfig = Field(default_factory=ReplayConfig, description="Earlier data mixed into each batch "
-                                 "(part of the stage's identity when on).")
+    log_every: int = Field(
+        10, gt=0, description="Steps between logged loss / penalty values.", json_schema_extra=NOT_IDENTITY
+    )
+    checkpoint_every: int = Field(
+        50,
+        ge=0,
+        description="Steps between DeepSpeed checkpoints of the adapter and "
+        "optimizer; an interrupted stage restarts from the latest one (0: only at the end).",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together (less padding; batch order stays shuffled)."
+    )
+    replay: ReplayConfig = Field(
+        default_factory=ReplayConfig,
+        description="Earlier data mixed into each batch (part of the stage's identity when on).",
+    )
     optimizer_impl: Literal["auto", "fused", "unfused"] = Field(
-        "auto", description="AdamW's implementation: one fused kernel for every matrix ('fused'), or torch's own "
+        "auto",
+        description="AdamW's implementation: one fused kernel for every matrix ('fused'), or torch's own "
         "choice ('unfused': multi-tensor on a GPU, a loop over the matrices on the CPU); 'auto': fused on a GPU, "
         "unfused on the CPU. The same update up to rounding, so not part of a stage's identity.",
-        json_schema_extra=NOT_IDENTITY)
-    activation_checkpointing: bool = Field(False, description="Recompute each decoder layer's activations in the "
-                                           "backward pass instead of keeping them: less memory for long sequences, "
-                                           "about one more forward of compute. Same result; not part of the identity.",
-                                           json_schema_extra=NOT_IDENTITY)
-    loss_chunk: int = Field(0, ge=0, description="Positions per chunk of a cross-entropy fused with the LM head: "
-                            "the head and the loss run chunk by chunk, each chunk's gradient taken at once, so the "
-                            "full (batch x length x vocabulary) float32 logits are never held (over Llama 3's 128k "
-                            "vocabulary, 4 GiB at 8 x 1024 tokens). 0: the model's own loss over the full logits. "
-                            "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.",
-                            json_schema_extra=NOT_IDENTITY)
+        json_schema_extra=NOT_IDENTITY,
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the "
+        "backward pass instead of keeping them: less memory for long sequences, "
+        "about one more forward of compute. Same result; not part of the identity.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="Positions per chunk of a cross-entropy fused with the LM head: "
+        "the head and the loss run chunk by chunk, each chunk's gradient taken at once, so the "
+        "full (batch x length x vocabulary) float32 logits are never held (over Llama 3's 128k "
+        "vocabulary, 4 GiB at 8 x 1024 tokens). 0: the model's own loss over the full logits. "
+        "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.",
+        json_schema_extra=NOT_IDENTITY,
+    )
 
 
 class DeepSpeedConfig(Model):
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage. At 3 the base's weights are partitioned across "
-                                            "the ranks (fine-tune and curvature) and the LoRA matrices kept whole on "
-                                            "every rank, where the penalty and the curvature read them.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        0,
+        description="ZeRO stage. At 3 the base's weights are partitioned across "
+        "the ranks (fine-tune and curvature) and the LoRA matrices kept whole on "
+        "every rank, where the penalty and the curvature read them.",
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
-    world_size: int = Field(1, ge=1, description="Processes per node for fine-tuning and curvature; above 1 (or with "
-                            "a hostfile) both steps run through the deepspeed launcher, data parallel.",
-                            json_schema_extra=NOT_IDENTITY)
-    hostfile: str | None = Field(None, description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
-                                 "relative to the config file or absolute.", json_schema_extra=NOT_IDENTITY)
+    world_size: int = Field(
+        1,
+        ge=1,
+        description="Processes per node for fine-tuning and curvature; above 1 (or with "
+        "a hostfile) both steps run through the deepspeed launcher, data parallel.",
+        json_schema_extra=NOT_IDENTITY,
+    )
+    hostfile: str | None = Field(
+        None,
+        description="DeepSpeed hostfile for multi-node runs ('host slots=N' lines); "
+        "relative to the config file or absolute.",
+        json_schema_extra=NOT_IDENTITY,
+    )
 
 
 class EvaluationConfig(Model):
@@ -261,10 +357,15 @@ class EvaluationConfig(Model):
 class TrackingConfig(Model):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; empty: sqlite:///<out>/mlflow.db.")
     experiment: str = Field("lalora", min_length=1, description="MLflow experiment name.")
-    registered_model: str = Field("lalora-adapter", min_length=1, description="Registered model holding one "
-                                  "version per stage.")
-    latest_alias: str = Field("newest", min_length=1, description="Alias moved to every new version. MLflow reserves "
-                              "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.")
+    registered_model: str = Field(
+        "lalora-adapter", min_length=1, description="Registered model holding one version per stage."
+    )
+    latest_alias: str = Field(
+        "newest",
+        min_length=1,
+        description="Alias moved to every new version. MLflow reserves "
+        "'latest' (models:/NAME/latest already means the newest version), so it cannot be used.",
+    )
 
     @field_validator("registered_model")
     @classmethod
@@ -279,8 +380,10 @@ class TrackingConfig(Model):
         from urllib.parse import urlsplit
 
         if v and urlsplit(v).password is not None:
-            raise ValueError("holds a password; secrets come only from the environment: drop it from the URI and "
-                             "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+            raise ValueError(
+                "holds a password; secrets come only from the environment: drop it from the URI and "
+                "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+            )
         return v
 
     @field_validator("latest_alias")
@@ -292,41 +395,69 @@ class TrackingConfig(Model):
 
 
 class PromotionConfig(Model):
-    alias: str = Field("champion", min_length=1, description="Alias that moves to a new version only when every "
-                       "condition below holds; a version that fails stays registered, tagged with the reason.")
-    min_bwt: float | None = Field(None, description="Backward transfer after the stage must be >= this (e.g. -0.05); "
-                                  "empty: not checked.")
-    max_forgetting: float | None = Field(None, ge=0, description="No earlier domain (source and probes included) "
-                                         "may have forgotten more than this, in its own score's units (accuracy: "
-                                         "0..1; a perplexity-scored domain: its NLL); empty: not checked.")
-    min_learning: float | None = Field(None, description="The stage's own domain must gain at least this "
-                                       "(R[t][t] - R[t-1][t], sign flipped for a lower-is-better score); empty: "
-                                       "not checked.")
+    alias: str = Field(
+        "champion",
+        min_length=1,
+        description="Alias that moves to a new version only when every "
+        "condition below holds; a version that fails stays registered, tagged with the reason.",
+    )
+    min_bwt: float | None = Field(
+        None, description="Backward transfer after the stage must be >= this (e.g. -0.05); empty: not checked."
+    )
+    max_forgetting: float | None = Field(
+        None,
+        ge=0,
+        description="No earlier domain (source and probes included) "
+        "may have forgotten more than this, in its own score's units (accuracy: "
+        "0..1; a perplexity-scored domain: its NLL); empty: not checked.",
+    )
+    min_learning: float | None = Field(
+        None,
+        description="The stage's own domain must gain at least this "
+        "(R[t][t] - R[t-1][t], sign flipped for a lower-is-better score); empty: "
+        "not checked.",
+    )
 
 
 class OrchestrationConfig(Model):
-    launch_retries: int = Field(1, ge=0, validation_alias=AliasChoices("launch_retries", "finetune_retries"),
-                                description="Prefect retries of a stage's precision and fine-tune steps after a "
-                                "transient failure (a launched rank killed by a signal, a failed rendezvous; "
-                                "pipelines.runtime.launch.is_transient), never after the step's own error. Safe: the "
-                                "precision is recomputed from the same inputs, a fine-tune resumes from its latest "
-                                "DeepSpeed checkpoint. Formerly finetune_retries (still read).")
+    launch_retries: int = Field(
+        1,
+        ge=0,
+        validation_alias=AliasChoices("launch_retries", "finetune_retries"),
+        description="Prefect retries of a stage's precision and fine-tune steps after a "
+        "transient failure (a launched rank killed by a signal, a failed rendezvous; "
+        "pipelines.runtime.launch.is_transient), never after the step's own error. Safe: the "
+        "precision is recomputed from the same inputs, a fine-tune resumes from its latest "
+        "DeepSpeed checkpoint. Formerly finetune_retries (still read).",
+    )
     retry_delay_seconds: float = Field(5.0, ge=0, description="Wait before a retry.")
-    lock_timeout_seconds: float = Field(6 * 3600.0, gt=0, description="How long a run waits for the run holding "
-                                        "its lineage (the output directory's lock, the store's lease) before it "
-                                        "gives up in one line with exit 4.")
-    lease_ttl_seconds: float = Field(120.0, gt=0, description="Workers on several hosts sharing one tracking "
-                                     "server write a lineage one at a time, under a lease kept in the store; a "
-                                     "holder heartbeats every quarter of this, and a lease whose last heartbeat is "
-                                     "older is taken over (its holder died).")
+    lock_timeout_seconds: float = Field(
+        6 * 3600.0,
+        gt=0,
+        description="How long a run waits for the run holding "
+        "its lineage (the output directory's lock, the store's lease) before it "
+        "gives up in one line with exit 4.",
+    )
+    lease_ttl_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="Workers on several hosts sharing one tracking "
+        "server write a lineage one at a time, under a lease kept in the store; a "
+        "holder heartbeats every quarter of this, and a lease whose last heartbeat is "
+        "older is taken over (its holder died).",
+    )
 
 
 class NotifyConfig(Model):
-    webhook: str | None = Field(None, description="URL that receives a small JSON POST (event, lineage, stage, "
-                                "version, reason, flow_run) when a run fails or the gate rejects a stage's "
-                                "promotion; empty: none. Prefect events are emitted either way.")
-    timeout_seconds: float = Field(10.0, gt=0, description="How long a webhook POST may take; a webhook that "
-                                   "fails is logged, never fails the run.")
+    webhook: str | None = Field(
+        None,
+        description="URL that receives a small JSON POST (event, lineage, stage, "
+        "version, reason, flow_run) when a run fails or the gate rejects a stage's "
+        "promotion; empty: none. Prefect events are emitted either way.",
+    )
+    timeout_seconds: float = Field(
+        10.0, gt=0, description="How long a webhook POST may take; a webhook that fails is logged, never fails the run."
+    )
 
     @field_validator("webhook")
     @classmethod
@@ -337,11 +468,15 @@ class NotifyConfig(Model):
 
 
 class RuntimeConfig(Model):
-    threads: int | None = Field(None, ge=1, description="torch threads for every step (pretraining, curvature, "
-                                "fine-tuning, scoring); empty: torch's default (the machine's cores, or "
-                                "OMP_NUM_THREADS). On a CPU the thread count changes the order of floating-point "
-                                "sums, so pin it for results that do not depend on the machine. Not part of a "
-                                "stage's identity (like deepspeed.world_size).")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads for every step (pretraining, curvature, "
+        "fine-tuning, scoring); empty: torch's default (the machine's cores, or "
+        "OMP_NUM_THREADS). On a CPU the thread count changes the order of floating-point "
+        "sums, so pin it for results that do not depend on the machine. Not part of a "
+        "stage's identity (like deepspeed.world_size).",
+    )
 
 
 class LineageConfig(Model):
@@ -350,13 +485,19 @@ class LineageConfig(Model):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter shape.")
     lalora: LaLoRAConfig = Field(default_factory=LaLoRAConfig, description="The Laplace penalty.")
-    source: DomainConfig = Field(default_factory=lambda: DomainConfig(name="source"), description="What the base "
-                                 "model knows: curvature data of the first stage and a forgetting probe; pretraining "
-                                 "data of the tiny base.")
+    source: DomainConfig = Field(
+        default_factory=lambda: DomainConfig(name="source"),
+        description="What the base "
+        "model knows: curvature data of the first stage and a forgetting probe; pretraining "
+        "data of the tiny base.",
+    )
     domains: list[DomainConfig] = Field(min_length=1, description="New domains, one stage each, in order.")
-    probes: list[DomainConfig] = Field(default_factory=list, description="Evaluation-only domains (benchmarks of what "
-                                       "the base model knows, e.g. HellaSwag): scored after every stage as extra "
-                                       "columns of R, never trained on or used for curvature.")
+    probes: list[DomainConfig] = Field(
+        default_factory=list,
+        description="Evaluation-only domains (benchmarks of what "
+        "the base model knows, e.g. HellaSwag): scored after every stage as extra "
+        "columns of R, never trained on or used for curvature.",
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Fine-tuning per stage.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="The DeepSpeed engine.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Scoring after every stage.")
@@ -364,17 +505,23 @@ class LineageConfig(Model):
     promotion: PromotionConfig = Field(default_factory=PromotionConfig, description="Gate on the champion alias.")
     orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig, description="Prefect retries.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Compute resources of this process.")
-    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Who hears of a failed run or a rejected "
-                                 "promotion.")
-    catalogue: str | None = Field(None, description="YAML file listing further domains (a list, or a mapping with "
-                                  "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
-                                  "picks up new ones. Relative to the config file or absolute.")
+    notify: NotifyConfig = Field(
+        default_factory=NotifyConfig, description="Who hears of a failed run or a rejected promotion."
+    )
+    catalogue: str | None = Field(
+        None,
+        description="YAML file listing further domains (a list, or a mapping with "
+        "'domains'), appended after 'domains' and re-read on every run, so a scheduled run "
+        "picks up new ones. Relative to the config file or absolute.",
+    )
 
     @model_validator(mode="after")
     def _world_divides_batch(self) -> LineageConfig:
         if self.training.batch_size % self.deepspeed.world_size:
-            raise ValueError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
-                             f"deepspeed.world_size ({self.deepspeed.world_size})")
+            raise ValueError(
+                f"training.batch_size ({self.training.batch_size}) must be divisible by "
+                f"deepspeed.world_size ({self.deepspeed.world_size})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -383,27 +530,36 @@ class LineageConfig(Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"domain names must be unique (source included); repeated: {', '.join(dup)}")
-        for field, sets in (("model.pretrain.extra_data", self.model.pretrain.extra_data),
-                            ("training.replay.data", self.training.replay.data)):
+        for field, sets in (
+            ("model.pretrain.extra_data", self.model.pretrain.extra_data),
+            ("training.replay.data", self.training.replay.data),
+        ):
             extra = [d.name for d in sets]  # each name is a data file under data/
             dup = sorted({n for n in extra if extra.count(n) > 1 or n in names})
             if dup:
-                raise ValueError(f"{field} names must differ from each other and from the domains' "
-                                 f"(they name data files); rename: {', '.join(dup)}")
+                raise ValueError(
+                    f"{field} names must differ from each other and from the domains' "
+                    f"(they name data files); rename: {', '.join(dup)}"
+                )
             names = names + extra
         return self
 
     @model_validator(mode="after")
     def _stage_overrides(self) -> LineageConfig:
-        for field, sets in (("source", [self.source]), ("probes", self.probes),
-                            ("model.pretrain.extra_data", self.model.pretrain.extra_data),
-                            ("training.replay.data", self.training.replay.data)):
+        for field, sets in (
+            ("source", [self.source]),
+            ("probes", self.probes),
+            ("model.pretrain.extra_data", self.model.pretrain.extra_data),
+            ("training.replay.data", self.training.replay.data),
+        ):
             for d in sets:
                 own = [k for k in ("lam", "steps", "lr") if getattr(d, k) is not None]
                 if own:
                     names = ", ".join("lambda" if k == "lam" else k for k in own)
-                    raise ValueError(f"{field} {d.name}: {names} can only be set on a stage's domain (under domains); "
-                                     "it is not trained")
+                    raise ValueError(
+                        f"{field} {d.name}: {names} can only be set on a stage's domain (under domains); "
+                        "it is not trained"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -412,17 +568,23 @@ class LineageConfig(Model):
         if not self.searches:
             return self
         if self.lalora.auto.max_forgetting is None and self.promotion.max_forgetting is None:
-            raise ValueError("lambda auto needs a forgetting budget: set lalora.auto.max_forgetting (or "
-                             "promotion.max_forgetting), the most an earlier domain may forget in a stage")
+            raise ValueError(
+                "lambda auto needs a forgetting budget: set lalora.auto.max_forgetting (or "
+                "promotion.max_forgetting), the most an earlier domain may forget in a stage"
+            )
         named = {d.name for d in self.eval_domains}
         unknown = [c for c in self.lalora.auto.columns or [] if c not in named]
         if unknown:
-            raise ValueError(f"lalora.auto.columns: {', '.join(unknown)} is not a column of this lineage; choose from "
-                             f"{', '.join(d.name for d in self.eval_domains)}")
+            raise ValueError(
+                f"lalora.auto.columns: {', '.join(unknown)} is not a column of this lineage; choose from "
+                f"{', '.join(d.name for d in self.eval_domains)}"
+            )
         external = [d.name for d in self.eval_domains if d.score.kind == "lm_eval"]
         if external:
-            raise ValueError(f"lambda auto scores its trials on validation rows, which lm_eval-scored domains do not "
-                             f"have ({', '.join(external)}): score them with a preset's scorer, or fix lambda")
+            raise ValueError(
+                f"lambda auto scores its trials on validation rows, which lm_eval-scored domains do not "
+                f"have ({', '.join(external)}): score them with a preset's scorer, or fix lambda"
+            )
 
         def with_val(d: DomainConfig) -> DomainConfig:
             return d if d.val_size is not None else d.model_copy(update={"val_size": VAL_SIZE})

@@ -36,15 +36,21 @@ class Preset:
 
 
 def _qa(question: str, answer: str) -> Converter:
-    return lambda r: {"prompt": f"Question: {str(r[question]).strip()}\nAnswer:",
-                      "answer": f" {str(r[answer]).strip()}"}
+    return lambda r: {
+        "prompt": f"Question: {str(r[question]).strip()}\nAnswer:",
+        "answer": f" {str(r[answer]).strip()}",
+    }
 
 
 def _mc(prompt: str, choices: list[str], label: int, contexts: list[str] | None = None) -> Row:
     if not 0 <= label < len(choices):
         raise RowError(f"gold label {label} is not an index of {len(choices)} choices")
-    row: Row = {"prompt": contexts[label] if contexts else prompt, "answer": f" {choices[label]}",
-                "choices": choices, "label": label}
+    row: Row = {
+        "prompt": contexts[label] if contexts else prompt,
+        "answer": f" {choices[label]}",
+        "choices": choices,
+        "label": label,
+    }
     if contexts:
         row["contexts"] = contexts
     return row
@@ -150,8 +156,9 @@ def mapping_converter(fmt: RowFormat) -> tuple[Converter, list[str]]:
         def convert_mc(r: dict[str, Any]) -> Row:
             choices = r[choices_field]
             if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-                raise RowError(f"column {choices_field} must hold a non-empty list of strings, got "
-                               f"{type(choices).__name__}")
+                raise RowError(
+                    f"column {choices_field} must hold a non-empty list of strings, got {type(choices).__name__}"
+                )
             return _mc(prompt_fn(r), list(choices), _gold(r[label_field], choices))
 
         return convert_mc, list(dict.fromkeys(needed))

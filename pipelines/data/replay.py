@@ -58,8 +58,16 @@ def replay_rows(batch_size: int, fraction: float) -> int:
     return min(batch_size - 1, max(1, round(fraction * batch_size)))
 
 
-def mixed_batches(new: list[Encoded], replayed: list[Encoded], batch_size: int, fraction: float, pad_id: int,
-                  seed: int, replay_seed: int, group_by_length: bool = False) -> Iterator[dict[str, Tensor]]:
+def mixed_batches(
+    new: list[Encoded],
+    replayed: list[Encoded],
+    batch_size: int,
+    fraction: float,
+    pad_id: int,
+    seed: int,
+    replay_seed: int,
+    group_by_length: bool = False,
+) -> Iterator[dict[str, Tensor]]:
     """Endless batches of ``batch_size`` rows: the new domain's, then ``replay_rows`` of the pool's."""
     k = replay_rows(batch_size, fraction) if replayed else 0
     if k == 0:

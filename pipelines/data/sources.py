@@ -60,8 +60,9 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
             raise DataError(f"domain {domain}: data file {path} not found (data.path is relative to the config file)")
         fmt = _FORMATS.get(path.suffix.lower())
         if fmt is None:
-            raise DataError(f"domain {domain}: {path.name} has an unsupported extension; "
-                            f"use one of {', '.join(_FORMATS)}")
+            raise DataError(
+                f"domain {domain}: {path.name} has an unsupported extension; use one of {', '.join(_FORMATS)}"
+            )
         if _is_empty(path, fmt):
             raise DataError(f"domain {domain}: data file {path} is empty; add rows or point data.path at another file")
         try:
@@ -76,8 +77,9 @@ def _load_source(src: DataSource, domain: str, seed: int, data_dir: Path, file_s
         return datasets.load_dataset(src.id, src.name, split=src.split)
     except (OSError, ValueError, KeyError) as e:  # not found, unreachable (ConnectionError), bad split or config
         config = f" config {src.name!r}" if src.name else ""
-        raise DataError(f"domain {domain}: cannot load dataset {src.id!r}{config} split {src.split!r}: "
-                        f"{_first_line(e)}") from None
+        raise DataError(
+            f"domain {domain}: cannot load dataset {src.id!r}{config} split {src.split!r}: {_first_line(e)}"
+        ) from None
 
 
 def _is_empty(path: Path, fmt: str) -> bool:
@@ -108,10 +110,15 @@ def _checked_converter(ds: Any, fmt: RowFormat, domain: str) -> Converter:
         raise DataError(f"domain {domain}: {e}") from None
     missing = [c for c in needed if c not in ds.column_names]
     if missing:
-        how = f"preset {fmt.preset} reads {', '.join(needed)}" if fmt.preset else \
-            "set prompt_field / answer_field (or the templates, choices_field, label_field)"
-        raise DataError(f"domain {domain}: column(s) {', '.join(missing)} not in the data (columns: "
-                        f"{', '.join(ds.column_names)}); {how}")
+        how = (
+            f"preset {fmt.preset} reads {', '.join(needed)}"
+            if fmt.preset
+            else "set prompt_field / answer_field (or the templates, choices_field, label_field)"
+        )
+        raise DataError(
+            f"domain {domain}: column(s) {', '.join(missing)} not in the data (columns: "
+            f"{', '.join(ds.column_names)}); {how}"
+        )
     return convert
 
 
@@ -129,8 +136,9 @@ def _rows(ds: Any, fmt: RowFormat, domain: str, seed: int, limit: int | None) ->
             except RowError as e:
                 raise DataError(f"domain {domain}: row {start + i} (after the shuffle): {e}") from None
             except Exception as e:  # a template reading a missing key, a wrong type in a column
-                raise DataError(f"domain {domain}: row {start + i} (after the shuffle) cannot be formatted: "
-                                f"{_first_line(e)}") from None
+                raise DataError(
+                    f"domain {domain}: row {start + i} (after the shuffle) cannot be formatted: {_first_line(e)}"
+                ) from None
             if row is not None:
                 out.append(row)
                 if limit is not None and len(out) >= limit:
@@ -140,8 +148,13 @@ def _rows(ds: Any, fmt: RowFormat, domain: str, seed: int, limit: int | None) ->
 
 def load_rows(cfg: DomainConfig, data_dir: Path) -> tuple[list[dict[str, Any]], str]:
     """Every usable row of a domain's ``data``, shuffled (seeded), with their fingerprint; no splits."""
-    rows = _rows(_load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name), cfg, cfg.name, cfg.split_seed,
-                 cfg.train_size)
+    rows = _rows(
+        _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name),
+        cfg,
+        cfg.name,
+        cfg.split_seed,
+        cfg.train_size,
+    )
     if not rows:
         raise DataError(f"{cfg.name}: no usable rows (every record was skipped)")
     return rows, sha256_json(rows, sort_keys=False)  # the data fingerprint as lineages recorded it
@@ -161,33 +174,49 @@ def load_domain(cfg: DomainConfig, data_dir: Path, *, eval_only: bool = False) -
         _checked_converter(ds, cfg, cfg.name)
         held = cfg.eval_size + val_size
         if not eval_only and 0 < len(ds) <= held:
-            raise DataError(f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size}"
-                            f"{f', val_size={val_size}' if val_size else ''} and a training split; lower "
-                            f"{'them' if val_size else 'eval_size'} or add data")
+            raise DataError(
+                f"domain {cfg.name}: {len(ds)} rows cannot give eval_size={cfg.eval_size}"
+                f"{f', val_size={val_size}' if val_size else ''} and a training split; lower "
+                f"{'them' if val_size else 'eval_size'} or add data"
+            )
         limit = held if eval_only else (held + cfg.train_size if cfg.train_size else None)
         rows = _rows(ds, cfg, cfg.name, cfg.split_seed, limit)
         eval_rows, val_rows, train_rows = rows[: cfg.eval_size], rows[cfg.eval_size : held], rows[held:]
         if not eval_only and not train_rows:
-            raise DataError(f"domain {cfg.name}: only {len(rows)} usable rows, none left for training after "
-                            f"eval_size={cfg.eval_size}{f' and val_size={val_size}' if val_size else ''}; lower "
-                            "eval_size or add data")
+            raise DataError(
+                f"domain {cfg.name}: only {len(rows)} usable rows, none left for training after "
+                f"eval_size={cfg.eval_size}{f' and val_size={val_size}' if val_size else ''}; lower "
+                "eval_size or add data"
+            )
     else:
         eval_ds = _load_source(cfg.eval_data.data, cfg.name, cfg.split_seed, data_dir, f"{cfg.name}.eval")
         eval_rows = _rows(eval_ds, cfg.eval_data, cfg.name, cfg.split_seed, cfg.eval_size)
         limit = val_size if eval_only else (val_size + cfg.train_size if cfg.train_size else None)
-        rows = [] if eval_only and not val_size else _rows(
-            _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name), cfg, cfg.name, cfg.split_seed, limit)
+        rows = (
+            []
+            if eval_only and not val_size
+            else _rows(
+                _load_source(cfg.data, cfg.name, cfg.split_seed, data_dir, cfg.name),
+                cfg,
+                cfg.name,
+                cfg.split_seed,
+                limit,
+            )
+        )
         val_rows, train_rows = rows[:val_size], [] if eval_only else rows[val_size:]
     if not eval_rows:
         raise DataError(f"domain {cfg.name}: no usable evaluation rows (every record was skipped)")
     if not eval_only and not train_rows:
         raise DataError(f"domain {cfg.name}: no usable training rows (every record was skipped)")
     if val_size and not val_rows:
-        raise DataError(f"domain {cfg.name}: no rows left for val_size={val_size} after eval_size={cfg.eval_size}; "
-                        "add data or lower eval_size")
+        raise DataError(
+            f"domain {cfg.name}: no rows left for val_size={val_size} after eval_size={cfg.eval_size}; "
+            "add data or lower eval_size"
+        )
     if cfg.chat_template != "never":
-        eval_rows, val_rows, train_rows = ([{**r, "chat": cfg.chat_template} for r in rows]
-                                           for rows in (eval_rows, val_rows, train_rows))
+        eval_rows, val_rows, train_rows = (
+            [{**r, "chat": cfg.chat_template} for r in rows] for rows in (eval_rows, val_rows, train_rows)
+        )
     curvature_rows = train_rows[: cfg.curvature_rows]
     digest = sha256_json([eval_rows, train_rows, *([val_rows] if val_size else [])], sort_keys=False)  # as recorded
     return DomainSplits(cfg.name, train_rows, eval_rows, curvature_rows, digest, val_rows)

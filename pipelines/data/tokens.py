@@ -37,8 +37,9 @@ def prompt_ids(tokenizer: Any, prompt: str, chat: str = "never") -> list[int]:
     """
     if chat != "never":
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if chat == "always":
             raise DataError("chat_template is 'always' but the tokenizer has no chat template; set it to auto or never")
@@ -55,8 +56,10 @@ def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int, overlong
     for i, (r, ans) in enumerate(zip(rows, answers, strict=True)):
         p = prompt_ids(tokenizer, r["prompt"], r.get("chat", "never"))
         if overlong == "error" and len(p) + len(ans) + 1 > max_length:
-            raise DataError(f"example {i} is {len(p) + len(ans) + 1} tokens, over training.max_length={max_length} "
-                            f"(prompt {r['prompt'][:40]!r}...); raise max_length or set training.overlong: truncate")
+            raise DataError(
+                f"example {i} is {len(p) + len(ans) + 1} tokens, over training.max_length={max_length} "
+                f"(prompt {r['prompt'][:40]!r}...); raise max_length or set training.overlong: truncate"
+            )
         ids = (p + ans + [eos])[:max_length]
         labels = ([-100] * len(p) + ans + [eos])[:max_length]
         out.append(Encoded(ids, labels))
@@ -81,8 +84,9 @@ def fixed_batches(examples: list[Encoded], batch_size: int, pad_id: int) -> list
     return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 
 
-def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: random.Random,
-                   megabatch: int = 64) -> list[list[int]]:
+def length_grouped(
+    order: list[int], lengths: list[int], batch_size: int, rng: random.Random, megabatch: int = 64
+) -> list[list[int]]:
     """Batches of similar lengths from a shuffled ``order``, in random batch order.
 
     The shuffled order is cut into megabatches of ``megabatch * batch_size`` examples, each
@@ -98,8 +102,7 @@ def length_grouped(order: list[int], lengths: list[int], batch_size: int, rng: r
     return batches
 
 
-def batch_indices(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False
-                  ) -> Iterator[list[int]]:
+def batch_indices(lengths: list[int], batch_size: int, seed: int, group_by_length: bool = False) -> Iterator[list[int]]:
     """Endless shuffled batches of indices; epoch e uses the permutation seeded by (seed, e).
 
     Short batches are dropped unless the data holds less than one batch. ``group_by_length``
@@ -118,8 +121,9 @@ def batch_indices(lengths: list[int], batch_size: int, seed: int, group_by_lengt
         epoch += 1
 
 
-def train_batches(examples: list[Encoded], batch_size: int, pad_id: int, seed: int,
-                  group_by_length: bool = False) -> Iterator[dict[str, Tensor]]:
+def train_batches(
+    examples: list[Encoded], batch_size: int, pad_id: int, seed: int, group_by_length: bool = False
+) -> Iterator[dict[str, Tensor]]:
     """Endless shuffled batches (``batch_indices``), collated; the per-sequence loss is unchanged by
     ``group_by_length`` (nothing is packed together)."""
     for b in batch_indices([len(e.input_ids) for e in examples], batch_size, seed, group_by_length):

@@ -78,8 +78,13 @@ class Trial:
         return cls(**data)
 
 
-def validation_metrics(columns: list[str], stage: int, rows: Sequence[dict[str, float]], trial: dict[str, float],
-                       higher_is_better: list[bool]) -> tuple[float, dict[str, float]]:
+def validation_metrics(
+    columns: list[str],
+    stage: int,
+    rows: Sequence[dict[str, float]],
+    trial: dict[str, float],
+    higher_is_better: list[bool],
+) -> tuple[float, dict[str, float]]:
     """Learning and per-column forgetting of a trial's validation scores ``trial`` after the rows before it.
 
     ``columns`` as the gate reads R: the source, the domains up to ``stage``, the probes."""
@@ -125,16 +130,26 @@ def choose(trials: Sequence[Trial], budget: float) -> tuple[Trial, bool]:
 
 def summary(trials: Sequence[Trial], chosen: Trial, feasible: bool, budget: float, stage_steps: int) -> dict[str, Any]:
     """What a stage's search did, for the version, metrics.json and the Prefect artifact."""
-    return {"lambda": chosen.lam, "trials": len(trials), "feasible": feasible, "budget": budget,
-            "chosen_trial": chosen.index, "validation_learning": chosen.learning,
-            "validation_forgetting": chosen.max_forgetting, "worst_column": chosen.worst,
-            "trial_steps": sum(t.steps for t in trials), "stage_steps": stage_steps,
-            "compute": sum(t.steps for t in trials) / stage_steps,
-            "lambdas": [t.lam for t in trials]}
+    return {
+        "lambda": chosen.lam,
+        "trials": len(trials),
+        "feasible": feasible,
+        "budget": budget,
+        "chosen_trial": chosen.index,
+        "validation_learning": chosen.learning,
+        "validation_forgetting": chosen.max_forgetting,
+        "worst_column": chosen.worst,
+        "trial_steps": sum(t.steps for t in trials),
+        "stage_steps": stage_steps,
+        "compute": sum(t.steps for t in trials) / stage_steps,
+        "lambdas": [t.lam for t in trials],
+    }
 
 
 def refusal(trials: Sequence[Trial], chosen: Trial, budget: float, auto: AutoLambdaConfig) -> str:
     """One line: no lambda in range keeps the budget, and the smallest forgetting reached."""
-    return (f"no lambda in [{auto.min_lambda:g}, {auto.max_lambda:g}] keeps validation forgetting within "
-            f"{budget:g}: the smallest reached was {chosen.max_forgetting:.3f} ({chosen.worst}, lambda "
-            f"{chosen.lam:g}) after {len(trials)} trial(s); raise lalora.auto.max_lambda or the budget")
+    return (
+        f"no lambda in [{auto.min_lambda:g}, {auto.max_lambda:g}] keeps validation forgetting within "
+        f"{budget:g}: the smallest reached was {chosen.max_forgetting:.3f} ({chosen.worst}, lambda "
+        f"{chosen.lam:g}) after {len(trials)} trial(s); raise lalora.auto.max_lambda or the budget"
+    )

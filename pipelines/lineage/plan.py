@@ -23,9 +23,11 @@ from pipelines.workspace import sha256_json
 # Settings that cannot change what a stage produces (bookkeeping, resources; how the same update is computed:
 # rounding aside, a fused optimizer, recomputed activations and a chunked loss give the same adapter), as the
 # fields mark themselves (pipelines.config.base.NOT_IDENTITY); the domain's settings counted only when set.
-_IRRELEVANT = {"training": identity_fields(TrainingConfig, NOT_IDENTITY),
-               "deepspeed": identity_fields(DeepSpeedConfig, NOT_IDENTITY),
-               "lalora": identity_fields(LaLoRAConfig, NOT_IDENTITY)}
+_IRRELEVANT = {
+    "training": identity_fields(TrainingConfig, NOT_IDENTITY),
+    "deepspeed": identity_fields(DeepSpeedConfig, NOT_IDENTITY),
+    "lalora": identity_fields(LaLoRAConfig, NOT_IDENTITY),
+}
 _UNSET_UNSEEN = identity_fields(DomainConfig, WHEN_SET)
 _STAGE_SECTIONS = ("seed", "model", "lora", "lalora", "source", "training", "deepspeed")
 
@@ -70,9 +72,12 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
     return out
 
 
-def data_fingerprints(domains: list[DomainConfig], data_dir: str,
-                      pretrain_extra: Sequence[DomainConfig] = (), replay: Sequence[DomainConfig] = ()
-                      ) -> dict[str, str]:
+def data_fingerprints(
+    domains: list[DomainConfig],
+    data_dir: str,
+    pretrain_extra: Sequence[DomainConfig] = (),
+    replay: Sequence[DomainConfig] = (),
+) -> dict[str, str]:
     """sha256 of every domain's rows (all splits), by name: changes whenever the data does; the
     tiny base's ``model.pretrain.extra_data`` under ``pretrain:NAME``, replayed data sets under ``replay:NAME``."""
     from pipelines.data.sources import load_domain, load_rows
@@ -159,17 +164,26 @@ def first_conflict(keys: list[StageKey], recorded: list[Recorded], model: str) -
     for s in sorted(by_stage):
         r = by_stage[s]
         if s > len(keys):
-            return LineageConflict(f"{model} has finished stage {s} ({r.domain}, version {r.version}) but the config "
-                                   f"lists only {len(keys)} domain(s)", s, r)
+            return LineageConflict(
+                f"{model} has finished stage {s} ({r.domain}, version {r.version}) but the config "
+                f"lists only {len(keys)} domain(s)",
+                s,
+                r,
+            )
         k = keys[s - 1]
         if k.domain != r.domain:
-            return LineageConflict(f"stage {s} of {model} was domain {r.domain!r} (version {r.version}); the config "
-                                   f"puts {k.domain!r} there", s, r)
+            return LineageConflict(
+                f"stage {s} of {model} was domain {r.domain!r} (version {r.version}); the config "
+                f"puts {k.domain!r} there",
+                s,
+                r,
+            )
         if k.config_sha256 != r.config_sha256:
             return LineageConflict(f"the config of finished stage {s} ({r.domain}, version {r.version}) changed", s, r)
         if k.data_sha256 != r.data_sha256:
-            return LineageConflict(f"the data of finished stage {s} ({r.domain}, version {r.version}) changed "
-                                   "(fingerprint differs)", s, r)
+            return LineageConflict(
+                f"the data of finished stage {s} ({r.domain}, version {r.version}) changed (fingerprint differs)", s, r
+            )
     missing = [s for s in range(1, max(by_stage, default=0) + 1) if s not in by_stage]
     if missing:
         return LineageConflict(f"{model} has no version for stage {missing[0]} but has later ones", missing[0], None)
@@ -182,7 +196,7 @@ def plan(keys: list[StageKey], recorded: list[Recorded], model: str) -> Plan:
     if conflict is not None:
         raise conflict
     done = sorted({r.stage: r for r in sorted(recorded, key=lambda r: -int(r.version))}.values(), key=lambda r: r.stage)
-    return Plan(done, keys[len(done):])
+    return Plan(done, keys[len(done) :])
 
 
 def fork_point(keys: list[StageKey], recorded: list[Recorded], model: str) -> list[Recorded]:
@@ -204,6 +218,9 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 3) -> lis
         return {prefix.rstrip("."): d}
 
     a, b = flat(old), flat(new)
-    out = [f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}" for k in sorted(a.keys() | b.keys())
-           if a.get(k) != b.get(k)]
+    out = [
+        f"{k}: {a.get(k, '(unset)')} -> {b.get(k, '(unset)')}"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k)
+    ]
     return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])

@@ -23,10 +23,13 @@ class PreflightError(BadInput):
 
 def _domains(cfg: LineageConfig) -> list[tuple[str, DomainConfig]]:
     """Every configured data set with its field path."""
-    return ([("source", cfg.source)] + [(f"domains.{i}", d) for i, d in enumerate(cfg.domains)]
-            + [(f"probes.{i}", d) for i, d in enumerate(cfg.probes)]
-            + [(f"model.pretrain.extra_data.{i}", d) for i, d in enumerate(cfg.model.pretrain.extra_data)]
-            + [(f"training.replay.data.{i}", d) for i, d in enumerate(cfg.training.replay.data)])
+    return (
+        [("source", cfg.source)]
+        + [(f"domains.{i}", d) for i, d in enumerate(cfg.domains)]
+        + [(f"probes.{i}", d) for i, d in enumerate(cfg.probes)]
+        + [(f"model.pretrain.extra_data.{i}", d) for i, d in enumerate(cfg.model.pretrain.extra_data)]
+        + [(f"training.replay.data.{i}", d) for i, d in enumerate(cfg.training.replay.data)]
+    )
 
 
 def data_problems(cfg: LineageConfig) -> list[str]:
@@ -38,21 +41,27 @@ def data_problems(cfg: LineageConfig) -> list[str]:
         sources = [("data", d.data)] + ([("eval_data.data", d.eval_data.data)] if d.eval_data else [])
         for field, src in sources:
             if isinstance(src, LocalSource) and not Path(src.path).is_file():
-                problems.append(f"{where}.{field}.path: {src.path} not found (a local path is relative to the "
-                                "config file)")
+                problems.append(
+                    f"{where}.{field}.path: {src.path} not found (a local path is relative to the config file)"
+                )
             elif isinstance(src, HubSource) and is_local_path(src.id) and not Path(src.id).expanduser().exists():
-                problems.append(f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
-                                "(give an existing dataset directory or a hub id such as openai/gsm8k)")
+                problems.append(
+                    f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
+                    "(give an existing dataset directory or a hub id such as openai/gsm8k)"
+                )
     for where, d in _domains(cfg):
         if d.score.kind == "lm_eval":
             import importlib.util
 
             if importlib.util.find_spec("lm_eval") is None:
-                problems.append(f"{where}.scoring: kind lm_eval needs lm-eval; install the extra: pip install -e "
-                                "'.[lm-eval]'")
+                problems.append(
+                    f"{where}.scoring: kind lm_eval needs lm-eval; install the extra: pip install -e '.[lm-eval]'"
+                )
             if d.score.include_path and not Path(d.score.include_path).is_dir():
-                problems.append(f"{where}.scoring.include_path: {d.score.include_path} is not a directory of task "
-                                "YAMLs (relative to the config file)")
+                problems.append(
+                    f"{where}.scoring.include_path: {d.score.include_path} is not a directory of task "
+                    "YAMLs (relative to the config file)"
+                )
     if cfg.deepspeed.hostfile and not Path(cfg.deepspeed.hostfile).is_file():
         problems.append(f"deepspeed.hostfile: {cfg.deepspeed.hostfile} not found")
     return problems
@@ -69,8 +78,10 @@ def model_problems(cfg: LineageConfig) -> list[str]:
         if problem:
             return [problem]
     elif cfg.model.sha256:
-        return ["model.sha256 checks a local model.path, and model.path is empty (the tiny base is pretrained here): "
-                "drop model.sha256 or set model.path"]
+        return [
+            "model.sha256 checks a local model.path, and model.path is empty (the tiny base is pretrained here): "
+            "drop model.sha256 or set model.path"
+        ]
     try:
         model = meta_model(cfg.model)
     except ModelError as e:
@@ -96,10 +107,19 @@ def memory_line(cfg: LineageConfig) -> str | None:
         return None
     size = torch.empty((), dtype=_DTYPES[cfg.model.dtype]).element_size()
     targets = set(cfg.lora.target_modules)
-    lora = [cfg.lora.r * (m.in_features + m.out_features) for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    whole_below = max((cfg.lora.r * max(m.in_features, m.out_features) for name, m in model.named_modules()
-                       if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets), default=0)
+    lora = [
+        cfg.lora.r * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    ]
+    whole_below = max(
+        (
+            cfg.lora.r * max(m.in_features, m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        ),
+        default=0,
+    )
     ranks, zero3 = cfg.deepspeed.world_size, cfg.deepspeed.zero_stage == 3
     whole = per_rank = 0
     for p in model.parameters():
@@ -109,8 +129,10 @@ def memory_line(cfg: LineageConfig) -> str | None:
     mib = 1024**2
     plural = "s" if ranks > 1 else ""
     split = f" (ZeRO-3 over {ranks} rank{plural}: {whole * size / mib:.2f} MiB whole)" if zero3 else ""
-    return (f"parameters per rank: base {per_rank * size / mib:.2f} MiB{split}, LoRA {sum(lora) * size / mib:.3f} MiB "
-            f"whole on every rank (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype})")
+    return (
+        f"parameters per rank: base {per_rank * size / mib:.2f} MiB{split}, LoRA {sum(lora) * size / mib:.3f} MiB "
+        f"whole on every rank (ZeRO-{cfg.deepspeed.zero_stage}, {cfg.model.dtype})"
+    )
 
 
 def preflight(cfg: LineageConfig) -> list[str]:

@@ -68,9 +68,13 @@ class VersionRecord:
         return replace(self, lineage=target, forked_from=f"{source}/{version}", format=FORMAT)
 
     def to_tags(self) -> dict[str, str]:
-        tags = {"lalora.lineage": self.lineage, "lalora.stage": str(self.stage), "lalora.domain": self.domain,
-                "lalora.promotion": "promoted" if self.promoted else "rejected",
-                STATE_TAG: json.dumps(self._state(), sort_keys=True, separators=(",", ":"))}
+        tags = {
+            "lalora.lineage": self.lineage,
+            "lalora.stage": str(self.stage),
+            "lalora.domain": self.domain,
+            "lalora.promotion": "promoted" if self.promoted else "rejected",
+            STATE_TAG: json.dumps(self._state(), sort_keys=True, separators=(",", ":")),
+        }
         if self.promotion_reason and not self.promoted:
             tags["lalora.promotion_reason"] = self.promotion_reason[:4900]
         if self.forked_from:
@@ -90,10 +94,14 @@ class VersionRecord:
         """The record a version's tags hold; None for a version that records no stage."""
         if "lalora.stage" not in tags or "lalora.domain" not in tags:
             return None
-        common: dict[str, Any] = {"lineage": tags.get("lalora.lineage", ""), "stage": int(tags["lalora.stage"]),
-                  "domain": tags["lalora.domain"], "promoted": tags.get("lalora.promotion", "promoted") == "promoted",
-                  "promotion_reason": tags.get("lalora.promotion_reason", ""),
-                  "forked_from": tags.get("lalora.forked_from", "")}
+        common: dict[str, Any] = {
+            "lineage": tags.get("lalora.lineage", ""),
+            "stage": int(tags["lalora.stage"]),
+            "domain": tags["lalora.domain"],
+            "promoted": tags.get("lalora.promotion", "promoted") == "promoted",
+            "promotion_reason": tags.get("lalora.promotion_reason", ""),
+            "forked_from": tags.get("lalora.forked_from", ""),
+        }
         if STATE_TAG in tags:
             state = json.loads(tags[STATE_TAG])
             known = {f.name for f in fields(cls)}
@@ -101,7 +109,12 @@ class VersionRecord:
         if "lalora.stage_config_sha256" not in tags:
             return None
         uris: dict[str, Any] = {f"{what}_uri": tags.get(f"lalora.{what}_uri", "") for what in ARTIFACTS}
-        return cls(**common, config_sha256=tags["lalora.stage_config_sha256"],  # format 1
-                   data_sha256=tags.get("lalora.data_sha256", ""), base_recipe=tags.get("lalora.base_recipe", ""),
-                   precision_sha256=tags.get("lalora.precision_sha256", ""), format=1,
-                   **uris)
+        return cls(
+            **common,
+            config_sha256=tags["lalora.stage_config_sha256"],  # format 1
+            data_sha256=tags.get("lalora.data_sha256", ""),
+            base_recipe=tags.get("lalora.base_recipe", ""),
+            precision_sha256=tags.get("lalora.precision_sha256", ""),
+            format=1,
+            **uris,
+        )

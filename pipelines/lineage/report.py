@@ -31,28 +31,44 @@ class LineageReport:
     def n_stages(self) -> int:
         return len(self.R) - 1
 
-    def as_json(self, registered_model: str, versions: list[str],
-                extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"domains": self.domains, "R": self.R, "R_nll": self.R_nll, "R_scores": self.R_scores,
-                "scores": dict(zip(self.domains, self.scores, strict=True)),
-                "higher_is_better": dict(zip(self.domains, self.higher_is_better, strict=True)),
-                "probes": self.domains[self.n_stages + 1 :], **self.metrics,
-                "registered_model": registered_model, "versions": versions, **(extra or {})}
+    def as_json(
+        self, registered_model: str, versions: list[str], extra: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        return {
+            "domains": self.domains,
+            "R": self.R,
+            "R_nll": self.R_nll,
+            "R_scores": self.R_scores,
+            "scores": dict(zip(self.domains, self.scores, strict=True)),
+            "higher_is_better": dict(zip(self.domains, self.higher_is_better, strict=True)),
+            "probes": self.domains[self.n_stages + 1 :],
+            **self.metrics,
+            "registered_model": registered_model,
+            "versions": versions,
+            **(extra or {}),
+        }
 
     def flat_metrics(self) -> dict[str, float]:
         """Scalars for a tracker: ACC, BWT, FWT, means, and ``forgetting/<domain>``, ``learning/<domain>``."""
         m = self.metrics
-        out = {k: float(m[k]) for k in ("ACC", "BWT", "FWT", "mean_forgetting", "mean_learning", "source_forgetting")
-               if m.get(k) is not None}
+        out = {
+            k: float(m[k])
+            for k in ("ACC", "BWT", "FWT", "mean_forgetting", "mean_learning", "source_forgetting")
+            if m.get(k) is not None
+        }
         out |= {f"forgetting/{d}": float(v) for d, v in m["forgetting"].items()}
         out |= {f"learning/{d}": float(v) for d, v in m["learning"].items()}
         return out
 
     def stage_metrics(self) -> list[dict[str, float]]:
         """Row i of every R as ``R/<domain>`` and ``R_nll/<domain>``: a tracker's step i (score over stages)."""
-        return [{**{f"R/{d}": v for d, v in zip(self.domains, row, strict=True)},
-                 **{f"R_nll/{d}": v for d, v in zip(self.domains, nll, strict=True)}}
-                for row, nll in zip(self.R, self.R_nll, strict=True)]
+        return [
+            {
+                **{f"R/{d}": v for d, v in zip(self.domains, row, strict=True)},
+                **{f"R_nll/{d}": v for d, v in zip(self.domains, nll, strict=True)},
+            }
+            for row, nll in zip(self.R, self.R_nll, strict=True)
+        ]
 
 
 def build_report(domains: list[str], rows: list[Row]) -> LineageReport:
@@ -65,11 +81,17 @@ def build_report(domains: list[str], rows: list[Row]) -> LineageReport:
     names = sorted({k for row in rows for s in row.values() for k, v in s.values.items() if isinstance(v, float)})
     R_scores = {k: [[row[d].values.get(k) for d in domains] for row in rows] for k in names}
     m = continual_metrics(R, up)
-    metrics = {"ACC": m.ACC, "BWT": m.BWT, "FWT": m.FWT,
-               "forgetting": {domains[j]: v for j, v in zip(m.forgetting_columns, m.forgetting, strict=True)},
-               "mean_forgetting": m.mean_forgetting, "source_forgetting": m.source_forgetting,
-               "learning": dict(zip(domains[1 : len(rows)], m.learning, strict=True)), "mean_learning": m.mean_learning,
-               "averaged": [domains[j] for j in m.averaged]}
+    metrics = {
+        "ACC": m.ACC,
+        "BWT": m.BWT,
+        "FWT": m.FWT,
+        "forgetting": {domains[j]: v for j, v in zip(m.forgetting_columns, m.forgetting, strict=True)},
+        "mean_forgetting": m.mean_forgetting,
+        "source_forgetting": m.source_forgetting,
+        "learning": dict(zip(domains[1 : len(rows)], m.learning, strict=True)),
+        "mean_learning": m.mean_learning,
+        "averaged": [domains[j] for j in m.averaged],
+    }
     return LineageReport(domains, R, R_nll, metrics, R_scores, scores, up)
 
 
@@ -95,8 +117,12 @@ class StageTiming:
         return self.wall_seconds - self.compute_seconds
 
     def as_json(self) -> dict[str, float]:
-        return {"stage": self.stage, "wall_seconds": self.wall_seconds, "compute_seconds": self.compute_seconds,
-                "overhead_seconds": self.overhead_seconds}
+        return {
+            "stage": self.stage,
+            "wall_seconds": self.wall_seconds,
+            "compute_seconds": self.compute_seconds,
+            "overhead_seconds": self.overhead_seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -125,16 +151,29 @@ class LineageResult:
     """by stage: what its lambda search chose (lambda auto; empty otherwise)"""
 
     def as_json(self) -> dict[str, Any]:
-        return self.report.as_json(self.registered_model, self.versions, {
-            "mlflow_uri": self.mlflow_uri, "run_id": self.run_id, "lambda": self.lam, "curvature": self.curvature,
-            "config_sha256": self.config_sha256, "stages_skipped": self.stages_skipped, "stages_run": self.stages_run,
-            "promotion": {v: asdict(p) for v, p in self.promotion.items()}, "aliases": self.aliases,
-            "timing": [t.as_json() for t in self.timing], "environment": self.environment,
-            **({"auto": self.auto} if self.auto else {})})
+        return self.report.as_json(
+            self.registered_model,
+            self.versions,
+            {
+                "mlflow_uri": self.mlflow_uri,
+                "run_id": self.run_id,
+                "lambda": self.lam,
+                "curvature": self.curvature,
+                "config_sha256": self.config_sha256,
+                "stages_skipped": self.stages_skipped,
+                "stages_run": self.stages_run,
+                "promotion": {v: asdict(p) for v, p in self.promotion.items()},
+                "aliases": self.aliases,
+                "timing": [t.as_json() for t in self.timing],
+                "environment": self.environment,
+                **({"auto": self.auto} if self.auto else {}),
+            },
+        )
 
 
-def format_matrix(domains: list[str], R: list[list[float]], title: str | None = None,
-                  scores: Sequence[str] | None = None) -> str:
+def format_matrix(
+    domains: list[str], R: list[list[float]], title: str | None = None, scores: Sequence[str] | None = None
+) -> str:
     """R as text; the title names the scores (``R (accuracy)`` when every domain is scored by accuracy)."""
     if title is None:
         title = f"R ({', '.join(dict.fromkeys(scores or ['accuracy']))})"
@@ -152,8 +191,10 @@ def format_summary(report: LineageReport) -> str:
     forg = ", ".join(f"{k} {v:+.3f}" for k, v in m["forgetting"].items())
     learn = ", ".join(f"{k} {v:+.3f}" for k, v in m["learning"].items())
     fwt = "n/a" if m["FWT"] is None else f"{m['FWT']:+.3f}"
-    return (f"ACC {m['ACC']:.3f}   BWT {m['BWT']:+.3f}   FWT {fwt}   mean forgetting {m['mean_forgetting']:.3f}\n"
-            f"forgetting: {forg}\nlearning:   {learn}")
+    return (
+        f"ACC {m['ACC']:.3f}   BWT {m['BWT']:+.3f}   FWT {fwt}   mean forgetting {m['mean_forgetting']:.3f}\n"
+        f"forgetting: {forg}\nlearning:   {learn}"
+    )
 
 
 def lambda_text(lam: float | str) -> str:
@@ -165,30 +206,49 @@ def auto_text(summary: dict[str, Any]) -> str:
     if "budget" not in summary:  # as an earlier run's version records it
         return f"lambda auto chose {summary['lambda']:.4g} after {summary['trials']} trial(s)."
     within = "within" if summary["feasible"] else "over"
-    return (f"lambda auto chose {summary['lambda']:.4g} after {summary['trials']} trial(s) "
-            f"({summary['compute']:.2g}x the stage's steps): validation forgetting "
-            f"{summary['validation_forgetting']:.3f} ({within} the budget {summary['budget']:g}), learning "
-            f"{summary['validation_learning']:+.3f}.")
+    return (
+        f"lambda auto chose {summary['lambda']:.4g} after {summary['trials']} trial(s) "
+        f"({summary['compute']:.2g}x the stage's steps): validation forgetting "
+        f"{summary['validation_forgetting']:.3f} ({within} the budget {summary['budget']:g}), learning "
+        f"{summary['validation_learning']:+.3f}."
+    )
 
 
-def version_description(model: str, stage: int, domain: str, domains: list[str], row: list[float],
-                        scores: list[str], promoted: bool, reason: str, champion: str, auto: str = "") -> str:
+def version_description(
+    model: str,
+    stage: int,
+    domain: str,
+    domains: list[str],
+    row: list[float],
+    scores: list[str],
+    promoted: bool,
+    reason: str,
+    champion: str,
+    auto: str = "",
+) -> str:
     """What a person reads on a registered version: the stage, R after it, the gate's verdict, how to load it."""
     r = ", ".join(f"{d} {v:.3f}" for d, v in zip(domains, row, strict=True))
     verdict = f"promoted (alias {champion} moved here)" if promoted else f"not promoted: {reason}"
-    return (f"Stage {stage} of lineage {model}: adapted to {domain}.\n\n"
-            f"R after the stage ({', '.join(dict.fromkeys(scores))}): {r}.\n\n"
-            + (f"{auto}\n\n" if auto else "") +
-            f"Promotion gate: {verdict}.\n\n"
-            "A python_function model: greedy completions of prompts by the base model with this stage's adapter "
-            "(the base is referenced, not copied). Serve it with `mlflow models serve -m models:/NAME/VERSION`; "
-            "export it with `lalora export models:/NAME/VERSION --out DIR [--merge]`. Self-contained: the code it "
-            "runs is in its code/ folder and its requirements.txt pins what logged it, torch included (a CPU build "
-            "of that version satisfies it; a GPU host installs its own build of the same torch version first).")
+    return (
+        f"Stage {stage} of lineage {model}: adapted to {domain}.\n\n"
+        f"R after the stage ({', '.join(dict.fromkeys(scores))}): {r}.\n\n"
+        + (f"{auto}\n\n" if auto else "")
+        + f"Promotion gate: {verdict}.\n\n"
+        "A python_function model: greedy completions of prompts by the base model with this stage's adapter "
+        "(the base is referenced, not copied). Serve it with `mlflow models serve -m models:/NAME/VERSION`; "
+        "export it with `lalora export models:/NAME/VERSION --out DIR [--merge]`. Self-contained: the code it "
+        "runs is in its code/ folder and its requirements.txt pins what logged it, torch included (a CPU build "
+        "of that version satisfies it; a GPU host installs its own build of the same torch version first)."
+    )
 
 
-def markdown_summary(report: LineageReport, promotion: dict[str, Promotion], model: str, champion: str,
-                     auto: dict[str, dict[str, Any]] | None = None) -> str:
+def markdown_summary(
+    report: LineageReport,
+    promotion: dict[str, Promotion],
+    model: str,
+    champion: str,
+    auto: dict[str, dict[str, Any]] | None = None,
+) -> str:
     """The outcome of a lineage run as Markdown (the Prefect UI shows it): R, the metrics, the promotions."""
     head = "| after stage | " + " | ".join(report.domains) + " |"
     lines = [f"# Lineage {model}", "", head, "|" + "---|" * (len(report.domains) + 1)]
@@ -233,8 +293,14 @@ def _shade(column: list[float], up: bool) -> list[float]:
     return scaled if up else [1.0 - v for v in scaled]
 
 
-def plot_heatmap(domains: list[str], R: list[list[float]], path: Path, title: str,
-                 higher_is_better: Sequence[bool] | None = None, scores: Sequence[str] | None = None) -> Path:
+def plot_heatmap(
+    domains: list[str],
+    R: list[list[float]],
+    path: Path,
+    title: str,
+    higher_is_better: Sequence[bool] | None = None,
+    scores: Sequence[str] | None = None,
+) -> Path:
     """R as an annotated heatmap (rows: after stage i, columns: domain j; probes after a line)."""
     plt = _pyplot()
     up = list(higher_is_better) if higher_is_better is not None else [True] * len(domains)
@@ -247,8 +313,9 @@ def plot_heatmap(domains: list[str], R: list[list[float]], path: Path, title: st
     ax.set_yticks(range(len(R)), labels=["before"] + [f"after {d}" for d in domains[1 : len(R)]])
     for i, row in enumerate(R):
         for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if shade[i][j] < 0.6 else "black",
-                    fontsize=9)
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", color="white" if shade[i][j] < 0.6 else "black", fontsize=9
+            )
     if len(domains) > len(R):
         ax.axvline(len(R) - 0.5, color="white", linewidth=2)
     ax.set_xlabel("evaluated on domain" + (" (probes right of the white line)" if len(domains) > len(R) else ""))
@@ -257,8 +324,9 @@ def plot_heatmap(domains: list[str], R: list[list[float]], path: Path, title: st
     return _save(fig, path)
 
 
-def plot_scores(domains: list[str], R: list[list[float]], path: Path, title: str,
-                scores: Sequence[str] | None = None) -> Path:
+def plot_scores(
+    domains: list[str], R: list[list[float]], path: Path, title: str, scores: Sequence[str] | None = None
+) -> Path:
     """Each domain's score over the stages, one panel per domain; a dotted line marks its own stage."""
     plt = _pyplot()
     n = len(domains)
@@ -282,9 +350,12 @@ def plot_scores(domains: list[str], R: list[list[float]], path: Path, title: str
 
 def write_plots(report: LineageReport, out_dir: Path, title: str) -> list[Path]:
     """``R.png`` (heatmap) and ``scores.png`` (score over stages) in ``out_dir``."""
-    return [plot_heatmap(report.domains, report.R, out_dir / "R.png", title, report.higher_is_better or None,
-                         report.scores or None),
-            plot_scores(report.domains, report.R, out_dir / "scores.png", title, report.scores or None)]
+    return [
+        plot_heatmap(
+            report.domains, report.R, out_dir / "R.png", title, report.higher_is_better or None, report.scores or None
+        ),
+        plot_scores(report.domains, report.R, out_dir / "scores.png", title, report.scores or None),
+    ]
 
 
 # --- learning vs forgetting ---------------------------------------------------------------------
@@ -302,8 +373,12 @@ def pareto_front(points: Sequence[TradeOffPoint]) -> list[int]:
     forgetting, strictly better in one), ordered by forgetting."""
     front = []
     for i, p in enumerate(points):
-        dominated = any(q.learning >= p.learning and q.forgetting <= p.forgetting
-                        and (q.learning > p.learning or q.forgetting < p.forgetting) for q in points)
+        dominated = any(
+            q.learning >= p.learning
+            and q.forgetting <= p.forgetting
+            and (q.learning > p.learning or q.forgetting < p.forgetting)
+            for q in points
+        )
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: (points[i].forgetting, -points[i].learning))

@@ -142,9 +142,12 @@ def point_config(base: LineageConfig, point: SweepPoint, tracking_uri: str, stag
     if point.curvature != PLAIN and CURVATURE in dict(point.settings):
         kept = {k: v for k, v in base.lalora.curvature.model_dump().items() if k in ("fisher_type", "mc_samples")}
         set_path(data, "lalora.curvature", {"kind": point.curvature, **(kept if point.curvature != "identity" else {})})
-    for name, value in (("lora.init_seed", point.seed), ("training.seed", point.seed),
-                        ("tracking.mlflow_uri", tracking_uri),
-                        ("tracking.registered_model", f"{base.tracking.registered_model}-{point.label}")):
+    for name, value in (
+        ("lora.init_seed", point.seed),
+        ("training.seed", point.seed),
+        ("tracking.mlflow_uri", tracking_uri),
+        ("tracking.registered_model", f"{base.tracking.registered_model}-{point.label}"),
+    ):
         set_path(data, name, value)
     if stages is not None:
         if not 1 <= stages <= len(base.domains):
@@ -183,9 +186,19 @@ class PointResult:
     @staticmethod
     def of(point: SweepPoint, result: LineageResult, seconds: float) -> PointResult:
         m, R = result.report.metrics, result.report.R
-        return PointResult(point, result.run_id, float(m["mean_learning"]), dict(m["forgetting"]),
-                           list(m["averaged"]), float(m["ACC"]), float(m["BWT"]), float(R[-1][0]), R, seconds,
-                           dict(result.auto))
+        return PointResult(
+            point,
+            result.run_id,
+            float(m["mean_learning"]),
+            dict(m["forgetting"]),
+            list(m["averaged"]),
+            float(m["ACC"]),
+            float(m["BWT"]),
+            float(R[-1][0]),
+            R,
+            seconds,
+            dict(result.auto),
+        )
 
     def mean_forgetting(self, on: list[str] | None) -> float:
         names = on or [d for d in self.forgetting if d in self.averaged]
@@ -241,12 +254,25 @@ def aggregate(results: list[PointResult], forgetting_on: list[str] | None = None
     rows = []
     for setting, rs in groups.items():
         forget = [r.mean_forgetting(forgetting_on) for r in rs]
-        columns = {d: (statistics.fmean(r.forgetting[d] for r in rs), _sd([r.forgetting[d] for r in rs]))
-                   for d in rs[0].forgetting}
-        rows.append(SeriesRow(dict(setting), len(rs), statistics.fmean(r.learning for r in rs),
-                              _sd([r.learning for r in rs]), statistics.fmean(forget), _sd(forget), columns,
-                              statistics.fmean(r.ACC for r in rs), statistics.fmean(r.BWT for r in rs),
-                              statistics.fmean(r.source_final for r in rs), [r.run_id for r in rs]))
+        columns = {
+            d: (statistics.fmean(r.forgetting[d] for r in rs), _sd([r.forgetting[d] for r in rs]))
+            for d in rs[0].forgetting
+        }
+        rows.append(
+            SeriesRow(
+                dict(setting),
+                len(rs),
+                statistics.fmean(r.learning for r in rs),
+                _sd([r.learning for r in rs]),
+                statistics.fmean(forget),
+                _sd(forget),
+                columns,
+                statistics.fmean(r.ACC for r in rs),
+                statistics.fmean(r.BWT for r in rs),
+                statistics.fmean(r.source_final for r in rs),
+                [r.run_id for r in rs],
+            )
+        )
     for i in pareto_front([TradeOffPoint(r.learning, r.forgetting) for r in rows]):
         rows[i].pareto = True
     return rows
@@ -281,13 +307,30 @@ def format_table(rows: list[SeriesRow], label: str) -> str:
     if len(columns) == 1:  # the mean is that one column
         columns = []
     names = [Axis(f, ()).short for f in varying]
-    head = [*names, "seeds", "learning", label, *(f"forgetting: {d}" for d in columns), "ACC", "BWT",
-            "source after last stage", "Pareto"]
+    head = [
+        *names,
+        "seeds",
+        "learning",
+        label,
+        *(f"forgetting: {d}" for d in columns),
+        "ACC",
+        "BWT",
+        "source after last stage",
+        "Pareto",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [*(_cell(r.setting[f]) for f in varying), str(r.n), _pm(r.learning, r.learning_sd, r.n),
-                 _pm(r.forgetting, r.forgetting_sd, r.n), *(_pm(*r.per_column[d], r.n) for d in columns),
-                 f"{r.ACC:.3f}", f"{r.BWT:+.3f}", f"{r.source_final:.3f}", "*" if r.pareto else ""]
+        cells = [
+            *(_cell(r.setting[f]) for f in varying),
+            str(r.n),
+            _pm(r.learning, r.learning_sd, r.n),
+            _pm(r.forgetting, r.forgetting_sd, r.n),
+            *(_pm(*r.per_column[d], r.n) for d in columns),
+            f"{r.ACC:.3f}",
+            f"{r.BWT:+.3f}",
+            f"{r.source_final:.3f}",
+            "*" if r.pareto else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -322,16 +365,30 @@ def plot_pareto(rows: list[SeriesRow], path: Path, title: str, xlabel: str = "fo
         if along:
             rs = sorted(rs, key=lambda r: (str(type(r.setting[along])), r.setting[along]))
         marker = "*" if name == PLAIN else "o"
-        ax.errorbar([r.forgetting for r in rs], [r.learning for r in rs], xerr=[r.forgetting_sd for r in rs],
-                    yerr=[r.learning_sd for r in rs], marker=marker, markersize=12 if name == PLAIN else 6, capsize=3,
-                    linestyle="-" if len(rs) > 1 else "none", label="plain LoRA (lambda 0)" if name == PLAIN else name)
+        ax.errorbar(
+            [r.forgetting for r in rs],
+            [r.learning for r in rs],
+            xerr=[r.forgetting_sd for r in rs],
+            yerr=[r.learning_sd for r in rs],
+            marker=marker,
+            markersize=12 if name == PLAIN else 6,
+            capsize=3,
+            linestyle="-" if len(rs) > 1 else "none",
+            label="plain LoRA (lambda 0)" if name == PLAIN else name,
+        )
         for r in rs:
             note = _cell(r.setting[along]) if along else ""
             ax.annotate(note, (r.forgetting, r.learning), textcoords="offset points", xytext=(4, 4), fontsize=8)
     front = sorted((r for r in rows if r.pareto), key=lambda r: r.forgetting)
     if len(front) > 1:
-        ax.plot([r.forgetting for r in front], [r.learning for r in front], color="grey", linestyle=":",
-                linewidth=1, label="Pareto front")
+        ax.plot(
+            [r.forgetting for r in front],
+            [r.learning for r in front],
+            color="grey",
+            linestyle=":",
+            linewidth=1,
+            label="Pareto front",
+        )
     ax.set_xlabel(xlabel + " (drop from the best)")
     ax.set_ylabel("learning (mean gain on each new domain)")
     ax.set_title(title + (f"; points labelled by {Axis(along, ()).short}" if along else ""))
@@ -346,9 +403,19 @@ def plot_pareto(rows: list[SeriesRow], path: Path, title: str, xlabel: str = "fo
 
 def sweep_json(rows: list[SeriesRow], results: list[PointResult], extra: dict[str, Any]) -> dict[str, Any]:
     def row(r: SeriesRow) -> dict[str, Any]:
-        return {**asdict(r), "curvature": r.curvature, "lam": r.lam, "label": r.label,
-                "per_column": {d: {"mean": m, "sd": s} for d, (m, s) in r.per_column.items()}}
+        return {
+            **asdict(r),
+            "curvature": r.curvature,
+            "lam": r.lam,
+            "label": r.label,
+            "per_column": {d: {"mean": m, "sd": s} for d, (m, s) in r.per_column.items()},
+        }
 
-    return {"rows": [row(r) for r in rows],
-            "points": [{**asdict(r), "point": {"settings": dict(r.point.settings), "seed": r.point.seed,
-                                                "label": r.point.label}} for r in results], **extra}
+    return {
+        "rows": [row(r) for r in rows],
+        "points": [
+            {**asdict(r), "point": {"settings": dict(r.point.settings), "seed": r.point.seed, "label": r.point.label}}
+            for r in results
+        ],
+        **extra,
+    }

@@ -89,10 +89,15 @@ class ParameterBytes:
 
     def describe(self) -> str:
         mib = 1024**2
-        split = (f" (partitioned over {self.ranks} ranks: {self.base_whole / mib:.2f} MiB whole)"
-                 if self.base_per_rank < self.base_whole else "")
-        return (f"base parameters {self.base_per_rank / mib:.2f} MiB per rank{split}; trainable "
-                f"{self.trainable / mib:.3f} MiB whole on every rank")
+        split = (
+            f" (partitioned over {self.ranks} ranks: {self.base_whole / mib:.2f} MiB whole)"
+            if self.base_per_rank < self.base_whole
+            else ""
+        )
+        return (
+            f"base parameters {self.base_per_rank / mib:.2f} MiB per rank{split}; trainable "
+            f"{self.trainable / mib:.3f} MiB whole on every rank"
+        )
 
 
 def parameter_bytes(module: nn.Module) -> ParameterBytes:
@@ -185,16 +190,25 @@ def _shard(batch: dict[str, Tensor], rank: int, size: int) -> tuple[dict[str, Te
     return local, tokens / size
 
 
-def _loss_step(engine: nn.Module, batch: dict[str, Tensor], penalty: Callable[[], Tensor] | None,
-               num_items: Tensor | None, regather: Callable[[], None] | None, loss_chunk: int = 0
-               ) -> tuple[Tensor, Tensor]:
+def _loss_step(
+    engine: nn.Module,
+    batch: dict[str, Tensor],
+    penalty: Callable[[], Tensor] | None,
+    num_items: Tensor | None,
+    regather: Callable[[], None] | None,
+    loss_chunk: int = 0,
+) -> tuple[Tensor, Tensor]:
     """Mean target-token NLL of the batch (transformers' own loss, or the same computed ``loss_chunk`` target
     tokens at a time) and the penalty (at ZeRO-3 ``regather`` first makes the LoRA matrices whole for it)."""
     if loss_chunk:
         loss = chunked_causal_loss(engine, batch, loss_chunk, num_items)
     else:
-        loss = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                      **({"num_items_in_batch": num_items} if num_items is not None else {})).loss
+        loss = engine(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            **({"num_items_in_batch": num_items} if num_items is not None else {}),
+        ).loss
     if penalty is None:
         return loss, loss.new_zeros(())
     if regather is not None:
@@ -242,8 +256,9 @@ def _restore(engine: Any, ckpt: Path | None) -> dict:
     tag = _latest_tag(ckpt) if ckpt is not None else None
     if tag is None:
         return {}
-    path, client = engine.load_checkpoint(str(ckpt), tag=tag, load_module_strict=False, load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    path, client = engine.load_checkpoint(
+        str(ckpt), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         return {}
     log.info("resuming from %s at step %d", path, client["step"])
@@ -278,8 +293,10 @@ class _Window:
         loss, pen, step, bad_loss, bad_pen = torch.cat([sums, self.bad]).tolist()  # the CPU-GPU sync point
         if step >= 0:
             what = "loss" if not math.isfinite(bad_loss) else "penalty"
-            raise DivergenceError(f"{desc}: non-finite {what} at step {int(step)} "
-                                  f"(loss={bad_loss}, penalty={bad_pen}); lower training.lr or lalora.lambda")
+            raise DivergenceError(
+                f"{desc}: non-finite {what} at step {int(step)} "
+                f"(loss={bad_loss}, penalty={bad_pen}); lower training.lr or lalora.lambda"
+            )
         n, self.steps = self.steps, 0
         self.sums.zero_()
         return loss / n, pen / n
@@ -323,26 +340,51 @@ def train(
     with distributed(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         optimizer = adamw(params, lr, optimizer_impl)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
-                                          config=deepspeed_config(ds, batch_size, max(p.numel() for p in params)))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            optimizer=optimizer,
+            config=deepspeed_config(ds, batch_size, max(p.numel() for p in params)),
+        )
         try:
             keep_whole(params)
             held = parameter_bytes(engine.module)
             log.info("%s: ZeRO-%d, %s", desc, ds.zero_stage, held.describe())
-            tracker.log_params({"train.base_param_bytes_per_rank": held.base_per_rank,
-                                "train.trainable_param_bytes": held.trainable})
+            tracker.log_params(
+                {"train.base_param_bytes_per_rank": held.base_per_rank, "train.trainable_param_bytes": held.trainable}
+            )
             regather = (lambda: keep_whole(params)) if ds.zero_stage == 3 else None
-            return _loop(engine, make_penalty(engine.module) if make_penalty is not None else None, batches, regather,
-                         steps=steps, tracker=tracker, log_every=log_every, desc=desc, checkpoint_dir=checkpoint_dir,
-                         checkpoint_every=checkpoint_every, loss_chunk=loss_chunk)
+            return _loop(
+                engine,
+                make_penalty(engine.module) if make_penalty is not None else None,
+                batches,
+                regather,
+                steps=steps,
+                tracker=tracker,
+                log_every=log_every,
+                desc=desc,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every,
+                loss_chunk=loss_chunk,
+            )
         finally:
             _destroy(engine)
 
 
-def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[dict[str, Tensor]],
-          regather: Callable[[], None] | None, *, steps: int,
-          tracker: Tracker, log_every: int, desc: str, checkpoint_dir: Path | None,
-          checkpoint_every: int, loss_chunk: int = 0) -> TrainResult:
+def _loop(
+    engine: Any,
+    penalty: Callable[[], Tensor] | None,
+    batches: Iterator[dict[str, Tensor]],
+    regather: Callable[[], None] | None,
+    *,
+    steps: int,
+    tracker: Tracker,
+    log_every: int,
+    desc: str,
+    checkpoint_dir: Path | None,
+    checkpoint_every: int,
+    loss_chunk: int = 0,
+) -> TrainResult:
     """The training steps of ``train``: resume, step, log and checkpoint."""
     import time
 
@@ -364,8 +406,14 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
     for step in bar:
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
-        loss, pen = _loss_step(engine, {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}, penalty,
-                               num_items, regather, loss_chunk)
+        loss, pen = _loss_step(
+            engine,
+            {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()},
+            penalty,
+            num_items,
+            regather,
+            loss_chunk,
+        )
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()
@@ -377,8 +425,12 @@ def _loop(engine: Any, penalty: Callable[[], Tensor] | None, batches: Iterator[d
             bar.set_postfix(loss=f"{loss_v:.3f}", penalty=f"{pen_v:.3g}")
         if save:
             assert checkpoint_dir is not None  # a save is due only with a checkpoint directory
-            _save(engine, checkpoint_dir, done, {"step": done, "rng": torch.get_rng_state(), "loss": loss_v,
-                                                 "penalty": pen_v})
+            _save(
+                engine,
+                checkpoint_dir,
+                done,
+                {"step": done, "rng": torch.get_rng_state(), "loss": loss_v, "penalty": pen_v},
+            )
     bar.close()
     timeline.mark("last_batch")
     engine.eval()

@@ -23,6 +23,11 @@ def numerics(dtype: str) -> dict[str, str]:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.machine()})"
-    return {**{p: _version(p) for p in PACKAGES}, "python": platform.python_version(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": str(torch.get_num_threads()), "device": device, "dtype": dtype}
+    return {
+        **{p: _version(p) for p in PACKAGES},
+        "python": platform.python_version(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": str(torch.get_num_threads()),
+        "device": device,
+        "dtype": dtype,
+    }

@@ -41,8 +41,12 @@ class LaunchError(RuntimeError):
         tail = " | ".join(output.strip().splitlines()[-5:])
         # exit 0 without a result: the node's launcher was killed (DeepSpeed's runner exits 0 when its child
         # dies of a signal, and propagates only positive statuses)
-        self.transient = (returncode < 0 or returncode > _SIGNAL_EXIT or returncode == 0
-                          or any(s in output for s in _TRANSIENT_OUTPUT))
+        self.transient = (
+            returncode < 0
+            or returncode > _SIGNAL_EXIT
+            or returncode == 0
+            or any(s in output for s in _TRANSIENT_OUTPUT)
+        )
         why = "transient: a rank was killed or the launch itself failed" if self.transient else "the step failed"
         super().__init__(f"{step} on {world_size} ranks failed (exit {returncode}; {why}): {tail}")
         self._init_args = (step, world_size, returncode, output)
@@ -83,8 +87,9 @@ def uses_launcher(ds: DeepSpeedConfig) -> bool:
     return ds.world_size > 1 or ds.hostfile is not None
 
 
-def launch(step: str, job: dict[str, Any], ds: DeepSpeedConfig, work: Path, tracker: Tracker, module: str
-           ) -> dict[str, Any]:
+def launch(
+    step: str, job: dict[str, Any], ds: DeepSpeedConfig, work: Path, tracker: Tracker, module: str
+) -> dict[str, Any]:
     """Run ``python -m MODULE JOB`` on the ranks through the deepspeed launcher (``job`` written to
     ``work/job.json``); rank 0's ``result.json``. Its tracker calls are replayed into ``tracker``; a failed
     launch raises ``LaunchError``."""
@@ -118,8 +123,12 @@ def launch(step: str, job: dict[str, Any], ds: DeepSpeedConfig, work: Path, trac
         raise LaunchError(step, ds.world_size, proc.returncode, f"{proc.stdout}\nthe ranks exited 0, no result.json")
     marks = timeline.read(work / "timeline.jsonl")
     if {"first_batch", "last_batch"} <= marks.keys():
-        tracker.log_metrics({f"launch/{step}_startup_seconds": marks["first_batch"] - started,
-                             f"launch/{step}_teardown_seconds": ended - marks["last_batch"]})
+        tracker.log_metrics(
+            {
+                f"launch/{step}_startup_seconds": marks["first_batch"] - started,
+                f"launch/{step}_teardown_seconds": ended - marks["last_batch"],
+            }
+        )
     result: dict[str, Any] = json.loads((work / "result.json").read_text())
     return result
 

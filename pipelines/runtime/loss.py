@@ -33,14 +33,18 @@ def check_chunkable(module: nn.Module) -> None:
     inner = causal_lm(module)
     head = inner.get_output_embeddings()
     if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
-        raise BadInput(f"training.loss_chunk: the chunked loss needs a frozen, bias-free linear LM head; this model's "
-                       f"is {type(head).__name__} (LoRA on lm_head?): leave lm_head out of lora.target_modules or set "
-                       f"training.loss_chunk: 0")
+        raise BadInput(
+            f"training.loss_chunk: the chunked loss needs a frozen, bias-free linear LM head; this model's "
+            f"is {type(head).__name__} (LoRA on lm_head?): leave lm_head out of lora.target_modules or set "
+            f"training.loss_chunk: 0"
+        )
     config = inner.config
     for name in _POST_HEAD:
         if getattr(config, name, None) not in (None, 1, 1.0):
-            raise BadInput(f"training.loss_chunk: the model transforms its logits after the head ({name}="
-                           f"{getattr(config, name)}), which the chunked loss does not; set training.loss_chunk: 0")
+            raise BadInput(
+                f"training.loss_chunk: the model transforms its logits after the head ({name}="
+                f"{getattr(config, name)}), which the chunked loss does not; set training.loss_chunk: 0"
+            )
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -52,7 +56,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], labels[start:start + chunk]
+            h, y = hidden[start : start + chunk], labels[start : start + chunk]
             logits = (h @ weight.t()).float()
             keep = y != -100
             safe = torch.where(keep, y, 0)
@@ -60,7 +64,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total += torch.where(keep, lse - logits.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
             probs = torch.exp(logits - lse[:, None])
             probs.scatter_add_(1, safe[:, None], -keep[:, None].to(probs.dtype))
-            grad[start:start + chunk] = (probs * keep[:, None]).to(h.dtype) @ weight
+            grad[start : start + chunk] = (probs * keep[:, None]).to(h.dtype) @ weight
         ctx.save_for_backward(grad)
         return total
 

@@ -26,8 +26,9 @@ def char_tokenizer() -> Any:
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def build_tiny_llama(cfg: TinyModelConfig, tokenizer: Any, seed: int) -> Any:
@@ -35,10 +36,17 @@ def build_tiny_llama(cfg: TinyModelConfig, tokenizer: Any, seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):  # the initialisation's own seed; the process's RNG is left alone
         torch.manual_seed(seed)
@@ -61,13 +69,17 @@ def model_path_problem(path: str) -> str | None:
         return None
     p = Path(path).expanduser()
     if not p.exists():
-        return (f"model.path {path}: no such directory; point it at a directory written by save_pretrained "
-                "(config.json, tokenizer files, *.safetensors) or give a hub id such as HuggingFaceTB/SmolLM2-135M")
+        return (
+            f"model.path {path}: no such directory; point it at a directory written by save_pretrained "
+            "(config.json, tokenizer files, *.safetensors) or give a hub id such as HuggingFaceTB/SmolLM2-135M"
+        )
     if not p.is_dir():
         return f"model.path {path}: is a file, not a model directory (the directory holding config.json)"
     if not (p / "config.json").is_file():
-        return (f"model.path {path}: holds no config.json, so it is not a transformers model directory "
-                "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))")
+        return (
+            f"model.path {path}: holds no config.json, so it is not a transformers model directory "
+            "(write one with model.save_pretrained(DIR) and tokenizer.save_pretrained(DIR))"
+        )
     return None
 
 
@@ -77,16 +89,22 @@ WEIGHTS_FILE = "model.safetensors"
 def weights_problem(path: str, sha256: str) -> str | None:
     """Why the local model at ``path`` is not the one ``model.sha256`` names, or None."""
     if not is_local_path(path):
-        return (f"model.sha256 is checked against a local directory's {WEIGHTS_FILE}; {path} is a hub id (drop "
-                "model.sha256, or download the model and point model.path at it)")
+        return (
+            f"model.sha256 is checked against a local directory's {WEIGHTS_FILE}; {path} is a hub id (drop "
+            "model.sha256, or download the model and point model.path at it)"
+        )
     weights = Path(path).expanduser() / WEIGHTS_FILE
     if not weights.is_file():
-        return (f"model.sha256: {path} holds no {WEIGHTS_FILE} to check (a sharded model cannot be checked; drop "
-                "model.sha256)")
+        return (
+            f"model.sha256: {path} holds no {WEIGHTS_FILE} to check (a sharded model cannot be checked; drop "
+            "model.sha256)"
+        )
     found = file_sha256(weights)
     if found != sha256:
-        return (f"model.sha256: {weights} has sha256 {found}, not the configured {sha256}: the base is not the one "
-                "the config names (restore it, e.g. git checkout of the file, or set model.sha256 to the new value)")
+        return (
+            f"model.sha256: {weights} has sha256 {found}, not the configured {sha256}: the base is not the one "
+            "the config names (restore it, e.g. git checkout of the file, or set model.sha256 to the new value)"
+        )
     return None
 
 
@@ -102,11 +120,15 @@ def load_base(path: str | Path, dtype: str = "float32", revision: str | None = N
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), revision=revision)
         # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=_DTYPES[dtype], use_safetensors=True,
-                                                     revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=_DTYPES[dtype], use_safetensors=True, revision=revision
+        )
     except OSError as e:
-        where = "" if is_local_path(str(path)) else (" (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads "
-                                                     "only the local cache)")
+        where = (
+            ""
+            if is_local_path(str(path))
+            else (" (a hub id: check it and the network; HF_HUB_OFFLINE=1 reads only the local cache)")
+        )
         raise ModelError(f"cannot load base model {path}{where}: {str(e).strip().splitlines()[0]}") from None
     model.config.use_cache = True
     return model, tokenizer
@@ -134,8 +156,9 @@ def meta_model(cfg: ModelConfig) -> Any | None:
             config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
         except (OSError, ValueError):
             if is_local_path(cfg.path):
-                raise ModelError(model_path_problem(cfg.path)
-                                 or f"model.path {cfg.path}: config.json is unreadable") from None
+                raise ModelError(
+                    model_path_problem(cfg.path) or f"model.path {cfg.path}: config.json is unreadable"
+                ) from None
             return None
         return AutoModelForCausalLM.from_config(config)
 
@@ -147,8 +170,10 @@ def unmatched_targets(model: Any, targets: list[str]) -> str | None:
     if not unknown:
         return None
     linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-    return (f"lora.target_modules {unknown} match no module of the base model; its linear layers are: "
-            f"{', '.join(linear[:12])}")
+    return (
+        f"lora.target_modules {unknown} match no module of the base model; its linear layers are: "
+        f"{', '.join(linear[:12])}"
+    )
 
 
 def new_adapter(base: Any, cfg: LoraSettings) -> Any:
@@ -161,9 +186,16 @@ def new_adapter(base: Any, cfg: LoraSettings) -> Any:
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seeded here, restored after
         torch.manual_seed(cfg.init_seed)
         # peft annotates lora_alpha as int; the scale alpha / r takes a float alpha as written
-        return get_peft_model(base, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
-                                               lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
-                                               task_type="CAUSAL_LM"))
+        return get_peft_model(
+            base,
+            LoraConfig(
+                r=cfg.r,
+                lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                lora_dropout=cfg.dropout,
+                target_modules=list(cfg.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
 
 
 def causal_lm(model: Any) -> Any:
@@ -184,15 +216,19 @@ def adapter_state(model: Any) -> dict[str, torch.Tensor]:
     """The trainable (LoRA) tensors of a peft model by state-dict name, checked whole: a ZeRO-3 engine leaves
     partitioned parameters empty, and peft would save such an adapter without complaint."""
     state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    empty = [name for name, p in model.named_parameters()
-             if p.requires_grad and tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape))]
+    empty = [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and tuple(p.shape) != tuple(getattr(p, "ds_shape", p.shape))
+    ]
     if empty or not state:
         raise RuntimeError(f"the adapter's parameters are not whole (ZeRO-3 partitions: {empty[:3]}); not saved")
     return state
 
 
-def load_for_inference(base_path: str | Path, adapter_dir: str | Path, dtype: str = "float32",
-                       revision: str | None = None) -> tuple[Any, Any]:
+def load_for_inference(
+    base_path: str | Path, adapter_dir: str | Path, dtype: str = "float32", revision: str | None = None
+) -> tuple[Any, Any]:
     """(peft model in eval mode, on the GPU when there is one; tokenizer): what scoring and serving run."""
     base, tokenizer = load_base(base_path, dtype, revision)
     model = load_adapter(base, adapter_dir).eval()
@@ -201,8 +237,9 @@ def load_for_inference(base_path: str | Path, adapter_dir: str | Path, dtype: st
     return model, tokenizer
 
 
-def export_adapter(adapter_dir: str | Path, base: str, out: Path, revision: str | None = None,
-                   base_name: str | None = None) -> None:
+def export_adapter(
+    adapter_dir: str | Path, base: str, out: Path, revision: str | None = None, base_name: str | None = None
+) -> None:
     """A peft adapter folder (adapter_config.json, adapter_model.safetensors) with the base's tokenizer, as
     peft, vLLM's LoRA serving and TGI load it; its config names ``base_name`` (default ``base``) as the base."""
     import json
@@ -220,8 +257,9 @@ def export_adapter(adapter_dir: str | Path, base: str, out: Path, revision: str 
     AutoTokenizer.from_pretrained(base, revision=revision).save_pretrained(out)
 
 
-def export_merged(base: str, adapter_dir: str | Path, out: Path, dtype: str = "float32",
-                  revision: str | None = None) -> None:
+def export_merged(
+    base: str, adapter_dir: str | Path, out: Path, dtype: str = "float32", revision: str | None = None
+) -> None:
     """A standalone transformers model: the adapter merged into the base weights (``merge_and_unload``),
     safetensors, tokenizer and generation config; ``AutoModelForCausalLM.from_pretrained(out)`` loads it
     without peft."""

@@ -24,11 +24,22 @@ from torch import Tensor
 from pipelines.scoring.inference import forward_params
 
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0),
-    "min_length": (None, 0), "min_new_tokens": (None, 0), "num_beams": (None, 1), "bad_words_ids": (None,),
-    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
-    "guidance_scale": (None, 1.0), "watermarking_config": (None,)}
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "num_beams": (None, 1),
+    "bad_words_ids": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+}
 """Generation-config fields (with their neutral values) that make ``generate`` more than an argmax per step."""
 
 
@@ -36,8 +47,11 @@ def generate_settings(model: Any) -> list[str]:
     """The model's generation-config settings greedy argmax would not apply (empty: the loop here equals
     ``generate``)."""
     config = getattr(model, "generation_config", None)
-    return [f"{k}={getattr(config, k)!r}" for k, neutral in _NEUTRAL.items()
-            if config is not None and getattr(config, k, None) not in neutral]
+    return [
+        f"{k}={getattr(config, k)!r}"
+        for k, neutral in _NEUTRAL.items()
+        if config is not None and getattr(config, k, None) not in neutral
+    ]
 
 
 def _padding_mask_is_enough(model: Any) -> bool:
@@ -48,8 +62,9 @@ def _padding_mask_is_enough(model: Any) -> bool:
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return not getattr(text, "sliding_window", None) and set(getattr(text, "layer_types", None) or ["full_attention"]) \
-        == {"full_attention"}
+    return not getattr(text, "sliding_window", None) and set(
+        getattr(text, "layer_types", None) or ["full_attention"]
+    ) == {"full_attention"}
 
 
 def _host_ended(ended: Tensor) -> list[bool]:
@@ -57,9 +72,18 @@ def _host_ended(ended: Tensor) -> list[bool]:
 
 
 @torch.inference_mode()  # no autograd bookkeeping per op (the tokens and the cache are discarded)
-def greedy_tokens(model: Any, ids: Tensor, mask: Tensor, max_new_tokens: int, *, eos: int, pad: int,
-                  stopped: Callable[[list[int]], bool] | None = None, check_every: int | None = None,
-                  padded: bool | None = None) -> Tensor:
+def greedy_tokens(
+    model: Any,
+    ids: Tensor,
+    mask: Tensor,
+    max_new_tokens: int,
+    *,
+    eos: int,
+    pad: int,
+    stopped: Callable[[list[int]], bool] | None = None,
+    check_every: int | None = None,
+    padded: bool | None = None,
+) -> Tensor:
     """(B, N) greedy continuations of left-padded prompts ``ids``/``mask`` (B, W), ``pad`` after a row's EOS.
 
     N is ``max_new_tokens``, or fewer when every row ended before: at EOS, or where ``stopped`` (given a
@@ -81,8 +105,14 @@ def greedy_tokens(model: Any, ids: Tensor, mask: Tensor, max_new_tokens: int, *,
     full_mask = None if padded is False else torch.cat([mask, mask.new_ones(B, max_new_tokens)], 1)  # (B, W + N)
     if full_mask is not None and _padding_mask_is_enough(model):
         full_mask = full_mask.bool()[:, None, None, :]  # (B, 1, 1, W + N)
-    out = model(input_ids=ids, attention_mask=None if full_mask is None else mask,
-                position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True, **{cache_kw: cache}, **keep)
+    out = model(
+        input_ids=ids,
+        attention_mask=None if full_mask is None else mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True,
+        **{cache_kw: cache},
+        **keep,
+    )
     position = mask.sum(-1, keepdim=True)  # (B, 1): where each row's first new token goes
     tokens = ids.new_full((B, max_new_tokens), pad)
     ended = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -102,8 +132,13 @@ def greedy_tokens(model: Any, ids: Tensor, mask: Tensor, max_new_tokens: int, *,
                     ended[hit] = True
             if not live:
                 return tokens[:, : t + 1]
-        out = model(input_ids=nxt[:, None], attention_mask=None if full_mask is None else full_mask[..., : W + t + 1],
-                    position_ids=position + t, use_cache=True, **{cache_kw: cache})
+        out = model(
+            input_ids=nxt[:, None],
+            attention_mask=None if full_mask is None else full_mask[..., : W + t + 1],
+            position_ids=position + t,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
     return tokens
 
 

@@ -25,8 +25,9 @@ def _harness() -> tuple[Any, Any, Any]:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise BadInput("a probe is scored by lm-eval (scoring kind lm_eval), which is not installed; "
-                       f"{_EXTRA}") from None
+        raise BadInput(
+            f"a probe is scored by lm-eval (scoring kind lm_eval), which is not installed; {_EXTRA}"
+        ) from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -39,16 +40,34 @@ def score_lm_eval(model: Any, tokenizer: Any, cfg: LmEvalScoring, *, batch_size:
     if cfg.task not in manager.all_tasks:
         where = f" or in {cfg.include_path}" if cfg.include_path else " (give include_path for a custom task's YAML)"
         raise BadInput(f"lm-eval has no task {cfg.task!r} among its registered tasks{where}")
-    lm = _bos_first(HFLM)(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                          add_bos_token=cfg.add_bos_token, device=str(next(model.parameters()).device))
-    out = lm_eval.simple_evaluate(model=lm, tasks=[cfg.task], num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                  task_manager=manager, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    lm = _bos_first(HFLM)(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        add_bos_token=cfg.add_bos_token,
+        device=str(next(model.parameters()).device),
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[cfg.task],
+        num_fewshot=cfg.num_fewshot,
+        limit=cfg.limit,
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="ERROR",
+    )
     samples = out["samples"][cfg.task]
     if any(len(s["arguments"]) < 2 for s in samples):
-        raise BadInput(f"lm-eval task {cfg.task!r} is not multiple choice (output_type: multiple_choice); only "
-                       "multiple-choice tasks can be probes")
-    values = {k.split(",")[0]: float(v) for k, v in out["results"][cfg.task].items()
-              if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
+        raise BadInput(
+            f"lm-eval task {cfg.task!r} is not multiple choice (output_type: multiple_choice); only "
+            "multiple-choice tasks can be probes"
+        )
+    values = {
+        k.split(",")[0]: float(v)
+        for k, v in out["results"][cfg.task].items()
+        if "," in k and "_stderr" not in k and isinstance(v, (int, float))
+    }
     if cfg.metric not in values:
         raise BadInput(f"lm-eval task {cfg.task!r} reports {', '.join(sorted(values))}, not metric {cfg.metric!r}")
     loglik, tokens = map(sum, zip(*(_gold(s, tokenizer) for s in samples), strict=True))

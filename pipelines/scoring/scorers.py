@@ -57,8 +57,16 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device: torch.device) -> t
 
 # --- generation -------------------------------------------------------------------------
 @torch.no_grad()
-def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int,
-                   stop: Sequence[str] = (), desc: str = "generate") -> list[str]:
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    desc: str = "generate",
+) -> list[str]:
     """Greedy continuations of token-id prompts, decoded up to EOS and cut at the first stop string.
 
     Runs ``inference_model`` (a LoRA adapter merged) with torch's own linear layers, through the loop of
@@ -78,11 +86,26 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batc
             batch = [prompts[i] for i in chunk]
             ids, mask = left_pad(batch, pad, device)
             if plain:
-                out = greedy_tokens(model, ids, mask, max_new_tokens, eos=eos, pad=pad, stopped=stopped,
-                                    padded=len({len(p) for p in batch}) > 1)
+                out = greedy_tokens(
+                    model,
+                    ids,
+                    mask,
+                    max_new_tokens,
+                    eos=eos,
+                    pad=pad,
+                    stopped=stopped,
+                    padded=len({len(p) for p in batch}) > 1,
+                )
             else:
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=eos, use_cache=True)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=eos,
+                    use_cache=True,
+                )
                 out = out[:, ids.shape[1] :]
             for i, gen in zip(chunk, out.tolist(), strict=True):
                 text = decode(tokenizer, gen, eos)
@@ -93,23 +116,48 @@ def generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, batc
     return texts
 
 
-def complete(model: Any, tokenizer: Any, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
-             stop: Sequence[str] = (), chat: str | Sequence[str] = "never", desc: str = "generate") -> list[str]:
+def complete(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    chat: str | Sequence[str] = "never",
+    desc: str = "generate",
+) -> list[str]:
     """Greedy completions of text prompts: BOS + each prompt (or its chat-template turn), its context cut
     to what leaves room for ``max_new_tokens``; what scoring, the registered model and export all run."""
     limit = context_limit(model, max_new_tokens)
     chats = [chat] * len(prompts) if isinstance(chat, str) else list(chat)
     ids = [prompt_ids(tokenizer, p, c)[-limit if limit else 0 :] for p, c in zip(prompts, chats, strict=True)]
-    return generate_texts(model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop,
-                          desc=desc)
+    return generate_texts(
+        model, tokenizer, ids, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop, desc=desc
+    )
 
 
-def score_generate(model: Any, tokenizer: Any, rows: list[dict[str, Any]], cfg: GenerateScoring, *, batch_size: int,
-                   max_new_tokens: int, desc: str = "generate") -> dict[str, float]:
+def score_generate(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    cfg: GenerateScoring,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+) -> dict[str, float]:
     """``accuracy``: share of rows whose extracted generation equals the extracted reference answer."""
-    texts = complete(model, tokenizer, [r["prompt"] for r in rows], batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, stop=cfg.stop, chat=[r.get("chat", "never") for r in rows],
-                     desc=desc)
+    texts = complete(
+        model,
+        tokenizer,
+        [r["prompt"] for r in rows],
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop=cfg.stop,
+        chat=[r.get("chat", "never") for r in rows],
+        desc=desc,
+    )
     correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows, strict=True))
     return {"accuracy": correct / len(rows)}
 
@@ -121,8 +169,9 @@ def _cache_kwarg(model: Any) -> str:
 
 
 @torch.no_grad()
-def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: int, pad: int,
-                        desc: str = "multiple choice") -> list[list[float]]:
+def pair_loglikelihoods(
+    model: Any, examples: list[list[Pair]], *, batch_size: int, pad: int, desc: str = "multiple choice"
+) -> list[list[float]]:
     """Summed log p(continuation | context) of every (context, continuation) pair of every example.
 
     A batch holds whole examples, up to ``batch_size`` pairs, longest first (batches of like lengths). Its
@@ -150,8 +199,14 @@ def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: i
             pairs = [(contexts.setdefault(tuple(c), len(contexts)), t) for i in chunk for c, t in examples[i]]
             ctx_ids, ctx_mask = left_pad(list(contexts), pad, device)
             cache = DynamicCache(config=getattr(model, "config", None))
-            out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=True, **{cache_kw: cache}, **keep)
+            out = model(
+                input_ids=ctx_ids,
+                attention_mask=ctx_mask,
+                position_ids=(ctx_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True,
+                **{cache_kw: cache},
+                **keep,
+            )
             first = out.logits[:, -1].float().log_softmax(-1)  # (U, V): next-token log-probs after each context
             index = torch.tensor([u for u, _ in pairs], device=device)
             cache.batch_select_indices(index)
@@ -159,8 +214,13 @@ def pair_loglikelihoods(model: Any, examples: list[list[Pair]], *, batch_size: i
             cont = torch.tensor([t + [pad] * (C - len(t)) for _, t in pairs], device=device)  # (P, C)
             cont_mask = torch.tensor([[1] * len(t) + [0] * (C - len(t)) for _, t in pairs], device=device)
             positions = ctx_mask.sum(-1)[index, None] + torch.arange(C, device=device)
-            out = model(input_ids=cont, attention_mask=torch.cat([ctx_mask[index], cont_mask], 1),
-                        position_ids=positions, use_cache=True, **{cache_kw: cache})
+            out = model(
+                input_ids=cont,
+                attention_mask=torch.cat([ctx_mask[index], cont_mask], 1),
+                position_ids=positions,
+                use_cache=True,
+                **{cache_kw: cache},
+            )
             logp = torch.cat([first[index, None], out.logits[:, :-1].float().log_softmax(-1)], 1)  # (P, C, V)
             ll = (logp.gather(-1, cont[..., None])[..., 0] * cont_mask).sum(-1).tolist()
             k = 0
@@ -192,8 +252,9 @@ def choice_pairs(tokenizer: Any, row: dict[str, Any], limit: int | None) -> list
     return pairs
 
 
-def score_multiple_choice(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int,
-                          desc: str = "multiple choice") -> dict[str, float]:
+def score_multiple_choice(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, desc: str = "multiple choice"
+) -> dict[str, float]:
     """``acc``, ``acc_norm`` (lm-eval), and ``nll`` / ``perplexity`` of the gold continuation's tokens."""
     _, _, pad = special_ids(tokenizer)
     limit = context_limit(model)
@@ -208,14 +269,19 @@ def score_multiple_choice(model: Any, tokenizer: Any, rows: list[dict[str, Any]]
         gold_ll += ll[r["label"]]
         gold_tokens += len(pairs[r["label"]][1])
     nll = -gold_ll / max(gold_tokens, 1)
-    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "nll": nll,
-            "perplexity": math.exp(min(nll, 50.0))}
+    return {
+        "acc": acc / len(rows),
+        "acc_norm": acc_norm / len(rows),
+        "nll": nll,
+        "perplexity": math.exp(min(nll, 50.0)),
+    }
 
 
 # --- perplexity ---------------------------------------------------------------------------
 @torch.no_grad()
-def target_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int,
-               desc: str = "nll") -> float:
+def target_nll(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int, desc: str = "nll"
+) -> float:
     """Mean negative log-likelihood per target token (the answer and EOS; the prompt is masked); batches of
     like lengths (longest first), ``inference_model`` (a LoRA adapter merged), torch's own linear layers."""
     _, _, pad = special_ids(tokenizer)
@@ -229,14 +295,22 @@ def target_nll(model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_siz
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             target = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                                     reduction="sum")
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+            )
             bar.update(len(batch["input_ids"]))
     return float(total) / max(count, 1)
 
 
-def score_perplexity(model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, max_length: int,
-                     desc: str = "perplexity") -> dict[str, float]:
+def score_perplexity(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    max_length: int,
+    desc: str = "perplexity",
+) -> dict[str, float]:
     """``nll`` (mean target-token NLL) and ``perplexity`` = exp(nll)."""
     nll = target_nll(model, tokenizer, rows, batch_size, max_length, desc)
     return {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}

@@ -48,14 +48,21 @@ class DomainScore:
 
     def as_json(self) -> dict[str, Any]:
         """Flat: ``scoring``, ``metric``, ``score``, ``higher_is_better``, ``n`` and every value."""
-        return {"scoring": self.scoring, "metric": self.metric, "score": self.score,
-                "higher_is_better": self.higher_is_better, "n": self.n, **self.values}
+        return {
+            "scoring": self.scoring,
+            "metric": self.metric,
+            "score": self.score,
+            "higher_is_better": self.higher_is_better,
+            "n": self.n,
+            **self.values,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DomainScore:
         """The inverse of ``as_json`` (a recorded rows.json)."""
-        return cls(data["scoring"], data["metric"], {k: v for k, v in data.items() if k not in _SHAPE},
-                   int(data.get("n", 0)))
+        return cls(
+            data["scoring"], data["metric"], {k: v for k, v in data.items() if k not in _SHAPE}, int(data.get("n", 0))
+        )
 
 
 Row = dict[str, DomainScore]
@@ -70,15 +77,23 @@ def rows_from_json(data: list[dict[str, dict[str, Any]]]) -> list[Row]:
     return [{d: DomainScore.from_json(s) for d, s in row.items()} for row in data]
 
 
-def score_domain(model: Any, tokenizer: Any, domain: DomainConfig, rows: list[dict[str, Any]], cfg: EvaluationConfig,
-                 *, max_length: int) -> DomainScore:
+def score_domain(
+    model: Any,
+    tokenizer: Any,
+    domain: DomainConfig,
+    rows: list[dict[str, Any]],
+    cfg: EvaluationConfig,
+    *,
+    max_length: int,
+) -> DomainScore:
     """Score ``rows`` of ``domain`` with the domain's scorer."""
     scoring = domain.score
     desc = f"{domain.name}: {scoring.kind}"
     if scoring.kind == "generate":
         max_new = scoring.max_new_tokens or cfg.max_new_tokens
-        values = score_generate(model, tokenizer, rows, scoring, batch_size=cfg.batch_size, max_new_tokens=max_new,
-                                desc=desc)
+        values = score_generate(
+            model, tokenizer, rows, scoring, batch_size=cfg.batch_size, max_new_tokens=max_new, desc=desc
+        )
         values["nll"] = target_nll(model, tokenizer, rows, cfg.batch_size, max_length, f"{domain.name}: nll")
         values["perplexity"] = math.exp(min(values["nll"], 50.0))
         metric = "accuracy"

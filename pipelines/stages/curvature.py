@@ -30,14 +30,21 @@ class MemoryBudgetError(BadInput):
 
 def check_memory(estimate: MemoryEstimate, cfg: LaLoRAConfig, stage: int) -> None:
     """Print what the structure needs and refuse it when over ``memory_budget_gb``."""
-    gib = 1024 ** 3
-    log.info("stage %d: %s curvature needs %.3g GiB during the pass and %.3g GiB stored (budget %.3g GiB)",
-                stage, cfg.curvature.kind, estimate.pass_bytes / gib, estimate.stored_bytes / gib, cfg.memory_budget_gb)
+    gib = 1024**3
+    log.info(
+        "stage %d: %s curvature needs %.3g GiB during the pass and %.3g GiB stored (budget %.3g GiB)",
+        stage,
+        cfg.curvature.kind,
+        estimate.pass_bytes / gib,
+        estimate.stored_bytes / gib,
+        cfg.memory_budget_gb,
+    )
     if estimate.pass_bytes > cfg.memory_budget_gb * gib:
         raise MemoryBudgetError(
             f"{cfg.curvature.kind} curvature needs {estimate.pass_bytes / gib:.3g} GiB for its accumulators, over "
             f"lalora.memory_budget_gb={cfg.memory_budget_gb:g}; raise the budget, use curvature kind diag, or adapt "
-            "fewer modules (lora.target_modules)")
+            "fewer modules (lora.target_modules)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,9 +70,20 @@ class PrecisionInputs:
 
     @classmethod
     def from_config(cls, cfg: LineageConfig, stage: int, paths: StepPaths) -> PrecisionInputs:
-        return cls(base=paths.base, anchor=paths.anchor, lalora=cfg.lalora, domain=cfg.all_domains[stage - 1],
-                   previous=paths.precision, stage=stage, dtype=cfg.model.dtype, max_length=cfg.training.max_length,
-                   seed=cfg.seed, data_dir=paths.data, out_dir=paths.out, ds=cfg.deepspeed)
+        return cls(
+            base=paths.base,
+            anchor=paths.anchor,
+            lalora=cfg.lalora,
+            domain=cfg.all_domains[stage - 1],
+            previous=paths.precision,
+            stage=stage,
+            dtype=cfg.model.dtype,
+            max_length=cfg.training.max_length,
+            seed=cfg.seed,
+            data_dir=paths.data,
+            out_dir=paths.out,
+            ds=cfg.deepspeed,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,11 +124,17 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
     every = fixed_batches(encode(tokenizer, splits.curvature, inputs.max_length), cfg.batch_size, pad)
     zero3 = ds.zero_stage == 3
     batches = _rank_share(every, zero3)
-    estimator = build_estimator(cfg.curvature.kind, seed=inputs.seed + stage,
-                                **cfg.curvature.model_dump(exclude={"kind"}))
+    estimator = build_estimator(
+        cfg.curvature.kind, seed=inputs.seed + stage, **cfg.curvature.model_dump(exclude={"kind"})
+    )
     check_memory(estimator.memory(shapes), cfg, stage)
-    with tqdm(total=sum(len(b["input_ids"]) for b in batches), desc=f"curvature on {curvature_domain.name}", unit="seq",
-              leave=False, disable=world()[0] != 0) as bar:
+    with tqdm(
+        total=sum(len(b["input_ids"]) for b in batches),
+        desc=f"curvature on {curvature_domain.name}",
+        unit="seq",
+        leave=False,
+        disable=world()[0] != 0,
+    ) as bar:
         device = compute_device()  # a GPU when there is one (at ZeRO-3 the engine puts the module there)
         batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
         if not zero3:
@@ -121,24 +145,50 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
             timeline.mark("last_batch")
     zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
     if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
-        log.warning("stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
-                    "only tau_A = %g constrains A in this stage. Expected, not a bug.", stage, prior.tau_A)
+        log.warning(
+            "stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
+            "only tau_A = %g constrains A in this stage. Expected, not a bug.",
+            stage,
+            prior.tau_A,
+        )
     fresh = type(est.precision).from_state_dict({k: v.cpu() for k, v in est.precision.to_state_dict().items()})
     precision = accumulate(prev_precision, fresh, cfg.accumulate.mode, cfg.accumulate.gamma)  # kept on the host
-    history = [*history, {"stage": stage, "domain": curvature_domain.name, "mode": cfg.accumulate.mode,
-                          "gamma": cfg.accumulate.gamma, "n_samples": est.n_samples, "fisher_type": est.fisher_type,
-                          "data_sha256": splits.fingerprint}]
+    history = [
+        *history,
+        {
+            "stage": stage,
+            "domain": curvature_domain.name,
+            "mode": cfg.accumulate.mode,
+            "gamma": cfg.accumulate.gamma,
+            "n_samples": est.n_samples,
+            "fisher_type": est.fisher_type,
+            "data_sha256": splits.fingerprint,
+        },
+    ]
     target = Path(inputs.out_dir) / "precision"
     if world()[0] != 0:
-        return PrecisionResult(path=str(target), structure=precision.structure, n_samples=est.n_samples,
-                               zero_curvature=len(est.zero_curvature), seconds=0.0, sha256="")
-    meta = save_precision(target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior,
-                          history=history)
+        return PrecisionResult(
+            path=str(target),
+            structure=precision.structure,
+            n_samples=est.n_samples,
+            zero_curvature=len(est.zero_curvature),
+            seconds=0.0,
+            sha256="",
+        )
+    meta = save_precision(
+        target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior, history=history
+    )
     seconds = time.perf_counter() - t0
     tracker.log_metrics(_curvature_stats(precision, seconds, est.n_samples, len(est.zero_curvature), len(zero_a)))
     tracker.log_artifact(target, "curvature")
-    return PrecisionResult(path=str(target), structure=meta.structure, n_samples=est.n_samples,
-                           zero_curvature=len(est.zero_curvature), seconds=seconds, sha256=meta.sha256)
+    return PrecisionResult(
+        path=str(target),
+        structure=meta.structure,
+        n_samples=est.n_samples,
+        zero_curvature=len(est.zero_curvature),
+        seconds=seconds,
+        sha256=meta.sha256,
+    )
 
 
 def _rank_share(every: list[dict[str, torch.Tensor]], zero3: bool) -> list[dict[str, torch.Tensor]]:
@@ -155,8 +205,12 @@ def _rank_share(every: list[dict[str, torch.Tensor]], zero3: bool) -> list[dict[
 
 def _curvature_stats(precision: Precision, seconds: float, n_samples: int, zero: int, zero_a: int) -> dict[str, float]:
     """The pass's metrics: time, samples, matrices with zero curvature, mean and max curvature of A and B."""
-    stats = {"curvature/seconds": seconds, "curvature/n_samples": n_samples, "curvature/zero_matrices": zero,
-             "curvature/zero_A_matrices": zero_a}
+    stats = {
+        "curvature/seconds": seconds,
+        "curvature/n_samples": n_samples,
+        "curvature/zero_matrices": zero,
+        "curvature/zero_A_matrices": zero_a,
+    }
     state = precision.diagonal()
     for kind in ("A", "B"):
         vals = [v for n, v in state.items() if n.endswith(f".lora_{kind}")]
@@ -164,4 +218,3 @@ def _curvature_stats(precision: Precision, seconds: float, n_samples: int, zero:
             stats[f"curvature/mean_{kind}"] = float(sum(v.sum() for v in vals) / sum(v.numel() for v in vals))
             stats[f"curvature/max_{kind}"] = float(max(v.max() for v in vals))
     return stats
-

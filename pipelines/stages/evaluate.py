@@ -33,11 +33,28 @@ class EvaluateInputs:
     """the evaluation rows (R), or the validation rows (what lambda auto's trials are scored on)"""
 
     @classmethod
-    def from_config(cls, cfg: LineageConfig, *, base: str, adapter: str, domains: Sequence[DomainConfig],
-                    data_dir: str, out_path: str, split: Literal["eval", "val"] = "eval") -> EvaluateInputs:
-        return cls(base=base, adapter=adapter, domains=tuple(domains), evaluation=cfg.evaluation,
-                   dtype=cfg.model.dtype, max_length=cfg.training.max_length,
-                   data_dir=data_dir, out_path=out_path, split=split)
+    def from_config(
+        cls,
+        cfg: LineageConfig,
+        *,
+        base: str,
+        adapter: str,
+        domains: Sequence[DomainConfig],
+        data_dir: str,
+        out_path: str,
+        split: Literal["eval", "val"] = "eval",
+    ) -> EvaluateInputs:
+        return cls(
+            base=base,
+            adapter=adapter,
+            domains=tuple(domains),
+            evaluation=cfg.evaluation,
+            dtype=cfg.model.dtype,
+            max_length=cfg.training.max_length,
+            data_dir=data_dir,
+            out_path=out_path,
+            split=split,
+        )
 
 
 def evaluate(inputs: EvaluateInputs, tracker: Tracker | None = None) -> dict[str, DomainScore]:
@@ -56,6 +73,8 @@ def evaluate(inputs: EvaluateInputs, tracker: Tracker | None = None) -> dict[str
         if not rows:
             raise ValueError(f"domain {domain.name} has no {split} rows to score")
         scores[domain.name] = score_domain(model, tokenizer, domain, rows, cfg, max_length=max_length)
-    write_json_atomic(Path(inputs.out_path), {"seconds": time.perf_counter() - t0,
-                                       "scores": {k: v.as_json() for k, v in scores.items()}})
+    write_json_atomic(
+        Path(inputs.out_path),
+        {"seconds": time.perf_counter() - t0, "scores": {k: v.as_json() for k, v in scores.items()}},
+    )
     return scores

@@ -49,11 +49,21 @@ class FinetuneInputs:
 
     @classmethod
     def from_config(cls, cfg: LineageConfig, stage: int, paths: StepPaths) -> FinetuneInputs:
-        return cls(base=paths.base, anchor=paths.anchor, precision=paths.precision, lalora=cfg.stage_lalora(stage),
-                   domain=cfg.domains[stage - 1], training=cfg.stage_training(stage), ds=cfg.deepspeed,
-                   dtype=cfg.model.dtype, stage=stage, data_dir=paths.data, out_dir=paths.out,
-                   checkpoint_dir=paths.checkpoint,
-                   replay_from=tuple(replay_sources(cfg.training.replay, cfg.source, cfg.domains[: stage - 1])))
+        return cls(
+            base=paths.base,
+            anchor=paths.anchor,
+            precision=paths.precision,
+            lalora=cfg.stage_lalora(stage),
+            domain=cfg.domains[stage - 1],
+            training=cfg.stage_training(stage),
+            ds=cfg.deepspeed,
+            dtype=cfg.model.dtype,
+            stage=stage,
+            data_dir=paths.data,
+            out_dir=paths.out,
+            checkpoint_dir=paths.checkpoint,
+            replay_from=tuple(replay_sources(cfg.training.replay, cfg.source, cfg.domains[: stage - 1])),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,16 +143,26 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
         assert precision is not None
         return LaplacePenalty(precision, anchor, lora_parameters(module), lam, prior)
 
-    batches = _batches(tokenizer, domain, training, list(inputs.replay_from), Path(inputs.data_dir), stage,
-                       tracker)
+    batches = _batches(tokenizer, domain, training, list(inputs.replay_from), Path(inputs.data_dir), stage, tracker)
     tracker.log_params({"train.steps": training.steps, "train.lr": training.lr, "lambda": lalora.lam})
-    result = train(model, [p.param for p in params], batches, steps=training.steps, lr=training.lr,
-                   batch_size=training.batch_size, ds=inputs.ds,
-                   make_penalty=make_penalty if precision is not None else None,
-                   tracker=tracker, log_every=training.log_every, desc=f"stage {stage}: {domain.name}",
-                   checkpoint_dir=Path(inputs.checkpoint_dir) if inputs.checkpoint_dir else None,
-                   checkpoint_every=training.checkpoint_every, seed=training.seed + stage,
-                   optimizer_impl=training.optimizer_impl, loss_chunk=training.loss_chunk)
+    result = train(
+        model,
+        [p.param for p in params],
+        batches,
+        steps=training.steps,
+        lr=training.lr,
+        batch_size=training.batch_size,
+        ds=inputs.ds,
+        make_penalty=make_penalty if precision is not None else None,
+        tracker=tracker,
+        log_every=training.log_every,
+        desc=f"stage {stage}: {domain.name}",
+        checkpoint_dir=Path(inputs.checkpoint_dir) if inputs.checkpoint_dir else None,
+        checkpoint_every=training.checkpoint_every,
+        seed=training.seed + stage,
+        optimizer_impl=training.optimizer_impl,
+        loss_chunk=training.loss_chunk,
+    )
     target = Path(inputs.out_dir) / "adapter"
     state = adapter_state(model)
     if world()[0] == 0:
@@ -154,13 +174,26 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
             quadratic = 0.5 * float(precision.quad_form({n: delta[n] for n in precision.names}))
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
-    return FinetuneResult(adapter=str(target), steps=result.steps, final_loss=result.final_loss,
-                          final_penalty=result.final_penalty, seconds=result.seconds, tokens_per_second=tps,
-                          quadratic=quadratic)
+    return FinetuneResult(
+        adapter=str(target),
+        steps=result.steps,
+        final_loss=result.final_loss,
+        final_penalty=result.final_penalty,
+        seconds=result.seconds,
+        tokens_per_second=tps,
+        quadratic=quadratic,
+    )
 
 
-def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, replay_from: list[DomainConfig],
-             data_dir: Path, stage: int, tracker: Tracker) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    tokenizer: Any,
+    domain: DomainConfig,
+    training: TrainingConfig,
+    replay_from: list[DomainConfig],
+    data_dir: Path,
+    stage: int,
+    tracker: Tracker,
+) -> Iterator[dict[str, torch.Tensor]]:
     """The stage's endless training batches: the domain's training split, with the replay pool's rows mixed in."""
     _, _, pad = special_ids(tokenizer)
 
@@ -173,9 +206,21 @@ def _batches(tokenizer: Any, domain: DomainConfig, training: TrainingConfig, rep
     examples = encoded(load_domain(domain, data_dir).train, "training")
     replay = training.replay
     pool = replay_pool(replay, replay_from, data_dir) if replay.enabled else ReplayPool()
-    tracker.log_params({"train.examples": len(examples), "train.replay.fraction": replay.fraction,
-                        "train.replay.rows_per_batch":
-                            replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,
-                        **{f"train.replay.pool.{name}": n for name, n in pool.counts.items()}})
-    return mixed_batches(examples, encoded(pool.rows, "replayed") if pool.rows else [], training.batch_size,
-                         replay.fraction, pad, training.seed + stage, replay.seed + stage, training.group_by_length)
+    tracker.log_params(
+        {
+            "train.examples": len(examples),
+            "train.replay.fraction": replay.fraction,
+            "train.replay.rows_per_batch": replay_rows(training.batch_size, replay.fraction) if pool.rows else 0,
+            **{f"train.replay.pool.{name}": n for name, n in pool.counts.items()},
+        }
+    )
+    return mixed_batches(
+        examples,
+        encoded(pool.rows, "replayed") if pool.rows else [],
+        training.batch_size,
+        replay.fraction,
+        pad,
+        training.seed + stage,
+        replay.seed + stage,
+        training.group_by_length,
+    )

@@ -22,10 +22,15 @@ class GateInputs:
     promotion: PromotionConfig
 
     @classmethod
-    def from_config(cls, cfg: LineageConfig, *, domains: list[str], R: list[list[float]],
-                    higher_is_better: list[bool]) -> GateInputs:
-        return cls(domains=tuple(domains), R=tuple(tuple(row) for row in R), higher_is_better=tuple(higher_is_better),
-                   promotion=cfg.promotion)
+    def from_config(
+        cls, cfg: LineageConfig, *, domains: list[str], R: list[list[float]], higher_is_better: list[bool]
+    ) -> GateInputs:
+        return cls(
+            domains=tuple(domains),
+            R=tuple(tuple(row) for row in R),
+            higher_is_better=tuple(higher_is_better),
+            promotion=cfg.promotion,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,8 +55,10 @@ def beyond(value: float, limit: float) -> bool:
     arguments the other way round, a learning or BWT below its floor)."""
     return value > limit + TOLERANCE * max(1.0, abs(limit))
 
-def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
-         higher_is_better: list[bool] | None = None) -> GateResult:
+
+def gate(
+    domains: list[str], R: list[list[float]], cfg: PromotionConfig, higher_is_better: list[bool] | None = None
+) -> GateResult:
     """Check the conditions on R after stage T = len(R) - 1.
 
     R holds each domain's own score (rows 0..T; columns: the source, domains 1..T, then any
@@ -62,8 +69,12 @@ def gate(domains: list[str], R: list[list[float]], cfg: PromotionConfig,
     T = len(R) - 1
     m = continual_metrics(R, higher_is_better)
     target = domains[T]
-    metrics = {"BWT": m.BWT, "ACC": m.ACC, "learning": m.learning[-1],
-               "max_forgetting": max(m.forgetting) if m.forgetting else 0.0}
+    metrics = {
+        "BWT": m.BWT,
+        "ACC": m.ACC,
+        "learning": m.learning[-1],
+        "max_forgetting": max(m.forgetting) if m.forgetting else 0.0,
+    }
     reasons = []
     if cfg.min_bwt is not None and beyond(cfg.min_bwt, m.BWT):
         reasons.append(f"BWT {m.BWT:+.3f} < min_bwt {cfg.min_bwt:+.3f}")

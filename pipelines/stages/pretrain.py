@@ -33,8 +33,14 @@ class BaseInputs:
 
     @classmethod
     def from_config(cls, cfg: LineageConfig, out_dir: str) -> BaseInputs:
-        return cls(model=cfg.model, source=cfg.source, ds=cfg.deepspeed, max_length=cfg.training.max_length,
-                   seed=cfg.seed, out_dir=out_dir)
+        return cls(
+            model=cfg.model,
+            source=cfg.source,
+            ds=cfg.deepspeed,
+            max_length=cfg.training.max_length,
+            seed=cfg.seed,
+            out_dir=out_dir,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +66,12 @@ def pretraining_rows(source: DomainConfig, extra: Sequence[DomainConfig], data_d
         more, fingerprint = load_rows(data, data_dir)
         rows += more
         fingerprints.append(fingerprint)
-    log.info("pretraining on %d source rows and %d more from %s", len(splits.train), len(rows) - len(splits.train),
-             ", ".join(d.name for d in extra))
+    log.info(
+        "pretraining on %d source rows and %d more from %s",
+        len(splits.train),
+        len(rows) - len(splits.train),
+        ", ".join(d.name for d in extra),
+    )
     return rows, sha256_json(fingerprints, sort_keys=False)  # as recorded (a list: the order is its own)
 
 
@@ -82,8 +92,16 @@ def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
     ws = Workspace(Path(out_dir))
     rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
     pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
-    digest = sha256_json({"tiny": model.tiny.model_dump(), "pretrain": pretrain, "seed": seed, "data": fingerprint,
-                          "max_length": max_length, "ds": ds.model_dump()})
+    digest = sha256_json(
+        {
+            "tiny": model.tiny.model_dump(),
+            "pretrain": pretrain,
+            "seed": seed,
+            "data": fingerprint,
+            "max_length": max_length,
+            "ds": ds.model_dump(),
+        }
+    )
     marker = ws.base / "lalora_base.json"
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
         log.info("base model %s is up to date; not pretraining again", ws.base)
@@ -95,10 +113,24 @@ def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
     tracker.log_params({"base.params": n_params, "base.pretrain_steps": model.pretrain.steps})
     _, _, pad = special_ids(tokenizer)
     examples = encode(tokenizer, rows, max_length)
-    result = train(net, list(net.parameters()), train_batches(examples, model.pretrain.batch_size, pad, seed),
-                   steps=model.pretrain.steps, lr=model.pretrain.lr, batch_size=model.pretrain.batch_size, ds=ds,
-                   make_penalty=None, tracker=tracker, log_every=25, desc=f"pretrain base on {source.name}",
-                   seed=seed) if model.pretrain.steps > 0 else None
+    result = (
+        train(
+            net,
+            list(net.parameters()),
+            train_batches(examples, model.pretrain.batch_size, pad, seed),
+            steps=model.pretrain.steps,
+            lr=model.pretrain.lr,
+            batch_size=model.pretrain.batch_size,
+            ds=ds,
+            make_penalty=None,
+            tracker=tracker,
+            log_every=25,
+            desc=f"pretrain base on {source.name}",
+            seed=seed,
+        )
+        if model.pretrain.steps > 0
+        else None
+    )
 
     def write(d: Path) -> None:
         net.save_pretrained(d)
@@ -107,5 +139,9 @@ def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
 
     write_dir_atomic(ws.base, write)
     log.info("pretrained a %d-parameter base model on %s -> %s", n_params, source.name, ws.base)
-    return BaseResult(path=str(ws.base), pretrained_here=True, seconds=result.seconds if result else 0.0,
-                      final_loss=result.final_loss if result else None)
+    return BaseResult(
+        path=str(ws.base),
+        pretrained_here=True,
+        seconds=result.seconds if result else 0.0,
+        final_loss=result.final_loss if result else None,
+    )

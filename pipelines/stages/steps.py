@@ -66,15 +66,23 @@ class _Step(Generic[In, R]):
         cfg = job.cfg
         if not uses_launcher(cfg.deepspeed):
             return self.body(self.inputs(cfg, job.stage, job.paths), tracker)
-        payload = {"step": self.name, "stage": job.stage, "paths": dataclasses.asdict(job.paths),
-                   "config": cfg.as_json()}
+        payload = {
+            "step": self.name,
+            "stage": job.stage,
+            "paths": dataclasses.asdict(job.paths),
+            "config": cfg.as_json(),
+        }
         work = Path(job.paths.out) / f"launch-{self.name}"
         return self.result(**launch(self.name, payload, cfg.deepspeed, work, tracker, MODULE))
 
 
-_LAUNCHED: dict[str, _Step[Any, Any]] = {step.name: step for step in (
-    _Step("precision", PrecisionInputs.from_config, compute_precision, PrecisionResult),
-    _Step("finetune", FinetuneInputs.from_config, finetune, FinetuneResult))}
+_LAUNCHED: dict[str, _Step[Any, Any]] = {
+    step.name: step
+    for step in (
+        _Step("precision", PrecisionInputs.from_config, compute_precision, PrecisionResult),
+        _Step("finetune", FinetuneInputs.from_config, finetune, FinetuneResult),
+    )
+}
 
 PRETRAIN = Stage("base-model", prepare_base)
 INIT = Stage("init-adapter", initialise)

@@ -20,9 +20,23 @@ def _cell(out: Path, name: str, plain: str, lalora: str) -> None:
 
 
 def _grid(out: Path, capability: str) -> tuple[int, list[str], dict]:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_robustness.py"), "--capabilities",
-                           capability, "--seeds", "0", "--out", str(out)], cwd=ROOT, env=child_env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "demo_robustness.py"),
+            "--capabilities",
+            capability,
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stdout.strip().splitlines()
     return proc.returncode, lines, json.loads(lines[-1])
 

@@ -15,12 +15,31 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--shape", "tiny", "--device", "cpu", "--dtype",
-           "fp32", "--steps", "3", "--seq", "48",
-           "--gen-prompt", "8", "--gen-new", "4", "--work", str(tmp_path / "w"),
-           "--options", "activation_checkpointing,loss_chunk_1024"]  # fused AdamW: tests/pipelines/test_train_options
-    out = subprocess.run(cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-                         timeout=900)
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_suite.py"),
+        "--shape",
+        "tiny",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--steps",
+        "3",
+        "--seq",
+        "48",
+        "--gen-prompt",
+        "8",
+        "--gen-new",
+        "4",
+        "--work",
+        str(tmp_path / "w"),
+        "--options",
+        "activation_checkpointing,loss_chunk_1024",
+    ]  # fused AdamW: tests/pipelines/test_train_options
+    out = subprocess.run(
+        cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["anchor"] == {"skipped": "the anchor is CUDA-only (nccl, a 1B model on cuda)"}
@@ -51,9 +70,14 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
     assert z3["plain"]["side"] == "plain" and z3["ours"]["side"] == "ours" and z3["penalty_tensors"] > 0
     assert z3["plain"]["peak_gpu"] is None and z3["ours"]["final_penalty"] > 0  # no GPU here: RSS is the memory
     assert summary["ratios"]["zero3_tokens_per_s_vs_plain"] > 0
-    assert set(summary["targets"]) == {"finetune_zero2_vs_anchor_zero2 >= 1.00", "diag_curvature_vs_backward <= 1.3",
-                                       "kfac_curvature_vs_backward <= 2.0", "generation_vs_hf_merged >= 1.00",
-                                       "loglik_vs_plain_forward >= 1.00", "zero3_tokens_per_s_vs_plain",
-                                       "zero3_peak_memory_vs_plain_plus_penalty"}
+    assert set(summary["targets"]) == {
+        "finetune_zero2_vs_anchor_zero2 >= 1.00",
+        "diag_curvature_vs_backward <= 1.3",
+        "kfac_curvature_vs_backward <= 2.0",
+        "generation_vs_hf_merged >= 1.00",
+        "loglik_vs_plain_forward >= 1.00",
+        "zero3_tokens_per_s_vs_plain",
+        "zero3_peak_memory_vs_plain_plus_penalty",
+    }
     assert all(isinstance(v, bool) for k, v in summary["targets"].items() if not k.startswith("finetune"))
     assert (tmp_path / "w" / "z3-stage2" / "adapter" / "adapter_model.safetensors").is_file()

@@ -15,8 +15,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_chunked_side_computes_the_full_sides_loss_and_both_are_measured():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "loss_chunk.py"), "--vocab", "512", "--hidden", "32",
-           "--batch", "2", "--seq", "16", "--chunk", "5", "--steps", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "loss_chunk.py"),
+        "--vocab",
+        "512",
+        "--hidden",
+        "32",
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--chunk",
+        "5",
+        "--steps",
+        "1",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])

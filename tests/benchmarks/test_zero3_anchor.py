@@ -18,10 +18,29 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     work = tmp_path_factory.mktemp("zero3_anchor")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "zero3_anchor.py"), "--hidden", "64", "--layers", "1", "--vocab",
-           "512", "--seq", "32", "--warmup", "1", "--steps", "2", "--repeats", "1", "--work", str(work / "w")]
-    out = subprocess.run(cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True,
-                         timeout=600)
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "zero3_anchor.py"),
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--vocab",
+        "512",
+        "--seq",
+        "32",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--repeats",
+        "1",
+        "--work",
+        str(work / "w"),
+    ]
+    out = subprocess.run(
+        cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -13,8 +13,17 @@ from pathlib import Path
 from pipelines.runtime.distributed import free_port
 from tests.conftest import child_env
 
-__all__ = ["create_database", "free_port", "mlflow_server", "model_server", "postgres", "postgres_missing",
-           "prefect_server", "running", "up"]
+__all__ = [
+    "create_database",
+    "free_port",
+    "mlflow_server",
+    "model_server",
+    "postgres",
+    "postgres_missing",
+    "prefect_server",
+    "running",
+    "up",
+]
 
 BIN = str(Path(sys.executable).parent)
 """The environment's bin: `mlflow models serve` execs uvicorn from PATH."""
@@ -113,8 +122,19 @@ def postgres() -> Iterator[str]:
 
     try:
         pg(str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-        pg(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
-           f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off", "start")
+        pg(
+            str(bin_dir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {port} -h 127.0.0.1 -k {root} -c fsync=off",
+            "start",
+        )
         try:
             yield f"postgresql://postgres@127.0.0.1:{port}"
         finally:
@@ -138,9 +158,22 @@ def mlflow_server(root: Path, backend: str | None = None) -> Iterator[str]:
     artifact store; its URL."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", backend or f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend or f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--workers",
+        "1",
+    ]
     with running(cmd, f"http://127.0.0.1:{port}/health", root / "server.log", server_env()):
         yield f"http://127.0.0.1:{port}"
 
@@ -149,8 +182,21 @@ def mlflow_server(root: Path, backend: str | None = None) -> Iterator[str]:
 def model_server(model_uri: str, tracking_uri: str, log: Path, **env: str) -> Iterator[str]:
     """`mlflow models serve -m MODEL_URI --env-manager local` on loopback; its URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with running(cmd, f"http://127.0.0.1:{port}/ping", log, server_env(MLFLOW_TRACKING_URI=tracking_uri, **env)):
         yield f"http://127.0.0.1:{port}"
 
@@ -162,7 +208,11 @@ def prefect_server(root: Path) -> Iterator[str]:
     home = root / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    env = server_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                     PREFECT_UI_ENABLED="false", PREFECT_API_URL=f"http://127.0.0.1:{port}/api")
+    env = server_env(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+    )
     with running(cmd, f"http://127.0.0.1:{port}/api/health", root / "prefect-server.log", env):
         yield f"http://127.0.0.1:{port}/api"

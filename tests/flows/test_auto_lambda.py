@@ -27,17 +27,37 @@ def demo_base_config(budget: float, lam_range: tuple[float, float], max_trials: 
     fixed one with its own lambda and steps; small splits, short stages."""
     small = {"eval_size": 50, "val_size": 50}
     return {
-        "name": "auto", "seed": 0,
-        "model": {"path": str(ROOT / "configs" / "demo-base"), "sha256": DEMO["model"]["sha256"],
-                  "tiny": DEMO["model"]["tiny"]},
+        "name": "auto",
+        "seed": 0,
+        "model": {
+            "path": str(ROOT / "configs" / "demo-base"),
+            "sha256": DEMO["model"]["sha256"],
+            "tiny": DEMO["model"]["tiny"],
+        },
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
-        "lalora": {"lambda": "auto", "samples": 64, "batch_size": 32, "prior": {"tau_A": 1.0, "tau_B": 1.0e-3},
-                   "auto": {"max_forgetting": budget, "min_lambda": lam_range[0], "max_lambda": lam_range[1],
-                            "max_trials": max_trials}},
+        "lalora": {
+            "lambda": "auto",
+            "samples": 64,
+            "batch_size": 32,
+            "prior": {"tau_A": 1.0, "tau_B": 1.0e-3},
+            "auto": {
+                "max_forgetting": budget,
+                "min_lambda": lam_range[0],
+                "max_lambda": lam_range[1],
+                "max_trials": max_trials,
+            },
+        },
         "source": {**DEMO["source"], **small},
-        "domains": [{**DEMO["domains"][0], **small, "data": {**DEMO["domains"][0]["data"], "size": 600}},
-                    {**DEMO["domains"][1], **small, "data": {**DEMO["domains"][1]["data"], "size": 400},
-                     "lambda": 0, "steps": 10}],
+        "domains": [
+            {**DEMO["domains"][0], **small, "data": {**DEMO["domains"][0]["data"], "size": 600}},
+            {
+                **DEMO["domains"][1],
+                **small,
+                "data": {**DEMO["domains"][1]["data"], "size": 400},
+                "lambda": 0,
+                "steps": 10,
+            },
+        ],
         "training": {"steps": 100, "lr": 1.0e-2, "batch_size": 32, "max_length": 32, "log_every": 10},
         "runtime": {"threads": 1},
         "evaluation": {"batch_size": 100, "max_new_tokens": 8},
@@ -52,8 +72,9 @@ def _client(out: Path) -> MlflowClient:
 
 
 def _trial_runs(client: MlflowClient, stage_run: str) -> list:
-    runs = client.search_runs([client.get_experiment_by_name("auto").experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{stage_run}'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("auto").experiment_id], f"tags.`mlflow.parentRunId` = '{stage_run}'"
+    )
     return sorted(runs, key=lambda r: int(r.data.tags["lalora.trial"]))
 
 
@@ -76,8 +97,9 @@ def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_pa
     assert search["validation_forgetting"] <= 0.1
     assert len(set(search["lambdas"])) == search["trials"]  # no lambda tried twice
     # within the budget on the validation rows, as recorded with the version: row 1 against row 0
-    val_rows = json.loads((tmp_path / "out" / "stages" / "02-increment-digits" / "lineage" / "val_rows.json")
-                          .read_text())
+    val_rows = json.loads(
+        (tmp_path / "out" / "stages" / "02-increment-digits" / "lineage" / "val_rows.json").read_text()
+    )
     assert len(val_rows) == 3 and set(val_rows[0]) == {"source", "next-aj", "increment-digits"}
     assert [{k: r[k] for k in ("source", "next-aj")} for r in val_rows[:2]] == val_rows_1
     assert val_rows[0]["source"] - val_rows[1]["source"] <= 0.1
@@ -89,8 +111,13 @@ def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_pa
     assert [float(r.data.params["trial.lambda"]) for r in trials] == pytest.approx(search["lambdas"])
     for r in trials:
         assert r.info.status == "FINISHED" and r.data.params["trial.steps"] == "100"
-        assert {"trial/validation_learning", "trial/validation_forgetting", "trial/seconds",
-                "val/source/forgetting", "trial/predicted_loss_rise"} <= set(r.data.metrics)
+        assert {
+            "trial/validation_learning",
+            "trial/validation_forgetting",
+            "trial/seconds",
+            "val/source/forgetting",
+            "trial/predicted_loss_rise",
+        } <= set(r.data.metrics)
     record = VersionRecord.from_tags(v1.tags)
     assert record.auto_lambda == search["lambda"] and record.auto_trials == search["trials"]
     assert f"lambda auto chose {search['lambda']:.4g} after {search['trials']} trial(s)" in v1.description
@@ -105,14 +132,23 @@ def test_a_budget_no_lambda_in_range_meets_registers_the_stage_unpromoted_in_one
     data = demo_base_config(0.05, (0.01, 0.02), 3)  # at these lambdas the source forgets about 0.2
     data["domains"] = data["domains"][:1]
     cfg.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([lalora_script(), "run", str(cfg), "--out", str(tmp_path / "out")], cwd=tmp_path,
-                          env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    proc = subprocess.run(
+        [lalora_script(), "run", str(cfg), "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:]
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     search = result["auto"]["1"]
-    assert not search["feasible"] and search["lambdas"] == pytest.approx([0.0002 ** 0.5, 0.02])
-    line = (f"no lambda in [0.01, 0.02] keeps validation forgetting within 0.05: the smallest reached was "
-            f"{search['validation_forgetting']:.3f} (source, lambda {search['lambda']:g}) after 2 trial(s)")
+    assert not search["feasible"] and search["lambdas"] == pytest.approx([0.0002**0.5, 0.02])
+    line = (
+        f"no lambda in [0.01, 0.02] keeps validation forgetting within 0.05: the smallest reached was "
+        f"{search['validation_forgetting']:.3f} (source, lambda {search['lambda']:g}) after 2 trial(s)"
+    )
     assert sum(line in x for x in proc.stdout.splitlines()) >= 1, proc.stdout[-3000:]
     assert f"version 1 (stage 1) NOT promoted: {line}" in proc.stdout
     assert "Traceback" not in proc.stdout
@@ -125,10 +161,15 @@ def test_a_budget_no_lambda_in_range_meets_registers_the_stage_unpromoted_in_one
 
 def _kill_config() -> str:
     domain = {**DOMAINS["one"], "val_size": 16}
-    return tiny(domain, name="killed", source={"val_size": 16}, model={"pretrain": {"steps": 10}},
-                lalora={"lambda": "auto", "auto": {"max_forgetting": 0.5, "max_trials": 3, "trial_share": 0.5}},
-                training={"steps": 40, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
-                tracking={"experiment": "auto", "registered_model": "auto-adapter"})
+    return tiny(
+        domain,
+        name="killed",
+        source={"val_size": 16},
+        model={"pretrain": {"steps": 10}},
+        lalora={"lambda": "auto", "auto": {"max_forgetting": 0.5, "max_trials": 3, "trial_share": 0.5}},
+        training={"steps": 40, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
+        tracking={"experiment": "auto", "registered_model": "auto-adapter"},
+    )
 
 
 def _trial_step(out: Path, trial: int) -> int:
@@ -145,9 +186,12 @@ def test_a_run_killed_during_a_trial_resumes_at_that_trial_and_ends_as_an_uninte
     cfg = tmp_path / "killed.yaml"
     cfg.write_text(_kill_config())
     out = tmp_path / "killed"
-    proc = run_until_then_sigkill(["run", str(cfg), "--out", str(out)],
-                                  child_env(PREFECT_API_URL=str(PREFECT_API_URL.value())), tmp_path / "killed.log",
-                                  lambda: _trial_step(out, 2) >= 8)
+    proc = run_until_then_sigkill(
+        ["run", str(cfg), "--out", str(out)],
+        child_env(PREFECT_API_URL=str(PREFECT_API_URL.value())),
+        tmp_path / "killed.log",
+        lambda: _trial_step(out, 2) >= 8,
+    )
     assert proc.returncode == -signal.SIGKILL
     killed_at = _trial_step(out, 2)
     assert 8 <= killed_at < 20

@@ -52,8 +52,12 @@ CONFIG_CASES = [
     ("unknown-key", ONE_DOMAIN + "bogus: 1\n", [], "bogus: unknown key"),
     ("wrong-type", ONE_DOMAIN, ["training.steps=many"], "training.steps: Input should be a valid integer"),
     ("negative-lambda", ONE_DOMAIN, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
-    ("gamma-above-1", ONE_DOMAIN, ["lalora.accumulate.gamma=1.5"],
-     "lalora.accumulate.gamma: Input should be less than"),
+    (
+        "gamma-above-1",
+        ONE_DOMAIN,
+        ["lalora.accumulate.gamma=1.5"],
+        "lalora.accumulate.gamma: Input should be less than",
+    ),
     ("rank-0", ONE_DOMAIN, ["lora.r=0"], "lora.r: Input should be greater than 0"),
     ("infinite-lambda", ONE_DOMAIN, ["lalora.lambda=.inf"], "lalora.lambda: Input should be a finite number"),
     ("nan-lr", ONE_DOMAIN, ["training.lr=.nan"], "training.lr: Input should be a finite number"),
@@ -90,8 +94,11 @@ def _data_case(tmp_path, kind):
         return _local("empty.jsonl"), [], "domain one: data file"
     if kind == "missing-columns":
         name = _jsonl(tmp_path / "q.jsonl", [{"question": "a", "solution": "b"}] * 20)
-        return (_local(name, prompt_field="question", answer_field="answer"), [],
-                "column(s) answer not in the data (columns: question, solution)")
+        return (
+            _local(name, prompt_field="question", answer_field="answer"),
+            [],
+            "column(s) answer not in the data (columns: question, solution)",
+        )
     if kind == "missing-split":
         repo = tmp_path / "hub"
         repo.mkdir()
@@ -100,8 +107,11 @@ def _data_case(tmp_path, kind):
         return text, [], "domain one: cannot load dataset"
     if kind == "overlong-error":
         name = _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 40 + "=", "answer": "y" * 10}] * 20)
-        return (_local(name), ["training.overlong=error"],
-                "domain one: training example 0 is 53 tokens, over training.max_length=32")
+        return (
+            _local(name),
+            ["training.overlong=error"],
+            "domain one: training example 0 is 53 tokens, over training.max_length=32",
+        )
     if kind == "no-matching-targets":
         return ONE_DOMAIN, ["lora.target_modules=[qkv]"], "lora.target_modules ['qkv'] match no module"
     if kind == "model-path-missing":
@@ -115,8 +125,17 @@ def _data_case(tmp_path, kind):
     raise AssertionError(kind)
 
 
-DATA_CASES = ["missing-file", "empty-file", "missing-columns", "missing-split", "overlong-error", "no-matching-targets",
-              "model-path-missing", "model-path-without-config", "model-sha256-mismatch"]
+DATA_CASES = [
+    "missing-file",
+    "empty-file",
+    "missing-columns",
+    "missing-split",
+    "overlong-error",
+    "no-matching-targets",
+    "model-path-missing",
+    "model-path-without-config",
+    "model-sha256-mismatch",
+]
 
 
 @pytest.mark.parametrize("kind", DATA_CASES)
@@ -128,8 +147,10 @@ def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, kin
     assert_nothing_registered(tmp_path)
 
 
-@pytest.mark.parametrize("kind", ["missing-file", "no-matching-targets", "model-path-missing",
-                                  "model-path-without-config", "model-sha256-mismatch"])
+@pytest.mark.parametrize(
+    "kind",
+    ["missing-file", "no-matching-targets", "model-path-missing", "model-path-without-config", "model-sha256-mismatch"],
+)
 def test_validate_refuses_what_is_known_without_training(tmp_path, kind):
     """Each in one line, exit 2, without loading weights or data (a hub model is not needed either)."""
     import time
@@ -157,11 +178,15 @@ def test_validate_is_quick_on_the_demo_config(tmp_path):
 
 
 def test_validate_takes_zero3_and_counts_the_partitioned_base_per_rank(tmp_path):
-    code, output = run_lalora(["validate", "configs/demo.yaml", "--set", "deepspeed.zero_stage=3", "--set",
-                               "deepspeed.world_size=2"], tmp_path)
+    code, output = run_lalora(
+        ["validate", "configs/demo.yaml", "--set", "deepspeed.zero_stage=3", "--set", "deepspeed.world_size=2"],
+        tmp_path,
+    )
     assert code == 0 and output.startswith("configs/demo.yaml: OK (3 stages"), output
-    assert ("parameters per rank: base 0.26 MiB (ZeRO-3 over 2 ranks: 0.53 MiB whole), LoRA 0.090 MiB whole on every "
-            "rank (ZeRO-3, float32)") in output, output
+    assert (
+        "parameters per rank: base 0.26 MiB (ZeRO-3 over 2 ranks: 0.53 MiB whole), LoRA 0.090 MiB whole on every "
+        "rank (ZeRO-3, float32)"
+    ) in output, output
 
 
 def test_overlong_sequences_are_truncated_by_default(tmp_path):
@@ -181,8 +206,9 @@ def _local_base(path: Path, *, eos: bool = True, nan: bool = False) -> str:
     from pipelines.runtime.models import build_tiny_llama, char_tokenizer
 
     tok = char_tokenizer()
-    model = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                             max_positions=32), tok, 0)
+    model = build_tiny_llama(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32), tok, 0
+    )
     if nan:
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
@@ -229,9 +255,12 @@ def test_divergence_registers_nothing_and_moves_no_alias(tmp_path):
     nan_base = _local_base(tmp_path / "nan-base", nan=True)
     # A changed stage 1 must be a fork of the lineage (the resume logic refuses it otherwise);
     # the fork's diverging stage registers nothing, and the original lineage is untouched.
-    for i, (overrides, fragment) in enumerate(((["lalora.lambda=1e300"], "non-finite penalty at step 0"),
-                                               ([f"model.path={nan_base}", "lalora.lambda=0"],
-                                                "non-finite loss at step 0"))):
+    for i, (overrides, fragment) in enumerate(
+        (
+            (["lalora.lambda=1e300"], "non-finite penalty at step 0"),
+            ([f"model.path={nan_base}", "lalora.lambda=0"], "non-finite loss at step 0"),
+        )
+    ):
         code, output = run_cli(tmp_path, ONE_DOMAIN, overrides, extra=["--fork", f"diverged-{i}"])
         assert code == EXIT_DIVERGED, output[-3000:]
         assert_one_line_error(output, fragment)
@@ -259,8 +288,11 @@ def test_a_damaged_recorded_precision_is_refused_naming_the_version(tmp_path):
     appended = tiny("one", "two")
     code, output = run_cli(tmp_path, appended, [f"tracking.mlflow_uri={uri}"], out="elsewhere")
     assert code == EXIT_BAD_INPUT, output[-3000:]
-    assert_one_line_error(output, f"version 1 of tiny-adapter (stage 1, one): curvature checkpoint {precision_uri}/"
-                                  "precision.safetensors fails its checksum")
+    assert_one_line_error(
+        output,
+        f"version 1 of tiny-adapter (stage 1, one): curvature checkpoint {precision_uri}/"
+        "precision.safetensors fails its checksum",
+    )
     assert "elsewhere/registry" not in output and "delete version 1 so stage 1 runs again" in output
     assert [str(v.version) for v in client.search_model_versions("name = 'tiny-adapter'")] == ["1"]
     assert bytes(data) == stored.read_bytes()  # the record is left as it is
@@ -274,7 +306,8 @@ def test_a_bug_in_the_project_exits_1_with_its_traceback(tmp_path):
         "import pipelines.stages.finetune as f\n"
         "def broken(*args, **kwargs):\n"
         "    raise ValueError('injected bug')\n"
-        "f.finetune = broken\n")
+        "f.finetune = broken\n"
+    )
     from tests.conftest import ROOT
 
     code, output = run_cli(tmp_path, ONE_DOMAIN, PYTHONPATH=f"{hook}:{ROOT}")

@@ -22,9 +22,11 @@ def test_version_is_pyprojects(tmp_path):
 
 
 def test_version_imports_nothing_heavy():
-    probe = ("import sys\nfrom flows.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
-             "    assert e.code == 0\nprint(sorted(m for m in ('torch', 'prefect', 'mlflow', 'deepspeed', "
-             "'transformers') if m in sys.modules))")
+    probe = (
+        "import sys\nfrom flows.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0\nprint(sorted(m for m in ('torch', 'prefect', 'mlflow', 'deepspeed', "
+        "'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], env=child_env(), capture_output=True, text=True, check=True)
     assert out.stdout.splitlines()[-1] == "[]", out.stdout
 
@@ -33,8 +35,14 @@ def test_env_names_what_a_bug_report_needs(tmp_path):
     code, out = run_lalora(["env"], tmp_path)
     assert code == 0, out
     lines = dict(line.removeprefix("- ").split(": ", 1) for line in out.splitlines())
-    assert list(lines) == ["lalora-pipelines", "Python", "platform", *LIBRARIES, "torch CPU capability",
-                           "CUDA available"], out
+    assert list(lines) == [
+        "lalora-pipelines",
+        "Python",
+        "platform",
+        *LIBRARIES,
+        "torch CPU capability",
+        "CUDA available",
+    ], out
     assert lines["lalora-pipelines"] == pyproject_version()
     assert lines["Python"].startswith(f"{sys.version_info.major}.{sys.version_info.minor}.")
     for name in LIBRARIES:
@@ -75,8 +83,9 @@ def test_init_writes_the_demo_and_says_how_to_run_it(tmp_path):
     assert text[0] == "# yaml-language-server: $schema=lalora.schema.json"  # the schema written beside it
     assert (d / "lalora.schema.json").read_text() == (ROOT / "lalora.schema.json").read_text()
     assert text[1] == f"# Run: lalora run {written} --out {d}/runs/demo"
-    assert text[2] == (f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 "
-                       "--set lalora.lambda=0")
+    assert text[2] == (
+        f"# Plain LoRA for comparison: lalora run {written} --out {d}/runs/demo-lambda0 --set lalora.lambda=0"
+    )
     assert text[3:] == demo[3:]  # every other line, comments included, as the demo has it
     weights = "demo-base/model.safetensors"
     assert (d / weights).read_bytes() == (DEMO.parent / weights).read_bytes()
@@ -117,12 +126,15 @@ def test_base_pretrains_a_configs_tiny_base_that_a_config_then_checks(tmp_path):
     sha = file_sha256(out / "model.safetensors")
     assert text.splitlines()[-1] == f"model.sha256: {sha}", text
     assert f"wrote {out}: a tiny Llama pretrained 3 steps on source and 3 extra data sets in " in text
-    code, text = run_lalora(["validate", str(DEMO), "--set", f"model.path={out}", "--set", f"model.sha256={sha}"],
-                            tmp_path)
+    code, text = run_lalora(
+        ["validate", str(DEMO), "--set", f"model.path={out}", "--set", f"model.sha256={sha}"], tmp_path
+    )
     assert code == 0, text
     code, text = run_lalora(["base", str(DEMO), "--out", str(out)], tmp_path)
-    assert (code, text) == (2, f"lalora: error: {out}: exists and is not an empty directory (give a new one, or "
-                               "remove it first)\n")
+    assert (code, text) == (
+        2,
+        f"lalora: error: {out}: exists and is not an empty directory (give a new one, or remove it first)\n",
+    )
 
 
 def test_validate_checks_every_file_it_is_given(tmp_path):

@@ -38,15 +38,24 @@ def server(tmp_path_factory):
 def _env(api: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     home = tmp_path / "client-home"
     home.mkdir(exist_ok=True)
-    return child_env(PREFECT_API_URL=api, PREFECT_HOME=str(home), PATH=f"{BIN}:{os.environ.get('PATH', '')}",
-                     TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", ""), **extra)
+    return child_env(
+        PREFECT_API_URL=api,
+        PREFECT_HOME=str(home),
+        PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", ""),
+        **extra,
+    )
 
 
 def _api(api: str, path: str, body: dict | None = None) -> object:
     import urllib.request
 
-    req = urllib.request.Request(f"{api}{path}", data=json.dumps(body or {}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{api}{path}",
+        data=json.dumps(body or {}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -57,8 +66,9 @@ def _flow_runs(api: str, deployment: str) -> list[dict]:
 
 
 def _deploy(api: str, tmp_path: Path, config: Path, pool: str, out: Path, *args: str) -> tuple[str, str]:
-    code, text = run_lalora(["deploy", str(config), "--pool", pool, "--out", str(out), *args], tmp_path,
-                            PREFECT_API_URL=api)
+    code, text = run_lalora(
+        ["deploy", str(config), "--pool", pool, "--out", str(out), *args], tmp_path, PREFECT_API_URL=api
+    )
     assert code == 0, text
     assert "prefect deployment run 'lalora-lineage/" in text and f"prefect worker start --pool '{pool}'" in text
     name = text.split("deployed ", 1)[1].split(" ", 1)[0]
@@ -67,15 +77,20 @@ def _deploy(api: str, tmp_path: Path, config: Path, pool: str, out: Path, *args:
 
 
 def _trigger(api: str, tmp_path: Path, name: str) -> None:
-    proc = subprocess.run([*PREFECT, "deployment", "run", name], env=_env(api, tmp_path), capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [*PREFECT, "deployment", "run", name], env=_env(api, tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _worker(api: str, tmp_path: Path, pool: str, log: str) -> subprocess.Popen:
-    return subprocess.Popen([*PREFECT, "worker", "start", "--pool", pool, "--limit", "1"],
-                            env=_env(api, tmp_path, PREFECT_WORKER_QUERY_SECONDS="1"),
-                            stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", pool, "--limit", "1"],
+        env=_env(api, tmp_path, PREFECT_WORKER_QUERY_SECONDS="1"),
+        stdout=open(tmp_path / log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -112,8 +127,11 @@ def test_deploy_refuses_bad_input_in_one_line(tmp_path, server):
         ({"PREFECT_API_URL": ""}, [], "set PREFECT_API_URL"),
         ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, [], "PREFECT_API_URL=http://127.0.0.1:9/api: no Prefect"),
         ({"PREFECT_API_URL": server}, ["--cron", "61 * * * *"], "not a valid cron schedule"),
-        ({"PREFECT_API_URL": server}, ["--cron", "0 3 * * 1", "--timezone", "Mars/Olympus"],
-         "not a valid cron schedule"),
+        (
+            {"PREFECT_API_URL": server},
+            ["--cron", "0 3 * * 1", "--timezone", "Mars/Olympus"],
+            "not a valid cron schedule",
+        ),
     ]
     for env, args, fragment in cases:
         code, text = run_lalora(["deploy", str(cfg), "--pool", "p", *args], tmp_path, **env)
@@ -129,8 +147,9 @@ def test_a_worker_runs_the_deployment_and_runs_queue_one_at_a_time(tmp_path, ser
     finished and registers nothing. Also measured: trigger to the worker starting the flow, and the per-stage
     overhead of a worker run against `lalora run` of the same lineage."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(tiny("one", "two", name="deployed", tracking={"experiment": "deployed",
-                                                                 "registered_model": "deployed-adapter"}))
+    cfg.write_text(
+        tiny("one", "two", name="deployed", tracking={"experiment": "deployed", "registered_model": "deployed-adapter"})
+    )
     out = tmp_path / "out"
     name, deployment = _deploy(server, tmp_path, cfg, "lineages", out)
     pools = _api(server, "/work_pools/filter", {})
@@ -158,18 +177,24 @@ def test_a_worker_runs_the_deployment_and_runs_queue_one_at_a_time(tmp_path, ser
         for got, want in zip(local[key], metrics[key], strict=True):
             assert got == pytest.approx(want, abs=1e-6), key
     worker_overhead, local_overhead = _stage_overheads(out), _stage_overheads(tmp_path / "local")
-    print(f"deployment run to the worker starting the flow: {started:.1f} s; per-stage overhead (wall less the "
-          f"steps' work): worker {worker_overhead}, lalora run {local_overhead} (ratio "
-          f"{sum(worker_overhead) / sum(local_overhead):.2f})")
+    print(
+        f"deployment run to the worker starting the flow: {started:.1f} s; per-stage overhead (wall less the "
+        f"steps' work): worker {worker_overhead}, lalora run {local_overhead} (ratio "
+        f"{sum(worker_overhead) / sum(local_overhead):.2f})"
+    )
 
 
 def _stage_overheads(out: Path) -> list[float]:
     uri = f"sqlite:///{out / 'mlflow.db'}"
     client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`lalora.stage` != ''",
-                              order_by=["tags.`lalora.stage` ASC"])
-    return [round(r.data.metrics["stage/overhead_seconds"], 1) for r in runs
-            if "stage/overhead_seconds" in r.data.metrics]
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        "tags.`lalora.stage` != ''",
+        order_by=["tags.`lalora.stage` ASC"],
+    )
+    return [
+        round(r.data.metrics["stage/overhead_seconds"], 1) for r in runs if "stage/overhead_seconds" in r.data.metrics
+    ]
 
 
 class _Hook(BaseHTTPRequestHandler):
@@ -191,20 +216,42 @@ def test_a_rejected_promotion_and_a_failed_run_reach_the_webhook_and_the_event_f
     url = f"http://127.0.0.1:{hook.server_port}/lalora"
     try:
         strict = tmp_path / "strict.yaml"  # no stage can gain 100: the gate refuses, the run completes
-        strict.write_text(tiny("one", name="strict", promotion={"min_learning": 100.0}, notify={"webhook": url},
-                               tracking={"experiment": "strict", "registered_model": "strict-adapter"}))
-        code, text = run_lalora(["run", str(strict), "--out", str(tmp_path / "strict"), "--set",
-                                 "model.pretrain.steps=0"], tmp_path, PREFECT_API_URL=server)
+        strict.write_text(
+            tiny(
+                "one",
+                name="strict",
+                promotion={"min_learning": 100.0},
+                notify={"webhook": url},
+                tracking={"experiment": "strict", "registered_model": "strict-adapter"},
+            )
+        )
+        code, text = run_lalora(
+            ["run", str(strict), "--out", str(tmp_path / "strict"), "--set", "model.pretrain.steps=0"],
+            tmp_path,
+            PREFECT_API_URL=server,
+        )
         assert code == 0, text
-        (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": "a", "solution": "b"}) + "\n"
-                                                  for _ in range(20)))
+        (tmp_path / "q.jsonl").write_text(
+            "".join(json.dumps({"question": "a", "solution": "b"}) + "\n" for _ in range(20))
+        )
         broken = tmp_path / "broken.yaml"  # its domain's data lacks the columns it names: the run fails
-        broken.write_text(tiny({"name": "one", "data": {"kind": "local", "path": "q.jsonl"}, "eval_size": 4,
-                                "prompt_field": "question", "answer_field": "answer"}, name="broken",
-                               notify={"webhook": url},
-                               tracking={"experiment": "broken", "registered_model": "broken-adapter"}))
-        code, text = run_lalora(["run", str(broken), "--out", str(tmp_path / "broken")], tmp_path,
-                                PREFECT_API_URL=server)
+        broken.write_text(
+            tiny(
+                {
+                    "name": "one",
+                    "data": {"kind": "local", "path": "q.jsonl"},
+                    "eval_size": 4,
+                    "prompt_field": "question",
+                    "answer_field": "answer",
+                },
+                name="broken",
+                notify={"webhook": url},
+                tracking={"experiment": "broken", "registered_model": "broken-adapter"},
+            )
+        )
+        code, text = run_lalora(
+            ["run", str(broken), "--out", str(tmp_path / "broken")], tmp_path, PREFECT_API_URL=server
+        )
         assert code == 2, text
     finally:
         hook.shutdown()
@@ -220,8 +267,11 @@ def test_a_rejected_promotion_and_a_failed_run_reach_the_webhook_and_the_event_f
     while time.time() < deadline:
         page = _api(server, "/events/filter", {"filter": {"event": {"prefix": ["lalora."]}}, "limit": 50})
         events = page["events"]
-        if {e["event"] for e in events} >= {"lalora.version.registered", "lalora.promotion.rejected",
-                                            "lalora.lineage.failed"}:
+        if {e["event"] for e in events} >= {
+            "lalora.version.registered",
+            "lalora.promotion.rejected",
+            "lalora.lineage.failed",
+        }:
             break
         time.sleep(1)
     names = {e["event"]: e for e in events}
@@ -244,8 +294,11 @@ def _latest_step(out: Path) -> int:
 def _force_crashed(api: str, run_id: str) -> None:
     """What Prefect's zombie detection does to a run whose worker host died (an automation on missed flow-run
     heartbeats): the run is marked Crashed, which frees its deployment's concurrency slot."""
-    _api(api, f"/flow_runs/{run_id}/set_state", {"state": {"type": "CRASHED", "message": "its worker was killed"},
-                                                 "force": True})
+    _api(
+        api,
+        f"/flow_runs/{run_id}/set_state",
+        {"state": {"type": "CRASHED", "message": "its worker was killed"}, "force": True},
+    )
 
 
 def test_a_worker_killed_mid_finetune_then_a_new_worker_and_run_resume_the_stage(tmp_path, server):
@@ -253,9 +306,15 @@ def test_a_worker_killed_mid_finetune_then_a_new_worker_and_run_resume_the_stage
     the run is marked Crashed; a new worker and a new run resume the stage from its checkpoint and end with the
     R of an uninterrupted run. A run whose config file is missing on the worker's host fails with one line."""
     cfg = tmp_path / "killed.yaml"
-    cfg.write_text(tiny("one", name="wkilled", model={"pretrain": {"steps": 10}},
-                        training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
-                        tracking={"experiment": "wkilled", "registered_model": "wkilled-adapter"}))
+    cfg.write_text(
+        tiny(
+            "one",
+            name="wkilled",
+            model={"pretrain": {"steps": 10}},
+            training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
+            tracking={"experiment": "wkilled", "registered_model": "wkilled-adapter"},
+        )
+    )
     out = tmp_path / "out"
     name, deployment = _deploy(server, tmp_path, cfg, "kill-pool", out)
     _trigger(server, tmp_path, name)

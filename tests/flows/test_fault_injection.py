@@ -28,9 +28,14 @@ from tests.conftest import child_env
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = tiny("one", "two", "three", name="faults",
-              training={"steps": 24, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
-              tracking={"experiment": "faults", "registered_model": "faults-adapter"})
+CONFIG = tiny(
+    "one",
+    "two",
+    "three",
+    name="faults",
+    training={"steps": 24, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4},
+    tracking={"experiment": "faults", "registered_model": "faults-adapter"},
+)
 KILLS = int(os.environ.get("LALORA_FAULT_KILLS", "10"))
 STAGES = ((1, "one"), (2, "two"), (3, "three"))
 
@@ -48,11 +53,13 @@ def milestones(out: Path) -> list[tuple[str, object]]:
     points = [("base written", lambda: (out / "base" / "lalora_base.json").exists())]
     for t, name in STAGES:
         stage = out / "stages" / f"0{t}-{name}"
-        points += [(f"{name}: precision written", lambda s=stage: (s / "precision" / "precision.json").exists()),
-                   (f"{name}: step 8", lambda s=stage: _step(s) >= 8),
-                   (f"{name}: step 16", lambda s=stage: _step(s) >= 16),
-                   (f"{name}: adapter written", lambda s=stage: (s / "adapter" / "adapter_model.safetensors").exists()),
-                   (f"{name}: scores written", lambda s=stage: (s / "eval.json").exists())]
+        points += [
+            (f"{name}: precision written", lambda s=stage: (s / "precision" / "precision.json").exists()),
+            (f"{name}: step 8", lambda s=stage: _step(s) >= 8),
+            (f"{name}: step 16", lambda s=stage: _step(s) >= 16),
+            (f"{name}: adapter written", lambda s=stage: (s / "adapter" / "adapter_model.safetensors").exists()),
+            (f"{name}: scores written", lambda s=stage: (s / "eval.json").exists()),
+        ]
     return points
 
 
@@ -72,8 +79,13 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
         name, reached = milestones(out)[m]
         jitter = rng.uniform(0.0, 0.5)
         with open(tmp_path / f"run{i}.log", "w") as log:  # the child writes to its own copy
-            proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)], cwd=ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flows.cli", "run", str(cfg), "--out", str(out)],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.time() + 300
         while not reached() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)

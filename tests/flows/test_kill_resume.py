@@ -19,11 +19,16 @@ from tests.conftest import child_env, run_until_then_sigkill
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
+
 def config(replay: float, zero_stage: int) -> str:
-    return tiny("one", name="killed", model={"pretrain": {"steps": 10}},
-                training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4,
-                          "replay": {"fraction": replay}}, deepspeed={"zero_stage": zero_stage},
-                tracking={"experiment": "killed", "registered_model": "killed-adapter"})
+    return tiny(
+        "one",
+        name="killed",
+        model={"pretrain": {"steps": 10}},
+        training={"steps": 48, "lr": 5.0e-3, "log_every": 4, "checkpoint_every": 4, "replay": {"fraction": replay}},
+        deepspeed={"zero_stage": zero_stage},
+        tracking={"experiment": "killed", "registered_model": "killed-adapter"},
+    )
 
 
 def _latest_step(out: Path) -> int:
@@ -52,8 +57,9 @@ def test_sigkill_mid_finetune_then_rerun_equals_an_uninterrupted_run(tmp_path, r
     # A fresh process picks its own rendezvous: the test process's own (in-process DeepSpeed tests
     # ran before) is not inherited, or the child would find the port taken.
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()))
-    proc = run_until_then_sigkill(["run", str(cfg), "--out", str(out)], env, tmp_path / "killed.log",
-                                  lambda: _latest_step(out) >= kill_at)
+    proc = run_until_then_sigkill(
+        ["run", str(cfg), "--out", str(out)], env, tmp_path / "killed.log", lambda: _latest_step(out) >= kill_at
+    )
     killed_at = _latest_step(out)
     assert proc.returncode == -signal.SIGKILL and kill_at <= killed_at < 48, (seed, kill_at, killed_at)
     uri = f"sqlite:///{out / 'mlflow.db'}"

@@ -27,7 +27,7 @@ from pipelines.runtime.launch import LaunchError, is_transient
 from tests.configs import tiny
 from tests.conftest import ROOT, child_env, lalora_script
 
-OBSERVER = '''
+OBSERVER = """
 import atexit, json, os, sys
 
 def _record():
@@ -40,18 +40,21 @@ def _record():
         json.dump({"rank": os.environ.get("RANK"), "group_alive": dist.is_initialized()}, f)
 
 atexit.register(_record)
-'''
+"""
 
 
-@pytest.mark.parametrize("code,output,transient", [
-    (250, "terminate called without an active exception", True),   # a rank aborted (SIGABRT)
-    (247, "", True),                                               # a rank SIGKILLed (the OOM killer)
-    (-9, "", True),                                                # the launcher itself killed
-    (1, "RuntimeError: ... Address already in use", True),         # the rendezvous port taken meanwhile
-    (1, "ValueError: bad thing", False),                           # the step's own exception
-    (1, "ValueError: bad | [rank1] Connection reset by peer", False),  # ... which the other rank outlives
-    (0, "the ranks exited 0, no result.json", True),               # the node's launcher killed: its runner exits 0
-])
+@pytest.mark.parametrize(
+    "code,output,transient",
+    [
+        (250, "terminate called without an active exception", True),  # a rank aborted (SIGABRT)
+        (247, "", True),  # a rank SIGKILLed (the OOM killer)
+        (-9, "", True),  # the launcher itself killed
+        (1, "RuntimeError: ... Address already in use", True),  # the rendezvous port taken meanwhile
+        (1, "ValueError: bad thing", False),  # the step's own exception
+        (1, "ValueError: bad | [rank1] Connection reset by peer", False),  # ... which the other rank outlives
+        (0, "the ranks exited 0, no result.json", True),  # the node's launcher killed: its runner exits 0
+    ],
+)
 def test_which_launch_failures_are_transient(code, output, transient):
     error = LaunchError("precision", 2, code, output)
     assert is_transient(error) is transient
@@ -82,8 +85,9 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     for step in ("precision", "finetune"):
         before = set(shm.glob("deepspeed_allreduce_buffer_*"))
         rec = LatestTracker()
-        result = run_step(STEPS[step], cfg, 1, StepPaths(base, anchor, precision, str(tmp_path / "data"),
-                                                  str(tmp_path / "out")), rec)
+        result = run_step(
+            STEPS[step], cfg, 1, StepPaths(base, anchor, precision, str(tmp_path / "data"), str(tmp_path / "out")), rec
+        )
         precision = precision or result.path
         seen = [json.loads(p.read_text()) for p in records.glob("*.json")]
         assert sorted(r["rank"] for r in seen) == ["0", "1"], (step, seen)
@@ -124,16 +128,23 @@ def test_world_size_two_lineage_with_a_rank_killed_retries_and_ends_as_an_uninte
     rank SIGKILLed during the stage's precision step. The killed launch is a transient failure: the precision
     task is retried (attempt 2 recorded on the stage's run) and the lineage ends with the same R."""
     cfg = tmp_path / "ws2.yaml"
-    cfg.write_text(tiny("one", name="ws2", model={"pretrain": {"steps": 10}},
-                        deepspeed={"world_size": 2, "zero_stage": 3},
-                        orchestration={"launch_retries": 1, "retry_delay_seconds": 0},
-                        tracking={"experiment": "ws2", "registered_model": "ws2-adapter"}))
+    cfg.write_text(
+        tiny(
+            "one",
+            name="ws2",
+            model={"pretrain": {"steps": 10}},
+            deepspeed={"world_size": 2, "zero_stage": 3},
+            orchestration={"launch_retries": 1, "retry_delay_seconds": 0},
+            tracking={"experiment": "ws2", "registered_model": "ws2-adapter"},
+        )
+    )
     env = child_env(PREFECT_HOME=str(tmp_path / "prefect"))
 
     def run(out: Path, kill: bool) -> str:
         with open(tmp_path / f"{out.name}.log", "w") as log:  # the child writes to its own copy
-            proc = subprocess.Popen([lalora_script(), "run", str(cfg), "--out", str(out)], env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [lalora_script(), "run", str(cfg), "--out", str(out)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         killed = False
         try:
             job = str(out / "stages" / "01-one" / "launch-precision" / "job.json")

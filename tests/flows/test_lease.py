@@ -25,15 +25,20 @@ def store(tmp_path):
 
 
 def _leases(uri, model="m"):
-    return sorted(m.name for m in MlflowClient(uri, registry_uri=uri).search_registered_models(
-        filter_string=f"name LIKE '{model}{SUFFIX}%'"))
+    return sorted(
+        m.name
+        for m in MlflowClient(uri, registry_uri=uri).search_registered_models(
+            filter_string=f"name LIKE '{model}{SUFFIX}%'"
+        )
+    )
 
 
 def _foreign(uri, n, age, model="m"):
     """A lease held from another host whose last heartbeat was ``age`` seconds ago."""
     holder = {"host": "elsewhere", "pid": 1, "started": time.time() - age, "command": "lalora run"}
     MlflowClient(uri, registry_uri=uri).create_registered_model(
-        f"{model}{SUFFIX}{n}", tags={HOLDER: json.dumps(holder), HEARTBEAT: str(time.time() - age)})
+        f"{model}{SUFFIX}{n}", tags={HOLDER: json.dumps(holder), HEARTBEAT: str(time.time() - age)}
+    )
 
 
 def test_one_holder_the_other_refused_naming_it_then_free(store):
@@ -97,8 +102,16 @@ except LockHeld:
 
 def test_of_several_processes_starting_together_exactly_one_holds(store):
     start = time.time() + 4
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, store, str(start)], stdout=subprocess.PIPE, text=True,
-                              cwd=ROOT, env=child_env()) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, store, str(start)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=child_env(),
+        )
+        for _ in range(4)
+    ]
     results = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert results == ["refused", "refused", "refused", "won"]
 
@@ -113,11 +126,21 @@ def test_a_second_version_of_a_stage_is_a_duplicate_and_moves_no_alias(store, tm
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "MLmodel").write_text("flavors: {}\n")
-    record = VersionRecord("m", 1, "one", "c", "d", adapter_uri="runs:/x/a", rows_uri="runs:/x/r",
-                           config_uri="runs:/x/c", base_uri="runs:/x/b")
+    record = VersionRecord(
+        "m",
+        1,
+        "one",
+        "c",
+        "d",
+        adapter_uri="runs:/x/a",
+        rows_uri="runs:/x/r",
+        config_uri="runs:/x/c",
+        base_uri="runs:/x/b",
+    )
     first = registry.register(start_run(store, "e", tmp_path / "art", "w1"), model_dir, record, "w1", ["newest"])
-    with pytest.raises(StageTaken,
-                       match="registered stage 1 of m as version 1 while this one ran; this run's version 2"):
+    with pytest.raises(
+        StageTaken, match="registered stage 1 of m as version 1 while this one ran; this run's version 2"
+    ):
         registry.register(start_run(store, "e", tmp_path / "art", "w2"), model_dir, record, "w2", ["newest"])
     client = MlflowClient(store, registry_uri=store)
     assert client.get_model_version("m", "2").tags["lalora.duplicate_of"] == "1"

@@ -12,7 +12,6 @@ from tests.configs import ONE_DOMAIN, TINY, tiny
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
 
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     root = tmp_path_factory.mktemp("lineage")
@@ -49,8 +48,9 @@ def test_mlflow_runs_hold_params_metrics_and_artifacts(finished):
     assert {"ACC", "BWT", "mean_forgetting"} <= set(parent.data.metrics)
     top = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"metrics.json", "R.png"} <= top
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(r.data.tags["lalora.domain"] for r in children) == ["one", "two"]
     for run in children:
         history = client.get_metric_history(run.info.run_id, "train/loss")
@@ -60,8 +60,10 @@ def test_mlflow_runs_hold_params_metrics_and_artifacts(finished):
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert arts == {"model", "curvature", "lineage"}  # the adapter once, inside the version's model
         adapter = {a.path for a in client.list_artifacts(run.info.run_id, "model/artifacts/adapter")}
-        assert adapter == {"model/artifacts/adapter/adapter_config.json",
-                           "model/artifacts/adapter/adapter_model.safetensors"}
+        assert adapter == {
+            "model/artifacts/adapter/adapter_config.json",
+            "model/artifacts/adapter/adapter_model.safetensors",
+        }
         files = {a.path for a in client.list_artifacts(run.info.run_id, "curvature")}
         assert {"curvature/precision.safetensors", "curvature/precision.json"} <= files
     stage1 = next(r for r in children if r.data.tags["lalora.domain"] == "one")
@@ -121,8 +123,9 @@ def test_kronecker_curvature_runs_through_the_lineage(kind, tmp_path):
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(ONE_DOMAIN)
-    result = lineage_flow(str(cfg), str(tmp_path / "out"),
-                          [f"lalora.curvature.kind={kind}", "lalora.curvature.top_k=4"]).as_json()
+    result = lineage_flow(
+        str(cfg), str(tmp_path / "out"), [f"lalora.curvature.kind={kind}", "lalora.curvature.top_k=4"]
+    ).as_json()
     assert len(result["R"]) == 2 and result["versions"] == ["1"]
     precision, meta = load_precision(tmp_path / "out" / "stages" / "01-one" / "precision")
     assert meta.structure == kind and precision.top_k == 4
@@ -132,8 +135,18 @@ def test_kronecker_curvature_runs_through_the_lineage(kind, tmp_path):
 def test_curvature_over_the_memory_budget_is_refused_in_one_line(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(ONE_DOMAIN)
-    code = main(["run", str(cfg), "--out", str(tmp_path / "out"), "--set", "lalora.curvature.kind=kfac",
-                 "--set", "lalora.memory_budget_gb=1e-9"])
+    code = main(
+        [
+            "run",
+            str(cfg),
+            "--out",
+            str(tmp_path / "out"),
+            "--set",
+            "lalora.curvature.kind=kfac",
+            "--set",
+            "lalora.memory_budget_gb=1e-9",
+        ]
+    )
     assert code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lalora: error: kfac curvature needs") and "lalora.memory_budget_gb=1e-09" in last

@@ -11,15 +11,30 @@ from tests.pipelines.test_presets import ARC, TEXT
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
-CONFIG = tiny({"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 60}, "eval_size": 8,
-               "scoring": {"kind": "generate", "max_new_tokens": 4}},
-              name="mixed", model={"pretrain": {"steps": 10}}, lalora={"samples": 8},
-              source={"data": {"size": 60}, "eval_size": 8},
-              probes=[{"name": "arc", "data": {"kind": "local", "path": "arc.jsonl"}, "preset": "arc"},
-                      {"name": "wiki", "data": {"kind": "local", "path": "wiki.jsonl"}, "preset": "text",
-                       "scoring": {"kind": "perplexity", "metric": "perplexity"}}],
-              training={"steps": 4, "group_by_length": True}, evaluation={"batch_size": 8},
-              tracking={"experiment": "mixed", "registered_model": "mixed-adapter"})
+CONFIG = tiny(
+    {
+        "name": "one",
+        "data": {"kind": "generator", "op": "reverse", "size": 60},
+        "eval_size": 8,
+        "scoring": {"kind": "generate", "max_new_tokens": 4},
+    },
+    name="mixed",
+    model={"pretrain": {"steps": 10}},
+    lalora={"samples": 8},
+    source={"data": {"size": 60}, "eval_size": 8},
+    probes=[
+        {"name": "arc", "data": {"kind": "local", "path": "arc.jsonl"}, "preset": "arc"},
+        {
+            "name": "wiki",
+            "data": {"kind": "local", "path": "wiki.jsonl"},
+            "preset": "text",
+            "scoring": {"kind": "perplexity", "metric": "perplexity"},
+        },
+    ],
+    training={"steps": 4, "group_by_length": True},
+    evaluation={"batch_size": 8},
+    tracking={"experiment": "mixed", "registered_model": "mixed-adapter"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +72,9 @@ def test_mlflow_has_per_domain_metrics_score_history_and_plots(finished):
     history = client.get_metric_history(parent.info.run_id, "R/wiki")
     assert [m.step for m in history] == [0, 1] and [m.value for m in history] == [row[3] for row in result["R"]]
     assert {"metrics.json", "R.png", "scores.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
-    child = client.search_runs([parent.info.experiment_id],
-                               filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    child = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )[0]
     assert {"eval/arc/acc", "eval/arc/acc_norm", "eval/wiki/perplexity", "eval/one/accuracy"} <= set(child.data.metrics)
     version = client.search_model_versions("name = 'mixed-adapter'")[0]
     assert f"wiki {result['R'][1][3]:.3f}" in version.description  # R after the stage, in each domain's own score
@@ -70,8 +86,17 @@ def test_an_lm_eval_probe_is_scored_by_lm_eval_as_a_column_of_r(tmp_path):
     from tests.pipelines.test_lm_eval import task_dir
 
     task_dir(tmp_path)
-    (tmp_path / "c.yaml").write_text(tiny("one", probes=[{"name": "tinymc", "scoring": {
-        "kind": "lm_eval", "task": "lalora_tiny_mc", "include_path": "tasks", "metric": "acc"}}]))
+    (tmp_path / "c.yaml").write_text(
+        tiny(
+            "one",
+            probes=[
+                {
+                    "name": "tinymc",
+                    "scoring": {"kind": "lm_eval", "task": "lalora_tiny_mc", "include_path": "tasks", "metric": "acc"},
+                }
+            ],
+        )
+    )
     result = lineage_flow(str(tmp_path / "c.yaml"), str(tmp_path / "out"), []).as_json()
     assert result["domains"] == ["src", "one", "tinymc"] and result["probes"] == ["tinymc"]
     assert result["scores"]["tinymc"] == "acc" and "tinymc" in result["forgetting"]

@@ -29,8 +29,13 @@ lock.release()
 
 
 def spawn_holder(path: Path, seconds: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(seconds)], stdout=subprocess.PIPE,
-                            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -58,8 +63,7 @@ def test_cli_run_refuses_in_one_line_and_touches_nothing(tmp_path, capsys):
     try:
         assert main(["run", str(cfg), "--out", str(out)]) == EXIT_LOCKED
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and err[0].startswith("lalora: error: lineage is locked by another run: "
-                                                   f"pid {proc.pid}")
+        assert len(err) == 1 and err[0].startswith(f"lalora: error: lineage is locked by another run: pid {proc.pid}")
         # no mlflow.db, no stages: nothing ran, nothing registered (only the lock file)
         assert {p.name for p in out.iterdir()} <= {LOCK_NAME}
     finally:
@@ -95,8 +99,9 @@ def test_lock_of_a_killed_holder_does_not_block(tmp_path):
 def test_a_lock_file_left_by_a_dead_process_under_another_hostname_does_not_block(tmp_path):
     """A container recreated under a new hostname finds its predecessor's file: nobody holds its kernel lock."""
     path = tmp_path / LOCK_NAME
-    path.write_text(json.dumps({"pid": 1, "host": "old-container-7f3a", "started": time.time() - 60,
-                                "command": "lalora run"}))
+    path.write_text(
+        json.dumps({"pid": 1, "host": "old-container-7f3a", "started": time.time() - 60, "command": "lalora run"})
+    )
     lock = LineageLock(path)
     lock.acquire(wait=False)
     assert json.loads(path.read_text())["host"] == socket.gethostname()
@@ -108,8 +113,11 @@ def test_a_live_holder_blocks_a_waiter_until_its_timeout(tmp_path, capfd):
     proc = spawn_holder(path, 60)
     try:
         t0 = time.monotonic()
-        with pytest.raises(LockHeld, match=r"gave up after 1\.5 s waiting for the run holding .* pid "
-                                           f"{proc.pid}"):
+        with pytest.raises(
+            LockHeld,
+            match=r"gave up after 1\.5 s waiting for the run holding .* pid "
+            f"{proc.pid}",
+        ):
             LineageLock(path).acquire(wait=True, poll=0.1, timeout=1.5)
         assert 1.5 <= time.monotonic() - t0 < 10
         waiting = [line for line in capfd.readouterr().err.splitlines() if "waiting for the run holding" in line]
@@ -144,8 +152,9 @@ def test_a_lineage_holds_its_output_directory_and_the_stores_lease_on_its_model(
     from flows.lineage_flow import lineage_locks
     from pipelines.config import LineageConfig
 
-    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}], "tracking": {"mlflow_uri": "http://127.0.0.1:5000",
-                                                                                 "registered_model": "m"}})
+    cfg = LineageConfig.model_validate(
+        {"domains": [{"name": "a"}], "tracking": {"mlflow_uri": "http://127.0.0.1:5000", "registered_model": "m"}}
+    )
     a, b = lineage_locks(cfg, tmp_path / "a"), lineage_locks(cfg, tmp_path / "b")
     assert a[0] == tmp_path / "a" / LOCK_NAME and b[0] == tmp_path / "b" / LOCK_NAME
     assert a[1].key == b[1].key  # two output directories, one registered model: one lease
@@ -164,9 +173,18 @@ def test_hold_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_pat
         with hold([path], wait=False):  # the flow inside the CLI's hold
             assert path.read_text() == first
         assert path.read_text() == first  # the inner exit did not release the outer hold
-        probe = subprocess.run([sys.executable, "-c", "import sys\nfrom flows.lock import hold, LockHeld\n"
-                                "try:\n    hold([sys.argv[1]]).__enter__()\nexcept LockHeld:\n    print('refused')",
-                                str(path)], capture_output=True, text=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys\nfrom flows.lock import hold, LockHeld\n"
+                "try:\n    hold([sys.argv[1]]).__enter__()\nexcept LockHeld:\n    print('refused')",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert probe.stdout.strip() == "refused"
     assert not path.exists()

@@ -30,15 +30,33 @@ pytestmark = pytest.mark.slow  # builds a wheel and a virtualenv, runs a lineage
 
 DEPENDENCIES = Path(sysconfig.get_paths()["purelib"])  # this environment's site-packages: torch, prefect, ...
 
-NOT_BUILT_FROM = (".git", ".venv", ".cache", ".pytest_cache", "runs", "build", "*.egg-info", "__pycache__", "tests",
-                  "benchmarks", "studies")
+NOT_BUILT_FROM = (
+    ".git",
+    ".venv",
+    ".cache",
+    ".pytest_cache",
+    "runs",
+    "build",
+    "*.egg-info",
+    "__pycache__",
+    "tests",
+    "benchmarks",
+    "studies",
+)
 
 SHORT = [  # the starter config, shortened to two stages of a few steps (about 30 s here)
-    "--set", "training.steps=4",
-    "--set", "lalora.samples=16", "--set", "source.data.size=200", "--set", "source.eval_size=12",
-    "--set", "domains=[{name: next-aj, data: {kind: generator, op: next, alphabet: abcdefghij, size: 100}, "
-             "eval_size: 12}, {name: rotate-kt, data: {kind: generator, op: rotate, alphabet: klmnopqrst, "
-             "size: 100}, eval_size: 12}]",
+    "--set",
+    "training.steps=4",
+    "--set",
+    "lalora.samples=16",
+    "--set",
+    "source.data.size=200",
+    "--set",
+    "source.eval_size=12",
+    "--set",
+    "domains=[{name: next-aj, data: {kind: generator, op: next, alphabet: abcdefghij, size: 100}, "
+    "eval_size: 12}, {name: rotate-kt, data: {kind: generator, op: rotate, alphabet: klmnopqrst, "
+    "size: 100}, eval_size: 12}]",
 ]
 
 
@@ -51,8 +69,15 @@ class Installed:
 
     def run(self, *args: str, timeout: float = 600) -> tuple[int, str]:
         """``lalora ARGS`` from the fresh environment: (exit code, stdout and stderr together)."""
-        proc = subprocess.run([str(self.bin / "lalora"), *args], cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [str(self.bin / "lalora"), *args],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
         return proc.returncode, proc.stdout
 
 
@@ -69,27 +94,65 @@ def installed(tmp_path_factory) -> Installed:
     # earlier build would travel on in build/lib
     src = root / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(*NOT_BUILT_FROM))
-    _timed("wheel", [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                     "-w", str(root / "dist"), "."], cwd=src)
+    _timed(
+        "wheel",
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            ".",
+        ],
+        cwd=src,
+    )
     (wheel,) = (root / "dist").glob("lalora_pipelines-*.whl")
     venv = root / "venv"
     _timed("venv", [sys.executable, "-m", "venv", "--without-pip", str(venv)])
-    _timed("install", [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
-                       "--no-index", "-q", str(wheel)])
-    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                                "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
+    _timed(
+        "install",
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "-q",
+            str(wheel),
+        ],
+    )
+    site = Path(
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site / "_lalora_dependencies.pth").write_text(f"{DEPENDENCIES}\n")  # after the install: pip never sees them
     for pth in DEPENDENCIES.glob("*.pth"):  # their import hooks (setuptools' distutils shim), not the editable one
         if not pth.name.startswith("__editable__"):
-            (site / pth.name).write_text("".join(line for line in pth.read_text().splitlines(keepends=True)
-                                                 if line.startswith("import ")))
+            (site / pth.name).write_text(
+                "".join(line for line in pth.read_text().splitlines(keepends=True) if line.startswith("import "))
+            )
     cwd = root / "empty"
     cwd.mkdir()
     drop = ("PYTHONPATH", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env |= {"PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "PREFECT_HOME": str(root / "prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}  # the op make test compiled
+    env |= {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+    }  # the op make test compiled
     return Installed(wheel, venv / "bin", cwd, env)
 
 
@@ -107,20 +170,31 @@ def test_the_wheel_holds_the_demo_config_and_the_license(installed):
 
 
 def test_the_fresh_environment_imports_the_wheel_not_the_checkout(installed):
-    probe = ("import json, sys, importlib.metadata as md, flows, pipelines, lalora\n"
-             "print(json.dumps({'files': [m.__file__ for m in (flows, pipelines, lalora)], 'path': sys.path,\n"
-             "                  'finders': [k for k in sys.modules if 'editable' in k],\n"
-             "                  'dist': str(md.distribution('lalora-pipelines')._path), "
-             "'version': flows.__version__}))")
-    out = subprocess.run([str(installed.bin / "python"), "-c", probe], cwd=installed.cwd, env=installed.env,
-                         check=True, capture_output=True, text=True).stdout
+    probe = (
+        "import json, sys, importlib.metadata as md, flows, pipelines, lalora\n"
+        "print(json.dumps({'files': [m.__file__ for m in (flows, pipelines, lalora)], 'path': sys.path,\n"
+        "                  'finders': [k for k in sys.modules if 'editable' in k],\n"
+        "                  'dist': str(md.distribution('lalora-pipelines')._path), "
+        "'version': flows.__version__}))"
+    )
+    out = subprocess.run(
+        [str(installed.bin / "python"), "-c", probe],
+        cwd=installed.cwd,
+        env=installed.env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     seen = json.loads(out.splitlines()[-1])
     venv = installed.bin.parent
     assert all(Path(f).is_relative_to(venv) for f in seen["files"]), seen["files"]
     assert Path(seen["dist"]).is_relative_to(venv)
     assert seen["finders"] == []
-    in_checkout = [p for p in seen["path"] if p and Path(p).resolve().is_relative_to(ROOT)
-                   and not Path(p).resolve().is_relative_to(DEPENDENCIES.resolve())]
+    in_checkout = [
+        p
+        for p in seen["path"]
+        if p and Path(p).resolve().is_relative_to(ROOT) and not Path(p).resolve().is_relative_to(DEPENDENCIES.resolve())
+    ]
     assert in_checkout == [], in_checkout
     assert seen["version"] == installed.wheel.name.split("-")[1]
 

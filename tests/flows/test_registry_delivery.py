@@ -49,7 +49,9 @@ def test_every_version_is_a_python_function_model_that_refers_to_the_base(lineag
         mlmodel = (model_dir / "MLmodel").read_text()
         assert "python_function" in mlmodel and "signature" in mlmodel
         assert sorted(p.name for p in (model_dir / "artifacts" / "adapter").iterdir()) == [
-            "adapter_config.json", "adapter_model.safetensors"]
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
         assert not list(model_dir.rglob("model.safetensors"))  # the base is referenced, never copied
         config = mlflow.models.Model.load(str(model_dir / "MLmodel")).flavors["python_function"]["config"]
         assert config["base"]["kind"] == "artifact"
@@ -69,16 +71,21 @@ def test_the_champion_loads_through_pyfunc_and_generates_as_the_pipeline_does(li
     import pandas as pd
 
     assert model.predict(PROMPTS, params={"max_new_tokens": 6}) == _pipeline_completions(root, "02-two")
-    assert model.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 6}) == \
-        _pipeline_completions(root, "02-two")
+    assert model.predict(pd.DataFrame({"prompt": PROMPTS}), params={"max_new_tokens": 6}) == _pipeline_completions(
+        root, "02-two"
+    )
     short = model.predict(PROMPTS[:1], params={"max_new_tokens": 2})
     assert len(short) == 1 and len(short[0]) <= 2
 
 
 def test_mlflow_models_serve_answers_what_the_pipeline_generates(lineage, tmp_path):
     root, result = lineage
-    with model_server("models:/tiny-adapter@champion", result["mlflow_uri"], tmp_path / "serve.log",
-                      LALORA_CACHE_DIR=str(tmp_path / "cache")) as url:
+    with model_server(
+        "models:/tiny-adapter@champion",
+        result["mlflow_uri"],
+        tmp_path / "serve.log",
+        LALORA_CACHE_DIR=str(tmp_path / "cache"),
+    ) as url:
         body = json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 6}}).encode()
         request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=120) as r:
@@ -98,8 +105,10 @@ def test_export_merged_is_a_standalone_model_equal_to_base_plus_adapter(lineage,
 
     root, result = lineage
     out = tmp_path / "merged"
-    code, output = run_lalora(["export", "models:/tiny-adapter/1", "--out", str(out), "--merge",
-                               "--tracking-uri", result["mlflow_uri"]], tmp_path)
+    code, output = run_lalora(
+        ["export", "models:/tiny-adapter/1", "--out", str(out), "--merge", "--tracking-uri", result["mlflow_uri"]],
+        tmp_path,
+    )
     assert code == 0, output[-3000:]
     assert "exported tiny-adapter version 1 (stage 1: one) as a merged transformers model" in output
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
@@ -117,8 +126,11 @@ def test_export_without_merge_is_a_peft_adapter_folder(lineage, tmp_path):
 
     root, result = lineage
     out = tmp_path / "adapter"
-    code, output = run_lalora(["export", "models:/tiny-adapter@champion", "--out", str(out)], tmp_path,
-                              MLFLOW_TRACKING_URI=result["mlflow_uri"])
+    code, output = run_lalora(
+        ["export", "models:/tiny-adapter@champion", "--out", str(out)],
+        tmp_path,
+        MLFLOW_TRACKING_URI=result["mlflow_uri"],
+    )
     assert code == 0, output[-3000:]
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert (out / "base" / "config.json").is_file()  # the tiny base is not on the hub: it comes along
@@ -128,19 +140,25 @@ def test_export_without_merge_is_a_peft_adapter_folder(lineage, tmp_path):
     torch.testing.assert_close(_logits(peft_model, ids), _logits(reference, ids), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("bad-uri", "is not a model URI: give models:/NAME/VERSION or models:/NAME@ALIAS"),
-    ("missing-alias", "tiny-adapter has no alias 'production'"),
-    ("missing-version", "tiny-adapter has no version 9"),
-    ("missing-model", "no registered model 'nope'"),
-    ("non-empty-out", "exists and is not empty"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("bad-uri", "is not a model URI: give models:/NAME/VERSION or models:/NAME@ALIAS"),
+        ("missing-alias", "tiny-adapter has no alias 'production'"),
+        ("missing-version", "tiny-adapter has no version 9"),
+        ("missing-model", "no registered model 'nope'"),
+        ("non-empty-out", "exists and is not empty"),
+    ],
+)
 def test_export_refuses_bad_input_in_one_line(lineage, tmp_path, case, fragment):
     _, result = lineage
     out = tmp_path / "out"
-    uri = {"bad-uri": "runs:/abc/model", "missing-alias": "models:/tiny-adapter@production",
-           "missing-version": "models:/tiny-adapter/9", "missing-model": "models:/nope@champion"}.get(
-        case, "models:/tiny-adapter@champion")
+    uri = {
+        "bad-uri": "runs:/abc/model",
+        "missing-alias": "models:/tiny-adapter@production",
+        "missing-version": "models:/tiny-adapter/9",
+        "missing-model": "models:/nope@champion",
+    }.get(case, "models:/tiny-adapter@champion")
     if case == "non-empty-out":
         out.mkdir()
         (out / "keep.txt").write_text("mine")

@@ -121,8 +121,16 @@ def test_changed_finished_stage_is_refused_in_one_line_and_nothing_is_recorded(l
 def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     root, first = lineage
     client = _client(first["mlflow_uri"])
-    argv = ["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "domains.1.data.size=90",
-            "--fork", "tiny-fork"]
+    argv = [
+        "run",
+        str(root / "tiny.yaml"),
+        "--out",
+        str(root / "out"),
+        "--set",
+        "domains.1.data.size=90",
+        "--fork",
+        "tiny-fork",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "ran stage(s) 2" in out and "skipped finished stage(s) 1" in out
@@ -133,16 +141,20 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     assert forked[0].tags["lalora.forked_from"] == "tiny-adapter/1"
     assert forked[0].source == original[0].source and forked[0].run_id == original[0].run_id
     assert "lalora.forked_from" not in forked[1].tags
-    assert (VersionRecord.from_tags(forked[1].tags).config_sha256
-            != VersionRecord.from_tags(original[1].tags).config_sha256)
+    assert (
+        VersionRecord.from_tags(forked[1].tags).config_sha256 != VersionRecord.from_tags(original[1].tags).config_sha256
+    )
     assert (root / "out" / "forks" / "tiny-fork" / "metrics.json").is_file()
     assert json.loads((root / "out" / "metrics.json").read_text())["registered_model"] == "tiny-adapter"
     assert main(argv) == 0  # the fork is a lineage like any other: a rerun resumes it
     assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
 
 
-PROBE = {"name": "probe", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 40},
-         "eval_size": 8}
+PROBE = {
+    "name": "probe",
+    "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 40},
+    "eval_size": 8,
+}
 
 
 def test_probe_added_to_a_finished_lineage_is_scored_on_every_recorded_row_without_a_new_version(lineage):
@@ -166,9 +178,16 @@ def test_appended_domain_on_another_machine_is_exactly_one_new_version_and_the_g
     _root, first = lineage
     client = _client(first["mlflow_uri"])
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(tiny("one", "two", "three", training={"checkpoint_every": 2},
-                        tracking={"mlflow_uri": first["mlflow_uri"]},
-                        promotion={"min_learning": 2.0, "max_forgetting": 0.0}))
+    cfg.write_text(
+        tiny(
+            "one",
+            "two",
+            "three",
+            training={"checkpoint_every": 2},
+            tracking={"mlflow_uri": first["mlflow_uri"]},
+            promotion={"min_learning": 2.0, "max_forgetting": 0.0},
+        )
+    )
     result = lineage_flow(str(cfg), str(tmp_path / "elsewhere"), []).as_json()
     assert result["stages_skipped"] == [1, 2] and result["stages_run"] == [3]
     assert not (tmp_path / "elsewhere" / "stages" / "01-one").exists()  # nothing of stage 1 recomputed

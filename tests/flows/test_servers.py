@@ -23,12 +23,32 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 
 def test_ui_serves_mlflow_and_prefect_on_localhost_until_interrupted(tmp_path):
     mlflow_port, prefect_port = free_port(), free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_HOME=str(tmp_path / "prefect"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     env.pop("PREFECT_API_URL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--out", str(tmp_path / "out"),
-                             "--mlflow-port", str(mlflow_port), "--prefect-port", str(prefect_port)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "ui",
+            "--out",
+            str(tmp_path / "out"),
+            "--mlflow-port",
+            str(mlflow_port),
+            "--prefect-port",
+            str(prefect_port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     urls = [f"http://127.0.0.1:{mlflow_port}/health", f"http://127.0.0.1:{prefect_port}/api/health"]
     try:
         deadline = time.time() + 240
@@ -62,8 +82,11 @@ def test_serve_deployment_has_the_schedule_and_parameters(tmp_path):
         d = client.read_deployment(deployment_id)
     assert d.name == "weekly"
     assert [s.schedule.cron for s in d.schedules] == ["0 3 * * 1"] and d.schedules[0].active
-    assert d.parameters == {"config_path": str(CONFIG), "out_dir": str(tmp_path / "out"),
-                            "overrides": ["training.steps=5"]}
+    assert d.parameters == {
+        "config_path": str(CONFIG),
+        "out_dir": str(tmp_path / "out"),
+        "overrides": ["training.steps=5"],
+    }
     assert d.entrypoint.endswith("flows/lineage_flow.py:lineage_flow")
 
 
@@ -83,9 +106,25 @@ def test_a_run_of_the_served_deployment_adapts_the_lineage(tmp_path):
     out = tmp_path / "out"
     env = child_env(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_RUNNER_POLL_FREQUENCY="1")
     with open(tmp_path / "serve.log", "w") as log:  # the child writes to its own copy
-        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(cfg), "--cron", "0 3 * * 1",
-                                 "--name", "served", "--out", str(out)], cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "serve",
+                str(cfg),
+                "--cron",
+                "0 3 * * 1",
+                "--name",
+                "served",
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.time() + 120
         with get_client(sync_client=True) as client:

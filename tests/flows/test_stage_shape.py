@@ -37,8 +37,12 @@ def test_every_stage_maps_the_config_to_typed_inputs_and_returns_a_frozen_keywor
 
 def _tasks(path: Path) -> list[ast.FunctionDef]:
     tree = ast.parse(path.read_text())
-    return [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
-            and any(isinstance(d, ast.Call) and getattr(d.func, "id", "") == "task" for d in node.decorator_list)]
+    return [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef)
+        and any(isinstance(d, ast.Call) and getattr(d.func, "id", "") == "task" for d in node.decorator_list)
+    ]
 
 
 def test_flows_run_every_stage_through_the_one_prefect_task():
@@ -48,12 +52,16 @@ def test_flows_run_every_stage_through_the_one_prefect_task():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipelines.stages"):
                 # the table's rows, inputs, results and Job: no stage function, so nothing runs around the wrapper
-                wrong += [f"{path.name} imports {node.module}.{a.name}" for a in node.names
-                          if not (a.name[:1].isupper())]
+                wrong += [
+                    f"{path.name} imports {node.module}.{a.name}" for a in node.names if not (a.name[:1].isupper())
+                ]
         for fn in _tasks(path):
             if path.name != "tasks.py":
                 wrong.append(f"{path.name}: task {fn.name} outside flows/tasks.py")
-    stage_tasks = [fn.name for fn in _tasks(ROOT / "flows" / "tasks.py")
-                   if any(isinstance(n, ast.Attribute) and n.attr == "run" for n in ast.walk(fn))]
+    stage_tasks = [
+        fn.name
+        for fn in _tasks(ROOT / "flows" / "tasks.py")
+        if any(isinstance(n, ast.Attribute) and n.attr == "run" for n in ast.walk(fn))
+    ]
     assert stage_tasks == ["_stage_task"], stage_tasks
     assert not wrong, "\n".join(wrong)

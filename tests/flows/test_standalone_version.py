@@ -27,7 +27,7 @@ from tests.flows.servers import free_port, running, up
 pytestmark = pytest.mark.slow
 
 PROMPTS = ["reverse 123=", "increment 45=", "reverse 9081="]
-CONSUMER = '''
+CONSUMER = """
 import json, sys, time
 import importlib.metadata as md
 t0 = time.perf_counter()
@@ -42,7 +42,7 @@ except md.PackageNotFoundError:
     installed = False
 print(json.dumps({"completions": model.predict(json.loads(sys.argv[1]), params={"max_new_tokens": 6}),
                   "flows": flows.__file__, "project_installed": installed, "load_seconds": loaded}))
-'''
+"""
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -95,31 +95,59 @@ def test_a_fresh_environment_from_the_requirements_loads_and_serves_the_champion
     env = _clean_env(MLFLOW_TRACKING_URI=uri, LALORA_CACHE_DIR=str(tmp_path / "cache"))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=env)
-    pip = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r", requirements], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r", requirements],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=1500,
+    )
     assert pip.returncode == 0, pip.stdout[-3000:]
     install_seconds = time.perf_counter() - t0
     work = tmp_path / "empty"
     work.mkdir()
-    proc = subprocess.run([str(venv / "bin" / "python"), "-c", CONSUMER, json.dumps(PROMPTS)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", CONSUMER, json.dumps(PROMPTS)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["project_installed"]
     assert not got["flows"].startswith(str(ROOT)), got["flows"]  # the version's own code/, not this checkout
     assert got["completions"] == expected
-    print(f"consumer environment installed in {install_seconds:.0f} s; the champion loaded in "
-          f"{got['load_seconds']:.1f} s there")
+    print(
+        f"consumer environment installed in {install_seconds:.0f} s; the champion loaded in "
+        f"{got['load_seconds']:.1f} s there"
+    )
 
     port = free_port()
-    cmd = [str(venv / "bin" / "mlflow"), "models", "serve", "-m", "models:/tiny-adapter@champion", "--env-manager",
-           "virtualenv", "--host", "127.0.0.1", "--port", str(port)]
-    serve_env = env | {"MLFLOW_ENV_ROOT": str(tmp_path / "envs"),
-                       "PATH": os.pathsep.join([str(venv / "bin"), env["PATH"]])}
+    cmd = [
+        str(venv / "bin" / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/tiny-adapter@champion",
+        "--env-manager",
+        "virtualenv",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    serve_env = env | {
+        "MLFLOW_ENV_ROOT": str(tmp_path / "envs"),
+        "PATH": os.pathsep.join([str(venv / "bin"), env["PATH"]]),
+    }
     with running(cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", serve_env, timeout=1500):
         body = json.dumps({"inputs": PROMPTS, "params": {"max_new_tokens": 6}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             assert json.loads(resp.read())["predictions"] == expected
     assert not up(f"http://127.0.0.1:{port}/ping")

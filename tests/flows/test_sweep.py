@@ -16,8 +16,9 @@ def swept(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = root / "tiny.yaml"
     cfg.write_text(TINY)
-    code = main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1",
-                 "--out", str(root / "out")])
+    code = main(
+        ["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(root / "out")]
+    )
     assert code == 0
     return root / "out"
 
@@ -63,23 +64,27 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     assert main(["sweep", str(cfg), "--curvature", "diag,bogus"]) == 2
-    assert capsys.readouterr().err.strip() == ("lalora: error: --curvature: unknown kind(s) bogus; "
-                                               "choose from diag, identity, kfac, kfac-tri")
+    assert capsys.readouterr().err.strip() == (
+        "lalora: error: --curvature: unknown kind(s) bogus; choose from diag, identity, kfac, kfac-tri"
+    )
     assert main(["sweep", str(cfg), "--lambda", "0,x"]) == 2
     assert "--lambda" in capsys.readouterr().err
     assert main(["sweep", str(cfg), "--stages", "5", "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == ("lalora: error: --stages must be between 1 and 2 "
-                                                                "(the config's domains), got 5")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "lalora: error: --stages must be between 1 and 2 (the config's domains), got 5"
+    )
 
 
 def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept, capsys):
     before = json.loads((swept / "sweep.json").read_text())
     cfg = swept.parent / "tiny.yaml"
-    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1",
-                 "--out", str(swept)]) == 0
+    assert (
+        main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]) == 0
+    )
     after = json.loads((swept / "sweep.json").read_text())
-    assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == \
-        [(r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]]
+    assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == [
+        (r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]
+    ]
     client = MlflowClient(after["mlflow_uri"], registry_uri=after["mlflow_uri"])
     assert all(len(client.search_model_versions(f"name = '{m.name}'")) == 1 for m in client.search_registered_models())
 
@@ -90,15 +95,19 @@ def test_stages_keeps_only_what_each_kept_domain_set(tmp_path):
     from pipelines.config import load_config
     from pipelines.lineage.sweep import CURVATURE, LAMBDA, SweepPoint, point_config
 
-    rows = "\n".join(json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"})
-                     for i in range(40))
+    rows = "\n".join(
+        json.dumps({"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}) for i in range(40)
+    )
     (tmp_path / "train.jsonl").write_text(rows)
     (tmp_path / "eval.jsonl").write_text(rows)
     cfg_path = tmp_path / "math.yaml"
     math = {"data": {"kind": "local", "path": "train.jsonl"}, "preset": "gsm8k"}
-    cfg_path.write_text(tiny({"name": "math", **math, "eval_data": {"data": {"kind": "local", "path": "eval.jsonl"},
-                                                                  "preset": "gsm8k"}},
-                             {"name": "more-math", **math}))
+    cfg_path.write_text(
+        tiny(
+            {"name": "math", **math, "eval_data": {"data": {"kind": "local", "path": "eval.jsonl"}, "preset": "gsm8k"}},
+            {"name": "more-math", **math},
+        )
+    )
     cfg = load_config(cfg_path)
     point = point_config(cfg, SweepPoint(((CURVATURE, "diag"), (LAMBDA, 10.0)), 0), "sqlite:///x.db", 1)
     assert [d.name for d in point.domains] == ["math"]
@@ -112,13 +121,35 @@ def test_a_grid_of_any_config_field_sweeps_like_lambda(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY)
     out = tmp_path / "out"
-    assert main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag",
-                 "--grid", "training.replay.fraction=0,0.5",
-                 "--stages", "1", "--forgetting-on", "src", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(cfg),
+                "--lambda",
+                "0,5",
+                "--curvature",
+                "diag",
+                "--grid",
+                "training.replay.fraction=0,0.5",
+                "--stages",
+                "1",
+                "--forgetting-on",
+                "src",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "sweep.json").read_text())
     labels = [p["point"]["label"] for p in summary["points"]]
-    assert labels == ["plain-lambda0-fraction0-seed0", "plain-lambda0-fraction0.5-seed0",
-                      "diag-lambda5-fraction0-seed0", "diag-lambda5-fraction0.5-seed0"]
+    assert labels == [
+        "plain-lambda0-fraction0-seed0",
+        "plain-lambda0-fraction0.5-seed0",
+        "diag-lambda5-fraction0-seed0",
+        "diag-lambda5-fraction0.5-seed0",
+    ]
     table = (out / "sweep.md").read_text().splitlines()
     assert table[0].startswith("| curvature | lambda | fraction | seeds | learning | forgetting (src) |")
     assert "| diag | 5 | 0.5 | 1 |" in table[3 + 2]

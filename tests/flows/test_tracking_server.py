@@ -63,14 +63,20 @@ def _worker_env(tmp_path, name, url):
 
 def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_path, server, request):
     t0 = time.perf_counter()
-    code, output = run_lalora(["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "a"), *FAST], tmp_path,
-                              **_worker_env(tmp_path, "a", server))
+    code, output = run_lalora(
+        ["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "a"), *FAST],
+        tmp_path,
+        **_worker_env(tmp_path, "a", server),
+    )
     assert code == 0, output[-3000:]
     assert output.strip().splitlines()[-1] == f"MLflow UI:  {server}   (the tracking server's own UI)"
     assert not (tmp_path / "a" / "mlflow.db").exists()  # everything went to the server
     appended = TINY  # one, then two
-    code, output = run_lalora(["run", _config(tmp_path, appended, "appended.yaml"), "--out", str(tmp_path / "b"),
-                               *FAST], tmp_path, **_worker_env(tmp_path, "b", server))
+    code, output = run_lalora(
+        ["run", _config(tmp_path, appended, "appended.yaml"), "--out", str(tmp_path / "b"), *FAST],
+        tmp_path,
+        **_worker_env(tmp_path, "b", server),
+    )
     assert code == 0, output[-3000:]
     print(f"{request.node.callspec.id}: both runs {time.perf_counter() - t0:.1f} s")  # the store's cost, for README
     assert "ran stage(s) 2" in output and "skipped finished stage(s) 1" in output
@@ -88,8 +94,9 @@ def test_a_lineage_through_a_tracking_server_appended_from_another_machine(tmp_p
 
 def _other_host(name: str) -> list[str]:
     """A command prefix that runs the command under hostname ``name`` (a UTS namespace), as on another host."""
-    probe = subprocess.run(["unshare", "-u", "sh", "-c", f"hostname {name} && hostname"], capture_output=True,
-                           text=True)
+    probe = subprocess.run(
+        ["unshare", "-u", "sh", "-c", f"hostname {name} && hostname"], capture_output=True, text=True
+    )
     if probe.returncode != 0 or probe.stdout.strip() != name:
         pytest.skip(f"cannot give a process another hostname here (unshare -u): {probe.stderr.strip()}")
     return ["unshare", "-u", "sh", "-c", f'hostname {name} && exec "$0" "$@"']
@@ -98,10 +105,13 @@ def _other_host(name: str) -> list[str]:
 def _start(tmp_path, name, config, url, *extra, host=None):
     prefix = _other_host(host) if host else []
     with open(tmp_path / f"{name}.log", "w") as log:  # the child writes to its own copy
-        proc = subprocess.Popen([*prefix, lalora_script(), "run", config, "--out", str(tmp_path / name), *FAST,
-                                 *extra], env=child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"),
-                                                        **_worker_env(tmp_path, name, url)),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*prefix, lalora_script(), "run", config, "--out", str(tmp_path / name), *FAST, *extra],
+            env=child_env(PREFECT_HOME=str(tmp_path / f"prefect-{name}"), **_worker_env(tmp_path, name, url)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return proc, tmp_path / f"{name}.log"
 
 
@@ -118,8 +128,11 @@ def _lineage_versions_only(url):
 
 
 def test_two_workers_started_together_register_the_new_stage_once(tmp_path, server):
-    code, output = run_lalora(["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "first"), *FAST],
-                              tmp_path, **_worker_env(tmp_path, "first", server))
+    code, output = run_lalora(
+        ["run", _config(tmp_path, ONE_DOMAIN), "--out", str(tmp_path / "first"), *FAST],
+        tmp_path,
+        **_worker_env(tmp_path, "first", server),
+    )
     assert code == 0, output[-3000:]
     config = _config(tmp_path, TINY, "appended.yaml")  # one, then the new domain two
     workers = [_start(tmp_path, name, config, server, "--wait") for name in ("w1", "w2")]
@@ -139,8 +152,14 @@ def test_two_workers_started_together_register_the_new_stage_once(tmp_path, serv
 def test_a_killed_holders_lease_is_taken_over_once_it_expires(tmp_path, server):
     """The holder runs as another host (its pid means nothing here), so only its stopped heartbeat can free it."""
     config = _config(tmp_path, ONE_DOMAIN)
-    ttl = ["--set", "orchestration.lease_ttl_seconds=6", "--set", "training.steps=400",
-           "--set", "training.checkpoint_every=0"]
+    ttl = [
+        "--set",
+        "orchestration.lease_ttl_seconds=6",
+        "--set",
+        "training.steps=400",
+        "--set",
+        "training.checkpoint_every=0",
+    ]
     holder, log = _start(tmp_path, "holder", config, server, *ttl, host="worker-b")
     client = MlflowClient(server, registry_uri=server)
     deadline = time.time() + 300
@@ -151,13 +170,19 @@ def test_a_killed_holders_lease_is_taken_over_once_it_expires(tmp_path, server):
     holder.wait()
     (lease,) = client.search_registered_models("name LIKE 'tiny-adapter.lalora-lease.%'")
     assert '"host": "worker-b"' in lease.tags["lalora.lease_holder"]
-    code, output = run_lalora(["run", config, "--out", str(tmp_path / "taker"), *FAST, *ttl[:2]], tmp_path,
-                              **_worker_env(tmp_path, "taker", server))
+    code, output = run_lalora(
+        ["run", config, "--out", str(tmp_path / "taker"), *FAST, *ttl[:2]],
+        tmp_path,
+        **_worker_env(tmp_path, "taker", server),
+    )
     if code == 4:  # refused while the heartbeat was fresh: the lease is held, not yet expired
         assert "lineage tiny-adapter is held by another run: pid" in output and "on worker-b" in output
         time.sleep(7)
-        code, output = run_lalora(["run", config, "--out", str(tmp_path / "taker"), *FAST, *ttl[:2]], tmp_path,
-                                  **_worker_env(tmp_path, "taker", server))
+        code, output = run_lalora(
+            ["run", config, "--out", str(tmp_path / "taker"), *FAST, *ttl[:2]],
+            tmp_path,
+            **_worker_env(tmp_path, "taker", server),
+        )
     assert code == 0, output[-3000:]
     assert "took over the lease of lineage tiny-adapter from a run that stopped (pid" in output and "worker-b" in output
     assert [v.tags["lalora.stage"] for v in _versions(server)] == ["1"]

@@ -62,8 +62,9 @@ def test_sigkill_at_random_points_never_leaves_a_half_written_artifact(tmp_path)
     rng = random.Random(0)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(KILLS):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                                cwd=ROOT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+        )
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(rng.uniform(0.05, 1.5))
         os.kill(proc.pid, signal.SIGKILL)
@@ -73,11 +74,21 @@ def test_sigkill_at_random_points_never_leaves_a_half_written_artifact(tmp_path)
 
 
 def test_commit_interrupted_between_the_renames_rolls_forward(tmp_path):
-    save_precision(tmp_path, DiagPrecision({"m.lora_A": torch.zeros(2, 3)}), fisher_type="empirical", n_samples=1,
-                   prior=Prior(1.0, 1.0))
+    save_precision(
+        tmp_path,
+        DiagPrecision({"m.lora_A": torch.zeros(2, 3)}),
+        fisher_type="empirical",
+        n_samples=1,
+        prior=Prior(1.0, 1.0),
+    )
     old = (tmp_path / TENSORS).read_bytes()
-    save_precision(tmp_path, DiagPrecision({"m.lora_A": torch.ones(2, 3)}), fisher_type="empirical", n_samples=2,
-                   prior=Prior(1.0, 1.0))
+    save_precision(
+        tmp_path,
+        DiagPrecision({"m.lora_A": torch.ones(2, 3)}),
+        fisher_type="empirical",
+        n_samples=2,
+        prior=Prior(1.0, 1.0),
+    )
     # the state a crash after the JSON's rename leaves: new JSON, old tensors, new tensors pending
     os.replace(tmp_path / TENSORS, tmp_path / f".{TENSORS}.tmp-999")
     (tmp_path / TENSORS).write_bytes(old)
@@ -87,8 +98,13 @@ def test_commit_interrupted_between_the_renames_rolls_forward(tmp_path):
 
 
 def test_pending_file_that_does_not_match_is_not_used(tmp_path):
-    save_precision(tmp_path, DiagPrecision({"m.lora_A": torch.ones(2, 3)}), fisher_type="empirical", n_samples=2,
-                   prior=Prior(1.0, 1.0))
+    save_precision(
+        tmp_path,
+        DiagPrecision({"m.lora_A": torch.ones(2, 3)}),
+        fisher_type="empirical",
+        n_samples=2,
+        prior=Prior(1.0, 1.0),
+    )
     (tmp_path / f".{TENSORS}.tmp-1").write_bytes((tmp_path / TENSORS).read_bytes()[:-4] + b"\x00\x00\x80\x7f")
     data = bytearray((tmp_path / TENSORS).read_bytes())
     data[-1] ^= 0x01
@@ -102,16 +118,26 @@ def test_non_finite_precision_is_never_saved_or_loaded(tmp_path, bad):
     values = torch.ones(2, 3)
     values[1, 2] = bad
     with pytest.raises(NonFinitePrecision, match=r"m.lora_A has 1 non-finite value"):
-        save_precision(tmp_path / "new", DiagPrecision({"m.lora_A": values}), fisher_type="empirical", n_samples=1,
-                       prior=Prior(1.0, 1.0))
+        save_precision(
+            tmp_path / "new",
+            DiagPrecision({"m.lora_A": values}),
+            fisher_type="empirical",
+            n_samples=1,
+            prior=Prior(1.0, 1.0),
+        )
     assert not (tmp_path / "new" / META).exists() and not list((tmp_path / "new").glob("*"))
     # written by something else (checksum valid): still refused on load
     from safetensors.torch import save_file
 
     from lalora.checkpoint import file_sha256
 
-    save_precision(tmp_path, DiagPrecision({"m.lora_A": torch.ones(2, 3)}), fisher_type="empirical", n_samples=1,
-                   prior=Prior(1.0, 1.0))
+    save_precision(
+        tmp_path,
+        DiagPrecision({"m.lora_A": torch.ones(2, 3)}),
+        fisher_type="empirical",
+        n_samples=1,
+        prior=Prior(1.0, 1.0),
+    )
     save_file({"m.lora_A": values}, str(tmp_path / TENSORS), metadata={"structure": "diag"})
     meta = json.loads((tmp_path / META).read_text())
     meta["sha256"] = file_sha256(tmp_path / TENSORS)

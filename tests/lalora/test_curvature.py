@@ -14,9 +14,9 @@ def loop_fisher(model, batch):
     n = 0
     for i in range(batch["input_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
-        ids = batch["input_ids"][i:i + 1]
-        logits = model(input_ids=ids, attention_mask=batch["attention_mask"][i:i + 1]).logits
-        loss = sequence_nll(logits, batch["labels"][i:i + 1]).sum()
+        ids = batch["input_ids"][i : i + 1]
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"][i : i + 1]).logits
+        loss = sequence_nll(logits, batch["labels"][i : i + 1]).sum()
         loss.backward()
         for p in params:
             acc[p.name] += p.param.grad.square()
@@ -50,7 +50,7 @@ def test_padding_does_not_change_the_fisher(model):
     """The same sequences alone and inside a padded batch give the same per-sequence curvature."""
     batch = padded_batch()
     together = build_estimator("diag").estimate(model, [batch]).precision.to_state_dict()
-    singles = [{k: v[i:i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()} for i in range(4)]
+    singles = [{k: v[i : i + 1, : int(batch["attention_mask"][i].sum())] for k, v in batch.items()} for i in range(4)]
     apart = build_estimator("diag").estimate(model, singles).precision.to_state_dict()
     for name in together:
         assert_close(together[name], apart[name], rtol=1e-5, atol=1e-9)

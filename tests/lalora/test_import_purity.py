@@ -20,8 +20,10 @@ def _module_graph(package: str) -> dict[str, set[str]]:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / package
-    paths = {".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in root.rglob("*.py")}
+    paths = {
+        ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in root.rglob("*.py")
+    }
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         found = set()

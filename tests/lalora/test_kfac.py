@@ -49,10 +49,12 @@ def loop_factors(model, batch):
             store[name] = (inp[0].detach(), out)
 
         hs = [p.module.register_forward_hook(lambda m, a, o, name=p.name: hook(m, a, o, name)) for p in params]
-        logits = model(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1]).logits
+        logits = model(
+            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
+        ).logits
         for h in hs:
             h.remove()
-        sequence_nll(logits, batch["labels"][i:i + 1]).sum().backward()
+        sequence_nll(logits, batch["labels"][i : i + 1]).sum().backward()
         keep = mask[i]
         for p in params:
             x, out = store[p.name]
@@ -76,8 +78,9 @@ def test_compress_full_rank_is_exact_and_truncation_keeps_the_diagonal_and_psd()
     x = torch.randn(12, 4, dtype=torch.float64)
     assert_close(low.lmul(x), low.to_dense() @ x)
     assert_close(low.rmul(x.T), x.T @ low.to_dense())
-    assert_close(low.inverse_apply(x, 0.1),
-                 torch.linalg.solve(low.to_dense() + 0.1 * torch.eye(12, dtype=torch.float64), x))
+    assert_close(
+        low.inverse_apply(x, 0.1), torch.linalg.solve(low.to_dense() + 0.1 * torch.eye(12, dtype=torch.float64), x)
+    )
 
 
 def test_add_and_frobenius_inner_without_dense_matrices_match_dense():
@@ -121,8 +124,16 @@ def test_kfac_tri_cross_blocks_equal_a_per_sequence_loop():
 def test_factors_equal_the_loop_when_the_accumulators_are_summed_in_blocks():
     """d_in = 128 and d_out = 160: the Gram sums take the half-work block path (``gram_``), mirrored when read."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=11, hidden_size=128, intermediate_size=160, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=11,
+        hidden_size=128,
+        intermediate_size=160,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        pad_token_id=0,
+    )
     model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
     for p in lora_parameters(model):
         nn.init.normal_(p.param, std=0.3)
@@ -144,8 +155,9 @@ def test_an_all_ones_attention_mask_is_left_out_of_the_forward_and_changes_nothi
     labels[:, :2] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     seen = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")),
-                                              with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True
+    )
     try:
         prec = build_estimator("kfac", top_k=64).estimate(model, [batch]).precision
     finally:
@@ -293,8 +305,14 @@ def test_project_psd_many_batches_modules_of_one_shape_and_matches_one_by_one():
         g = torch.Generator().manual_seed(seed)
         a = KronTerm(compress(random_psd(d_in, seed=seed), 3), DenseFactor(random_psd(2, seed=seed + 1)))
         b = KronTerm(DenseFactor(random_psd(2, seed=seed + 2)), compress(random_psd(5, seed=seed + 3), 3))
-        return a, b, CrossTerm(torch.randn(d_in, 2, generator=g, dtype=torch.float64) * scale,
-                               torch.randn(2, 5, generator=g, dtype=torch.float64) * scale)
+        return (
+            a,
+            b,
+            CrossTerm(
+                torch.randn(d_in, 2, generator=g, dtype=torch.float64) * scale,
+                torch.randn(2, 5, generator=g, dtype=torch.float64) * scale,
+            ),
+        )
 
     items = [item(1, 6, 10.0), item(5, 6, 1e-4), item(9, 6, 3.0), item(13, 7, 10.0)]  # three share a shape
     many = project_psd_many(items)
@@ -302,8 +320,9 @@ def test_project_psd_many_batches_modules_of_one_shape_and_matches_one_by_one():
         one = project_psd(a, b, raw)
         assert_close(got.g, one.g)
         assert_close(got.s, raw.s)
-        joint = KronTriPrecision({"m.lora_A": [a], "m.lora_B": [b]}, top_k=3, max_terms=1,
-                                 cross={"m": [got]}).to_dense()
+        joint = KronTriPrecision(
+            {"m.lora_A": [a], "m.lora_B": [b]}, top_k=3, max_terms=1, cross={"m": [got]}
+        ).to_dense()
         assert float(torch.linalg.eigvalsh(joint).min()) >= -1e-10
     assert project_psd(*items[1]) is items[1][2]  # a block that fits is left alone
     assert not torch.equal(many[0].g, items[0][2].g)  # an oversized one is shrunk
@@ -333,7 +352,7 @@ def test_penalty_gradient_equals_lambda_times_precision_times_displacement(kind)
     for name in full.names:
         n = delta[name].numel()
         grad = next(p.param.grad for p in params if p.name == name)
-        assert_close(vec(grad).double(), expected[offset:offset + n], rtol=1e-4, atol=1e-8)
+        assert_close(vec(grad).double(), expected[offset : offset + n], rtol=1e-4, atol=1e-8)
         offset += n
     # and the same through autograd of quad_form
     live = {p.name: p.param for p in params}
@@ -343,7 +362,7 @@ def test_penalty_gradient_equals_lambda_times_precision_times_displacement(kind)
     offset = 0
     for name in full.names:
         n = delta[name].numel()
-        assert_close(vec(live[name].grad).double(), expected[offset:offset + n], rtol=1e-4, atol=1e-8)
+        assert_close(vec(live[name].grad).double(), expected[offset : offset + n], rtol=1e-4, atol=1e-8)
         offset += n
 
 
@@ -359,8 +378,9 @@ def test_accumulation_is_exact_up_to_max_terms_then_nearest_kronecker():
     assert two.n_terms == 2
     assert_close(float(two.quad_form(delta)), float(p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6, atol=0)
     online = accumulate(p1, p2, "online", gamma=0.5)
-    assert_close(float(online.quad_form(delta)), float(0.5 * p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6,
-                 atol=0)
+    assert_close(
+        float(online.quad_form(delta)), float(0.5 * p1.quad_form(delta) + p2.quad_form(delta)), rtol=1e-6, atol=0
+    )
     three = accumulate(two, p3, "sum")
     assert three.n_terms == 2  # the two oldest were merged
     exact = p1.to_dense() + p2.to_dense() + p3.to_dense()

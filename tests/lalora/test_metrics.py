@@ -5,9 +5,7 @@ from lalora import continual_metrics
 
 def test_worked_example():
     # columns: source, d1, d2; rows: before, after stage 1, after stage 2
-    R = [[0.9, 0.1, 0.0],
-         [0.5, 0.8, 0.2],
-         [0.3, 0.4, 0.9]]
+    R = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.3, 0.4, 0.9]]
     m = continual_metrics(R)
     assert m.ACC == pytest.approx((0.3 + 0.4 + 0.9) / 3)
     assert m.BWT == pytest.approx(((0.3 - 0.9) + (0.4 - 0.8)) / 2)
@@ -31,8 +29,7 @@ def test_shape_errors():
 
 def test_probe_columns_and_a_lower_is_better_source():
     # columns: source scored by NLL (lower is better), d1 (accuracy), probe p (accuracy); one stage
-    R = [[2.0, 0.1, 0.6],
-         [2.5, 0.7, 0.5]]
+    R = [[2.0, 0.1, 0.6], [2.5, 0.7, 0.5]]
     m = continual_metrics(R, higher_is_better=[False, True, True])
     assert m.averaged == (1, 2)  # averages stay on the accuracy scale
     assert m.ACC == pytest.approx((0.7 + 0.5) / 2)
@@ -45,9 +42,7 @@ def test_probe_columns_and_a_lower_is_better_source():
 
 
 def test_every_column_lower_is_better():
-    R = [[1.0, 3.0, 3.0],
-         [1.5, 1.0, 2.9],
-         [1.2, 2.0, 0.8]]
+    R = [[1.0, 3.0, 3.0], [1.5, 1.0, 2.9], [1.2, 2.0, 0.8]]
     m = continual_metrics(R, higher_is_better=[False, False, False])
     assert m.averaged == (0, 1, 2)
     assert m.ACC == pytest.approx((1.2 + 2.0 + 0.8) / 3)
@@ -65,9 +60,7 @@ def test_direction_length_must_match():
 
 def test_nll_scored_stages_keep_their_learning_next_to_an_accuracy_probe():
     # the study's shape: source = capitals (accuracy), two math stages scored by target NLL
-    R = [[0.79, 1.60, 1.50],
-         [0.70, 1.20, 1.35],
-         [0.65, 1.30, 1.00]]
+    R = [[0.79, 1.60, 1.50], [0.70, 1.20, 1.35], [0.65, 1.30, 1.00]]
     m = continual_metrics(R, higher_is_better=[True, False, False])
     assert m.averaged == (0,)  # ACC, BWT stay on the accuracy scale
     assert m.learning == pytest.approx([0.40, 0.35])

@@ -125,7 +125,7 @@ def test_penalty_follows_in_place_updates_and_reallocated_parameters(model):
     pen = LaplacePenalty(ones, anchor, params, 2.0)
     with torch.no_grad():
         params[0].param.add_(0.5)  # in place, like AdamW
-    expect = float((0.5 ** 2) * params[0].param.numel())
+    expect = float((0.5**2) * params[0].param.numel())
     assert_close(pen().detach(), torch.tensor(expect), rtol=1e-5, atol=1e-6)
     for p in params:  # new storage, like a wrapper casting or moving the parameters
         p.param.data = p.param.data.clone() + 1.0

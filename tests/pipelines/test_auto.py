@@ -27,8 +27,9 @@ def _unique_rows(path, n):
 
 
 def test_the_validation_split_is_disjoint_from_train_curvature_and_eval_and_stable(tmp_path):
-    domain = DomainConfig(name="d", data=_unique_rows(tmp_path / "d.jsonl", 400), eval_size=50, val_size=40,
-                          curvature_size=30)
+    domain = DomainConfig(
+        name="d", data=_unique_rows(tmp_path / "d.jsonl", 400), eval_size=50, val_size=40, curvature_size=30
+    )
     a = load_domain(domain, tmp_path)
     b = load_domain(domain, tmp_path / "again")
     assert (len(a.eval), len(a.val), len(a.train)) == (50, 40, 310)
@@ -47,9 +48,13 @@ def test_the_validation_split_is_disjoint_from_train_curvature_and_eval_and_stab
 
 
 def test_validation_rows_from_the_training_source_when_eval_data_is_separate(tmp_path):
-    domain = DomainConfig(name="d", data=_unique_rows(tmp_path / "d.jsonl", 100),
-                          eval_data={"data": {"kind": "generator", "op": "copy", "size": 30}}, eval_size=30,
-                          val_size=20)
+    domain = DomainConfig(
+        name="d",
+        data=_unique_rows(tmp_path / "d.jsonl", 100),
+        eval_data={"data": {"kind": "generator", "op": "copy", "size": 30}},
+        eval_size=30,
+        val_size=20,
+    )
     s = load_domain(domain, tmp_path)
     assert (len(s.eval), len(s.val), len(s.train)) == (30, 20, 80)
     assert not set(_ids(s.val)) & set(_ids(s.train))
@@ -69,15 +74,20 @@ def test_auto_gives_every_scored_domain_validation_rows_and_needs_a_budget():
     assert one.searches and one.stage_lambda(1) == 10.0 and one.stage_lambda(2) == "auto"
 
 
-@pytest.mark.parametrize("yaml_text,fragment", [
-    ("lalora: {lambda: auto}\n", "lambda auto needs a forgetting budget: set lalora.auto.max_forgetting"),
-    ("lalora: {lambda: fast}\n", "lalora.lambda: must be a number >= 0 or 'auto', got 'fast'"),
-    ("lalora: {lambda: -1}\n", "lalora.lambda: Input should be greater than or equal to 0"),
-    ("lalora: {lambda: auto, auto: {max_forgetting: 0.1, min_lambda: 5, max_lambda: 1}}\n",
-     "min_lambda (5) must be below max_lambda (1)"),
-    ("source: {name: s, lambda: 3}\n", "source s: lambda can only be set on a stage's domain"),
-    ("probes: [{name: p, steps: 3}]\n", "probes p: steps can only be set on a stage's domain"),
-])
+@pytest.mark.parametrize(
+    "yaml_text,fragment",
+    [
+        ("lalora: {lambda: auto}\n", "lambda auto needs a forgetting budget: set lalora.auto.max_forgetting"),
+        ("lalora: {lambda: fast}\n", "lalora.lambda: must be a number >= 0 or 'auto', got 'fast'"),
+        ("lalora: {lambda: -1}\n", "lalora.lambda: Input should be greater than or equal to 0"),
+        (
+            "lalora: {lambda: auto, auto: {max_forgetting: 0.1, min_lambda: 5, max_lambda: 1}}\n",
+            "min_lambda (5) must be below max_lambda (1)",
+        ),
+        ("source: {name: s, lambda: 3}\n", "source s: lambda can only be set on a stage's domain"),
+        ("probes: [{name: p, steps: 3}]\n", "probes p: steps can only be set on a stage's domain"),
+    ],
+)
 def test_auto_settings_that_cannot_work_are_one_line_each(tmp_path, yaml_text, fragment):
     path = tmp_path / "c.yaml"
     path.write_text("domains: [{name: a}]\n" + yaml_text)
@@ -129,8 +139,8 @@ def test_the_search_brackets_then_bisects_on_a_log_scale_towards_the_least_penal
     lams = [t.lam for t in trials]
     assert lams[0] == pytest.approx(1.0)  # the range's geometric middle: over the budget
     assert lams[1] == pytest.approx(10.0)  # a decade up: within it; then bisection between 1 and 10
-    assert lams[2] == pytest.approx(10 ** 0.5) and lams[3] == pytest.approx(10 ** 0.25)
-    assert lams[4] == pytest.approx(10 ** 0.375) and len(trials) == 5  # 10**0.375 / 10**0.25 < 1.5: done
+    assert lams[2] == pytest.approx(10**0.5) and lams[3] == pytest.approx(10**0.25)
+    assert lams[4] == pytest.approx(10**0.375) and len(trials) == 5  # 10**0.375 / 10**0.25 < 1.5: done
     chosen, ok = choose(trials, 0.1)
     assert ok and chosen.lam == min(x for x in lams if x >= 2)  # the least penalty within the budget learns most
 
@@ -147,8 +157,10 @@ def test_the_search_stops_early_at_either_end_and_starts_warm():
     chosen, ok = choose(over, 0.1)
     assert not ok and chosen.lam == 100.0  # the smallest forgetting reached
     line = refusal(over, chosen, 0.1, AUTO)
-    assert line.startswith("no lambda in [0.01, 100] keeps validation forgetting within 0.1: the smallest reached "
-                           "was 0.400 (src, lambda 100) after 3 trial(s)")
+    assert line.startswith(
+        "no lambda in [0.01, 100] keeps validation forgetting within 0.1: the smallest reached "
+        "was 0.400 (src, lambda 100) after 3 trial(s)"
+    )
     assert next_lambda([], AUTO, 0.1, warm=1e6) == 100.0  # a warm start outside the range is clipped to it
     assert next_lambda([_trial(k, 1.0 + k, 0.0) for k in range(6)], AUTO, 0.1, warm=None) is None  # max_trials
 
@@ -167,8 +179,11 @@ def test_the_budget_can_name_the_columns_it_bounds():
     """lalora.auto.columns: only the named columns' forgetting decides feasibility; the others are recorded."""
     named = cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["source"]}})
     assert named.lalora.auto.columns == ["source"]
-    with pytest.raises(ValueError, match=r"lalora.auto.columns: nowhere is not a column of this lineage; choose from "
-                                         r"source, a, b"):
+    with pytest.raises(
+        ValueError,
+        match=r"lalora.auto.columns: nowhere is not a column of this lineage; choose from "
+        r"source, a, b",
+    ):
         cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1, "columns": ["nowhere"]}})
     trial = Trial(1, 2.0, 10, 0.5, {"source": 0.05, "a": 0.4}, 1.0, "/a/1", budgeted=["source"])
     assert trial.feasible(0.1) and trial.max_forgetting == 0.05 and trial.worst == "source"
@@ -179,8 +194,11 @@ def test_the_budget_can_name_the_columns_it_bounds():
     assert Trial.from_json(old).max_forgetting == 0.4
     # unset, the setting leaves the identity of a searching stage as it was
     searching = cfg(domains=[{"name": "a"}, {"name": "b", "lambda": "auto"}], lalora={"auto": {"max_forgetting": 0.1}})
-    columns = cfg(domains=[{"name": "a"}, {"name": "b", "lambda": "auto"}],
-                  lalora={"auto": {"max_forgetting": 0.1, "columns": ["a"]}})
+    columns = cfg(
+        domains=[{"name": "a"}, {"name": "b", "lambda": "auto"}],
+        lalora={"auto": {"max_forgetting": 0.1, "columns": ["a"]}},
+    )
     from pipelines.lineage.plan import stage_config
+
     assert "columns" not in stage_config(searching, 2)["lalora"]["auto"]
     assert stage_keys(columns, FP)[1] != stage_keys(searching, FP)[1]

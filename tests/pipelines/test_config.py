@@ -32,39 +32,65 @@ def test_minimal_config_has_working_defaults(tmp_path):
 
 
 def test_overrides_reach_any_field_including_list_items(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["lalora.lambda=0", "training.steps=50", "domains.0.eval_size=7",
-                                                 "lalora.curvature={kind: identity}"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL),
+        ["lalora.lambda=0", "training.steps=50", "domains.0.eval_size=7", "lalora.curvature={kind: identity}"],
+    )
     assert cfg.lalora.lam == 0 and cfg.training.steps == 50 and cfg.domains[0].eval_size == 7
     assert cfg.lalora.curvature.kind == "identity"
 
 
-@pytest.mark.parametrize("text,overrides,expected", [
-    (MINIMAL + "lora: {rr: 3}\n", [], "lora.rr: unknown key"),
-    (MINIMAL, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
-    (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than 0"),
-    (MINIMAL, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than or equal to 1"),
-    (MINIMAL, ["lalora.curvature.kind=kfaq"],
-     "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'"),
-    (MINIMAL, ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2 or 3"),
-    (MINIMAL, ["tracking.latest_alias=latest"], "alias 'latest' is reserved by MLflow"),
-    (MINIMAL, ["training.steps=many"], "training.steps: Input should be a valid integer"),
-    (MINIMAL, ["lalora.accumulate.mode=forever"],
-     "lalora.accumulate.mode: must be one of 'sum', 'online' or 'replace'"),
-    ("domains:\n  - name: a\n  - name: a\n", [], "domain names must be unique"),
-    ("domains:\n  - name: ../etc\n", [], "is not a valid domain name"),
-    ("domains: []\n", [], "domains: List should have at least 1 item"),
-    ("lora: [1, 2\n", [], "invalid YAML at line"),
-    ("- 1\n", [], "top level must be a mapping"),
-    (MINIMAL, ["domains.0.scoring=multiple_choice"], "domains.0: scoring multiple_choice needs choices: use preset"),
-    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex}"], "extractor regex needs a pattern"),
-    (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex, pattern: '(a'}"],
-     "is not a valid regular expression"),
-    (MINIMAL, ["domains.0.scoring={kind: rank}"], "domains.0.scoring: unknown kind 'rank'; expected one of 'generate'"),
-    (MINIMAL, ["domains.0.preset=arc", "domains.0.prompt_field=q"], "preset 'arc' fixes the fields; drop prompt_field"),
-    (MINIMAL, ["domains.0.preset=gsm9k"], "domains.0.preset: must be one of 'gsm8k', 'metamathqa', 'hellaswag'"),
-    (MINIMAL, ["domains.0.choices_field=options"], "choices_field and label_field go together"),
-    (MINIMAL + "probes:\n  - name: d1\n", [], "domain names must be unique (source included); repeated: d1"),
-])
+@pytest.mark.parametrize(
+    "text,overrides,expected",
+    [
+        (MINIMAL + "lora: {rr: 3}\n", [], "lora.rr: unknown key"),
+        (MINIMAL, ["lalora.lambda=-1"], "lalora.lambda: Input should be greater than or equal to 0"),
+        (MINIMAL, ["lora.r=0"], "lora.r: Input should be greater than 0"),
+        (MINIMAL, ["lalora.accumulate.gamma=1.5"], "lalora.accumulate.gamma: Input should be less than or equal to 1"),
+        (
+            MINIMAL,
+            ["lalora.curvature.kind=kfaq"],
+            "lalora.curvature: unknown kind 'kfaq'; expected one of 'diag', 'kfac', 'kfac-tri', 'identity'",
+        ),
+        (MINIMAL, ["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2 or 3"),
+        (MINIMAL, ["tracking.latest_alias=latest"], "alias 'latest' is reserved by MLflow"),
+        (MINIMAL, ["training.steps=many"], "training.steps: Input should be a valid integer"),
+        (
+            MINIMAL,
+            ["lalora.accumulate.mode=forever"],
+            "lalora.accumulate.mode: must be one of 'sum', 'online' or 'replace'",
+        ),
+        ("domains:\n  - name: a\n  - name: a\n", [], "domain names must be unique"),
+        ("domains:\n  - name: ../etc\n", [], "is not a valid domain name"),
+        ("domains: []\n", [], "domains: List should have at least 1 item"),
+        ("lora: [1, 2\n", [], "invalid YAML at line"),
+        ("- 1\n", [], "top level must be a mapping"),
+        (
+            MINIMAL,
+            ["domains.0.scoring=multiple_choice"],
+            "domains.0: scoring multiple_choice needs choices: use preset",
+        ),
+        (MINIMAL, ["domains.0.scoring={kind: generate, extractor: regex}"], "extractor regex needs a pattern"),
+        (
+            MINIMAL,
+            ["domains.0.scoring={kind: generate, extractor: regex, pattern: '(a'}"],
+            "is not a valid regular expression",
+        ),
+        (
+            MINIMAL,
+            ["domains.0.scoring={kind: rank}"],
+            "domains.0.scoring: unknown kind 'rank'; expected one of 'generate'",
+        ),
+        (
+            MINIMAL,
+            ["domains.0.preset=arc", "domains.0.prompt_field=q"],
+            "preset 'arc' fixes the fields; drop prompt_field",
+        ),
+        (MINIMAL, ["domains.0.preset=gsm9k"], "domains.0.preset: must be one of 'gsm8k', 'metamathqa', 'hellaswag'"),
+        (MINIMAL, ["domains.0.choices_field=options"], "choices_field and label_field go together"),
+        (MINIMAL + "probes:\n  - name: d1\n", [], "domain names must be unique (source included); repeated: d1"),
+    ],
+)
 def test_bad_configs_name_the_field_and_the_fix(tmp_path, text, overrides, expected):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text), overrides)
@@ -102,13 +128,15 @@ def test_run_rejects_a_bad_config_before_loading_anything(tmp_path, capsys):
 
 
 def test_scoring_defaults_follow_the_preset_and_shorthands_parse(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL + "source: {name: src, scoring: exact_match}\n"),
-                      ["domains.0.scoring=perplexity"])
+    cfg = load_config(
+        write(tmp_path, MINIMAL + "source: {name: src, scoring: exact_match}\n"), ["domains.0.scoring=perplexity"]
+    )
     assert cfg.domains[0].score.kind == "perplexity" and cfg.domains[0].score.metric == "nll"
     assert cfg.source.score.kind == "generate" and cfg.source.score.extractor == "exact"  # the demo's default
     assert load_config(write(tmp_path, MINIMAL)).domains[0].score == cfg.source.score
-    mc = load_config(write(tmp_path, MINIMAL + "probes:\n  - {name: hs, preset: hellaswag, data: {kind: local, "
-                                               "path: hs.jsonl}}\n"))
+    mc = load_config(
+        write(tmp_path, MINIMAL + "probes:\n  - {name: hs, preset: hellaswag, data: {kind: local, path: hs.jsonl}}\n")
+    )
     assert mc.probes[0].score.kind == "multiple_choice" and mc.probes[0].score.metric == "acc_norm"
     assert mc.probes[0].data.path == str(tmp_path / "hs.jsonl")  # local paths resolve against the config file
     assert [d.name for d in mc.eval_domains] == ["source", "d1", "hs"] and len(mc.all_domains) == 2
@@ -121,8 +149,10 @@ def test_llama_math_config_is_the_paper_lineage_and_validates_offline(capsys):
     math = cfg.domains[0]
     assert math.preset == "metamathqa" and math.eval_data.preset == "gsm8k" and math.score.kind == "generate"
     assert {p.name: (p.preset, p.score.kind) for p in cfg.probes} == {
-        "hellaswag": ("hellaswag", "multiple_choice"), "arc-challenge": ("arc", "multiple_choice"),
-        "winogrande": ("winogrande", "multiple_choice")}
+        "hellaswag": ("hellaswag", "multiple_choice"),
+        "arc-challenge": ("arc", "multiple_choice"),
+        "winogrande": ("winogrande", "multiple_choice"),
+    }
     assert cfg.source.score.kind == "perplexity"
     assert main(["validate", str(path)]) == 0
     assert "probes: hellaswag, arc-challenge, winogrande" in capsys.readouterr().out
@@ -152,8 +182,9 @@ def test_the_curvature_section_is_built_from_the_estimators_registry():
             assert info.description == f.metadata.get("doc", ""), (kind, f.name)
         estimator = build_estimator(kind, **section.model_dump(exclude={"kind"}))
         assert type(estimator) is cls
-    cfg = LineageConfig.model_validate({"domains": [{"name": "a"}],
-                                        "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}})
+    cfg = LineageConfig.model_validate(
+        {"domains": [{"name": "a"}], "lalora": {"curvature": {"kind": "kfac", "top_k": 4}}}
+    )
     assert cfg.lalora.curvature.top_k == 4 and cfg.lalora.curvature.max_terms == 4
 
 
@@ -165,9 +196,11 @@ def test_loading_a_config_imports_neither_torch_nor_transformers(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    code = ("import sys\nfrom pipelines.config import load_config\n"
-            f"load_config({str(root / 'configs' / 'demo.yaml')!r})\n"
-            "print(','.join(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))")
+    code = (
+        "import sys\nfrom pipelines.config import load_config\n"
+        f"load_config({str(root / 'configs' / 'demo.yaml')!r})\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'deepspeed', 'peft') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"loading a config imported: {out.stdout.strip()}"
 
@@ -175,8 +208,10 @@ def test_loading_a_config_imports_neither_torch_nor_transformers(tmp_path):
 def test_lalora_samples_is_resolved_into_each_domain_when_the_config_loads(tmp_path):
     from pipelines.lineage.plan import stage_config
 
-    text = ("source: {name: src}\ndomains:\n  - {name: a}\n  - {name: b, curvature_size: 7}\n"
-            "probes: [{name: p}]\nlalora: {samples: 48}\n")
+    text = (
+        "source: {name: src}\ndomains:\n  - {name: a}\n  - {name: b, curvature_size: 7}\n"
+        "probes: [{name: p}]\nlalora: {samples: 48}\n"
+    )
     path = tmp_path / "c.yaml"
     path.write_text(text)
     cfg = load_config(path)

@@ -76,7 +76,7 @@ def test_encoding_masks_prompt_and_padding():
     batch = collate(enc, tok.pad_token_id)
     assert batch["input_ids"].shape == (2, len(first.input_ids))
     assert batch["attention_mask"][1].sum() == len(enc[1].input_ids)
-    assert (batch["labels"][1, len(enc[1].input_ids):] == -100).all()
+    assert (batch["labels"][1, len(enc[1].input_ids) :] == -100).all()
     truncated = encode(tok, [{"prompt": "copy abcdef=", "answer": "abcdef"}], max_length=8)[0]
     assert len(truncated.input_ids) == 8 == len(truncated.labels)
 
@@ -87,23 +87,37 @@ QA = [{"question": f"What is {i} + {i}?", "answer": f"{i} plus {i} is {2 * i}\n#
 
 def test_hub_source_loads_config_and_split(tmp_path):
     repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}, "other": {"train": QA[:5]}})
-    cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), name="main", split="train"), preset="gsm8k",
-                       eval_size=10, curvature_size=4)
+    cfg = DomainConfig(
+        name="qa",
+        data=HubSource(id=str(repo), name="main", split="train"),
+        preset="gsm8k",
+        eval_size=10,
+        curvature_size=4,
+    )
     splits = load_domain(cfg, tmp_path / "cache")
     assert len(splits.eval) == 10 and len(splits.train) == 20 and splits.curvature == splits.train[:4]
-    assert ({r["prompt"] for r in splits.eval + splits.train}
-            == {f"Question: What is {i} + {i}?\nAnswer:" for i in range(30)})
-    small = load_domain(cfg.model_copy(update={"data": HubSource(id=str(repo), name="main", split="train[:12]")}),
-                        tmp_path / "cache")
+    assert {r["prompt"] for r in splits.eval + splits.train} == {
+        f"Question: What is {i} + {i}?\nAnswer:" for i in range(30)
+    }
+    small = load_domain(
+        cfg.model_copy(update={"data": HubSource(id=str(repo), name="main", split="train[:12]")}), tmp_path / "cache"
+    )
     assert len(small.eval) + len(small.train) == 12  # the datasets split-slicing syntax passes through
 
 
-@pytest.mark.parametrize("source,message", [
-    ({"name": "main", "split": "validation"},
-     "split 'validation': Unknown split \"validation\". Should be one of \\['train', 'test'\\]\\."),
-    ({"name": "mian", "split": "train"},
-     "config 'mian' split 'train': BuilderConfig 'mian' not found. Available: \\['main'\\]"),
-])
+@pytest.mark.parametrize(
+    "source,message",
+    [
+        (
+            {"name": "main", "split": "validation"},
+            "split 'validation': Unknown split \"validation\". Should be one of \\['train', 'test'\\]\\.",
+        ),
+        (
+            {"name": "mian", "split": "train"},
+            "config 'mian' split 'train': BuilderConfig 'mian' not found. Available: \\['main'\\]",
+        ),
+    ],
+)
 def test_hub_source_errors_name_the_split_or_config(tmp_path, source, message):
     repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
     cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), **source), preset="gsm8k", eval_size=5)
@@ -113,10 +127,15 @@ def test_hub_source_errors_name_the_split_or_config(tmp_path, source, message):
 
 def test_eval_data_gives_the_eval_rows_and_train_size_caps_training(tmp_path):
     repo = hub_dir(tmp_path, "qa", {"main": {"train": QA[:30], "test": QA[30:]}})
-    cfg = DomainConfig(name="qa", data=HubSource(id=str(repo), name="main", split="train"), preset="gsm8k",
-                       eval_data=EvalDataConfig(data=HubSource(id=str(repo), name="main", split="test"),
-                                                preset="gsm8k"),
-                       eval_size=50, train_size=12, split_seed=3)
+    cfg = DomainConfig(
+        name="qa",
+        data=HubSource(id=str(repo), name="main", split="train"),
+        preset="gsm8k",
+        eval_data=EvalDataConfig(data=HubSource(id=str(repo), name="main", split="test"), preset="gsm8k"),
+        eval_size=50,
+        train_size=12,
+        split_seed=3,
+    )
     splits = load_domain(cfg, tmp_path / "cache")
     assert len(splits.eval) == 10  # eval_size is an upper bound for eval_data: the test split has 10 rows
     assert {r["answer"].split("#### ")[1] for r in splits.eval} == {str(2 * i) for i in range(30, 40)}
@@ -132,11 +151,17 @@ def test_eval_data_gives_the_eval_rows_and_train_size_caps_training(tmp_path):
 def test_templates_map_columns_and_missing_columns_are_named(tmp_path):
     f = tmp_path / "x.jsonl"
     f.write_text("".join(json.dumps({"q": f"q{i}", "ctx": "c", "a": i}) + "\n" for i in range(20)))
-    cfg = DomainConfig(name="t", data=LocalSource(path=str(f)), prompt_template="{{ctx}}: {{q}}?",
-                       answer_template=" {{a * 2}}", eval_size=5)
+    cfg = DomainConfig(
+        name="t",
+        data=LocalSource(path=str(f)),
+        prompt_template="{{ctx}}: {{q}}?",
+        answer_template=" {{a * 2}}",
+        eval_size=5,
+    )
     rows = load_domain(cfg, tmp_path)
-    assert ({(r["prompt"], r["answer"]) for r in rows.eval + rows.train}
-            == {(f"c: q{i}?", f" {2 * i}") for i in range(20)})
+    assert {(r["prompt"], r["answer"]) for r in rows.eval + rows.train} == {
+        (f"c: q{i}?", f" {2 * i}") for i in range(20)
+    }
     bad = cfg.model_copy(update={"prompt_template": "{{ question }}: {{q}}"})
     with pytest.raises(DataError, match=r"^domain t: column\(s\) question not in the data \(columns: q, ctx, a\)"):
         load_domain(bad, tmp_path)
@@ -146,8 +171,14 @@ def test_custom_multiple_choice_mapping(tmp_path):
     f = tmp_path / "mc.jsonl"
     rows = [{"stem": "2+2", "options": ["three", "four", "five"], "gold": g} for g in (1, "1", "B", "four")] * 3
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = DomainConfig(name="mc", data=LocalSource(path=str(f)), prompt_template="Q: {{stem}}\nA:",
-                       choices_field="options", label_field="gold", eval_size=4)
+    cfg = DomainConfig(
+        name="mc",
+        data=LocalSource(path=str(f)),
+        prompt_template="Q: {{stem}}\nA:",
+        choices_field="options",
+        label_field="gold",
+        eval_size=4,
+    )
     assert cfg.score.kind == "multiple_choice"
     splits = load_domain(cfg, tmp_path)
     for r in splits.eval + splits.train:
@@ -182,8 +213,9 @@ def test_chat_template_wraps_prompts_when_the_tokenizer_has_one(tmp_path):
     assert encode(tok, [{**row, "chat": "auto"}], 64)[0] == plain  # no template: auto leaves the prompt as it is
     with pytest.raises(DataError, match="chat_template is 'always' but the tokenizer has no chat template"):
         encode(tok, [{**row, "chat": "always"}], 64)
-    tok.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<a>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<u>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    )
     chat = encode(tok, [{**row, "chat": "always"}], 64)[0]
     assert tok.decode(chat.input_ids) == "<u>hi<a>yo<eos>"  # the template replaces our BOS
     assert chat.labels[: len("<u>hi<a>")] == [-100] * len("<u>hi<a>")
@@ -221,6 +253,9 @@ def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail fast, not after retries
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = DomainConfig(name="hub", data=HubSource(id="no-such-owner/no-such-dataset", split="test"), eval_size=5)
-    with pytest.raises(DataError, match=r"^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
-                                        r"'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub"):
+    with pytest.raises(
+        DataError,
+        match=r"^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
+        r"'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub",
+    ):
         load_domain(cfg, tmp_path)

@@ -33,10 +33,20 @@ def run(lam, zero_stage=0, steps=12, log_every=4, **options):
     anchor = {p.name: p.param.detach().clone() for p in params}
     ones = DiagPrecision({p.name: torch.ones_like(p.param) for p in params})
     rec = Recorder()
-    result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=steps, lr=1e-2,
-                   batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=rec, log_every=log_every,
-                   desc="test",
-                   make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)), **options)
+    result = train(
+        model,
+        [p.param for p in params],
+        itertools.repeat(padded_batch()),
+        steps=steps,
+        lr=1e-2,
+        batch_size=4,
+        ds=DeepSpeedConfig(zero_stage=zero_stage),
+        tracker=rec,
+        log_every=log_every,
+        desc="test",
+        make_penalty=lambda m: LaplacePenalty(ones, anchor, lora_parameters(m), lam, Prior(0, 0)),
+        **options,
+    )
     return model, anchor, result, rec
 
 
@@ -60,9 +70,12 @@ def test_curvature_of_a_model_inside_an_engine_equals_the_bare_model():
     with distributed():
         wrapped = tiny_lora_model(seed=4)
         params = [p.param for p in lora_parameters(wrapped)]
-        engine, *_ = deepspeed.initialize(model=wrapped, model_parameters=params,
-                                          optimizer=torch.optim.AdamW(params, lr=1e-3),
-                                          config=deepspeed_config(DeepSpeedConfig(zero_stage=1), 4))
+        engine, *_ = deepspeed.initialize(
+            model=wrapped,
+            model_parameters=params,
+            optimizer=torch.optim.AdamW(params, lr=1e-3),
+            config=deepspeed_config(DeepSpeedConfig(zero_stage=1), 4),
+        )
         got = build_estimator("diag").estimate(engine, [padded_batch()]).precision.to_state_dict()
         engine.destroy()
     assert got.keys() == expected.keys()
@@ -77,14 +90,28 @@ def test_a_zero3_engine_leaves_torchs_linear_as_it_found_it():
 
     def penalty(m):
         seen.append(torch.nn.functional.linear.__module__)  # inside the engine
-        return LaplacePenalty(DiagPrecision({p.name: torch.ones_like(p.param) for p in lora_parameters(m)}),
-                              {p.name: p.param.detach().clone() for p in lora_parameters(m)}, lora_parameters(m), 1.0)
+        return LaplacePenalty(
+            DiagPrecision({p.name: torch.ones_like(p.param) for p in lora_parameters(m)}),
+            {p.name: p.param.detach().clone() for p in lora_parameters(m)},
+            lora_parameters(m),
+            1.0,
+        )
 
     assert torch.nn.functional.linear is torch._C._nn.linear
     model = tiny_lora_model(seed=0).train()
-    train(model, [p.param for p in lora_parameters(model)], itertools.repeat(padded_batch()), steps=2, lr=1e-2,
-          batch_size=4, ds=DeepSpeedConfig(zero_stage=3), tracker=NullTracker(), log_every=1, desc="test",
-          make_penalty=penalty)
+    train(
+        model,
+        [p.param for p in lora_parameters(model)],
+        itertools.repeat(padded_batch()),
+        steps=2,
+        lr=1e-2,
+        batch_size=4,
+        ds=DeepSpeedConfig(zero_stage=3),
+        tracker=NullTracker(),
+        log_every=1,
+        desc="test",
+        make_penalty=penalty,
+    )
     assert seen and seen[0].startswith("deepspeed.")  # what the teardown has to undo
     assert torch.nn.functional.linear is torch._C._nn.linear
 
@@ -97,9 +124,19 @@ def test_non_finite_loss_stops_the_stage():
     with torch.no_grad():
         params[1].param.add_(1.0)  # away from the anchor, so the infinite precision shows
     with pytest.raises(DivergenceError, match="non-finite penalty at step 0"):
-        train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=3, lr=1e-2, batch_size=4,
-              ds=DeepSpeedConfig(), tracker=NullTracker(), log_every=1, desc="diverge",
-              make_penalty=lambda m: LaplacePenalty(inf, anchor, lora_parameters(m), 1.0))
+        train(
+            model,
+            [p.param for p in params],
+            itertools.repeat(padded_batch()),
+            steps=3,
+            lr=1e-2,
+            batch_size=4,
+            ds=DeepSpeedConfig(),
+            tracker=NullTracker(),
+            log_every=1,
+            desc="diverge",
+            make_penalty=lambda m: LaplacePenalty(inf, anchor, lora_parameters(m), 1.0),
+        )
 
 
 def test_a_later_non_finite_step_is_found_before_anything_is_logged_or_saved(tmp_path):
@@ -115,6 +152,7 @@ def test_a_later_non_finite_step_is_found_before_anything_is_logged_or_saved(tmp
         def pen():
             bad = next(calls) >= 5
             return (zero.sum() * 0) + (float("nan") if bad else 0.0)
+
         return pen
 
     logged = []
@@ -124,9 +162,21 @@ def test_a_later_non_finite_step_is_found_before_anything_is_logged_or_saved(tmp
             logged.append(step)
 
     with pytest.raises(DivergenceError, match="non-finite penalty at step 5"):
-        train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=12, lr=1e-3, batch_size=4,
-              ds=DeepSpeedConfig(), tracker=Recorder(), log_every=4, desc="diverge", make_penalty=make_penalty,
-              checkpoint_dir=tmp_path / "ckpt", checkpoint_every=4)
+        train(
+            model,
+            [p.param for p in params],
+            itertools.repeat(padded_batch()),
+            steps=12,
+            lr=1e-3,
+            batch_size=4,
+            ds=DeepSpeedConfig(),
+            tracker=Recorder(),
+            log_every=4,
+            desc="diverge",
+            make_penalty=make_penalty,
+            checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=4,
+        )
     assert logged == [4]  # steps 1-4 were fine and logged; the window holding step 5 never was
     latest = (tmp_path / "ckpt" / "latest").read_text().strip() if (tmp_path / "ckpt" / "latest").exists() else None
     assert latest is not None and "4" in latest and "8" not in latest
@@ -141,18 +191,21 @@ def test_the_rendezvous_is_a_context_that_leaves_the_process_as_it_found_it():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    script = ("import os, subprocess, sys, torch\n"
-              "from pipelines.runtime.distributed import distributed, world\n"
-              "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')\n"
-              "before = {k: os.environ.get(k) for k in keys}\n"
-              "with distributed() as inside:\n"
-              "    child = subprocess.run([sys.executable, '-c', "
-              "'import os; print(os.environ.get(\"MASTER_PORT\"))'],\n"
-              "                           capture_output=True, text=True).stdout.strip()\n"
-              "after = {k: os.environ.get(k) for k in keys}\n"
-              "print(inside, before == after, child)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
-                         env=child_env(), timeout=300)
+    script = (
+        "import os, subprocess, sys, torch\n"
+        "from pipelines.runtime.distributed import distributed, world\n"
+        "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')\n"
+        "before = {k: os.environ.get(k) for k in keys}\n"
+        "with distributed() as inside:\n"
+        "    child = subprocess.run([sys.executable, '-c', "
+        "'import os; print(os.environ.get(\"MASTER_PORT\"))'],\n"
+        "                           capture_output=True, text=True).stdout.strip()\n"
+        "after = {k: os.environ.get(k) for k in keys}\n"
+        "print(inside, before == after, child)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=child_env(), timeout=300
+    )
     assert out.stdout.strip().splitlines()[-1] == "(0, 1) True None", out.stderr[-2000:]
 
 
@@ -175,9 +228,19 @@ def _two_stages(steps=20):
     model = tiny_lora_model(seed=0).train()
     params = lora_parameters(model)
     for stage in range(2):  # the pipeline's stages, or a benchmark's warm-up and timed call, over one model
-        result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=steps, lr=1e-3,
-                       batch_size=4, ds=DeepSpeedConfig(zero_stage=2), tracker=NullTracker(), log_every=10,
-                       desc=f"stage {stage}", make_penalty=None)
+        result = train(
+            model,
+            [p.param for p in params],
+            itertools.repeat(padded_batch()),
+            steps=steps,
+            lr=1e-3,
+            batch_size=4,
+            ds=DeepSpeedConfig(zero_stage=2),
+            tracker=NullTracker(),
+            log_every=10,
+            desc=f"stage {stage}",
+            make_penalty=None,
+        )
         assert result.steps == steps
     return model
 
@@ -215,6 +278,7 @@ def test_a_training_step_makes_no_host_sync(monkeypatch, loss_chunk):
             if caller.co_filename.startswith(ours):
                 reads.append((name, Path(caller.co_filename).name, caller.co_name))
             return original(self, *args, **kwargs)
+
         return read
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
@@ -234,12 +298,25 @@ def test_a_latest_file_left_empty_by_a_kill_resumes_from_the_newest_checkpoint(t
     """DeepSpeed rewrites ``latest`` in place after the tag's files are complete; a kill in between leaves it
     empty. The next run resumes from the newest tag (not from scratch, not a crash) and ends where an
     uninterrupted run ends."""
+
     def fit(steps, ckpt):
         model = tiny_lora_model(seed=0).train()
         params = lora_parameters(model)
-        train(model, [p.param for p in params], (padded_batch(seed=i) for i in itertools.count()), steps=steps,
-              lr=1e-2, batch_size=4, ds=DeepSpeedConfig(), tracker=NullTracker(), log_every=4, desc="resume",
-              make_penalty=None, checkpoint_dir=ckpt, checkpoint_every=4)
+        train(
+            model,
+            [p.param for p in params],
+            (padded_batch(seed=i) for i in itertools.count()),
+            steps=steps,
+            lr=1e-2,
+            batch_size=4,
+            ds=DeepSpeedConfig(),
+            tracker=NullTracker(),
+            log_every=4,
+            desc="resume",
+            make_penalty=None,
+            checkpoint_dir=ckpt,
+            checkpoint_every=4,
+        )
         return {p.name: p.param.detach().clone() for p in params}
 
     whole = fit(8, tmp_path / "whole")

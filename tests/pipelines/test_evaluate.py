@@ -27,21 +27,36 @@ def saved(tmp_path_factory):
 
 def test_each_domain_gets_its_scorer_and_eval_json_holds_every_value(saved):
     domains = [
-        DomainConfig(name="gen", data=GeneratorSource(op="reverse", size=40), eval_size=6,
-                     scoring={"kind": "generate", "max_new_tokens": 3}),
+        DomainConfig(
+            name="gen",
+            data=GeneratorSource(op="reverse", size=40),
+            eval_size=6,
+            scoring={"kind": "generate", "max_new_tokens": 3},
+        ),
         DomainConfig(name="arc", data=LocalSource(path=str(saved / "arc.jsonl")), preset="arc", eval_size=10),
         DomainConfig(name="wiki", data=LocalSource(path=str(saved / "text.jsonl")), preset="text", eval_size=10),
     ]
     cfg = EvaluationConfig(batch_size=4, max_new_tokens=9)
     out = saved / "eval.json"
-    scores = evaluate(EvaluateInputs(base=str(saved / "base"), adapter=str(saved / "adapter"), domains=tuple(domains),
-                                     evaluation=cfg, dtype="float32", max_length=32,
-                                     data_dir=str(saved / "data"), out_path=str(out)))
+    scores = evaluate(
+        EvaluateInputs(
+            base=str(saved / "base"),
+            adapter=str(saved / "adapter"),
+            domains=tuple(domains),
+            evaluation=cfg,
+            dtype="float32",
+            max_length=32,
+            data_dir=str(saved / "data"),
+            out_path=str(out),
+        )
+    )
     on_disk = json.loads(out.read_text())["scores"]
     assert on_disk == {k: v.as_json() for k, v in scores.items()}
     assert {k: (v["scoring"], v["metric"], v["higher_is_better"], v["n"]) for k, v in on_disk.items()} == {
-        "gen": ("generate", "accuracy", True, 6), "arc": ("multiple_choice", "acc_norm", True, 2),
-        "wiki": ("perplexity", "nll", False, 2)}
+        "gen": ("generate", "accuracy", True, 6),
+        "arc": ("multiple_choice", "acc_norm", True, 2),
+        "wiki": ("perplexity", "nll", False, 2),
+    }
     assert set(on_disk["arc"]) >= {"acc", "acc_norm", "nll", "perplexity"}
     assert on_disk["arc"]["score"] == on_disk["arc"]["acc_norm"]
 
@@ -53,5 +68,6 @@ def test_each_domain_gets_its_scorer_and_eval_json_holds_every_value(saved):
     assert on_disk["gen"]["accuracy"] == gen["accuracy"]
     assert on_disk["gen"]["nll"] == pytest.approx(target_nll(model, tok, rows["gen"], 4, 32), rel=1e-6)
     assert on_disk["arc"]["acc"] == score_multiple_choice(model, tok, rows["arc"], batch_size=4)["acc"]
-    assert on_disk["wiki"]["nll"] == pytest.approx(score_perplexity(model, tok, rows["wiki"], batch_size=4,
-                                                                    max_length=32)["nll"], rel=1e-6)
+    assert on_disk["wiki"]["nll"] == pytest.approx(
+        score_perplexity(model, tok, rows["wiki"], batch_size=4, max_length=32)["nll"], rel=1e-6
+    )

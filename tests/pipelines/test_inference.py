@@ -44,10 +44,13 @@ def hf_generate(model, tok, prompts: list[list[int]], max_new: int) -> list[str]
     """HF ``generate`` on the model as given (what generate_texts ran before it merged), one batch."""
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ids, mask = left_pad(prompts, pad, torch.device("cpu"))
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False,
-                         pad_token_id=pad, eos_token_id=eos)
-    return [tok.decode(g[: g.index(eos)] if eos in g else g, skip_special_tokens=True)
-            for g in out[:, ids.shape[1] :].tolist()]
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False, pad_token_id=pad, eos_token_id=eos
+    )
+    return [
+        tok.decode(g[: g.index(eos)] if eos in g else g, skip_special_tokens=True)
+        for g in out[:, ids.shape[1] :].tolist()
+    ]
 
 
 @torch.no_grad()
@@ -57,8 +60,9 @@ def forward_nll(model, tok, rows, max_length: int) -> float:
     for b in fixed_batches(encode(tok, rows, max_length), 64, tok.pad_token_id):
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
         target = b["labels"][:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100,
-                                       reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+        )
         count += int((target != -100).sum())
     return total / count
 
@@ -85,8 +89,9 @@ def test_scores_of_the_merged_copy_equal_the_unmerged_models_on_the_demo(demo):
     for name, domain_rows in rows.items():
         ids = [prompt_ids(tok, r["prompt"]) for r in domain_rows]
         expected = hf_generate(model, tok, ids, cfg.evaluation.max_new_tokens)
-        got = generate_texts(model, tok, ids, batch_size=cfg.evaluation.batch_size,
-                             max_new_tokens=cfg.evaluation.max_new_tokens)
+        got = generate_texts(
+            model, tok, ids, batch_size=cfg.evaluation.batch_size, max_new_tokens=cfg.evaluation.max_new_tokens
+        )
         assert got == expected, name
         unmerged = forward_nll(model, tok, domain_rows, cfg.training.max_length)
         with model.disable_adapter():
@@ -126,8 +131,9 @@ def test_a_plain_model_is_scored_as_it_is():
     from pipelines.config import TinyModelConfig
     from pipelines.runtime.models import build_tiny_llama
 
-    base = build_tiny_llama(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
-                            char_tokenizer(), 0)
+    base = build_tiny_llama(
+        TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32), char_tokenizer(), 0
+    )
     assert inference_model(base) is base
     with pytest.raises(ValueError, match="LoRA"):
         merged_copy(base)
@@ -221,8 +227,9 @@ def test_the_exported_merged_model_completes_as_scoring_does(demo, tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     scoring, _ = load_for_inference(cfg.model.path, tmp_path / "adapter")
     prompts = [r["prompt"] for name in rows for r in rows[name][:50]]
-    assert complete(exported, tok, prompts, batch_size=64, max_new_tokens=8) == \
-        complete(scoring, tok, prompts, batch_size=64, max_new_tokens=8)
+    assert complete(exported, tok, prompts, batch_size=64, max_new_tokens=8) == complete(
+        scoring, tok, prompts, batch_size=64, max_new_tokens=8
+    )
     exported_state, merged_state = exported.state_dict(), inference_model(scoring).state_dict()
     assert exported_state.keys() == merged_state.keys()
     assert all(torch.equal(exported_state[k], merged_state[k]) for k in exported_state)  # bit for bit

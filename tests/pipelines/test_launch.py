@@ -31,8 +31,9 @@ class Recorder(NullTracker):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     tok = char_tokenizer()
-    base = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                            max_positions=32), tok, seed=3)
+    base = build_tiny_llama(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32), tok, seed=3
+    )
     base.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
     lora = LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"])
@@ -40,16 +41,23 @@ def setup(tmp_path_factory):
     return root, anchor
 
 
-CONFIG = {"lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-          "lalora": {"lambda": 5.0, "samples": 24, "batch_size": 8},
-          "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 80}, "eval_size": 8},
-          "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 80}, "eval_size": 8}],
-          "training": {"steps": 8, "batch_size": 8, "lr": 5e-3, "log_every": 4, "max_length": 32}}
+CONFIG = {
+    "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+    "lalora": {"lambda": 5.0, "samples": 24, "batch_size": 8},
+    "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 80}, "eval_size": 8},
+    "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 80}, "eval_size": 8}],
+    "training": {"steps": 8, "batch_size": 8, "lr": 5e-3, "log_every": 4, "max_length": 32},
+}
 
 
 def _cfg(world_size: int, zero_stage: int = 0, kind: str = "diag") -> LineageConfig:
-    return LineageConfig.model_validate({**CONFIG, "lalora": {**CONFIG["lalora"], "curvature": {"kind": kind}},
-                                         "deepspeed": {"world_size": world_size, "zero_stage": zero_stage}})
+    return LineageConfig.model_validate(
+        {
+            **CONFIG,
+            "lalora": {**CONFIG["lalora"], "curvature": {"kind": kind}},
+            "deepspeed": {"world_size": world_size, "zero_stage": zero_stage},
+        }
+    )
 
 
 def _paths(root, anchor, out, precision=None):

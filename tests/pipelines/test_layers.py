@@ -11,8 +11,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-RANK = {"config": 0, "errors": 0, "safety": 0, "tracker": 0, "workspace": 0, "data": 1, "runtime": 1, "scoring": 2,
-        "stages": 3, "lineage": 4}
+RANK = {
+    "config": 0,
+    "errors": 0,
+    "safety": 0,
+    "tracker": 0,
+    "workspace": 0,
+    "data": 1,
+    "runtime": 1,
+    "scoring": 2,
+    "stages": 3,
+    "lineage": 4,
+}
 
 
 def _imports(path: Path) -> list[str]:
@@ -43,8 +53,10 @@ def test_every_import_inside_pipelines_points_down():
 
 
 def test_importing_the_stages_and_the_lineage_pulls_in_no_orchestration():
-    code = ("import sys\nimport pipelines.stages.steps, pipelines.stages.evaluate, pipelines.stages.gate, "
-            "pipelines.stages.pretrain, pipelines.lineage.plan, pipelines.lineage.auto\n"
-            "print(','.join(m for m in ('prefect', 'mlflow', 'flows') if m in sys.modules))")
+    code = (
+        "import sys\nimport pipelines.stages.steps, pipelines.stages.evaluate, pipelines.stages.gate, "
+        "pipelines.stages.pretrain, pipelines.lineage.plan, pipelines.lineage.auto\n"
+        "print(','.join(m for m in ('prefect', 'mlflow', 'flows') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"pipelines pulled in: {out.stdout.strip()}"

@@ -9,8 +9,10 @@ from pipelines.errors import BadInput
 
 pytest.importorskip("lm_eval", reason="the lm-eval extra (make install installs it)")
 
-ROWS = [{"question": f"copy {s}=", "choices": [s, s[::-1], s + "1", "9" + s], "label": i % 4}
-        for i, s in enumerate(["123", "45", "809", "7", "31", "66", "2024", "58"])]
+ROWS = [
+    {"question": f"copy {s}=", "choices": [s, s[::-1], s + "1", "9" + s], "label": i % 4}
+    for i, s in enumerate(["123", "45", "809", "7", "31", "66", "2024", "58"])
+]
 for r in ROWS:  # the gold choice where the label says
     r["choices"][0], r["choices"][r["label"]] = r["choices"][r["label"]], r["choices"][0]
 
@@ -22,7 +24,7 @@ def task_dir(tmp_path):
 dataset_path: json
 dataset_kwargs:
   data_files:
-    test: {tmp_path / 'rows.jsonl'}
+    test: {tmp_path / "rows.jsonl"}
 test_split: test
 output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
@@ -45,8 +47,9 @@ def model():
     from pipelines.runtime.models import build_tiny_llama, char_tokenizer
 
     tok = char_tokenizer()
-    return build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                            max_positions=32), tok, seed=5).eval(), tok
+    return build_tiny_llama(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32), tok, seed=5
+    ).eval(), tok
 
 
 def test_an_lm_eval_probe_equals_the_projects_own_multiple_choice_scorer(model, tmp_path):
@@ -56,11 +59,27 @@ def test_an_lm_eval_probe_equals_the_projects_own_multiple_choice_scorer(model, 
     from pipelines.scoring.scores import score_domain
 
     net, tok = model
-    probe = DomainConfig.model_validate({"name": "tiny", "scoring": {
-        "kind": "lm_eval", "task": "lalora_tiny_mc", "include_path": str(task_dir(tmp_path)), "metric": "acc_norm"}})
+    probe = DomainConfig.model_validate(
+        {
+            "name": "tiny",
+            "scoring": {
+                "kind": "lm_eval",
+                "task": "lalora_tiny_mc",
+                "include_path": str(task_dir(tmp_path)),
+                "metric": "acc_norm",
+            },
+        }
+    )
     theirs = score_domain(net, tok, probe, [], EvaluationConfig(batch_size=8), max_length=32)
-    ours_cfg = DomainConfig.model_validate({"name": "tiny", "prompt_field": "question", "choices_field": "choices",
-                                            "label_field": "label", "scoring": {"kind": "multiple_choice"}})
+    ours_cfg = DomainConfig.model_validate(
+        {
+            "name": "tiny",
+            "prompt_field": "question",
+            "choices_field": "choices",
+            "label_field": "label",
+            "scoring": {"kind": "multiple_choice"},
+        }
+    )
     convert, _ = converter(ours_cfg)
     ours = score_domain(net, tok, ours_cfg, [convert(r) for r in ROWS], EvaluationConfig(batch_size=8), max_length=32)
     assert theirs.n == ours.n == len(ROWS) and theirs.metric == "acc_norm"
@@ -75,9 +94,17 @@ def test_without_bos_lm_eval_scores_other_numbers(model, tmp_path):
 
     net, tok = model
     scoring = {"kind": "lm_eval", "task": "lalora_tiny_mc", "include_path": str(task_dir(tmp_path))}
-    with_bos, without = (score_domain(net, tok, DomainConfig.model_validate(
-        {"name": "t", "scoring": {**scoring, "add_bos_token": flag}}), [], EvaluationConfig(), max_length=32)
-        for flag in (True, False))
+    with_bos, without = (
+        score_domain(
+            net,
+            tok,
+            DomainConfig.model_validate({"name": "t", "scoring": {**scoring, "add_bos_token": flag}}),
+            [],
+            EvaluationConfig(),
+            max_length=32,
+        )
+        for flag in (True, False)
+    )
     assert with_bos.values["nll"] != pytest.approx(without.values["nll"], rel=1e-4)
 
 
@@ -85,7 +112,8 @@ def test_an_unknown_task_is_bad_input(model, tmp_path):
     from pipelines.scoring.scores import score_domain
 
     net, tok = model
-    probe = DomainConfig.model_validate({"name": "x", "scoring": {"kind": "lm_eval", "task": "no_such_task",
-                                                                  "include_path": str(task_dir(tmp_path))}})
+    probe = DomainConfig.model_validate(
+        {"name": "x", "scoring": {"kind": "lm_eval", "task": "no_such_task", "include_path": str(task_dir(tmp_path))}}
+    )
     with pytest.raises(BadInput, match="lm-eval has no task 'no_such_task'"):
         score_domain(net, tok, probe, [], EvaluationConfig(), max_length=32)

@@ -24,8 +24,20 @@ FP = {"source": "s0", "a": "a0", "b": "b0", "c": "c0"}
 
 
 def _recorded(version, stage, domain, config_sha256, data_sha256):
-    return Recorded(str(version), VersionRecord("m", stage, domain, config_sha256, data_sha256, adapter_uri="runs:/a",
-                                                rows_uri="runs:/r", config_uri="runs:/c", base_uri="runs:/b"))
+    return Recorded(
+        str(version),
+        VersionRecord(
+            "m",
+            stage,
+            domain,
+            config_sha256,
+            data_sha256,
+            adapter_uri="runs:/a",
+            rows_uri="runs:/r",
+            config_uri="runs:/c",
+            base_uri="runs:/b",
+        ),
+    )
 
 
 def record(keys, upto):
@@ -35,10 +47,24 @@ def record(keys, upto):
 def test_a_stage_is_defined_by_what_changes_its_result_only():
     base = stage_keys(cfg(), FP)
     assert len({k.config_sha256 for k in base}) == 3
-    assert stage_keys(cfg(training__log_every=1, training__checkpoint_every=7, deepspeed__world_size=3,
-                          training__batch_size=63), FP)[0] != base[0]  # batch size matters
-    same = stage_keys(cfg(training__log_every=1, training__checkpoint_every=7, deepspeed__world_size=2,
-                          evaluation__max_new_tokens=3, promotion__min_bwt=0.0, name="other"), FP)
+    assert (
+        stage_keys(
+            cfg(training__log_every=1, training__checkpoint_every=7, deepspeed__world_size=3, training__batch_size=63),
+            FP,
+        )[0]
+        != base[0]
+    )  # batch size matters
+    same = stage_keys(
+        cfg(
+            training__log_every=1,
+            training__checkpoint_every=7,
+            deepspeed__world_size=2,
+            evaluation__max_new_tokens=3,
+            promotion__min_bwt=0.0,
+            name="other",
+        ),
+        FP,
+    )
     assert same == base
     later = stage_keys(cfg(domains=[{"name": "a"}, {"name": "b"}, {"name": "c", "eval_size": 7}]), FP)
     assert later[:2] == base[:2] and later[2] != base[2]
@@ -81,7 +107,8 @@ def test_the_bases_extra_pretraining_data_is_part_of_every_stage(tmp_path):
     assert all(k.data_sha256 != c.data_sha256 for k, c in zip(keys, changed, strict=True))
     local = [{"name": "g", "data": {"kind": "local", "path": p}} for p in ("/x/g.jsonl", "/y/g.jsonl")]
     assert stage_config(cfg(model__pretrain__extra_data=local[:1]), 1) == stage_config(
-        cfg(model__pretrain__extra_data=local[1:]), 1)
+        cfg(model__pretrain__extra_data=local[1:]), 1
+    )
 
 
 def test_plan_skips_finished_stages_and_runs_the_rest():
@@ -92,11 +119,14 @@ def test_plan_skips_finished_stages_and_runs_the_rest():
     assert plan(keys, record(keys, 3), "m").todo == []
 
 
-@pytest.mark.parametrize("changed, message", [
-    ({"training__lr": 0.5}, "the config of finished stage 1 (a, version 1) changed"),
-    ({"domains": [{"name": "a"}, {"name": "x"}, {"name": "c"}]}, "stage 2 of m was domain 'b'"),
-    ({"domains": [{"name": "a"}]}, "m has finished stage 2 (b, version 2) but the config lists only 1"),
-])
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        ({"training__lr": 0.5}, "the config of finished stage 1 (a, version 1) changed"),
+        ({"domains": [{"name": "a"}, {"name": "x"}, {"name": "c"}]}, "stage 2 of m was domain 'b'"),
+        ({"domains": [{"name": "a"}]}, "m has finished stage 2 (b, version 2) but the config lists only 1"),
+    ],
+)
 def test_a_changed_finished_stage_is_a_conflict(changed, message):
     recorded = record(stage_keys(cfg(), FP), 2)
     with pytest.raises(LineageConflict, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -128,9 +158,7 @@ def test_catalogue_domains_are_appended_and_reread(tmp_path):
     assert [d.name for d in load_config(tmp_path / "c.yaml").domains] == ["a", "b", "c"]
 
 
-R = [[0.9, 0.0, 0.0],
-     [0.5, 0.8, 0.1],
-     [0.4, 0.6, 0.9]]
+R = [[0.9, 0.0, 0.0], [0.5, 0.8, 0.1], [0.4, 0.6, 0.9]]
 
 
 def test_gate_passes_when_every_condition_holds():
@@ -143,8 +171,11 @@ def test_gate_passes_when_every_condition_holds():
 def test_gate_refuses_with_every_failed_condition_as_the_reason():
     result = gate(["src", "a", "b"], R, PromotionConfig(min_bwt=-0.1, max_forgetting=0.3, min_learning=0.85))
     assert not result.promoted
-    assert result.reasons == ["BWT -0.350 < min_bwt -0.100", "forgetting of src 0.500 > max_forgetting 0.300",
-                              "learning on b +0.800 < min_learning +0.850"]
+    assert result.reasons == [
+        "BWT -0.350 < min_bwt -0.100",
+        "forgetting of src 0.500 > max_forgetting 0.300",
+        "learning on b +0.800 < min_learning +0.850",
+    ]
     assert gate(["src", "a", "b"], R, PromotionConfig()).promoted  # no conditions: always promoted
 
 
@@ -162,8 +193,7 @@ def test_a_limit_met_exactly_is_met_despite_floating_point():
 
 def test_gate_reads_probe_columns_and_lower_is_better_scores():
     # columns: src (accuracy), a (NLL: lower is better), probe (accuracy)
-    R = [[0.9, 3.0, 0.7],
-         [0.8, 2.0, 0.4]]
+    R = [[0.9, 3.0, 0.7], [0.8, 2.0, 0.4]]
     result = gate(["src", "a", "probe"], R, PromotionConfig(max_forgetting=0.2, min_learning=0.5), [True, False, True])
     assert result.metrics["learning"] == pytest.approx(1.0)  # the NLL fell by 1.0: learning is positive
     assert not result.promoted and result.reasons == ["forgetting of probe 0.300 > max_forgetting 0.200"]
@@ -181,12 +211,17 @@ def test_the_fields_that_mark_themselves_outside_a_stages_identity_are_the_ones_
             yield sub
             yield from models(sub)
 
-    marked = {(cls.__name__, f.alias or name, f.json_schema_extra["identity"])
-              for cls in set(models(Model)) for name, f in cls.model_fields.items()
-              if isinstance(f.json_schema_extra, dict) and "identity" in f.json_schema_extra}
-    read = ({(config_pkg.TrainingConfig.__name__, n, False) for n in plan_module._IRRELEVANT["training"]}
-            | {(config_pkg.DeepSpeedConfig.__name__, n, False) for n in plan_module._IRRELEVANT["deepspeed"]}
-            | {(config_pkg.LaLoRAConfig.__name__, n, False) for n in plan_module._IRRELEVANT["lalora"]}
-            | {(config_pkg.DomainConfig.__name__, n, "when set") for n in plan_module._UNSET_UNSEEN})
+    marked = {
+        (cls.__name__, f.alias or name, f.json_schema_extra["identity"])
+        for cls in set(models(Model))
+        for name, f in cls.model_fields.items()
+        if isinstance(f.json_schema_extra, dict) and "identity" in f.json_schema_extra
+    }
+    read = (
+        {(config_pkg.TrainingConfig.__name__, n, False) for n in plan_module._IRRELEVANT["training"]}
+        | {(config_pkg.DeepSpeedConfig.__name__, n, False) for n in plan_module._IRRELEVANT["deepspeed"]}
+        | {(config_pkg.LaLoRAConfig.__name__, n, False) for n in plan_module._IRRELEVANT["lalora"]}
+        | {(config_pkg.DomainConfig.__name__, n, "when set") for n in plan_module._UNSET_UNSEEN}
+    )
     assert marked == read
     assert ("TrainingConfig", "loss_chunk", False) in marked and ("DomainConfig", "lambda", "when set") in marked

@@ -14,12 +14,19 @@ from pipelines.data.sources import load_domain
 from pipelines.data.tokens import Encoded
 from pipelines.lineage.plan import sha256_json, stage_config, stage_keys
 
-CFG = {"source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 60}, "eval_size": 10},
-       "domains": [{"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 60}, "eval_size": 10},
-                   {"name": "two", "data": {"kind": "generator", "op": "increment", "size": 60}, "eval_size": 10},
-                   {"name": "three", "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 60},
-                    "eval_size": 10}],
-       "training": {"batch_size": 8}}
+CFG = {
+    "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 60}, "eval_size": 10},
+    "domains": [
+        {"name": "one", "data": {"kind": "generator", "op": "reverse", "size": 60}, "eval_size": 10},
+        {"name": "two", "data": {"kind": "generator", "op": "increment", "size": 60}, "eval_size": 10},
+        {
+            "name": "three",
+            "data": {"kind": "generator", "op": "next", "alphabet": "abcdefghij", "size": 60},
+            "eval_size": 10,
+        },
+    ],
+    "training": {"batch_size": 8},
+}
 
 
 def _cfg(**replay):
@@ -73,8 +80,9 @@ def test_the_pool_holds_only_the_named_training_splits_never_an_evaluation_row(t
     only = pool(ReplayConfig(fraction=0.25, sources=["domains"], max_per_domain=7), stage=2)
     assert only.counts == {"one": 7} and [_key(r) for r in only.rows] == [_key(r) for r in splits["one"].train[:7]]
     assert pool(ReplayConfig(fraction=0.25, sources=["source"]), stage=1).counts == {"src": 50}
-    named = ReplayConfig(fraction=0.25, sources=[], data=[{"name": "general", "data": {"kind": "generator",
-                                                                                      "op": "rotate", "size": 30}}])
+    named = ReplayConfig(
+        fraction=0.25, sources=[], data=[{"name": "general", "data": {"kind": "generator", "op": "rotate", "size": 30}}]
+    )
     assert pool(named).counts == {"general": 30}
 
 
@@ -103,14 +111,26 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
     from pipelines.workspace import StepPaths
 
     tok = char_tokenizer()
-    base = build_tiny_llama(TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                            max_positions=32), tok, seed=3)
+    base = build_tiny_llama(
+        TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_positions=32), tok, seed=3
+    )
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    cfg = LineageConfig.model_validate({**CFG, "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
-                                        "lalora": {"lambda": 0},
-                                        "training": {"steps": 8, "batch_size": 8, "lr": 5e-3, "log_every": 2,
-                                                     "checkpoint_every": 2, "replay": {"fraction": 0.25}}})
+    cfg = LineageConfig.model_validate(
+        {
+            **CFG,
+            "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+            "lalora": {"lambda": 0},
+            "training": {
+                "steps": 8,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "log_every": 2,
+                "checkpoint_every": 2,
+                "replay": {"fraction": 0.25},
+            },
+        }
+    )
     anchor = init_adapter(str(tmp_path / "base"), cfg.lora, dtype="float32", out_dir=str(tmp_path / "init"))
 
     class Killed(Exception):
@@ -122,8 +142,14 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
                 raise Killed
 
     def paths(name):
-        return StepPaths(str(tmp_path / "base"), anchor, None, str(tmp_path / "data"), str(tmp_path / name),
-                         str(tmp_path / name / "ckpt"))
+        return StepPaths(
+            str(tmp_path / "base"),
+            anchor,
+            None,
+            str(tmp_path / "data"),
+            str(tmp_path / name),
+            str(tmp_path / name / "ckpt"),
+        )
 
     with pytest.raises(Killed):
         run_step(FINETUNE, cfg, 3, paths("resumed"), KillAt())

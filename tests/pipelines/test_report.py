@@ -12,10 +12,10 @@ def score(metric, value, nll, **values):
 
 
 # source scored by NLL, one stage "math" (accuracy), one probe "hs" (acc_norm)
-ROWS = [{"wiki": score("nll", 2.0, 2.0), "math": score("accuracy", 0.1, 1.5),
-         "hs": score("acc_norm", 0.6, 1.1, acc=0.5)},
-        {"wiki": score("nll", 2.5, 2.5), "math": score("accuracy", 0.7, 0.5),
-         "hs": score("acc_norm", 0.5, 1.3, acc=0.45)}]
+ROWS = [
+    {"wiki": score("nll", 2.0, 2.0), "math": score("accuracy", 0.1, 1.5), "hs": score("acc_norm", 0.6, 1.1, acc=0.5)},
+    {"wiki": score("nll", 2.5, 2.5), "math": score("accuracy", 0.7, 0.5), "hs": score("acc_norm", 0.5, 1.3, acc=0.45)},
+]
 
 
 def test_r_per_score_and_metrics_by_domain():
@@ -33,8 +33,14 @@ def test_r_per_score_and_metrics_by_domain():
     flat = report.flat_metrics()
     assert flat["forgetting/wiki"] == pytest.approx(0.5) and flat["learning/math"] == pytest.approx(0.6)
     assert "FWT" not in flat and flat["ACC"] == pytest.approx(0.6)
-    assert report.stage_metrics()[1] == {"R/wiki": 2.5, "R/math": 0.7, "R/hs": 0.5,
-                                         "R_nll/wiki": 2.5, "R_nll/math": 0.5, "R_nll/hs": 1.3}
+    assert report.stage_metrics()[1] == {
+        "R/wiki": 2.5,
+        "R/math": 0.7,
+        "R/hs": 0.5,
+        "R_nll/wiki": 2.5,
+        "R_nll/math": 0.5,
+        "R_nll/hs": 1.3,
+    }
     assert format_matrix(report.domains, report.R, scores=report.scores).startswith("R (nll, accuracy, acc_norm)")
 
 
@@ -46,13 +52,32 @@ def test_plots_are_written(tmp_path):
 
 
 def test_pareto_front_by_hand(tmp_path):
-    points = [TradeOffPoint(0.5, 0.1, "a"), TradeOffPoint(0.6, 0.3, "b"), TradeOffPoint(0.4, 0.2, "c"),
-              TradeOffPoint(0.6, 0.35, "d"), TradeOffPoint(0.2, 0.0, "e"), TradeOffPoint(0.5, 0.1, "f")]
+    points = [
+        TradeOffPoint(0.5, 0.1, "a"),
+        TradeOffPoint(0.6, 0.3, "b"),
+        TradeOffPoint(0.4, 0.2, "c"),
+        TradeOffPoint(0.6, 0.35, "d"),
+        TradeOffPoint(0.2, 0.0, "e"),
+        TradeOffPoint(0.5, 0.1, "f"),
+    ]
     # c is beaten by a (more learning, less forgetting), d by b (same learning, less forgetting)
     assert pareto_front(points) == [4, 0, 5, 1]
     assert pareto_front([TradeOffPoint(1.0, 1.0)]) == [0]
-    rows = [SeriesRow({CURVATURE: "diag", LAMBDA: float(i)}, 1, p.learning, 0.0, p.forgetting, 0.0,
-                      {"source": (p.forgetting, 0.0)}, 0.0, 0.0, 0.0, pareto=i in (4, 0, 5, 1))
-            for i, p in enumerate(points)]
+    rows = [
+        SeriesRow(
+            {CURVATURE: "diag", LAMBDA: float(i)},
+            1,
+            p.learning,
+            0.0,
+            p.forgetting,
+            0.0,
+            {"source": (p.forgetting, 0.0)},
+            0.0,
+            0.0,
+            0.0,
+            pareto=i in (4, 0, 5, 1),
+        )
+        for i, p in enumerate(points)
+    ]
     path = plot_pareto(rows, tmp_path / "pareto.png", "lambda sweep")
     assert path.stat().st_size > 5000

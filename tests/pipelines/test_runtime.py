@@ -32,8 +32,13 @@ print(inside, torch.get_num_threads(), digest)
 
 
 def _train(env_threads: int, pin: str) -> tuple[int, int, str]:
-    out = subprocess.run([sys.executable, "-c", TRAIN, pin], env=child_env(OMP_NUM_THREADS=str(env_threads)),
-                         capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", TRAIN, pin],
+        env=child_env(OMP_NUM_THREADS=str(env_threads)),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     return int(out[0]), int(out[1]), out[2]
 
 

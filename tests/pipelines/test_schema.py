@@ -16,8 +16,9 @@ SHIPPED = ROOT / "lalora.schema.json"
 
 
 def test_the_shipped_schema_is_the_models_schema():
-    assert SHIPPED.read_text() == config_schema(), ("the config models changed: "
-                                                    "run `lalora schema --out lalora.schema.json`")
+    assert SHIPPED.read_text() == config_schema(), (
+        "the config models changed: run `lalora schema --out lalora.schema.json`"
+    )
 
 
 def test_lalora_schema_prints_it():

@@ -29,9 +29,19 @@ def tok():
 def model(tok):
     """Random weights with a wide init, so greedy outputs differ between prompts; GQA (4 heads, 2 KV heads)."""
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.3,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.3,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -53,14 +63,17 @@ def manual_loglikelihood(model, ctx: list[int], cont: list[int]) -> float:
     return float(sum(logp[len(ctx) - 1 + k, t] for k, t in enumerate(cont)))
 
 
-@pytest.mark.parametrize("extractor,text,expected", [
-    ("exact", "  42 \n", "42"),
-    ("gsm8k", "3 + 4 = 7\n#### 1,007", "1007"),
-    ("gsm8k", "the answer is 7", None),
-    ("last_number", "first 3, then $1,250.", "1250"),
-    ("last_number", "-4 and 2.5", "2.5"),
-    ("last_number", "no digits here", None),
-])
+@pytest.mark.parametrize(
+    "extractor,text,expected",
+    [
+        ("exact", "  42 \n", "42"),
+        ("gsm8k", "3 + 4 = 7\n#### 1,007", "1007"),
+        ("gsm8k", "the answer is 7", None),
+        ("last_number", "first 3, then $1,250.", "1250"),
+        ("last_number", "-4 and 2.5", "2.5"),
+        ("last_number", "no digits here", None),
+    ],
+)
 def test_extractors(extractor, text, expected):
     assert extract(text, extractor) == expected
 
@@ -82,11 +95,12 @@ def test_batched_generation_equals_the_greedy_loop(model, tok):
     got = generate_texts(model, tok, [prompt_ids(tok, p) for p in prompts], batch_size=4, max_new_tokens=8)
     assert got == expected
     stop = expected[1][3]  # a character the second generation produces
-    cut = generate_texts(model, tok, [prompt_ids(tok, p) for p in prompts], batch_size=4, max_new_tokens=8,
-                         stop=[stop])
+    cut = generate_texts(model, tok, [prompt_ids(tok, p) for p in prompts], batch_size=4, max_new_tokens=8, stop=[stop])
     assert cut == [e.split(stop, 1)[0] for e in expected]
-    rows = [{"prompt": p, "answer": e if i % 2 == 0 else e + "!"}
-            for i, (p, e) in enumerate(zip(prompts, expected, strict=True))]
+    rows = [
+        {"prompt": p, "answer": e if i % 2 == 0 else e + "!"}
+        for i, (p, e) in enumerate(zip(prompts, expected, strict=True))
+    ]
     scored = score_generate(model, tok, rows, GenerateScoring(), batch_size=3, max_new_tokens=8)
     assert scored == {"accuracy": 0.5}
 
@@ -95,8 +109,12 @@ def mc_rows():
     return [
         {"prompt": "Question: sky?\nAnswer:", "choices": ["blue", "green", "a long wrong answer"], "label": 0},
         {"prompt": "Q: 1+1\nA:", "choices": ["2", "3"], "label": 1},
-        {"prompt": "", "contexts": ["The cup fell because the cup", "The cup fell because the table"],
-         "choices": ["was near the edge.", "was near the edge."], "label": 0},
+        {
+            "prompt": "",
+            "contexts": ["The cup fell because the cup", "The cup fell because the table"],
+            "choices": ["was near the edge.", "was near the edge."],
+            "label": 0,
+        },
         {"prompt": "Pick:", "choices": ["x", "yy", "zzz", "w"], "label": 3},
         {"prompt": "A much longer context that needs left padding in its batch:", "choices": ["ok", "no"], "label": 0},
     ]
@@ -109,12 +127,19 @@ def test_multiple_choice_ranking_equals_a_manual_loop_over_choices(model, tok):
     for batch_size in (1, 3, 16):  # one example at a time, examples split across batches, everything at once
         got = pair_loglikelihoods(model, pairs, batch_size=batch_size, pad=tok.pad_token_id)
         assert [len(g) for g in got] == [len(m) for m in manual]
-        torch.testing.assert_close(torch.tensor([v for g in got for v in g]),
-                                   torch.tensor([v for m in manual for v in m]), atol=1e-4, rtol=1e-5)
-    acc = sum(max(range(len(m)), key=lambda i: m[i]) == r["label"]
-              for m, r in zip(manual, rows, strict=True)) / len(rows)
-    acc_norm = sum(max(range(len(m)), key=lambda i: m[i] / len(r["choices"][i])) == r["label"]
-                   for m, r in zip(manual, rows, strict=True)) / len(rows)
+        torch.testing.assert_close(
+            torch.tensor([v for g in got for v in g]),
+            torch.tensor([v for m in manual for v in m]),
+            atol=1e-4,
+            rtol=1e-5,
+        )
+    acc = sum(max(range(len(m)), key=lambda i: m[i]) == r["label"] for m, r in zip(manual, rows, strict=True)) / len(
+        rows
+    )
+    acc_norm = sum(
+        max(range(len(m)), key=lambda i: m[i] / len(r["choices"][i])) == r["label"]
+        for m, r in zip(manual, rows, strict=True)
+    ) / len(rows)
     gold_tokens = sum(len(p[r["label"]][1]) for p, r in zip(pairs, rows, strict=True))
     nll = -sum(m[r["label"]] for m, r in zip(manual, rows, strict=True)) / gold_tokens
     scored = score_multiple_choice(model, tok, rows, batch_size=4)
@@ -126,14 +151,17 @@ def test_multiple_choice_ranking_equals_a_manual_loop_over_choices(model, tok):
 def test_multiple_choice_contexts_are_cut_from_the_left_to_fit(model, tok):
     row = {"prompt": "z" * 80, "choices": ["a", "bb"], "label": 0}
     pairs = choice_pairs(tok, row, limit=64)
-    assert all(len(c) + len(t) <= 64 and c == prompt_ids(tok, row["prompt"])[-(64 - len(t)):] for c, t in pairs)
+    assert all(len(c) + len(t) <= 64 and c == prompt_ids(tok, row["prompt"])[-(64 - len(t)) :] for c, t in pairs)
     scored = score_multiple_choice(model, tok, [row], batch_size=2)  # the model's 64 positions apply by default
     assert 0.0 <= scored["acc"] <= 1.0
 
 
 def test_perplexity_is_the_mean_target_token_nll(model, tok):
-    rows = [{"prompt": "", "answer": "some plain text"}, {"prompt": "Q:", "answer": " an answer"},
-            {"prompt": "", "answer": "x"}]
+    rows = [
+        {"prompt": "", "answer": "some plain text"},
+        {"prompt": "Q:", "answer": " an answer"},
+        {"prompt": "", "answer": "x"},
+    ]
     total, count = 0.0, 0
     for r in rows:
         ctx = prompt_ids(tok, r["prompt"])

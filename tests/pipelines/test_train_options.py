@@ -45,8 +45,12 @@ def test_the_chunked_loss_and_its_gradients_are_transformers_own(chunk):
 def test_the_chunked_loss_divides_by_the_data_parallel_normaliser_as_transformers_does():
     model = tiny_lora_model(seed=0)
     batch, items = padded_batch(), torch.tensor(7.0, dtype=torch.float64)
-    assert_close(chunked_causal_loss(model, batch, 4, items).double(),
-                 model(**batch, num_items_in_batch=items).loss.double(), rtol=1e-6, atol=1e-6)
+    assert_close(
+        chunked_causal_loss(model, batch, 4, items).double(),
+        model(**batch, num_items_in_batch=items).loss.double(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_a_model_whose_logits_are_not_its_frozen_heads_output_is_refused_as_input():
@@ -68,8 +72,9 @@ def test_auto_uses_torchs_own_adamw_on_the_cpu_and_fused_is_available():
 
 def test_the_options_are_not_part_of_a_stages_identity():
     cfg = LineageConfig.model_validate(tiny_config("one"))
-    other = LineageConfig.model_validate(tiny_config("one", training={
-        "optimizer_impl": "fused", "activation_checkpointing": True, "loss_chunk": 64}))
+    other = LineageConfig.model_validate(
+        tiny_config("one", training={"optimizer_impl": "fused", "activation_checkpointing": True, "loss_chunk": 64})
+    )
     assert stage_config(other, 1) == stage_config(cfg, 1)
     assert "loss_chunk" not in stage_config(cfg, 1)["training"]
 
@@ -79,9 +84,21 @@ def _trained(zero_stage, *, loss_chunk=0, optimizer_impl="auto", checkpointing=F
     if checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = lora_parameters(model)
-    result = train(model, [p.param for p in params], itertools.repeat(padded_batch()), steps=6, lr=1e-2,
-                   batch_size=4, ds=DeepSpeedConfig(zero_stage=zero_stage), tracker=NullTracker(), log_every=3,
-                   desc="test", make_penalty=None, optimizer_impl=optimizer_impl, loss_chunk=loss_chunk)
+    result = train(
+        model,
+        [p.param for p in params],
+        itertools.repeat(padded_batch()),
+        steps=6,
+        lr=1e-2,
+        batch_size=4,
+        ds=DeepSpeedConfig(zero_stage=zero_stage),
+        tracker=NullTracker(),
+        log_every=3,
+        desc="test",
+        make_penalty=None,
+        optimizer_impl=optimizer_impl,
+        loss_chunk=loss_chunk,
+    )
     return {p.name: p.param.detach().clone() for p in lora_parameters(model)}, result.final_loss
 
 

@@ -87,7 +87,7 @@ def test_demonyms_are_four_way_with_the_one_true_demonym_at_label():
     pytest.importorskip("countryinfo", reason=f"countryinfo: {_SKIP}")
     truth = dict(sa.demonym_table())
     assert len(truth) >= 200 and truth["Germany"] == "German" and truth["Japan"] == "Japanese"
-    assert "France" not in truth, "France shares \"French\" with another country in countryinfo: left out"
+    assert "France" not in truth, 'France shares "French" with another country in countryinfo: left out'
     assert len(set(truth.values())) == len(truth), "a demonym two countries share would have two right answers"
     rows = sa.demonyms_rows(seed=0)
     assert len(rows) == len(truth) and sa.demonyms_rows(seed=0) == rows

@@ -11,8 +11,12 @@ def _metrics(R):
     m = continual_metrics(R)
     domains = ["source", "a", "b"]
     forgetting = dict(zip(domains[:-1], m.forgetting, strict=True))  # the last stage's domain: none
-    return {"domains": domains, "R": R, "forgetting": forgetting,
-            "mean_forgetting": sum(m.forgetting) / len(m.forgetting)}
+    return {
+        "domains": domains,
+        "R": R,
+        "forgetting": forgetting,
+        "mean_forgetting": sum(m.forgetting) / len(m.forgetting),
+    }
 
 
 def test_demo_target_by_hand():
@@ -38,8 +42,11 @@ def test_demo_target_script_exit_codes(tmp_path):
 
     script = Path(__file__).parents[2] / "benchmarks" / "demo_target.py"
     plain = _metrics([[0.9, 0.2, 0.1], [0.1, 1.0, 0.1], [0.0, 0.2, 0.9]])
-    runs = {"plain": plain, "good": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.75]]),
-            "slow": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.7]])}
+    runs = {
+        "plain": plain,
+        "good": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.75]]),
+        "slow": _metrics([[0.9, 0.2, 0.1], [0.8, 0.85, 0.1], [0.7, 0.6, 0.7]]),
+    }
     for name, m in runs.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(m))
 

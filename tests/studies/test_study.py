@@ -41,9 +41,16 @@ def test_added_parts_run_only_their_new_seeds_and_join_the_recorded_rows(recorde
     added = next(p for p in study.PARTS if p.name == "two-stage-seed2")
     assert added.first_seed == 2 and added.seeds == 1
     assert study.budget_table(recorded["parts"]) == ("", {})
-    extra = {"part": "two-stage-seed2", "summary": {"points": [
-        {**p, "point": {**p["point"], "seed": 2}} for p in next(
-            q for q in recorded["parts"] if q["part"] == "two-stage")["summary"]["points"] if p["point"]["seed"] == 0]}}
+    extra = {
+        "part": "two-stage-seed2",
+        "summary": {
+            "points": [
+                {**p, "point": {**p["point"], "seed": 2}}
+                for p in next(q for q in recorded["parts"] if q["part"] == "two-stage")["summary"]["points"]
+                if p["point"]["seed"] == 0
+            ]
+        },
+    }
     _, matrices = study.two_stage_tables([*recorded["parts"], extra])
     assert matrices["plain LoRA"]["seeds"] == 3 and matrices["diag lambda 10"]["seeds"] == 3
     assert matrices["replay 0.25"]["seeds"] == 2
@@ -85,8 +92,9 @@ def test_no_run_reports_what_an_unfinished_part_finished_so_far(tmp_path):
     done = tmp_path / part.name / "points" / "plain-lambda0-seed2"
     done.mkdir(parents=True)
     R = [[0.8, 1.5, 1.4, 0.79], [0.6, 1.2, 1.1, 0.75], [0.55, 1.3, 0.6, 0.75]]
-    (done / "metrics.json").write_text(json.dumps({"R": R, "BWT": -0.1, "timing": [{"wall_seconds": 5.0},
-                                                                                     {"wall_seconds": 6.0}]}))
+    (done / "metrics.json").write_text(
+        json.dumps({"R": R, "BWT": -0.1, "timing": [{"wall_seconds": 5.0}, {"wall_seconds": 6.0}]})
+    )
     (tmp_path / part.name / "points" / "diag-lambda10-seed2").mkdir()  # started, not finished: left out
     result = study._run(part, tmp_path, lalora=str(tmp_path / "no-such-lalora"), run=False)
     points = result["summary"]["points"]
@@ -122,5 +130,9 @@ def test_the_budget_table_rebuilt_from_the_finished_study_is_its_study_md_and_th
     assert table in (finished / "study.md").read_text()
     assert table.split("\n\nTargets")[0] in (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
     assert {m: len(f["learning2"]) for m, f in figures["figures"].items()} == {
-        "plain LoRA": 3, "diag lambda 10": 3, "replay 0.25": 3, "diag lambda auto": 3}
+        "plain LoRA": 3,
+        "diag lambda 10": 3,
+        "replay 0.25": 3,
+        "diag lambda auto": 3,
+    }
     assert figures["kept"] == [True, True] and 0.6 < figures["share"] < 0.62
