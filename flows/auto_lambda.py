@@ -111,35 +111,30 @@ def _trial(
     cfg, t = lx.cfg, key.stage
     domain = cfg.domains[t - 1].name
     out = Path(paths.out) / "auto" / f"trial-{k:02d}"
-    trial_paths = replace(
-        paths, out=str(out), checkpoint=str(out / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}")
-    )
-    child = lx.start_run(
-        f"stage {t}: {domain}, trial {k} (lambda {lam:.4g})",
-        parent=run.run_id,
-        tags={"lalora.stage": str(t), "lalora.domain": domain, "lalora.lineage": lx.model, "lalora.trial": str(k)},
-    )
+    checkpoint = out / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"
+    tags = {"lalora.stage": str(t), "lalora.domain": domain, "lalora.lineage": lx.model, "lalora.trial": str(k)}
+    child = lx.start_run(f"stage {t}: {domain}, trial {k} (lambda {lam:.4g})", parent=run.run_id, tags=tags)
     try:
-        tracker = child.tracker()
-        tracker.log_params({"trial.index": k, "trial.lambda": lam, "trial.steps": steps})
-        tuned = stage_task(
-            FINETUNE,
-            Job(cfg=cfg.with_stage(t, lam=lam, steps=steps), stage=t, paths=trial_paths),
-            child,
-            **retry_options(lx),
+        child.tracker().log_params({"trial.index": k, "trial.lambda": lam, "trial.steps": steps})
+        job = Job(
+            cfg=cfg.with_stage(t, lam=lam, steps=steps),
+            stage=t,
+            paths=replace(paths, out=str(out), checkpoint=str(checkpoint)),
         )
+        tuned = stage_task(FINETUNE, job, child, **retry_options(lx))
         scored = _validation(lx, base_path, tuned.value.adapter, out / "val.json")
         columns = gated_columns(lx, t)
         learning, forgetting = auto.validation_metrics(
             columns, t, before[0], scored.value, [before[1][c] for c in columns]
         )
+        seconds = tuned.compute_seconds + scored.compute_seconds
         trial = auto.Trial(
             k,
             lam,
             steps,
             learning,
             forgetting,
-            tuned.compute_seconds + scored.compute_seconds,
+            seconds,
             tuned.value.adapter,
             tuned.value.quadratic,
             scored.value,
@@ -151,18 +146,23 @@ def _trial(
     except BaseException:
         end_run(child, "FAILED")
         raise
+    _report(trial, t, domain, cfg.budget)
+    return trial
+
+
+def _report(trial: auto.Trial, t: int, domain: str, budget: float) -> None:
+    over = "" if trial.feasible(budget) else f" over the budget {budget:g}"
     log.info(
         "stage %d (%s), trial %d: lambda %.4g, validation learning %+.3f, forgetting %.3f (%s)%s",
         t,
         domain,
-        k,
-        lam,
-        learning,
+        trial.index,
+        trial.lam,
+        trial.learning,
         trial.max_forgetting,
         trial.worst or "-",
-        "" if trial.feasible(cfg.budget) else f" over the budget {cfg.budget:g}",
+        over,
     )
-    return trial
 
 
 def _log_trial(child: RunRef, trial: auto.Trial) -> None:

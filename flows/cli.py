@@ -413,7 +413,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """MLflow UI and Prefect server as child processes bound to 127.0.0.1; Ctrl-C (or SIGTERM) stops both."""
-    import contextlib
     import signal
     import subprocess
 
@@ -425,32 +424,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         PREFECT_SERVER_ANALYTICS_ENABLED=os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
         MLFLOW_SERVER_ENABLE_JOB_EXECUTION=os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
     )
-    cmds = {
-        "mlflow": [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            store,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.mlflow_port),
-        ]
-    }
+    mlflow = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store]
+    cmds = {"mlflow": [*mlflow, "--host", "127.0.0.1", "--port", str(args.mlflow_port)]}
     if not args.no_prefect:
-        cmds["prefect"] = [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.prefect_port),
-        ]
+        prefect = [sys.executable, "-m", "prefect", "server", "start"]
+        cmds["prefect"] = [*prefect, "--host", "127.0.0.1", "--port", str(args.prefect_port)]
     procs = {name: subprocess.Popen(cmd, env=env, start_new_session=True) for name, cmd in cmds.items()}
     print(f"MLflow UI:      http://127.0.0.1:{args.mlflow_port}   (store {store})", flush=True)
     if "prefect" in procs:
@@ -478,20 +456,29 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 code = code or 1
                 break
             time.sleep(0.2)
-    finally:  # each server runs in its own session: signal the whole group, so its workers stop too
-        for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            for p in procs.values():
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, sig)
-            deadline = time.time() + wait
-            while time.time() < deadline and any(p.poll() is None for p in procs.values()):
-                time.sleep(0.2)
-            if all(p.poll() is not None for p in procs.values()):
-                break
-        for p in procs.values():  # anything left in the servers' own groups (worker processes)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
+    finally:
+        _stop_servers(procs)
     return code
+
+
+def _stop_servers(procs: dict[str, Any]) -> None:
+    """Each server runs in its own session: signal the whole group (SIGINT, then SIGTERM, then SIGKILL, each given
+    its time), so its workers stop too."""
+    import contextlib
+    import signal
+
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for p in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)
+        deadline = time.time() + wait
+        while time.time() < deadline and any(p.poll() is None for p in procs.values()):
+            time.sleep(0.2)
+        if all(p.poll() is not None for p in procs.values()):
+            break
+    for p in procs.values():  # anything left in the servers' own groups (worker processes)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.pid, signal.SIGKILL)
 
 
 def _sweep_axes(args: argparse.Namespace) -> list[Any]:

@@ -380,24 +380,14 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
     domain = cfg.domains[t - 1]
     t0 = time.perf_counter()
     stage_dir = lx.ws.stage(t, domain.name)
+    tags = {"lalora.stage": str(t), "lalora.domain": domain.name, "lalora.lineage": lx.model}
     run = lx.start_run(
-        f"stage {t}: {domain.name}",
-        parent=parent.run_id,
-        tags={
-            "lalora.stage": str(t),
-            "lalora.domain": domain.name,
-            "lalora.lineage": lx.model,
-            "lalora.stage_config_sha256": key.config_sha256,
-        },
+        f"stage {t}: {domain.name}", parent.run_id, tags | {"lalora.stage_config_sha256": key.config_sha256}
     )
     try:
+        checkpoint = stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"
         paths = StepPaths(
-            base.path,
-            start.anchor,
-            start.precision,
-            str(lx.shared.data),
-            str(stage_dir),
-            str(stage_dir / "checkpoints" / f"{key.config_sha256[:16]}-{key.data_sha256[:16]}"),
+            base.path, start.anchor, start.precision, str(lx.shared.data), str(stage_dir), str(checkpoint)
         )
         # 6. precision at the anchor on the previous domain, accumulated (skipped when no stage has the penalty)
         retry = auto_lambda.retry_options(lx)
@@ -410,35 +400,16 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
         # 8. score every domain and probe; the gate reads R (each domain's own score) up to this stage
         scored = scores(cfg, base.path, adapter, cfg.eval_domains, str(stage_dir / "eval.json"), str(lx.shared.data))
         start.rows.append(scored.value)
-        run.tracker().log_metrics(
-            {
-                f"eval/{d}/{k}": v
-                for d, s in scored.value.items()
-                for k, v in s.as_json().items()
-                if isinstance(v, float)
-            }
-        )
+        run.tracker().log_metrics(_score_metrics(scored.value))
         verdict = _gate(lx, t, start.rows)
         if searched is not None and not searched.feasible:  # the budget could not be kept: never the champion
             verdict = GateResult(promoted=False, reasons=[searched.refusal, *verdict.reasons], metrics=verdict.metrics)
         # 9. the lineage state travels with the version: R so far (and its validation scores), stage config
         _lineage_state(lx, t, start, stage_dir, run)
         # 10. the version: the adapter as a python_function model, its record, the aliases it earns
-        version = _register(
-            lx,
-            base,
-            key,
-            run,
-            adapter,
-            precision.value if precision else None,
-            scored.value,
-            verdict,
-            stage_dir,
-            searched,
-        )
-        shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)  # the version holds the result now
-        for trial_checkpoints in (stage_dir / "auto").glob("trial-*/checkpoints"):
-            shutil.rmtree(trial_checkpoints, ignore_errors=True)
+        recorded = precision.value if precision else None
+        version = _register(lx, base, key, run, adapter, recorded, scored.value, verdict, stage_dir, searched)
+        _drop_checkpoints(stage_dir)
         work = tuned_seconds + sum(x.compute_seconds for x in (precision, scored) if x is not None)
         timing = StageTiming(t, time.perf_counter() - t0, work)
         run.tracker().log_metrics({f"stage/{k}": v for k, v in timing.as_json().items() if k != "stage"})
@@ -454,6 +425,18 @@ def _stage(lx: Lineage, base: Base, key: plan.StageKey, start: Start, parent: Ru
         timing,
         searched.summary if searched else None,
     )
+
+
+def _score_metrics(row: Row) -> dict[str, float]:
+    """A row of scores as the stage run's metrics: ``eval/<domain>/<name>``."""
+    return {f"eval/{d}/{k}": v for d, s in row.items() for k, v in s.as_json().items() if isinstance(v, float)}
+
+
+def _drop_checkpoints(stage_dir: Path) -> None:
+    """The stage's DeepSpeed checkpoints and its trials': the version holds the result now."""
+    shutil.rmtree(stage_dir / "checkpoints", ignore_errors=True)
+    for trial_checkpoints in (stage_dir / "auto").glob("trial-*/checkpoints"):
+        shutil.rmtree(trial_checkpoints, ignore_errors=True)
 
 
 def _train(

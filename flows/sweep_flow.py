@@ -64,37 +64,18 @@ def sweep_flow(
         f"sweep: {cfg.name}",
         tags={"lalora.sweep": cfg.name},
     )
-    parent.tracker().log_params(
-        {
-            **{f"sweep.{f}": ",".join(map(str, v)) for f, v in axes},
-            "sweep.seeds": seeds,
-            "sweep.first_seed": first_seed,
-            "sweep.points": len(points),
-            "sweep.stages": stages or len(cfg.domains),
-        }
-    )
+    params = {f"sweep.{f}": ",".join(map(str, v)) for f, v in axes}
+    sizes = {"sweep.seeds": seeds, "sweep.first_seed": first_seed, "sweep.points": len(points)}
+    parent.tracker().log_params(params | sizes | {"sweep.stages": stages or len(cfg.domains)})
     t0 = time.perf_counter()
     try:
         results, failed = _run_points(config_path, root, cfg, points, configs, uri, parent.run_id)
-        summary = _write(
-            root,
-            cfg,
-            results,
-            failed,
-            forgetting_on,
-            seeds,
-            {
-                "config": str(config_path),
-                "mlflow_uri": uri,
-                "run_id": parent.run_id,
-                "seconds": time.perf_counter() - t0,
-            },
-        )
+        run = {"config": str(config_path), "mlflow_uri": uri, "run_id": parent.run_id}
+        summary = _write(root, cfg, results, failed, forgetting_on, seeds, run | {"seconds": time.perf_counter() - t0})
         tracker = parent.tracker()
         for row in summary["rows"]:
-            tracker.log_metrics(
-                {f"{row['label']}/learning": row["learning"], f"{row['label']}/forgetting": row["forgetting"]}
-            )
+            label = row["label"]
+            tracker.log_metrics({f"{label}/learning": row["learning"], f"{label}/forgetting": row["forgetting"]})
         for path in ("sweep.json", "sweep.md", "pareto.png"):
             tracker.log_artifact(root / path)
         end_run(parent)

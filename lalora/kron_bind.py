@@ -113,7 +113,25 @@ def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping
     names = prec.names
     modules = sorted({module_of(n) for n in names}, key=lambda m: names.index(f"{m}.lora_A"))
     ref = params[names[0]]
-    device, dtype = ref.device, ref.dtype
+    plist: list[Tensor] = []
+    groups: list[_Group] = []
+    for ms in _buckets(prec, params, modules).values():
+        a_names, b_names = [f"{m}.lora_A" for m in ms], [f"{m}.lora_B" for m in ms]
+        a_idx = list(range(len(plist), len(plist) + len(ms)))
+        plist.extend(params[n] for n in a_names)
+        b_idx = list(range(len(plist), len(plist) + len(ms)))
+        plist.extend(params[n] for n in b_names)
+        groups.append(_group(prec, ms, anchor, (a_idx, b_idx), ref.device, ref.dtype))
+
+    def quad() -> Tensor:
+        out: Tensor = _GroupedQuadForm.apply(groups, *plist)
+        return out
+
+    return quad
+
+
+def _buckets(prec: KronBlocks, params: Mapping[str, Tensor], modules: list[str]) -> dict[tuple[object, ...], list[str]]:
+    """The modules grouped by shape: the key fixes the number of terms and each term's factor kinds and sizes."""
     cross = getattr(prec, "cross", {})
     buckets: dict[tuple[object, ...], list[str]] = {}
     for m in modules:
@@ -125,56 +143,50 @@ def bind_grouped(prec: KronBlocks, params: Mapping[str, Tensor], anchor: Mapping
             tuple((_signature(t.s), _signature(t.g)) for t in prec.blocks[b]),
             len(cross.get(m, [])),
         )
-        # (the key fixes the number of terms and each term's factor kinds and sizes)
         buckets.setdefault(key, []).append(m)
+    return buckets
 
-    plist: list[Tensor] = []
-    groups: list[_Group] = []
-    for ms in buckets.values():
-        a_names, b_names = [f"{m}.lora_A" for m in ms], [f"{m}.lora_B" for m in ms]
-        a_idx = list(range(len(plist), len(plist) + len(ms)))
-        plist.extend(params[n] for n in a_names)
-        b_idx = list(range(len(plist), len(plist) + len(ms)))
-        plist.extend(params[n] for n in b_names)
 
-        n_terms = len(prec.blocks[a_names[0]])
+def _group(
+    prec: KronBlocks,
+    ms: list[str],
+    anchor: Mapping[str, Tensor],
+    idx: tuple[list[int], list[int]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> _Group:
+    """One bucket's stacked factors, ridges, cross terms and anchors; ``idx``: its A and B matrices' positions."""
+    a_names, b_names = [f"{m}.lora_A" for m in ms], [f"{m}.lora_B" for m in ms]
+    n_terms = len(prec.blocks[a_names[0]])
+    cross = getattr(prec, "cross", {})
 
-        def terms(ns: list[str], n_terms: int) -> tuple[_Stacked, _Stacked]:
-            order = [(i, n) for i in range(n_terms) for n in ns]  # term-major, as _Group._apply reads it
-            return (
-                _Stacked([prec.blocks[n][i].s for i, n in order], device, dtype),
-                _Stacked([prec.blocks[n][i].g for i, n in order], device, dtype),
-            )
-
-        def ridge(ns: list[str]) -> Tensor:
-            return torch.tensor([prec.ridge[n] for n in ns], device=device, dtype=dtype)[:, None, None]
-
-        n_cross = len(cross.get(ms[0], []))
-        xs = []
-        for i in range(n_cross):
-            cs = torch.stack([cross[m][i].s for m in ms]).to(device, dtype)
-            cg = torch.stack([cross[m][i].g for m in ms]).to(device, dtype)
-            xs.append((cs, cs.transpose(1, 2).contiguous(), cg, cg.transpose(1, 2).contiguous()))
-        groups.append(
-            _Group(
-                a_idx,
-                b_idx,
-                n_terms,
-                terms(a_names, n_terms),
-                terms(b_names, n_terms),
-                ridge(a_names),
-                ridge(b_names),
-                xs,
-                torch.stack([anchor[n].detach() for n in a_names]).to(device, dtype),
-                torch.stack([anchor[n].detach() for n in b_names]).to(device, dtype),
-            )
+    def terms(ns: list[str]) -> tuple[_Stacked, _Stacked]:
+        order = [(i, n) for i in range(n_terms) for n in ns]  # term-major, as _Group._apply reads it
+        return (
+            _Stacked([prec.blocks[n][i].s for i, n in order], device, dtype),
+            _Stacked([prec.blocks[n][i].g for i, n in order], device, dtype),
         )
 
-    def quad() -> Tensor:
-        out: Tensor = _GroupedQuadForm.apply(groups, *plist)
-        return out
+    def ridge(ns: list[str]) -> Tensor:
+        return torch.tensor([prec.ridge[n] for n in ns], device=device, dtype=dtype)[:, None, None]
 
-    return quad
+    xs = []
+    for i in range(len(cross.get(ms[0], []))):
+        cs = torch.stack([cross[m][i].s for m in ms]).to(device, dtype)
+        cg = torch.stack([cross[m][i].g for m in ms]).to(device, dtype)
+        xs.append((cs, cs.transpose(1, 2).contiguous(), cg, cg.transpose(1, 2).contiguous()))
+    return _Group(
+        idx[0],
+        idx[1],
+        n_terms,
+        terms(a_names),
+        terms(b_names),
+        ridge(a_names),
+        ridge(b_names),
+        xs,
+        torch.stack([anchor[n].detach() for n in a_names]).to(device, dtype),
+        torch.stack([anchor[n].detach() for n in b_names]).to(device, dtype),
+    )
 
 
 class _GroupedQuadForm(torch.autograd.Function):

@@ -323,15 +323,13 @@ def train(
 ) -> TrainResult:
     """Train ``params`` of ``model`` inside a DeepSpeed engine for ``steps`` steps.
 
-    ``make_penalty`` receives the engine's module once the engine exists (so the anchor and
-    precision are cast to the engine's dtype and device) and returns the penalty closure.
-    ``batches`` yields global batches (the same sequence on every rank); each rank trains on
-    its share. With ``checkpoint_dir``, the trainable state is saved every
-    ``checkpoint_every`` steps and at the end, and a later call with the same directory
-    continues from the latest checkpoint: same optimizer state, RNG and data position, so
-    the result equals an uninterrupted run. The engine is torn down when ``train`` returns
-    (its gradient hooks removed), so the next call can build another over the same parameters.
-    ``seed`` seeds the RNG the steps draw from (dropout), in a fork of the process's RNG.
+    ``make_penalty`` receives the engine's module once the engine exists (so the anchor and precision are cast to
+    the engine's dtype and device) and returns the penalty closure. ``batches`` yields global batches (the same
+    sequence on every rank); each rank trains on its share. With ``checkpoint_dir``, the trainable state is saved
+    every ``checkpoint_every`` steps and at the end, and a later call with the same directory continues from the
+    latest checkpoint: same optimizer state, RNG and data position, so the result equals an uninterrupted run. The
+    engine is torn down when ``train`` returns (its gradient hooks removed), so the next call can build another
+    over the same parameters. ``seed`` seeds the RNG the steps draw from (dropout), in a fork of the process's RNG.
     ``optimizer_impl`` and ``loss_chunk``: ``training.optimizer_impl`` and ``training.loss_chunk``.
     """
     import deepspeed
@@ -371,6 +369,17 @@ def train(
             _destroy(engine)
 
 
+def _resume(engine: Any, checkpoint_dir: Path | None, batches: Iterator[dict[str, Tensor]]) -> dict[str, Any]:
+    """The latest checkpoint's client state (empty without one): its RNG restored, the batches it trained skipped."""
+    client = _restore(engine, checkpoint_dir)
+    start = int(client.get("step", 0))
+    if start:
+        torch.set_rng_state(client["rng"])
+        for _ in range(start):  # the data order is a pure function of the seed: skip what was trained
+            next(batches)
+    return client
+
+
 def _loop(
     engine: Any,
     penalty: Callable[[], Tensor] | None,
@@ -391,12 +400,8 @@ def _loop(
     from tqdm.auto import tqdm
 
     rank, size = world()
-    client = _restore(engine, checkpoint_dir)
+    client = _resume(engine, checkpoint_dir, batches)
     start = int(client.get("step", 0))
-    if start:
-        torch.set_rng_state(client["rng"])
-        for _ in range(start):  # the data order is a pure function of the seed: skip what was trained
-            next(batches)
     engine.train()
     t0 = time.perf_counter()
     window, tokens = _Window(engine.device), torch.zeros((), dtype=torch.long)
@@ -406,14 +411,8 @@ def _loop(
     for step in bar:
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
-        loss, pen = _loss_step(
-            engine,
-            {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()},
-            penalty,
-            num_items,
-            regather,
-            loss_chunk,
-        )
+        on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+        loss, pen = _loss_step(engine, on_device, penalty, num_items, regather, loss_chunk)
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()
@@ -425,12 +424,8 @@ def _loop(
             bar.set_postfix(loss=f"{loss_v:.3f}", penalty=f"{pen_v:.3g}")
         if save:
             assert checkpoint_dir is not None  # a save is due only with a checkpoint directory
-            _save(
-                engine,
-                checkpoint_dir,
-                done,
-                {"step": done, "rng": torch.get_rng_state(), "loss": loss_v, "penalty": pen_v},
-            )
+            state = {"step": done, "rng": torch.get_rng_state(), "loss": loss_v, "penalty": pen_v}
+            _save(engine, checkpoint_dir, done, state)
     bar.close()
     timeline.mark("last_batch")
     engine.eval()

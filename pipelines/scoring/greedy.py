@@ -122,16 +122,8 @@ def greedy_tokens(
         ended = ended | (nxt == eos)
         if t + 1 == max_new_tokens:
             break
-        if (t + 1) % check_every == 0:
-            live = [i for i, e in enumerate(_host_ended(ended)) if not e]
-            if stopped is not None and live:
-                rows = tokens[:, : t + 1].tolist()
-                hit = [i for i in live if stopped(rows[i])]
-                live = [i for i in live if i not in hit]
-                if hit:
-                    ended[hit] = True
-            if not live:
-                return tokens[:, : t + 1]
+        if (t + 1) % check_every == 0 and _all_ended(ended, tokens[:, : t + 1], stopped):
+            return tokens[:, : t + 1]
         out = model(
             input_ids=nxt[:, None],
             attention_mask=None if full_mask is None else full_mask[..., : W + t + 1],
@@ -140,6 +132,19 @@ def greedy_tokens(
             **{cache_kw: cache},
         )
     return tokens
+
+
+def _all_ended(ended: Tensor, tokens: Tensor, stopped: Callable[[list[int]], bool] | None) -> bool:
+    """Whether every row has ended, given its ``tokens`` so far (B, t); a row ``stopped`` says is complete is marked
+    in ``ended`` (B,) here. A host sync: called every ``check_every`` steps."""
+    live = [i for i, e in enumerate(_host_ended(ended)) if not e]
+    if stopped is not None and live:
+        rows = tokens.tolist()
+        hit = [i for i in live if stopped(rows[i])]
+        live = [i for i in live if i not in hit]
+        if hit:
+            ended[hit] = True
+    return not live
 
 
 def decode(tokenizer: Any, tokens: list[int], eos: int) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from lalora import Precision, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
-from lalora.curvature import MemoryEstimate
+from lalora.curvature import CurvatureEstimate, CurvatureEstimator, MemoryEstimate
+from lalora.lora import LoraParam
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LineageConfig
 from pipelines.data.sources import load_domain
 from pipelines.data.tokens import encode, fixed_batches, special_ids
@@ -104,69 +105,32 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
     LoRA matrices whole (their layer inputs and output gradients, which the estimator reads, exist in the forward
     and backward as at any other stage).
     """
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
-    cfg, curvature_domain, stage, ds, dtype = inputs.lalora, inputs.domain, inputs.stage, inputs.ds, inputs.dtype
-    base_path, anchor_adapter, previous, data_dir = inputs.base, inputs.anchor, inputs.previous, inputs.data_dir
-    base, tokenizer = load_base(base_path, dtype)
-    model = load_adapter(base, anchor_adapter, trainable=True)
+    cfg, domain, stage = inputs.lalora, inputs.domain, inputs.stage
+    base, tokenizer = load_base(inputs.base, inputs.dtype)
+    model = load_adapter(base, inputs.anchor, trainable=True)
     params = lora_parameters(model)
     shapes = {p.name: tuple(p.param.shape) for p in params}
     prior = Prior(cfg.prior.tau_A, cfg.prior.tau_B)
     prev_precision, history = None, []
-    if previous is not None:
-        prev_precision, prev_meta = load_precision(previous, shapes)
+    if inputs.previous is not None:
+        prev_precision, prev_meta = load_precision(inputs.previous, shapes)
         history = prev_meta.history
 
-    splits = load_domain(curvature_domain, Path(data_dir))
+    splits = load_domain(domain, Path(inputs.data_dir))
     _, _, pad = special_ids(tokenizer)
     every = fixed_batches(encode(tokenizer, splits.curvature, inputs.max_length), cfg.batch_size, pad)
-    zero3 = ds.zero_stage == 3
-    batches = _rank_share(every, zero3)
     estimator = build_estimator(
         cfg.curvature.kind, seed=inputs.seed + stage, **cfg.curvature.model_dump(exclude={"kind"})
     )
     check_memory(estimator.memory(shapes), cfg, stage)
-    with tqdm(
-        total=sum(len(b["input_ids"]) for b in batches),
-        desc=f"curvature on {curvature_domain.name}",
-        unit="seq",
-        leave=False,
-        disable=world()[0] != 0,
-    ) as bar:
-        device = compute_device()  # a GPU when there is one (at ZeRO-3 the engine puts the module there)
-        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-        if not zero3:
-            model.to(device)
-        with partitioned(model, ds, [p.param for p in params]) as module:
-            timeline.mark("first_batch")
-            est = estimator.estimate(module, batches, progress=bar.update)
-            timeline.mark("last_batch")
-    zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
-    if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
-        log.warning(
-            "stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
-            "only tau_A = %g constrains A in this stage. Expected, not a bug.",
-            stage,
-            prior.tau_A,
-        )
+    est = _estimate(estimator, model, params, _rank_share(every, inputs.ds.zero_stage == 3), inputs.ds, domain.name)
+    zero_a = _zero_a(est, params, stage, prior)
     fresh = type(est.precision).from_state_dict({k: v.cpu() for k, v in est.precision.to_state_dict().items()})
     precision = accumulate(prev_precision, fresh, cfg.accumulate.mode, cfg.accumulate.gamma)  # kept on the host
-    history = [
-        *history,
-        {
-            "stage": stage,
-            "domain": curvature_domain.name,
-            "mode": cfg.accumulate.mode,
-            "gamma": cfg.accumulate.gamma,
-            "n_samples": est.n_samples,
-            "fisher_type": est.fisher_type,
-            "data_sha256": splits.fingerprint,
-        },
-    ]
+    entry = {"stage": stage, "domain": domain.name, **_accumulated(cfg, est), "data_sha256": splits.fingerprint}
     target = Path(inputs.out_dir) / "precision"
-    if world()[0] != 0:
+    if world()[0] != 0:  # rank 0 writes
         return PrecisionResult(
             path=str(target),
             structure=precision.structure,
@@ -176,7 +140,7 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
             sha256="",
         )
     meta = save_precision(
-        target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior, history=history
+        target, precision, fisher_type=est.fisher_type, n_samples=est.n_samples, prior=prior, history=[*history, entry]
     )
     seconds = time.perf_counter() - t0
     tracker.log_metrics(_curvature_stats(precision, seconds, est.n_samples, len(est.zero_curvature), len(zero_a)))
@@ -189,6 +153,55 @@ def compute_precision(inputs: PrecisionInputs, tracker: Tracker) -> PrecisionRes
         seconds=seconds,
         sha256=meta.sha256,
     )
+
+
+def _accumulated(cfg: LaLoRAConfig, est: CurvatureEstimate) -> dict[str, object]:
+    """How the stage's curvature joined the precision: the entry's rule and estimate, for its history."""
+    return {
+        "mode": cfg.accumulate.mode,
+        "gamma": cfg.accumulate.gamma,
+        "n_samples": est.n_samples,
+        "fisher_type": est.fisher_type,
+    }
+
+
+def _estimate(
+    estimator: CurvatureEstimator,
+    model: torch.nn.Module,
+    params: list[LoraParam],
+    batches: list[dict[str, torch.Tensor]],
+    ds: DeepSpeedConfig,
+    name: str,
+) -> CurvatureEstimate:
+    """The curvature pass over this rank's ``batches`` on the compute device (a GPU when there is one; at ZeRO-3
+    inside a DeepSpeed engine, which puts the module there)."""
+    from tqdm.auto import tqdm
+
+    zero3 = ds.zero_stage == 3
+    total = sum(len(b["input_ids"]) for b in batches)
+    with tqdm(total=total, desc=f"curvature on {name}", unit="seq", leave=False, disable=world()[0] != 0) as bar:
+        device = compute_device()
+        batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+        if not zero3:
+            model.to(device)
+        with partitioned(model, ds, [p.param for p in params]) as module:
+            timeline.mark("first_batch")
+            est = estimator.estimate(module, batches, progress=bar.update)
+            timeline.mark("last_batch")
+    return est
+
+
+def _zero_a(est: CurvatureEstimate, params: list[LoraParam], stage: int, prior: Prior) -> list[str]:
+    """The A matrices with zero data curvature; a warning when that is every one of them (a B = 0 anchor)."""
+    zero_a = [n for n in est.zero_curvature if n.endswith(".lora_A")]
+    if zero_a and len(zero_a) == sum(1 for p in params if p.kind == "A"):
+        log.warning(
+            "stage %d: every A matrix has zero curvature at this anchor (B = 0 at the LoRA initialisation); "
+            "only tau_A = %g constrains A in this stage. Expected, not a bug.",
+            stage,
+            prior.tau_A,
+        )
+    return zero_a
 
 
 def _rank_share(every: list[dict[str, torch.Tensor]], zero3: bool) -> list[dict[str, torch.Tensor]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lalora import LaplacePenalty, Prior, load_precision, lora_parameters
+from lalora import LaplacePenalty, Precision, Prior, load_precision, lora_parameters
 from pipelines.config import DeepSpeedConfig, DomainConfig, LaLoRAConfig, LineageConfig, LoraSettings, TrainingConfig
 from pipelines.data.replay import ReplayPool, mixed_batches, replay_pool, replay_rows, replay_sources
 from pipelines.data.sources import DataError, load_domain
@@ -114,21 +114,14 @@ def init_adapter(base_path: str, lora: LoraSettings, *, dtype: str, out_dir: str
 
 
 def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
-    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor, and with
-    ``training.replay`` on, rows of ``replay_from`` (training splits only) and of the replayed data sets
-    fill part of every batch.
+    """Train from the anchor adapter on ``domain``; the penalty pulls towards the anchor, and with ``training.replay``
+    on, rows of ``replay_from`` (training splits only) and of the replayed data sets fill part of every batch.
 
-    With ``checkpoint_dir`` the stage saves DeepSpeed checkpoints every
-    ``training.checkpoint_every`` steps and, if one is there already (an interrupted run of
-    this same stage), continues from it. Under the deepspeed launcher rank 0 writes.
+    With ``checkpoint_dir`` the stage saves DeepSpeed checkpoints every ``training.checkpoint_every`` steps and, if
+    one is there already (an interrupted run of this same stage), continues from it. Under the launcher rank 0 writes.
     """
     lalora, domain, training, stage = inputs.lalora, inputs.domain, inputs.training, inputs.stage
-    base, tokenizer = load_base(inputs.base, inputs.dtype)
-    model = load_adapter(base, inputs.anchor, trainable=True)
-    if training.loss_chunk:
-        check_chunkable(model)
-    if training.activation_checkpointing:  # non-reentrant: the frozen inputs need no gradient, dropout replays
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, tokenizer = _trainable(inputs)
     params = lora_parameters(model)
     anchor = {p.name: p.param.detach().clone() for p in params}
     lam = lalora.lam
@@ -167,11 +160,7 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
     state = adapter_state(model)
     if world()[0] == 0:
         write_dir_atomic(target, lambda d: model.save_pretrained(d, state_dict=state))
-    quadratic = None
-    if precision is not None:
-        with torch.no_grad():
-            delta = {p.name: p.param.detach() - anchor[p.name] for p in lora_parameters(model)}
-            quadratic = 0.5 * float(precision.quad_form({n: delta[n] for n in precision.names}))
+    quadratic = _quadratic(precision, anchor, model) if precision is not None else None
     tps = result.tokens / result.seconds if result.seconds > 0 else 0.0
     tracker.log_metrics({"train/seconds": result.seconds, "train/tokens_per_second": tps})
     return FinetuneResult(
@@ -183,6 +172,24 @@ def finetune(inputs: FinetuneInputs, tracker: Tracker) -> FinetuneResult:
         tokens_per_second=tps,
         quadratic=quadratic,
     )
+
+
+def _trainable(inputs: FinetuneInputs) -> tuple[Any, Any]:
+    """The base with the anchor adapter, trainable, as the training options ask; and its tokenizer."""
+    base, tokenizer = load_base(inputs.base, inputs.dtype)
+    model = load_adapter(base, inputs.anchor, trainable=True)
+    if inputs.training.loss_chunk:
+        check_chunkable(model)
+    if inputs.training.activation_checkpointing:  # non-reentrant: the frozen inputs need no gradient
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def _quadratic(precision: Precision, anchor: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    """1/2 delta^T P delta for the move delta of the trained LoRA weights from the anchor."""
+    with torch.no_grad():
+        delta = {p.name: p.param.detach() - anchor[p.name] for p in lora_parameters(model)}
+        return 0.5 * float(precision.quad_form({n: delta[n] for n in precision.names}))
 
 
 def _batches(

@@ -7,12 +7,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipelines.config import DeepSpeedConfig, DomainConfig, LineageConfig, ModelConfig
 from pipelines.data.sources import load_domain, load_rows
 from pipelines.data.tokens import encode, special_ids, train_batches
 from pipelines.errors import BadInput
-from pipelines.runtime.engine import train
+from pipelines.runtime.engine import TrainResult, train
 from pipelines.runtime.models import build_tiny_llama, char_tokenizer, weights_problem
 from pipelines.tracker import Tracker
 from pipelines.workspace import Workspace, sha256_json, write_dir_atomic, write_json_atomic
@@ -82,55 +83,25 @@ def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
     pretrained base is reused when its recipe (model shape, pretraining settings, data) is
     unchanged, so a rerun does not pay for it twice.
     """
-    model, source, ds, max_length, seed = inputs.model, inputs.source, inputs.ds, inputs.max_length, inputs.seed
-    out_dir = inputs.out_dir
+    model, source = inputs.model, inputs.source
     if model.path:
         problem = weights_problem(model.path, model.sha256) if model.sha256 else None
         if problem:
             raise BadInput(problem)
         return BaseResult(path=model.path, pretrained_here=False)
-    ws = Workspace(Path(out_dir))
+    ws = Workspace(Path(inputs.out_dir))
     rows, fingerprint = pretraining_rows(source, model.pretrain.extra_data, ws.data)
-    pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
-    digest = sha256_json(
-        {
-            "tiny": model.tiny.model_dump(),
-            "pretrain": pretrain,
-            "seed": seed,
-            "data": fingerprint,
-            "max_length": max_length,
-            "ds": ds.model_dump(),
-        }
-    )
+    digest = _recipe(inputs, fingerprint)
     marker = ws.base / "lalora_base.json"
     if marker.is_file() and json.loads(marker.read_text()).get("recipe_sha256") == digest:
         log.info("base model %s is up to date; not pretraining again", ws.base)
         return BaseResult(path=str(ws.base), pretrained_here=False)
 
     tokenizer = char_tokenizer()
-    net = build_tiny_llama(model.tiny, tokenizer, seed)
+    net = build_tiny_llama(model.tiny, tokenizer, inputs.seed)
     n_params = sum(p.numel() for p in net.parameters())
     tracker.log_params({"base.params": n_params, "base.pretrain_steps": model.pretrain.steps})
-    _, _, pad = special_ids(tokenizer)
-    examples = encode(tokenizer, rows, max_length)
-    result = (
-        train(
-            net,
-            list(net.parameters()),
-            train_batches(examples, model.pretrain.batch_size, pad, seed),
-            steps=model.pretrain.steps,
-            lr=model.pretrain.lr,
-            batch_size=model.pretrain.batch_size,
-            ds=ds,
-            make_penalty=None,
-            tracker=tracker,
-            log_every=25,
-            desc=f"pretrain base on {source.name}",
-            seed=seed,
-        )
-        if model.pretrain.steps > 0
-        else None
-    )
+    result = _pretrain(net, tokenizer, rows, inputs, tracker) if model.pretrain.steps > 0 else None
 
     def write(d: Path) -> None:
         net.save_pretrained(d)
@@ -144,4 +115,40 @@ def prepare_base(inputs: BaseInputs, tracker: Tracker) -> BaseResult:
         pretrained_here=True,
         seconds=result.seconds if result else 0.0,
         final_loss=result.final_loss if result else None,
+    )
+
+
+def _recipe(inputs: BaseInputs, fingerprint: str) -> str:
+    """sha256 of what makes the tiny base: its shape, the pretraining settings and data, the seed, the engine."""
+    model = inputs.model
+    pretrain = model.pretrain.model_dump(exclude=set() if model.pretrain.extra_data else {"extra_data"})
+    recipe = {
+        "tiny": model.tiny.model_dump(),
+        "pretrain": pretrain,
+        "seed": inputs.seed,
+        "data": fingerprint,
+        "max_length": inputs.max_length,
+        "ds": inputs.ds.model_dump(),
+    }
+    return sha256_json(recipe)
+
+
+def _pretrain(net: Any, tokenizer: Any, rows: list[dict], inputs: BaseInputs, tracker: Tracker) -> TrainResult:
+    """``model.pretrain.steps`` steps of next-token training of every parameter of ``net`` on ``rows``."""
+    pretrain, seed = inputs.model.pretrain, inputs.seed
+    _, _, pad = special_ids(tokenizer)
+    batches = train_batches(encode(tokenizer, rows, inputs.max_length), pretrain.batch_size, pad, seed)
+    return train(
+        net,
+        list(net.parameters()),
+        batches,
+        steps=pretrain.steps,
+        lr=pretrain.lr,
+        batch_size=pretrain.batch_size,
+        ds=inputs.ds,
+        make_penalty=None,
+        tracker=tracker,
+        log_every=25,
+        desc=f"pretrain base on {inputs.source.name}",
+        seed=seed,
     )
