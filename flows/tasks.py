@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE, CachePolicy
 
 from flows import generator
 from flows.generator import BaseReference
+from flows.lease import StoreLease
 from flows.registry import LineageRegistry
 from flows.runs import RunRef
 from pipelines.config import DomainConfig, LineageConfig
@@ -166,7 +167,7 @@ def register_task(
     record: VersionRecord,
     description: str,
     aliases: list[str],
-    lease: Any,
+    lease: StoreLease,
 ) -> str:
     lease.check()  # still this lineage's writer: a run whose lease expired registers nothing
     return registry.register(run, Path(model_dir), record, description, aliases)
