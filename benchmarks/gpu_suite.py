@@ -140,6 +140,7 @@ def finetune_series(
             "curvature": {"kind": "diag"},
         }
     )
+    domain = domain.with_samples(lalora.samples)  # as a lineage's config resolves it
     training = TrainingConfig(
         steps=args.steps,
         lr=1e-5,

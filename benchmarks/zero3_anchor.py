@@ -245,6 +245,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     lalora = LaLoRAConfig.model_validate(
         {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch, "curvature": {"kind": args.curvature}}
     )
+    domain = domain.with_samples(lalora.samples)  # as a lineage's config resolves it
     total = args.warmup + args.steps
     training = TrainingConfig(
         steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1, checkpoint_every=0

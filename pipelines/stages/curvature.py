@@ -69,6 +69,13 @@ class PrecisionInputs:
     out_dir: str
     ds: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
+    def __post_init__(self) -> None:
+        if self.domain.curvature_rows != (self.domain.curvature_size or self.lalora.samples):
+            raise ValueError(
+                f"domain {self.domain.name} gives {self.domain.curvature_rows} curvature rows, lalora.samples says "
+                f"{self.lalora.samples}: take the domain from the lineage's config, or domain.with_samples(samples)"
+            )
+
     @classmethod
     def from_config(cls, cfg: LineageConfig, stage: int, paths: StepPaths) -> PrecisionInputs:
         return cls(

@@ -224,3 +224,18 @@ def test_lalora_samples_is_resolved_into_each_domain_when_the_config_loads(tmp_p
     shared = cfg.domains[0]
     other = LineageConfig(source=shared, domains=[shared.model_copy(update={"name": "x"})], lalora={"samples": 5})
     assert other.source.curvature_rows == 5 and shared.curvature_rows == 48  # a shared domain is copied, not changed
+
+
+def test_curvature_inputs_built_by_hand_must_agree_with_lalora_samples():
+    from pipelines.config import DomainConfig, LaLoRAConfig
+    from pipelines.stages.curvature import PrecisionInputs
+
+    kw = dict(
+        base="b", anchor="a", previous=None, stage=1, dtype="float32", max_length=8, seed=0, data_dir="d", out_dir="o"
+    )
+    lalora, domain = LaLoRAConfig(samples=16), DomainConfig(name="d")
+    with pytest.raises(ValueError, match=r"^domain d gives 256 curvature rows, lalora.samples says 16: .*with_samples"):
+        PrecisionInputs(lalora=lalora, domain=domain, **kw)  # a lone domain has the default, 256
+    assert PrecisionInputs(lalora=lalora, domain=domain.with_samples(16), **kw).domain.curvature_rows == 16
+    own = DomainConfig(name="d", curvature_size=5)  # its own size needs no resolution
+    assert PrecisionInputs(lalora=lalora, domain=own, **kw).domain.curvature_rows == 5
