@@ -305,7 +305,8 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     after, models_after = live_tensor_bytes(), live_models()
     state = load_precision(prec.path)[0].to_state_dict()
     size = world()[1]  # the loop counts this rank's tokens; every rank takes an equal share of the global batch
-    per_step = result.tokens_per_second * result.seconds / result.steps * size
+    # the result carries a rate, not a count: the count comes back through float division, so round it
+    per_step = round(result.tokens_per_second * result.seconds / result.steps) * size
     return {
         "rank": world()[0],
         "side": "ours",
