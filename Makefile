@@ -75,8 +75,11 @@ demo-base: install
 	cmp $(DEMO_RUNS)/demo-base/model.safetensors configs/demo-base/model.safetensors && \
 	  echo "$(DEMO_RUNS)/demo-base: the same weights as configs/demo-base"
 
+# The suite in TEST_WORKERS processes (pytest-xdist; a test module stays in one, so its servers and installs are
+# shared by its tests); TEST_WORKERS=0 runs it in this process. Two here: the tests use about one core each.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: the math, config, data, scoring and report tests (under 2 minutes here)
 test-fast: install

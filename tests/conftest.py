@@ -13,6 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 11
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers share the cores: one torch thread each (and children)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r: int = 2):
     """A 1-layer Llama with LoRA on q/v/up projections, fp32, eval mode."""
