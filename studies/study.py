@@ -87,6 +87,9 @@ PARTS = (
         Part(f"two-stage-auto{'-seed' + str(seed) if seed else ''}", AUTO_ARGS, 2, 1, first_seed=seed)
         for seed in range(3)
     ),
+    # where 80% of plain LoRA's second-stage learning lies: fixed lambdas below every one the search chose
+    Part("two-stage-frontier", (*LAMBDA, "0.03"), 2, 3),
+    Part("two-stage-frontier-low", (*LAMBDA, "0.003"), 2, 1),
 )
 """Two queues of about equal length: every other part."""
 
@@ -296,7 +299,14 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return "\n".join(text), out
 
 
-BUDGET_METHODS = ("plain LoRA", "diag lambda 10", "replay 0.25", "diag lambda auto")
+BUDGET_METHODS = (
+    "plain LoRA",
+    "diag lambda 10",
+    "replay 0.25",
+    "diag lambda auto",
+    "diag lambda 0.03",
+    "diag lambda 0.003",
+)
 
 
 def _per_seed(points: list[dict[str, Any]]) -> dict[str, list[float]]:
