@@ -136,3 +136,37 @@ def test_the_budget_table_rebuilt_from_the_finished_study_is_its_study_md_and_th
         "diag lambda auto": 3,
     }
     assert figures["kept"] == [True, True] and 0.6 < figures["share"] < 0.62
+
+
+def test_the_frontier_rows_rebuilt_from_their_recorded_sweeps_are_the_docs_figures():
+    """Issue 26's frontier (fixed diag lambda 0.03 at seeds 0-2, 0.003 at seed 0; one sweep.json a command, under
+    cpu-2026-12-05/frontier): as the parts two-stage-frontier and -low, the budget table gains their rows, the
+    recorded rows stay as they were, and the figures the docs' study page states are those of the rows."""
+    finished = RECORDED.parent / "cpu-2026-12-05"
+    parts = json.loads((finished / "study.json").read_text())["parts"]
+
+    def points(*names: str) -> list[dict]:
+        return [json.loads((finished / "frontier" / n).read_text())["points"][0] for n in names]
+
+    frontier = [
+        {
+            "part": "two-stage-frontier",
+            "summary": {"points": points(*(f"diag-lambda0.03-seed{s}.json" for s in range(3)))},
+        },
+        {"part": "two-stage-frontier-low", "summary": {"points": points("diag-lambda0.003-seed0.json")}},
+    ]
+    assert {p.name for p in study.PARTS} >= {f["part"] for f in frontier}
+    before, _ = study.budget_table(parts)
+    table, figures = study.budget_table(parts + frontier)
+    rows = table.split("\n\nTargets")[0].splitlines()
+    assert rows[:6] == before.split("\n\nTargets")[0].splitlines()  # the recorded rows unchanged
+    assert rows[6].startswith("| diag lambda 0.03 | 3 | 0.03 | 1 / 1 | 0.023 +- 0.075 | 0.043 +- 0.060 |")
+    assert rows[6].endswith("| 0.672 +- 0.029 | 79% |")
+    assert rows[7].startswith("| diag lambda 0.003 | 1 | 0.003 | 1 / 1 | 0.180 +- 0.000 | 0.150 +- 0.000 |")
+    low = figures["figures"]["diag lambda 0.003"]["learning2"][0]
+    assert round(low, 3) == 0.734 and round(low / 0.833, 2) == 0.88  # the page's 88%: of seed 0's own plain LoRA
+    page = (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+    assert (
+        "| 0.03 | 3 | 0.023 +- 0.075 (-0.02, 0.11, -0.02) | 0.043 +- 0.060 (0.05, -0.02, 0.10) | 0.672 +- 0.029 |"
+        in page
+    )
