@@ -107,6 +107,15 @@ def run_lalora(args: list[str], tmp_path: Path, *, timeout: float = 600, **env: 
     return proc.returncode, proc.stdout
 
 
+def assert_one_line_error(output: str, fragment: str) -> None:
+    """No traceback anywhere; exactly one error line, the last one, holding ``fragment``."""
+    assert "Traceback" not in output, output[-3000:]
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, errors
+    last = output.strip().splitlines()[-1]
+    assert last == errors[0] and last.startswith("lalora: error: ") and fragment in last, last
+
+
 def run_until_then_sigkill(
     args: list[str], env: dict[str, str], log_path: Path, reached: Any, timeout: float = 300
 ) -> Any:

@@ -60,7 +60,7 @@ def test_model_loading_insists_on_safetensors(tmp_path):
         load_adapter(None, tmp_path)
 
 
-def test_servers_bind_to_localhost():
+def test_servers_bind_to_localhost(monkeypatch):
     """Every host a server or rendezvous is given in the code is 127.0.0.1; 0.0.0.0 appears nowhere."""
     hosts = []
     for path in SOURCES:
@@ -76,9 +76,16 @@ def test_servers_bind_to_localhost():
     assert hosts and set(hosts) == {"127.0.0.1"}, hosts
     from pipelines.runtime.distributed import free_port
 
-    port = free_port()  # the rendezvous port probe binds the loopback interface only
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+    bound = []
+    real = socket.socket.bind
+
+    def bind(sock, address):
+        bound.append(address[0])
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "bind", bind)
+    assert free_port() > 0
+    assert bound == ["127.0.0.1"]  # the rendezvous port probe binds the loopback interface only
 
 
 def test_secret_params_are_redacted():

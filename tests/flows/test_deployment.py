@@ -338,7 +338,12 @@ def test_a_worker_killed_mid_finetune_then_a_new_worker_and_run_resume_the_stage
         _stop(worker)
     assert [r["state_type"] for r in runs] == ["CRASHED", "COMPLETED"]
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["stages_run"] == [1] and len(_versions(out, "wkilled-adapter")) == 1
+    versions = _versions(out, "wkilled-adapter")
+    assert resumed["stages_run"] == [1] and len(versions) == 1
+    uri = f"sqlite:///{out / 'mlflow.db'}"
+    history = MlflowClient(uri, registry_uri=uri).get_metric_history(versions[0].run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert steps and min(steps) > killed_at and max(steps) == 48, (killed_at, steps)  # continued, not restarted
     code, text = run_lalora(["run", str(cfg), "--out", str(tmp_path / "reference")], tmp_path)
     assert code == 0, text
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())
@@ -356,4 +361,4 @@ def test_a_worker_killed_mid_finetune_then_a_new_worker_and_run_resume_the_stage
     failed = runs[2]
     assert failed["state_type"] == "FAILED"
     message = failed["state"]["message"]
-    assert str(cfg) in message and "Traceback" not in message, message
+    assert str(cfg) in message and "Traceback" not in message and "\n" not in message.strip(), message

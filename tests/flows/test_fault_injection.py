@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from torch.testing import assert_close
 
 from flows.lineage_flow import lineage_flow
 from lalora import load_precision
@@ -114,13 +115,29 @@ def test_sigkill_at_random_points_then_rerun_equals_an_uninterrupted_lineage(tmp
     client = MlflowClient(uri, registry_uri=uri)
     versions = client.search_model_versions("name = 'faults-adapter'")
     assert sorted(v.tags["lalora.stage"] for v in versions) == ["1", "2", "3"]  # exactly one version per stage
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments)
     for t, name in STAGES:
         stage = out / "stages" / f"0{t}-{name}"
         load_precision(stage / "precision")  # verifies the checkpoint's sha256 and structure
-        assert load_file(stage / "adapter" / "adapter_model.safetensors")
+        adapter = load_file(stage / "adapter" / "adapter_model.safetensors")
+        want = load_file(tmp_path / "reference" / "stages" / f"0{t}-{name}" / "adapter" / "adapter_model.safetensors")
+        assert adapter.keys() == want.keys()
+        for k in adapter:
+            assert_close(adapter[k], want[k], rtol=0, atol=1e-6)
         assert json.loads((stage / "eval.json").read_text())
+        # each run resumed from the checkpoint the last one left: a run that logs the loss every 4 steps and
+        # checkpoints every 4 repeats at most the one interval a kill cut short; a restart from scratch repeats all
+        histories = [client.get_metric_history(r.info.run_id, "train/loss") for r in runs]
+        logged = [
+            [m.step for m in h]
+            for h, r in zip(histories, runs, strict=True)
+            if r.data.tags.get("lalora.domain") == name
+        ]
+        logged = [steps for steps in logged if steps]
+        total = sum(len(steps) for steps in logged)
+        assert max(max(s) for s in logged) == 24 and total <= 24 // 4 + len(logged) - 1, (seed, name, logged, points)
     assert json.loads((out / "metrics.json").read_text())["R"] == resumed["R"]
     # every run a killed process left RUNNING was closed by a later run, none is left dangling
-    experiments = [e.experiment_id for e in client.search_experiments()]
     running = client.search_runs(experiments, "attributes.status = 'RUNNING'")
     assert running == [], [(r.info.run_name, r.data.tags) for r in running]

@@ -35,14 +35,25 @@ def test_every_stage_maps_the_config_to_typed_inputs_and_returns_a_frozen_keywor
         assert list(inspect.signature(stage.run if not stage.launched else stage.run.body).parameters)[1] == "tracker"
 
 
-def _tasks(path: Path) -> list[ast.FunctionDef]:
+def _is_task(node: ast.expr) -> bool:
+    """``task``, ``prefect.task``, ``task(...)`` or ``prefect.task(...)``."""
+    if isinstance(node, ast.Call):
+        node = node.func
+    return (isinstance(node, ast.Name) and node.id == "task") or (
+        isinstance(node, ast.Attribute) and node.attr == "task"
+    )
+
+
+def _tasks(path: Path) -> list[ast.AST]:
+    """The functions a module makes Prefect tasks: decorated (bare or called), or wrapped as ``task(fn)``."""
     tree = ast.parse(path.read_text())
-    return [
+    decorated = [
         node
         for node in ast.walk(tree)
-        if isinstance(node, ast.FunctionDef)
-        and any(isinstance(d, ast.Call) and getattr(d.func, "id", "") == "task" for d in node.decorator_list)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and any(_is_task(d) for d in node.decorator_list)
     ]
+    wrapped = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and _is_task(node.func) and node.args]
+    return decorated + wrapped
 
 
 def test_flows_run_every_stage_through_the_one_prefect_task():
@@ -57,9 +68,9 @@ def test_flows_run_every_stage_through_the_one_prefect_task():
                 ]
         for fn in _tasks(path):
             if path.name != "tasks.py":
-                wrong.append(f"{path.name}: task {fn.name} outside flows/tasks.py")
+                wrong.append(f"{path.name}: task {getattr(fn, 'name', ast.unparse(fn))} outside flows/tasks.py")
     stage_tasks = [
-        fn.name
+        getattr(fn, "name", ast.unparse(fn))
         for fn in _tasks(ROOT / "flows" / "tasks.py")
         if any(isinstance(n, ast.Attribute) and n.attr == "run" for n in ast.walk(fn))
     ]

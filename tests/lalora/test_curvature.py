@@ -94,7 +94,13 @@ def test_mc_fisher_expectation_matches_exact_fisher_by_enumeration():
 
 
 def test_identity_is_unit_precision_and_reads_no_data(model):
-    est = build_estimator("identity").estimate(model, [])
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        est = build_estimator("identity").estimate(model, [padded_batch(), padded_batch(seed=1)])
+    finally:
+        hook.remove()
+    assert forwards == []
     for p in lora_parameters(model):
         assert_close(est.precision.to_state_dict()[p.name], torch.ones_like(p.param))
 

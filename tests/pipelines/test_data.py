@@ -246,7 +246,8 @@ def test_length_grouped_batches_cover_each_example_once_with_less_padding():
     assert tokens < sum(int(next(plain_stream)["input_ids"].numel()) for _ in range(8))
 
 
-def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
+def test_a_hub_dataset_offline_and_not_cached_is_one_line(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE with nothing in the cache (an unreachable hub itself: tests/flows/test_bad_input.py)."""
     import datasets.config
     import huggingface_hub.constants
 
@@ -257,5 +258,6 @@ def test_unreachable_hub_dataset_is_one_line(tmp_path, monkeypatch):
         DataError,
         match=r"^domain hub: cannot load dataset 'no-such-owner/no-such-dataset' split "
         r"'test': Couldn't reach 'no-such-owner/no-such-dataset' on the Hub",
-    ):
+    ) as e:
         load_domain(cfg, tmp_path)
+    assert "\n" not in str(e.value)

@@ -154,7 +154,18 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
     with pytest.raises(Killed):
         run_step(FINETUNE, cfg, 3, paths("resumed"), KillAt())
     assert "step00000002" in (Path(paths("resumed").checkpoint) / "latest").read_text()
-    resumed = run_step(FINETUNE, cfg, 3, paths("resumed"), NullTracker())
+
+    class Steps(NullTracker):
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, metrics, step=None):
+            if "train/loss" in metrics:
+                self.logged.append(step)
+
+    logged = Steps()
+    resumed = run_step(FINETUNE, cfg, 3, paths("resumed"), logged)
+    assert logged.logged == [4, 6, 8]  # from the checkpoint at step 2: a start from scratch logs step 2 too
     straight = run_step(FINETUNE, cfg, 3, paths("straight"), NullTracker())
     a = load_file(f"{resumed.adapter}/adapter_model.safetensors")
     b = load_file(f"{straight.adapter}/adapter_model.safetensors")

@@ -12,6 +12,7 @@ from pipelines.runtime.models import char_tokenizer
 from pipelines.scoring.extract import extract, is_correct, reference
 from pipelines.scoring.scorers import (
     choice_pairs,
+    context_limit,
     generate_texts,
     pair_loglikelihoods,
     score_generate,
@@ -152,8 +153,11 @@ def test_multiple_choice_contexts_are_cut_from_the_left_to_fit(model, tok):
     row = {"prompt": "z" * 80, "choices": ["a", "bb"], "label": 0}
     pairs = choice_pairs(tok, row, limit=64)
     assert all(len(c) + len(t) <= 64 and c == prompt_ids(tok, row["prompt"])[-(64 - len(t)) :] for c, t in pairs)
+    assert context_limit(model) == 64
     scored = score_multiple_choice(model, tok, [row], batch_size=2)  # the model's 64 positions apply by default
-    assert 0.0 <= scored["acc"] <= 1.0
+    manual = [manual_loglikelihood(model, c, t) for c, t in pairs]  # the cut pairs, as a manual loop scores them
+    assert scored["nll"] == pytest.approx(-manual[0] / len(pairs[0][1]), rel=1e-5)
+    assert scored["acc"] == float(max(range(2), key=lambda i: manual[i]) == 0)
 
 
 def test_perplexity_is_the_mean_target_token_nll(model, tok):

@@ -44,14 +44,14 @@ def test_equal_mappings_hash_equal_and_the_recorded_data_fingerprints_keep_their
 
 
 def test_pipelines_and_flows_write_and_hash_only_through_the_helpers():
-    """No os.replace and no hashlib outside pipelines/workspace.py (lalora/ keeps its own checkpoint commit: it
-    imports nothing of pipelines/)."""
+    """No os.replace or os.rename and no hashlib outside pipelines/workspace.py (lalora/ keeps its own checkpoint
+    commit: it imports nothing of pipelines/)."""
     found = []
     for package in ("pipelines", "flows"):
         for path in (ROOT / package).rglob("*.py"):
             if path.name == "workspace.py" and path.parent.name == "pipelines":
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if re.search(r"\bos\.replace\(|\bimport hashlib\b|\bhashlib\.", line):
+                if re.search(r"\bos\.(replace|rename)\(|\bimport hashlib\b|\bfrom hashlib\b|\bhashlib\.", line):
                     found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not found, "\n".join(found)
