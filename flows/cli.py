@@ -137,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--no-prefect", action="store_true", help="only the MLflow UI")
     init = sub.add_parser("init", help="write a starter config (the demo's, with its comments) as DIR/lalora.yaml")
     init.add_argument("dir", metavar="DIR", help="directory to write it in (created if missing)")
-    init.add_argument("--force", action="store_true", help="overwrite an existing DIR/lalora.yaml")
+    init.add_argument(
+        "--force", action="store_true", help="overwrite an existing starter (DIR/lalora.yaml, its schema, demo-base)"
+    )
     sub.add_parser("env", help="print the versions and platform a bug report needs, one line each")
     sch = sub.add_parser(
         "schema",
@@ -154,6 +156,25 @@ def _parser() -> argparse.ArgumentParser:
     base.add_argument("--out", required=True, metavar="DIR", help="a new (or empty) directory")
     base.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
+
+
+def out_problem(path: Path, flag: str = "--out", file: bool = False) -> str | None:
+    """Why ``path`` cannot be the directory (or, with ``file``, the file) a command writes, or None: it is a
+    file (a directory), or the nearest existing folder above it is a file or not writable."""
+    if path.exists():
+        if file and path.is_dir():
+            return f"{flag} {path}: is a directory; give a file path"
+        if not file and not path.is_dir():
+            return f"{flag} {path}: is a file; give a directory (new, or one of this command's earlier outputs)"
+        return None
+    above = path.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"{flag} {path}: {above} is a file, so nothing can be made under it; give another path"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"{flag} {path}: {above} is not writable here; give a path you can write"
+    return None
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -187,7 +208,10 @@ def cmd_base(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return fail(f"{e.source}: {e.errors[0]}")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    problem = out_problem(out)
+    if problem:
+        return fail(problem)
+    if out.exists() and any(out.iterdir()):
         return fail(f"{out}: exists and is not an empty directory (give a new one, or remove it first)")
     with tempfile.TemporaryDirectory(prefix="lalora-base-") as tmp, torch_threads(cfg.runtime.threads):
         try:
@@ -219,7 +243,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
     if args.out is None:
         print(text, end="")
         return 0
-    Path(args.out).write_text(text)
+    problem = out_problem(Path(args.out), file=True)
+    if problem:
+        return fail(problem)
+    try:
+        Path(args.out).write_text(text)
+    except OSError as e:
+        return fail(f"--out {args.out}: cannot be written ({e.strerror or e}); give a file path you can write")
     print(f"wrote the lineage config's JSON Schema to {args.out}")
     return 0
 
@@ -270,6 +300,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError:
             return fail(f"--fork {args.fork!r}: not a usable registered model name")
     out = Path(args.out or Path("runs") / Path(args.config).stem)
+    problem = out_problem(out)
+    if problem:
+        return fail(problem)
     prepare_environment()
     return report(lambda: _run(args, cfg, out))
 
@@ -489,16 +522,20 @@ def _sweep_axes(args: argparse.Namespace) -> list[Any]:
     grid = [parse_axis(g) for g in args.grid]
     if grid and args.lambdas is None and args.curvatures is None:
         return grid
+    given = "0,1,10,100" if args.lambdas is None else args.lambdas
     try:
-        lambdas = tuple(
-            AUTO if v.strip() == AUTO else float(v) for v in (args.lambdas or "0,1,10,100").split(",") if v.strip()
-        )
+        lambdas = tuple(AUTO if v.strip() == AUTO else float(v) for v in given.split(",") if v.strip())
     except ValueError:
+        lambdas = ()
+    if not lambdas:
         raise BadInput(
             f"--lambda {args.lambdas!r}: expected comma-separated numbers or auto, e.g. --lambda 0,1,10 "
             "or --lambda 0,auto"
-        ) from None
-    curvatures = tuple(c.strip() for c in (args.curvatures or "diag,identity").split(",") if c.strip())
+        )
+    given = "diag,identity" if args.curvatures is None else args.curvatures
+    curvatures = tuple(c.strip() for c in given.split(",") if c.strip())
+    if not curvatures:
+        raise BadInput(f"--curvature {args.curvatures!r}: no kind given; e.g. --curvature diag,kfac")
     unknown = [c for c in curvatures if c not in CURVATURES]
     if unknown:
         raise BadInput(
@@ -529,6 +566,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except BadInput as e:
         return fail(str(e))
     out = Path(args.out or Path("runs") / f"{Path(args.config).stem}-sweep")
+    problem = out_problem(out)
+    if problem:
+        return fail(problem)
     prepare_environment()
     return report(lambda: _sweep(args, cfg, out, axes, points, forgetting_on))
 
@@ -569,6 +609,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             "export needs the tracking store: set MLFLOW_TRACKING_URI or pass --tracking-uri "
             "(e.g. sqlite:///runs/demo/mlflow.db)"
         )
+    problem = out_problem(Path(args.out))
+    if problem:
+        return fail(problem)
     prepare_environment()
 
     def run() -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.registry import LineageRegistry
+from pipelines.config.schema import store_uri_problem
 from pipelines.errors import BadInput
 from pipelines.lineage.record import VersionRecord
 
@@ -42,10 +43,22 @@ def resolve(uri: str, model_uri: str) -> tuple[str, str, VersionRecord]:
             "(e.g. models:/lalora-demo@champion)"
         )
     name = m["name"]
+    problem = store_uri_problem(uri)
+    if problem:
+        raise BadInput(problem)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise BadInput(
+            f"no MLflow store at {uri}: the file does not exist (check --tracking-uri or MLFLOW_TRACKING_URI)"
+        )
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         model = client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            first = str(e).strip().splitlines()[0][:200]
+            raise BadInput(
+                f"the tracking store {uri} cannot be read: {first} (check --tracking-uri or MLFLOW_TRACKING_URI)"
+            ) from None
         raise BadInput(f"no registered model {name!r} in {uri} (check the name, or --tracking-uri)") from None
     try:
         v = (

@@ -152,6 +152,8 @@ class Lineage:
     @classmethod
     def open(cls, cfg: LineageConfig, config_path: str, out_dir: str, fork: str | None, lease: Any) -> Lineage:
         shared = Workspace(Path(out_dir).resolve())
+        if not fork:
+            _same_lineage(shared.root / "metrics.json", cfg.tracking.registered_model, out_dir)
         shared.root.mkdir(parents=True, exist_ok=True)
         uri = tracking_uri(cfg.tracking.mlflow_uri, shared.root)
         return cls(
@@ -191,6 +193,22 @@ class Lineage:
             f"Alias '{cfg.tracking.latest_alias}': the newest stage; '{cfg.promotion.alias}': the last version "
             f"the promotion gate accepted. Load: mlflow.pyfunc.load_model('models:/{self.model}@"
             f"{cfg.promotion.alias}')."
+        )
+
+
+def _same_lineage(metrics: Path, model: str, out_dir: str) -> None:
+    """An output directory holds one lineage: refuse a config that registers under another name there (its
+    stages, metrics.json and R.png would be overwritten)."""
+    if not metrics.is_file():
+        return
+    try:
+        recorded = json.loads(metrics.read_text()).get("registered_model")
+    except (json.JSONDecodeError, AttributeError):
+        return  # torn by a kill: the stages' own records decide
+    if recorded and recorded != model:
+        raise BadInput(
+            f"{out_dir} holds the lineage {recorded!r} and this config registers {model!r} "
+            f"(tracking.registered_model): give another --out, or --fork {model} to branch it from {recorded!r}"
         )
 
 

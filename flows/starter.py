@@ -49,13 +49,14 @@ class Starter:
 
 
 def write_starter(directory: Path, force: bool = False) -> Starter:
-    """``directory/lalora.yaml`` and ``directory/demo-base`` (the directory created); BadInput if the config exists
-    and ``force`` is not given."""
+    """``directory/lalora.yaml``, its schema and ``directory/demo-base`` (the directory created); BadInput if any of
+    them exists and ``force`` is not given."""
     starter = Starter(directory / STARTER_NAME, directory / "runs")
     if directory.exists() and not directory.is_dir():
         raise BadInput(f"{directory}: exists and is not a directory")
-    if starter.config.exists() and not force:
-        raise BadInput(f"{starter.config} already exists (pass --force to overwrite it)")
+    present = [p for p in (starter.config, directory / SCHEMA_NAME, directory / PACKAGED_BASE) if p.exists()]
+    if present and not force:
+        raise BadInput(f"{present[0]} already exists (pass --force to overwrite the starter's files)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         starter.config.write_text(starter_text(starter.config, starter.out))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from pipelines.errors import BadInput
 
@@ -16,6 +18,30 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, data: Any) -> Any:
+        """true/false (and YAML's yes/no/on/off) are not 1 and 0: a number field refuses them."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                key = field.alias if field.alias in data else name
+                if isinstance(data.get(key), bool) and _numeric_only(field.annotation):
+                    raise ValueError(
+                        f"{key} must be a number, got {str(data[key]).lower()} (YAML reads true/false/yes/no as "
+                        "booleans)"
+                    )
+        return data
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field of this type takes a number and no boolean (int, float, their optional or union forms)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return any(_numeric_only(a) for a in members) and not any(a in (bool, Any) for a in members)
+    return False
 
 
 NOT_IDENTITY: dict[str, Any] = {"identity": False}
@@ -39,6 +65,8 @@ def _lambda_value(value: Any) -> Any:
     """A lambda: 'auto' or a finite number >= 0, refused in one line (not one line per member of the union)."""
     if value == "auto":
         return value
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number >= 0 or 'auto', got {str(value).lower()}")
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -11,9 +11,10 @@ from pydantic import ValidationError
 
 from pipelines.config.base import ConfigError
 from pipelines.config.schema import LineageConfig
+from pipelines.errors import BadInput, expand_user
 
 
-def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(data: dict[str, Any], dotted: str, value: Any, flag: str = "--set") -> None:
     """Set the field at ``dotted`` (``a.b.0.c``) of a config's data; ConfigError naming a path that is not one."""
     keys = dotted.split(".")
     node: Any = data
@@ -21,17 +22,17 @@ def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
         if isinstance(node, list):
             if not key.isdigit() or int(key) >= len(node):
                 raise ConfigError(
-                    "--set", [f"{dotted}: {'.'.join(keys[: i + 1])} is not an index of a list of {len(node)}"]
+                    flag, [f"{dotted}: {'.'.join(keys[: i + 1])} is not an index of a list of {len(node)}"]
                 )
             node = node[int(key)]
         else:
             node = node.setdefault(key, {})
             if not isinstance(node, (dict, list)):
-                raise ConfigError("--set", [f"{dotted}: {'.'.join(keys[: i + 1])} is a value, not a section"])
+                raise ConfigError(flag, [f"{dotted}: {'.'.join(keys[: i + 1])} is a value, not a section"])
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
-            raise ConfigError("--set", [f"{dotted}: {last} is not an index of a list of {len(node)}"])
+            raise ConfigError(flag, [f"{dotted}: {last} is not an index of a list of {len(node)}"])
         node[int(last)] = value
     else:
         node[last] = value
@@ -69,7 +70,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Lineage
     if not p.is_file():
         raise ConfigError(str(path), ["file not found"])
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(_text(p)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -79,9 +80,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Lineage
     for text in overrides or []:
         key, value = parse_override(text)
         set_path(data, key, value)
-    _resolve_local_paths(data, p.parent)
-    if isinstance(data.get("catalogue"), str):
-        _append_catalogue(data, p.parent)
+    try:
+        _resolve_local_paths(data, p.parent)
+        if isinstance(data.get("catalogue"), str):
+            _append_catalogue(data, p.parent)
+    except ConfigError:
+        raise
+    except BadInput as e:  # a path that cannot be expanded
+        raise ConfigError(str(path), [str(e)]) from None
     if isinstance(data.get("deepspeed"), dict) and isinstance(data["deepspeed"].get("hostfile"), str):
         data["deepspeed"]["hostfile"] = str((p.parent / data["deepspeed"]["hostfile"]).resolve())
     try:
@@ -97,7 +103,7 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
     if not path.is_file():
         raise ConfigError(str(path), ["catalogue file not found"])
     try:
-        listed = yaml.safe_load(path.read_text()) or []
+        listed = yaml.safe_load(_text(path)) or []
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"invalid YAML: {getattr(e, 'problem', e)}"]) from None
     if isinstance(listed, dict):
@@ -106,7 +112,25 @@ def _append_catalogue(data: dict[str, Any], base: Path) -> None:
         raise ConfigError(str(path), ["a catalogue is a list of domains or a mapping with 'domains'"])
     extra = {"domains": listed}
     _resolve_local_paths(extra, path.parent)
-    data["domains"] = list(data.get("domains") or []) + extra["domains"]
+    data["domains"] = _listed(data, "domains") + extra["domains"]
+
+
+def _text(path: Path) -> str:
+    """A YAML file's text; one line where it is not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"]) from None
+
+
+def _listed(data: dict[str, Any], key: str) -> list[Any]:
+    """A section that must be a list (domains, probes), as one; any other value is named."""
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadInput(f"{key}: must be a list of domains, got {type(value).__name__} {value!r:.60}")
+    return list(value)
 
 
 def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
@@ -116,9 +140,9 @@ def _resolve_local_paths(data: dict[str, Any], base: Path) -> None:
         path = model["path"]
         # a directory beside the config is local; anything else stays as written (a hub id NAME or
         # NAMESPACE/NAME, or a path from the working directory as before)
-        if not Path(path).expanduser().is_absolute() and (base / path).is_dir():
+        if not expand_user(path, "model.path").is_absolute() and (base / path).is_dir():
             model["path"] = str((base / path).resolve())
-    domains = [data.get("source"), *(data.get("domains") or []), *(data.get("probes") or [])]
+    domains = [data.get("source"), *_listed(data, "domains"), *_listed(data, "probes")]
     for section, key, field in (("model", "pretrain", "extra_data"), ("training", "replay", "data")):
         node = data.get(section)
         node = node.get(key) if isinstance(node, dict) else None

@@ -354,6 +354,22 @@ class EvaluationConfig(Model):
     max_new_tokens: int = Field(12, gt=0, description="Greedy generation length limit.")
 
 
+MLFLOW_STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
+"""URI schemes (before any ``+driver``) of the stores MLflow keeps a model registry in; its file store does not."""
+
+
+def store_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` cannot be an MLflow store with a model registry, or None."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).scheme.split("+", 1)[0] in MLFLOW_STORE_SCHEMES:
+        return None
+    return (
+        f"{uri!r} is not an MLflow store with a model registry: give sqlite:///PATH, postgresql://HOST/DB "
+        "(or mysql://, mssql://), or http(s)://HOST:PORT of a tracking server"
+    )
+
+
 class TrackingConfig(Model):
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; empty: sqlite:///<out>/mlflow.db.")
     experiment: str = Field("lalora", min_length=1, description="MLflow experiment name.")
@@ -384,6 +400,9 @@ class TrackingConfig(Model):
                 "holds a password; secrets come only from the environment: drop it from the URI and "
                 "set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
             )
+        problem = store_uri_problem(v) if v else None
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("latest_alias")

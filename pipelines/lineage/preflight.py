@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines.config import DomainConfig, HubSource, LineageConfig, LocalSource
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, expand_user
 
 
 class PreflightError(BadInput):
@@ -44,11 +44,17 @@ def data_problems(cfg: LineageConfig) -> list[str]:
                 problems.append(
                     f"{where}.{field}.path: {src.path} not found (a local path is relative to the config file)"
                 )
-            elif isinstance(src, HubSource) and is_local_path(src.id) and not Path(src.id).expanduser().exists():
-                problems.append(
-                    f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
-                    "(give an existing dataset directory or a hub id such as openai/gsm8k)"
-                )
+            elif isinstance(src, HubSource) and is_local_path(src.id):
+                try:
+                    missing = not expand_user(src.id, f"{where}.{field}.id").exists()
+                except BadInput as e:
+                    problems.append(str(e))
+                    continue
+                if missing:
+                    problems.append(
+                        f"{where}.{field}.id: {src.id} is written as a local path but does not exist "
+                        "(give an existing dataset directory or a hub id such as openai/gsm8k)"
+                    )
     for where, d in _domains(cfg):
         if d.score.kind == "lm_eval":
             import importlib.util

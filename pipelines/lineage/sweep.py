@@ -95,9 +95,16 @@ def parse_axis(text: str) -> Axis:
     if not sep or not name.strip() or not values:
         raise BadInput(f"--grid {text!r}: expected FIELD=v1,v2,... e.g. --grid training.replay.fraction=0.1,0.3")
     try:
-        return Axis(name.strip(), tuple(yaml.safe_load(v) for v in values))
+        parsed = tuple(yaml.safe_load(v) for v in values)
     except yaml.YAMLError:
         raise BadInput(f"--grid {text!r}: a value is not valid YAML") from None
+    nested = [v for v in parsed if isinstance(v, list | dict)]
+    if nested:
+        raise BadInput(
+            f"--grid {text!r}: {nested[0]!r} is a list or mapping; a grid sweeps numbers, strings or booleans "
+            "(set a list or mapping with --set, one sweep per value)"
+        )
+    return Axis(name.strip(), parsed)
 
 
 def sweep_points(axes: list[Axis], seeds: int, first_seed: int = 0) -> list[SweepPoint]:
@@ -109,7 +116,9 @@ def sweep_points(axes: list[Axis], seeds: int, first_seed: int = 0) -> list[Swee
     if first_seed < 0:
         raise BadInput(f"--first-seed must be >= 0, got {first_seed}")
     for axis in axes:
-        if axis.field == LAMBDA and any(v != AUTO and (not isinstance(v, (int, float)) or v < 0) for v in axis.values):
+        if axis.field == LAMBDA and any(
+            v != AUTO and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0) for v in axis.values
+        ):
             raise BadInput(f"lambda values must be numbers >= 0 or auto, got {list(axis.values)}")
     fields_ = [a.field for a in axes]
     if len(set(fields_)) != len(fields_):
@@ -138,7 +147,7 @@ def point_config(base: LineageConfig, point: SweepPoint, tracking_uri: str, stag
     for name, value in point.settings:
         if name == CURVATURE:
             continue
-        set_path(data, name, value)
+        set_path(data, name, value, "--grid")
     if point.curvature != PLAIN and CURVATURE in dict(point.settings):
         kept = {k: v for k, v in base.lalora.curvature.model_dump().items() if k in ("fisher_type", "mc_samples")}
         set_path(data, "lalora.curvature", {"kind": point.curvature, **(kept if point.curvature != "identity" else {})})

@@ -10,7 +10,7 @@ import torch
 
 from lalora.checkpoint import file_sha256
 from pipelines.config import LoraSettings, ModelConfig, TinyModelConfig
-from pipelines.errors import BadInput
+from pipelines.errors import BadInput, expand_user
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHAR_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -60,14 +60,14 @@ class ModelError(BadInput):
 def is_local_path(path: str) -> bool:
     """Whether ``from_pretrained`` should read ``path`` from disk: it exists, or is written as a path
     (absolute, ``./``, ``../``, ``~``, or more than one ``/``; a hub id is ``name`` or ``namespace/name``)."""
-    return Path(path).expanduser().exists() or path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    return path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or Path(path).exists()
 
 
 def model_path_problem(path: str) -> str | None:
     """Why a local ``model.path`` cannot be a transformers model directory, or None."""
     if not is_local_path(path):
         return None
-    p = Path(path).expanduser()
+    p = expand_user(path, "model.path")
     if not p.exists():
         return (
             f"model.path {path}: no such directory; point it at a directory written by save_pretrained "
@@ -93,7 +93,7 @@ def weights_problem(path: str, sha256: str) -> str | None:
             f"model.sha256 is checked against a local directory's {WEIGHTS_FILE}; {path} is a hub id (drop "
             "model.sha256, or download the model and point model.path at it)"
         )
-    weights = Path(path).expanduser() / WEIGHTS_FILE
+    weights = expand_user(path, "model.path") / WEIGHTS_FILE
     if not weights.is_file():
         return (
             f"model.sha256: {path} holds no {WEIGHTS_FILE} to check (a sharded model cannot be checked; drop "
@@ -160,7 +160,16 @@ def meta_model(cfg: ModelConfig) -> Any | None:
                     model_path_problem(cfg.path) or f"model.path {cfg.path}: config.json is unreadable"
                 ) from None
             return None
-        return AutoModelForCausalLM.from_config(config)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:  # transformers: no causal-LM class for this config
+            raise ModelError(
+                f"model.path {cfg.path}: its config.json describes a {getattr(config, 'model_type', '?')!r} model, "
+                "which is not a causal language model (AutoModelForCausalLM cannot build it); point model.path at a "
+                "causal LM such as a Llama, Qwen or SmolLM2 directory"
+            ) from None
+        except RuntimeError as e:  # torch: the config's sizes cannot make tensors (a negative or zero dimension)
+            raise ModelError(f"model.path {cfg.path}: its config.json cannot build a model: {e}") from None
 
 
 def unmatched_targets(model: Any, targets: list[str]) -> str | None:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from flows.console import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED
 from pipelines.lineage.record import VersionRecord
 from tests.configs import ONE_DOMAIN, tiny
-from tests.conftest import run_lalora
+from tests.conftest import assert_one_line_error, run_lalora
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -28,15 +28,6 @@ def run_cli(tmp_path, text, overrides=(), out="out", extra=(), **env):
     for o in overrides:
         args += ["--set", o]
     return run_lalora(args, tmp_path, **env)
-
-
-def assert_one_line_error(output, fragment):
-    """No traceback anywhere; exactly one error line, the last one, holding ``fragment``."""
-    assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in output.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, errors
-    last = output.strip().splitlines()[-1]
-    assert last == errors[0] and last.startswith("lalora: error: ") and fragment in last, last
 
 
 def assert_nothing_registered(tmp_path, out="out", model="tiny-adapter"):
@@ -64,6 +55,18 @@ CONFIG_CASES = [
     ("unknown-curvature", ONE_DOMAIN, ["lalora.curvature.kind=kfaq"], "unknown kind 'kfaq'"),
     ("escaping-model-name", ONE_DOMAIN, ["tracking.registered_model=../x"], "is not a valid registered model name"),
     ("password-in-uri", ONE_DOMAIN, ["tracking.mlflow_uri=http://u:pw@h:5000"], "holds a password"),
+    ("store-not-mlflow", ONE_DOMAIN, ["tracking.mlflow_uri=bogus://x"], "'bogus://x' is not an MLflow store"),
+    ("boolean-steps", ONE_DOMAIN, ["training.steps=true"], "training: steps must be a number, got true"),
+    ("boolean-rank", ONE_DOMAIN, ["lora.r=yes"], "lora: r must be a number, got true"),
+    ("boolean-lambda", ONE_DOMAIN, ["lalora.lambda=true"], "lalora.lambda: must be a number >= 0 or 'auto', got true"),
+    ("domains-not-a-list", ONE_DOMAIN, ["domains=5"], "domains: must be a list of domains, got int 5"),
+    ("probes-not-a-list", ONE_DOMAIN, ["probes=3"], "probes: must be a list of domains, got int 3"),
+    (
+        "home-of-no-user",
+        ONE_DOMAIN,
+        ["model.path=~nosuchuser/m"],
+        "model.path ~nosuchuser/m: ~nosuchuser names no user's home directory here",
+    ),
 ]
 
 
@@ -84,6 +87,12 @@ def _jsonl(path: Path, rows):
 def _local(path, **fields):
     """The tiny lineage with its one domain read from a local file."""
     return tiny({"name": "one", "data": {"kind": "local", "path": path}, "eval_size": 4, **fields})
+
+
+def _model_dir(path: Path, config: dict) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
 
 
 def _data_case(tmp_path, kind):
@@ -119,6 +128,13 @@ def _data_case(tmp_path, kind):
     if kind == "model-path-without-config":
         (tmp_path / "not-a-model").mkdir()
         return ONE_DOMAIN, [f"model.path={tmp_path / 'not-a-model'}"], "not-a-model: holds no config.json"
+    if kind == "model-not-a-causal-lm":
+        vit = _model_dir(tmp_path / "vit", {"model_type": "vit"})
+        return ONE_DOMAIN, [f"model.path={vit}"], "its config.json describes a 'vit' model, which is not a causal"
+    if kind == "model-config-unbuildable":
+        sizes = {"hidden_size": -4, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+        bad = _model_dir(tmp_path / "bad", {"model_type": "llama", "vocab_size": 10, **sizes})
+        return ONE_DOMAIN, [f"model.path={bad}"], "its config.json cannot build a model: "
     if kind == "model-sha256-mismatch":  # the base is not the one the config names
         base = _local_base(tmp_path / "base")
         return ONE_DOMAIN, [f"model.path={base}", f"model.sha256={'f' * 64}"], f"not the configured {'f' * 64}"
@@ -134,8 +150,41 @@ DATA_CASES = [
     "no-matching-targets",
     "model-path-missing",
     "model-path-without-config",
+    "model-not-a-causal-lm",
+    "model-config-unbuildable",
     "model-sha256-mismatch",
 ]
+
+
+def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(ONE_DOMAIN.encode() + b"# \xff\n")
+    code, output = run_lalora(["run", str(cfg), "--out", str(tmp_path / "out")], tmp_path)
+    assert code == EXIT_BAD_INPUT, output[-3000:]
+    assert_one_line_error(output, f"{cfg}: not UTF-8 text (byte 0xff at offset {len(ONE_DOMAIN) + 2})")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "{cfg}", "--out", "{out}"],
+        ["sweep", "{cfg}", "--lambda", "0", "--curvature", "diag", "--out", "{out}"],
+        ["base", "{cfg}", "--out", "{out}"],
+        ["schema", "--out", "{out}/s.json"],
+    ],
+    ids=["run", "sweep", "base", "schema"],
+)
+def test_an_out_under_a_file_is_refused_before_any_work(tmp_path, command):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(ONE_DOMAIN)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    args = [a.format(cfg=cfg, out=keep / "out") for a in command]
+    code, output = run_lalora(args, tmp_path)
+    assert code == EXIT_BAD_INPUT, output[-3000:]
+    assert_one_line_error(output, f"{keep} is a file, so nothing can be made under it")
+    assert keep.read_text() == "mine"
 
 
 @pytest.mark.parametrize("kind", DATA_CASES)
@@ -144,6 +193,22 @@ def test_bad_data_or_model_fails_in_one_line_and_registers_nothing(tmp_path, kin
     code, output = run_cli(tmp_path, text, overrides)
     assert code == EXIT_BAD_INPUT, output[-3000:]
     assert_one_line_error(output, fragment)
+    assert_nothing_registered(tmp_path)
+
+
+def test_a_dataset_on_an_unreachable_hub_fails_in_one_line_and_registers_nothing(tmp_path):
+    """The hub refuses connections (HF_ENDPOINT on a closed loopback port): after the hub client's own retries
+    (which it reports as it goes), one line naming the dataset."""
+    from pipelines.runtime.distributed import free_port
+
+    hub = {"name": "one", "data": {"kind": "hub", "id": "no-such-owner/no-such-dataset", "split": "test"}}
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    code, output = run_cli(
+        tmp_path, tiny({**hub, "eval_size": 4}), HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_DATASETS_OFFLINE="0"
+    )
+    assert code == EXIT_BAD_INPUT, output[-3000:]
+    assert_one_line_error(output, "domain one: cannot load dataset 'no-such-owner/no-such-dataset' split 'test'")
+    assert "Couldn't reach 'no-such-owner/no-such-dataset' on the Hub" in output.strip().splitlines()[-1]
     assert_nothing_registered(tmp_path)
 
 

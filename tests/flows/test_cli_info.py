@@ -102,11 +102,28 @@ def test_init_refuses_an_existing_config_unless_forced(tmp_path):
     assert run_lalora(["init", str(tmp_path / "p")], tmp_path)[0] == 0
     written.write_text("# mine\n")
     code, out = run_lalora(["init", str(tmp_path / "p")], tmp_path)
-    assert (code, out) == (2, f"lalora: error: {written} already exists (pass --force to overwrite it)\n")
+    assert (code, out) == (
+        2,
+        f"lalora: error: {written} already exists (pass --force to overwrite the starter's files)\n",
+    )
     assert written.read_text() == "# mine\n"
     code, out = run_lalora(["init", str(tmp_path / "p"), "--force"], tmp_path)
     assert code == 0, out
     assert written.read_text().splitlines()[3:] == DEMO.read_text().splitlines()[3:]
+
+
+def test_init_keeps_a_starters_schema_or_base_left_without_its_config(tmp_path):
+    """Only the config removed: the schema and demo-base beside it are not silently replaced either."""
+    assert run_lalora(["init", str(tmp_path / "p")], tmp_path)[0] == 0
+    (tmp_path / "p" / "lalora.yaml").unlink()
+    schema = tmp_path / "p" / "lalora.schema.json"
+    schema.write_text("{}")
+    code, out = run_lalora(["init", str(tmp_path / "p")], tmp_path)
+    assert (code, out) == (
+        2,
+        f"lalora: error: {schema} already exists (pass --force to overwrite the starter's files)\n",
+    )
+    assert schema.read_text() == "{}" and not (tmp_path / "p" / "lalora.yaml").exists()
 
 
 def test_init_refuses_a_file_as_its_directory(tmp_path):

@@ -148,6 +148,9 @@ def test_export_without_merge_is_a_peft_adapter_folder(lineage, tmp_path):
         ("missing-version", "tiny-adapter has no version 9"),
         ("missing-model", "no registered model 'nope'"),
         ("non-empty-out", "exists and is not empty"),
+        ("out-under-a-file", "is a file, so nothing can be made under it"),
+        ("unsupported-store", "'bogus://x' is not an MLflow store with a model registry"),
+        ("missing-store", "the file does not exist (check --tracking-uri or MLFLOW_TRACKING_URI)"),
     ],
 )
 def test_export_refuses_bad_input_in_one_line(lineage, tmp_path, case, fragment):
@@ -162,7 +165,12 @@ def test_export_refuses_bad_input_in_one_line(lineage, tmp_path, case, fragment)
     if case == "non-empty-out":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    code, output = run_lalora(["export", uri, "--out", str(out), "--tracking-uri", result["mlflow_uri"]], tmp_path)
+    store = {"unsupported-store": "bogus://x", "missing-store": f"sqlite:///{tmp_path / 'none' / 'mlflow.db'}"}
+    if case == "out-under-a-file":
+        (tmp_path / "file").write_text("mine")
+        out = tmp_path / "file" / "out"
+    args = ["export", uri, "--out", str(out), "--tracking-uri", store.get(case, result["mlflow_uri"])]
+    code, output = run_lalora(args, tmp_path)
     assert code == 2 and "Traceback" not in output, output[-3000:]
     lines = output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lalora: error: ") and fragment in lines[0], lines
@@ -170,3 +178,4 @@ def test_export_refuses_bad_input_in_one_line(lineage, tmp_path, case, fragment)
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
         assert not out.exists()
+    assert not (tmp_path / "none").exists()  # a missing SQLite store is not created empty

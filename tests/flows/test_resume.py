@@ -7,10 +7,10 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
 from flows.lineage_flow import lineage_flow
 from pipelines.lineage.record import VersionRecord
 from tests.configs import tiny
+from tests.conftest import assert_one_line_error, run_lalora
 from tests.flows.stores import clone
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
@@ -89,14 +89,15 @@ def test_every_run_records_what_can_change_its_numbers(lineage):
     assert {k.removeprefix("environment."): v for k, v in params.items() if k.startswith("environment.")} == env
 
 
-def test_rerun_of_a_finished_lineage_records_and_computes_nothing(lineage, capsys):
+def test_rerun_of_a_finished_lineage_records_and_computes_nothing(lineage):
     root, first = lineage
     client = _client(first["mlflow_uri"])
     runs_before = len(_runs(client))
     adapter = root / "out" / "stages" / "02-two" / "adapter" / "adapter_model.safetensors"
     mtime = adapter.stat().st_mtime_ns
-    assert main(["run", str(root / "tiny.yaml"), "--out", str(root / "out")]) == 0
-    assert "is up to date: 2 stages recorded, nothing run" in capsys.readouterr().out
+    code, out = run_lalora(["run", str(root / "tiny.yaml"), "--out", str(root / "out")], root)
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+    assert "is up to date: 2 stages recorded, nothing run" in out
     result = json.loads((root / "out" / "metrics.json").read_text())
     assert result["stages_run"] == [] and result["stages_skipped"] == [1, 2]
     assert result["R"] == first["R"] and result["versions"] == ["1", "2"]
@@ -105,20 +106,37 @@ def test_rerun_of_a_finished_lineage_records_and_computes_nothing(lineage, capsy
     assert adapter.stat().st_mtime_ns == mtime
 
 
-def test_changed_finished_stage_is_refused_in_one_line_and_nothing_is_recorded(lineage, capsys):
+def test_changed_finished_stage_is_refused_in_one_line_and_nothing_is_recorded(lineage):
     root, first = lineage
     client = _client(first["mlflow_uri"])
     runs_before = len(_runs(client))
-    code = main(["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "domains.1.data.size=90"])
-    assert code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("lalora: error: the config of finished stage 2 (two, version 2) changed")
+    args = ["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "domains.1.data.size=90"]
+    code, output = run_lalora(args, root)
+    assert code == 2, output[-3000:]
+    assert_one_line_error(output, "lalora: error: the config of finished stage 2 (two, version 2) changed")
+    last = output.strip().splitlines()[-1]
     assert "domains.1.data.size: 80 -> 90" in last and "--fork NAME" in last
     assert len(_versions(client, "tiny-adapter")) == 2 and len(_runs(client)) == runs_before
     assert _aliases(client, "tiny-adapter") == {"newest": "2", "champion": "2"}
 
 
-def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
+def test_another_registered_model_in_the_same_out_is_refused_and_nothing_is_overwritten(lineage):
+    """An output directory holds one lineage: a config registering under another name there would retrain into
+    its stages and overwrite its metrics.json; it is refused in one line (--fork is the way to branch)."""
+    root, first = lineage
+    client = _client(first["mlflow_uri"])
+    metrics = (root / "out" / "metrics.json").read_bytes()
+    runs_before = len(_runs(client))
+    args = ["run", str(root / "tiny.yaml"), "--out", str(root / "out"), "--set", "tracking.registered_model=other"]
+    code, output = run_lalora(args, root)
+    assert code == 2, output[-3000:]
+    assert_one_line_error(output, "holds the lineage 'tiny-adapter' and this config registers 'other'")
+    assert "--fork other" in output.strip().splitlines()[-1]
+    assert (root / "out" / "metrics.json").read_bytes() == metrics and len(_runs(client)) == runs_before
+    assert "other" not in [m.name for m in client.search_registered_models()]
+
+
+def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage):
     root, first = lineage
     client = _client(first["mlflow_uri"])
     argv = [
@@ -131,8 +149,8 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
         "--fork",
         "tiny-fork",
     ]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
+    code, out = run_lalora(argv, root)
+    assert code == 0 and "Traceback" not in out, out[-3000:]
     assert "ran stage(s) 2" in out and "skipped finished stage(s) 1" in out
     original = _versions(client, "tiny-adapter")
     forked = _versions(client, "tiny-fork")
@@ -146,8 +164,9 @@ def test_fork_starts_a_new_lineage_from_the_changed_stage(lineage, capsys):
     )
     assert (root / "out" / "forks" / "tiny-fork" / "metrics.json").is_file()
     assert json.loads((root / "out" / "metrics.json").read_text())["registered_model"] == "tiny-adapter"
-    assert main(argv) == 0  # the fork is a lineage like any other: a rerun resumes it
-    assert "is up to date" in capsys.readouterr().out and len(_versions(client, "tiny-fork")) == 2
+    code, out = run_lalora(argv, root)  # the fork is a lineage like any other: a rerun resumes it
+    assert code == 0 and "is up to date" in out, out[-3000:]
+    assert len(_versions(client, "tiny-fork")) == 2
 
 
 PROBE = {

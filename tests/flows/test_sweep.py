@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from flows.cli import main
 from tests.configs import TINY, tiny
+from tests.conftest import run_lalora
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -58,6 +59,9 @@ def test_the_base_is_pretrained_once_and_each_point_registers_its_own_model(swep
     assert names == ["tiny-adapter-diag-lambda5-seed0", "tiny-adapter-plain-lambda0-seed0"]
     bases = [json.loads((p / "base" / "lalora_base.json").read_text()) for p in (swept / "points").iterdir()]
     assert len(bases) == 2 and bases[0] == bases[1]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    pretrained = [r for r in client.search_runs(experiments) if "base.params" in r.data.params]
+    assert len(pretrained) == 1  # only a pretraining logs base.params: the second point reused the first's base
 
 
 def test_sweep_bad_input_is_one_line(tmp_path, capsys):
@@ -73,19 +77,39 @@ def test_sweep_bad_input_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "lalora: error: --stages must be between 1 and 2 (the config's domains), got 5"
     )
+    cases = [
+        (["--lambda", ""], "lalora: error: --lambda '': expected comma-separated numbers or auto"),
+        (["--curvature", ""], "lalora: error: --curvature '': no kind given"),
+        (["--grid", "lora.target_modules=[q_proj]"], "['q_proj'] is a list or mapping; a grid sweeps numbers"),
+        (["--grid", "lalora.lambda=true"], "lambda values must be numbers >= 0 or auto, got [True]"),
+        (["--grid", "domains.9.name=a"], "lalora: error: --grid: domains.9.name: domains.9 is not an index"),
+        (["--out", str(cfg)], f"lalora: error: --out {cfg}: is a file; give a directory"),
+    ]
+    for args, fragment in cases:  # refused before any lineage starts (no default sweep in place of an empty flag)
+        assert main(["sweep", str(cfg), *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (args, err)
 
 
-def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept, capsys):
+def test_rerun_of_a_finished_sweep_reports_the_recorded_lineages_without_running_them(swept):
     before = json.loads((swept / "sweep.json").read_text())
+    client = MlflowClient(before["mlflow_uri"], registry_uri=before["mlflow_uri"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs_before = {r.info.run_id for r in client.search_runs(experiments)}
+    adapters = sorted((swept / "points").glob("*/stages/*/adapter/adapter_model.safetensors"))
+    mtimes = [a.stat().st_mtime_ns for a in adapters]
     cfg = swept.parent / "tiny.yaml"
-    assert (
-        main(["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]) == 0
-    )
+    args = ["sweep", str(cfg), "--lambda", "0,5", "--curvature", "diag", "--stages", "1", "--out", str(swept)]
+    code, out = run_lalora(args, swept.parent)
+    assert code == 0 and "Traceback" not in out, out[-3000:]
+    assert "| plain | 0 | 1 |" in out and "| diag | 5 | 1 |" in out and "sweep of 2 lineages" in out
     after = json.loads((swept / "sweep.json").read_text())
     assert [(r["curvature"], r["learning"], r["forgetting"]) for r in after["rows"]] == [
         (r["curvature"], r["learning"], r["forgetting"]) for r in before["rows"]
     ]
-    client = MlflowClient(after["mlflow_uri"], registry_uri=after["mlflow_uri"])
+    new = [r for r in client.search_runs(experiments) if r.info.run_id not in runs_before]
+    assert [r.data.tags.get("lalora.sweep") for r in new] == ["tiny"]  # the rerun's own sweep run, nothing else
+    assert len(adapters) == 2 and [a.stat().st_mtime_ns for a in adapters] == mtimes
     assert all(len(client.search_model_versions(f"name = '{m.name}'")) == 1 for m in client.search_registered_models())
 
 
