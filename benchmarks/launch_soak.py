@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     ap.add_argument("--world-size", type=int, default=2)
     ap.add_argument("--keep", default=None, help="a folder for the output of every failed launch")
-    ap.add_argument("--json", action="store_true", help="also write benchmarks/results/launch_soak-<date>.json")
+    ap.add_argument("--json", action="store_true", help="also write benchmarks/results/cpu-<date>/launch-soak.json")
     args = ap.parse_args(argv)
 
     from pipelines.config import LineageConfig
