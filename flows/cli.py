@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from flows import version
-from flows.console import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_LOCKED, fail, prepare_environment, report
+from flows.console import (
+    EXIT_BAD_INPUT,
+    EXIT_DIVERGED,
+    EXIT_LOCKED,
+    fail,
+    prepare_environment,
+    report,
+    start_local_api,
+)
 from pipelines.errors import BadInput
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DIVERGED", "EXIT_LOCKED", "main"]
@@ -317,6 +325,7 @@ def _run(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     t0 = time.perf_counter()
     # one writer per lineage: see flows/lease.py
     with hold(lineage_locks(cfg, out, args.fork), wait=args.wait, timeout=cfg.orchestration.lock_timeout_seconds):
+        start_local_api()
         result = lineage_flow(str(args.config), str(out), list(args.overrides), fork=args.fork)
     _print_result(result, cfg, out / "forks" / args.fork if args.fork else out, out, time.perf_counter() - t0)
     return 0
@@ -582,6 +591,7 @@ def _sweep(
     from flows.sweep_flow import sweep_flow
 
     print(f"sweep {cfg.name!r}: {len(points)} lineages ({', '.join(p.label for p in points)})", file=sys.stderr)
+    start_local_api()
     t0 = time.perf_counter()
     summary = sweep_flow(
         str(args.config),

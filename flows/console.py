@@ -16,6 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
@@ -86,6 +87,46 @@ def keep_run_failures_off_the_console() -> None:
             isinstance(f, _ReportedByCommand) for f in handler.filters
         ):
             handler.addFilter(_ReportedByCommand())
+
+
+def start_local_api(attempts: int = 5) -> Any | None:
+    """Where no Prefect server is named (PREFECT_API_URL), start this process's ephemeral one on a port the OS
+    hands out, and make sure the server that answers is this process's own before any flow uses it.
+
+    Prefect's own start picks a random port of 8000-8999 and takes the first answer to its health check as its
+    server's: two runs starting together on one host can pick the same port, and then the one whose server
+    failed to bind runs its whole lineage against the other's API, and crashes when that run ends and takes its
+    server with it. The server started here is the one Prefect's clients in this process use (its port-keyed
+    singleton's default entry, as prefect_test_harness registers its own). None where a server is named."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    import psutil
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from pipelines.runtime.distributed import free_port
+
+    for _ in range(attempts):
+        server = SubprocessASGIServer(port=free_port())
+        server.start()
+        process = server.server_process
+        if server.port is not None and process is not None and _listens(process.pid, server.port, psutil):
+            SubprocessASGIServer._instances[None] = server
+            return server
+        server.stop()  # another process's server answered on that port: ours never bound it
+    raise RuntimeError(f"no ephemeral Prefect server of this process answered after {attempts} ports")
+
+
+def _listens(pid: int, port: int, psutil: Any) -> bool:
+    """Whether process ``pid`` (or a child of it) listens on 127.0.0.1:``port``."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            for p in procs
+            for c in p.net_connections(kind="tcp")
+        )
+    except psutil.Error:
+        return False
 
 
 def bad_input_types() -> tuple[type[BaseException], ...]:
