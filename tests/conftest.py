@@ -11,6 +11,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from pipelines.tracker import NullTracker
+
 VOCAB = 11
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers share the cores: one torch thread each (and children)
@@ -142,3 +144,14 @@ def run_until_then_sigkill(
             if proc.poll() is None:
                 proc.kill()
     return proc
+
+
+class LossSteps(NullTracker):
+    """A tracker that keeps the steps at which the training loss was logged (what a resumed fine-tune trained)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int | None] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "train/loss" in metrics:
+            self.steps.append(step)

@@ -10,7 +10,7 @@ from lalora import DiagPrecision, LaplacePenalty, Prior, build_estimator, lora_p
 from pipelines.config import DeepSpeedConfig
 from pipelines.runtime.engine import DivergenceError, train
 from pipelines.tracker import NullTracker
-from tests.conftest import child_env, padded_batch, tiny_lora_model
+from tests.conftest import LossSteps, child_env, padded_batch, tiny_lora_model
 
 pytestmark = pytest.mark.slow  # a real flow, DeepSpeed engine or subprocess: make test, not test-fast
 
@@ -299,14 +299,6 @@ def test_a_latest_file_left_empty_by_a_kill_resumes_from_the_newest_checkpoint(t
     empty. The next run resumes from the newest tag (not from scratch, not a crash) and ends where an
     uninterrupted run ends."""
 
-    class Steps(NullTracker):
-        def __init__(self):
-            self.logged = []
-
-        def log_metrics(self, metrics, step=None):
-            if "train/loss" in metrics:
-                self.logged.append(step)
-
     def fit(steps, ckpt, tracker=None):
         model = tiny_lora_model(seed=0).train()
         params = lora_parameters(model)
@@ -330,9 +322,9 @@ def test_a_latest_file_left_empty_by_a_kill_resumes_from_the_newest_checkpoint(t
     whole = fit(8, tmp_path / "whole")
     fit(4, tmp_path / "cut")  # stops after its checkpoint at step 4
     (tmp_path / "cut" / "latest").write_text("")  # as a kill while DeepSpeed rewrote it leaves it
-    logged = Steps()
+    logged = LossSteps()
     resumed = fit(8, tmp_path / "cut", logged)
-    assert logged.logged == [8]  # resumed after step 4: a start from scratch would log step 4 too
+    assert logged.steps == [8]  # resumed after step 4: a start from scratch would log step 4 too
     assert (tmp_path / "cut" / "latest").read_text().strip() == "step00000008"
     for name, value in whole.items():
         assert_close(resumed[name], value, rtol=0, atol=0)

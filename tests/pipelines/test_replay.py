@@ -13,6 +13,7 @@ from pipelines.data.replay import mixed_batches, replay_pool, replay_rows, repla
 from pipelines.data.sources import load_domain
 from pipelines.data.tokens import Encoded
 from pipelines.lineage.plan import sha256_json, stage_config, stage_keys
+from tests.conftest import LossSteps
 
 CFG = {
     "source": {"name": "src", "data": {"kind": "generator", "op": "copy", "size": 60}, "eval_size": 10},
@@ -155,17 +156,9 @@ def test_a_resumed_stage_with_replay_equals_an_uninterrupted_one(tmp_path):
         run_step(FINETUNE, cfg, 3, paths("resumed"), KillAt())
     assert "step00000002" in (Path(paths("resumed").checkpoint) / "latest").read_text()
 
-    class Steps(NullTracker):
-        def __init__(self):
-            self.logged = []
-
-        def log_metrics(self, metrics, step=None):
-            if "train/loss" in metrics:
-                self.logged.append(step)
-
-    logged = Steps()
+    logged = LossSteps()
     resumed = run_step(FINETUNE, cfg, 3, paths("resumed"), logged)
-    assert logged.logged == [4, 6, 8]  # from the checkpoint at step 2: a start from scratch logs step 2 too
+    assert logged.steps == [4, 6, 8]  # from the checkpoint at step 2: a start from scratch logs step 2 too
     straight = run_step(FINETUNE, cfg, 3, paths("straight"), NullTracker())
     a = load_file(f"{resumed.adapter}/adapter_model.safetensors")
     b = load_file(f"{straight.adapter}/adapter_model.safetensors")
