@@ -52,7 +52,7 @@ MIB = 2**20
 
 
 def rss_kib(field: str) -> int:
-    """VmRSS or VmHWM of this process, KiB."""
+    """VmRSS, VmHWM, RssAnon (heap) or RssFile (mapped files: code pages) of this process, KiB."""
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
@@ -255,8 +255,9 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         world_size=args.world_size,
         precision="bf16" if args.dtype == "bfloat16" else "fp32",
         gradient_clipping=1.0,
+        persistence_threshold=args.persistence_threshold,
     )
-    rss0 = rss_kib("VmRSS")
+    rss0, anon0, file0 = rss_kib("VmRSS"), rss_kib("RssAnon"), rss_kib("RssFile")
     reset_peak()
     gpu_reset()
     t0 = time.perf_counter()
@@ -281,7 +282,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     curvature_s = time.perf_counter() - t0
     precision_peak, precision_gpu = rss_kib("VmHWM"), gpu_peak()
     between, models_between = live_tensor_bytes(), live_models()
-    rss1 = rss_kib("VmRSS")
+    rss1, anon1, file1 = rss_kib("VmRSS"), rss_kib("RssAnon"), rss_kib("RssFile")
     reset_peak()
     gpu_reset()
     start = time.perf_counter()
@@ -316,6 +317,10 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         "peak_gpu": max(precision_gpu, finetune_gpu) if finetune_gpu is not None else None,
         "finetune_peak_gpu": finetune_gpu,
         "rss_between_steps": rss1 / 1024,
+        "rss_between_steps_anon": anon1 / 1024,  # what is left of the curvature step: heap, and code pages mapped
+        "rss_between_steps_file": file1 / 1024,
+        "rss_start_anon": anon0 / 1024,
+        "rss_start_file": file0 / 1024,
         "finetune_peak_rss": finetune_peak / 1024,
         "live_tensor_between_steps": between / MIB,
         "live_tensor_after_last_step": clock.live / MIB,
@@ -330,6 +335,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         "final_loss": result.final_loss,
         "final_penalty": result.final_penalty,
         "curvature_step_s": curvature_s,
+        "persistence_threshold": ds.persistence_threshold,  # the engine's is at least the largest LoRA matrix's
         **_throughput(clock.times, start, args.warmup, per_step),
         "tokens_per_s_all_steps": result.tokens_per_second * size,
     }  # the loop's own clock (its load excluded)
@@ -367,7 +373,7 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
         *(
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
-            if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype")
+            if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype", "persistence_threshold")
         ),
     ]
     env = {
@@ -417,6 +423,9 @@ def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
         "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
         "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"])
         / (plain["peak_rss"] - plain["rss_start"]),
+        # what the fine-tune itself adds over the RSS the curvature step left, against what plain's training adds
+        "zero3_finetune_rss_growth_vs_plain": (ours["finetune_peak_rss"] - ours["rss_between_steps"])
+        / (plain["peak_rss"] - plain["rss_start"]),
         "zero3_live_tensors_vs_plain_plus_penalty": ours["live_tensor_after_last_step"]
         / (plain["live_tensor_after_last_step"] + penalty_mib),
     }
@@ -449,6 +458,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    ap.add_argument(
+        "--persistence-threshold",
+        type=int,
+        default=100_000,
+        help="ours: deepspeed.persistence_threshold (default DeepSpeed's 100,000; 0: partition every base matrix)",
+    )
     ap.add_argument("--curvature", default="diag", help="our curvature kind")
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' weights and math")
@@ -491,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "world_size": args.world_size,
         "curvature": args.curvature,
+        "persistence_threshold": args.persistence_threshold,
         "torch_threads": torch.get_num_threads(),
         "memory_unit": "MiB",
     }

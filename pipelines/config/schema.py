@@ -332,6 +332,15 @@ class DeepSpeedConfig(Model):
         "the ranks (fine-tune and curvature) and the LoRA matrices kept whole on "
         "every rank, where the penalty and the curvature read them.",
     )
+    persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="At ZeRO-3, parameters of at most this many elements stay whole on every rank (DeepSpeed's "
+        "stage3_param_persistence_threshold, its default): gathered once, not every step. The LoRA matrices "
+        "stay whole whatever it is (the threshold used is at least the largest of them); 0 partitions every "
+        "base matrix larger than them.",
+        json_schema_extra=NOT_IDENTITY,
+    )
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision inside the engine.")
     gradient_clipping: float = Field(1.0, ge=0, description="Global gradient-norm clip (0: off).")
     world_size: int = Field(

@@ -126,6 +126,7 @@ def memory_line(cfg: LineageConfig) -> str | None:
         ),
         default=0,
     )
+    whole_below = max(whole_below, cfg.deepspeed.persistence_threshold)
     ranks, zero3 = cfg.deepspeed.world_size, cfg.deepspeed.zero_stage == 3
     whole = per_rank = 0
     for p in model.parameters():

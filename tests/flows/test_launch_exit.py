@@ -79,7 +79,7 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
     monkeypatch.setenv("LALORA_EXIT_RECORDS", str(records))
     base, anchor = tiny_base(tmp_path)
-    cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": 2, "zero_stage": 3}})
+    cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": 2, "zero_stage": 3, "persistence_threshold": 0}})
     precision = None
     shm = Path("/dev/shm")
     for step in ("precision", "finetune"):
@@ -133,7 +133,7 @@ def test_world_size_two_lineage_with_a_rank_killed_retries_and_ends_as_an_uninte
             "one",
             name="ws2",
             model={"pretrain": {"steps": 10}},
-            deepspeed={"world_size": 2, "zero_stage": 3},
+            deepspeed={"world_size": 2, "zero_stage": 3, "persistence_threshold": 0},
             orchestration={"launch_retries": 1, "retry_delay_seconds": 0},
             tracking={"experiment": "ws2", "registered_model": "ws2-adapter"},
         )

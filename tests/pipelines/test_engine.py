@@ -116,6 +116,28 @@ def test_a_zero3_engine_leaves_torchs_linear_as_it_found_it():
     assert torch.nn.functional.linear is torch._C._nn.linear
 
 
+@pytest.mark.parametrize("threshold", [100_000, 0])
+def test_zero3_keeps_the_lora_matrices_and_what_is_under_the_threshold_whole(threshold):
+    """A real ZeRO-3 engine: DeepSpeed's default threshold keeps the tiny base's small matrices whole (as a plain
+    ZeRO-3 engine does: nothing to gather every step); at 0 every base matrix larger than a LoRA matrix is
+    partitioned, and the LoRA matrices stay whole either way (the penalty reads them)."""
+    from pipelines.runtime.engine import deepspeed_config, partitioned
+
+    ds = DeepSpeedConfig(zero_stage=3, persistence_threshold=threshold)
+    model = tiny_lora_model(seed=0)
+    lora = [p.param for p in lora_parameters(model)]
+    largest = max(p.numel() for p in lora)
+    assert deepspeed_config(ds, 4, largest)["zero_optimization"]["stage3_param_persistence_threshold"] == max(
+        threshold, largest
+    )
+    with partitioned(model, ds, lora) as module:
+        persist = {name: p.ds_persist for name, p in module.named_parameters()}
+        assert all(persist[name] for name, p in module.named_parameters() if p.requires_grad)
+        bigger = [name for name, p in module.named_parameters() if p.ds_numel > largest]
+        assert bigger  # the tiny base has matrices larger than its LoRA matrices, all under 100,000 elements
+        assert all(persist[name] == (threshold > 0) for name in bigger), persist
+
+
 def test_non_finite_loss_stops_the_stage():
     model = tiny_lora_model(seed=0).train()
     params = lora_parameters(model)

@@ -55,7 +55,8 @@ def _cfg(world_size: int, zero_stage: int = 0, kind: str = "diag") -> LineageCon
         {
             **CONFIG,
             "lalora": {**CONFIG["lalora"], "curvature": {"kind": kind}},
-            "deepspeed": {"world_size": world_size, "zero_stage": zero_stage},
+            # 0: the tiny base's matrices (under DeepSpeed's default threshold) partitioned at ZeRO-3 all the same
+            "deepspeed": {"world_size": world_size, "zero_stage": zero_stage, "persistence_threshold": 0},
         }
     )
 
