@@ -79,7 +79,9 @@ def test_every_launched_rank_destroys_its_group_and_exits_zero(tmp_path, monkeyp
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
     monkeypatch.setenv("LALORA_EXIT_RECORDS", str(records))
     base, anchor = tiny_base(tmp_path)
-    cfg = LineageConfig.model_validate({**CONFIG, "deepspeed": {"world_size": 2, "zero_stage": 3, "persistence_threshold": 0}})
+    cfg = LineageConfig.model_validate(
+        {**CONFIG, "deepspeed": {"world_size": 2, "zero_stage": 3, "persistence_threshold": 0}}
+    )
     precision = None
     shm = Path("/dev/shm")
     for step in ("precision", "finetune"):
