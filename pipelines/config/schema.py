@@ -219,7 +219,13 @@ class LaLoRAConfig(Model):
     samples: int = Field(
         SAMPLES, gt=0, description="Curvature sequences per domain, N_s (our default; small proxy sets suffice)."
     )
-    batch_size: int = Field(32, gt=0, description="Sequences per curvature batch.")
+    batch_size: int = Field(
+        32,
+        gt=0,
+        description="Sequences per curvature batch. Over several ranks each rank runs whole batches of this size "
+        "in turn (training.batch_size is split across them instead), so it sets the curvature pass's activation "
+        "memory on every rank.",
+    )
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior precision tau per matrix kind.")
     accumulate: AccumulationConfig = Field(
         default_factory=AccumulationConfig, description="How domains' curvature combines."
