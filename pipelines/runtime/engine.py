@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -155,18 +156,26 @@ def release_freed_memory() -> None:
     allocator's free blocks, and on glibc the C heap's free pages (``malloc_trim``: measured on the CPU,
     440 MiB of a curvature step's activations and gathered weights were still resident at the fine-tune's
     start without it, benchmarks/zero3_anchor.py). Where a libc has no ``malloc_trim`` that part is skipped."""
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    name = ctypes.util.find_library("c")
-    if name:
-        trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` from the process's own symbols (no library search, no subprocess), or None."""
+    import ctypes
+
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):  # another libc (musl, macOS), or no dlopen(NULL) (Windows)
+        return None
+    return trim
 
 
 def _drop_zero3_references(modules: set[int]) -> None:
