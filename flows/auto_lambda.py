@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from flows.runs import RunRef, end_run
 from flows.tasks import Timed, fetch_task, initial_adapter, scores, stage_task
 from pipelines.lineage import auto, plan
+from pipelines.lineage.preflight import budget_line
 from pipelines.stages.steps import FINETUNE, Job
 from pipelines.workspace import StepPaths, write_json_atomic
 
@@ -72,6 +73,9 @@ def search(
     stage_steps = cfg.stage_training(t).steps
     steps = max(1, round(stage_steps * settings.trial_share))
     folder = Path(paths.out) / "auto"
+    resolution = budget_line(cfg)
+    if resolution:
+        log.info("stage %d (%s): %s", t, key.domain, resolution)
     trials = _recorded_trials(lx, folder, key, run)
     while (lam := auto.next_lambda(trials, settings, budget, warm)) is not None:
         trials.append(_trial(lx, base_path, key, paths, run, (val_rows, higher_is_better), len(trials) + 1, lam, steps))

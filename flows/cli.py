@@ -271,7 +271,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate_one(config: str, overrides: list[str]) -> int:
     from pipelines.config import ConfigError, load_config
-    from pipelines.lineage.preflight import memory_line, preflight
+    from pipelines.lineage.preflight import budget_line, memory_line, preflight
 
     try:
         cfg = load_config(config, overrides)
@@ -289,9 +289,9 @@ def _validate_one(config: str, overrides: list[str]) -> int:
         f"{config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
         f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})"
     )
-    memory = memory_line(cfg)
-    if memory:
-        print(f"{config}: {memory}")
+    for line in (memory_line(cfg), budget_line(cfg)):
+        if line:
+            print(f"{config}: {line}")
     return 0
 
 

@@ -142,6 +142,32 @@ def memory_line(cfg: LineageConfig) -> str | None:
     )
 
 
+def budget_line(cfg: LineageConfig) -> str | None:
+    """With lambda auto: the forgetting budget in validation rows of each budgeted column scored by accuracy
+    (a row is 1 / val_size of its score), and, where that is under 2 rows, that one row flipping by chance
+    (sampling, not lambda) is over half the budget. None without a searching stage or such a column."""
+    if not cfg.searches:
+        return None
+    budget, named = cfg.budget, cfg.lalora.auto.columns
+    rows = {
+        d.name: (budget * d.val_size, d.val_size)
+        for d in cfg.eval_domains
+        if (named is None or d.name in named) and d.score.kind in ("generate", "multiple_choice") and d.val_size
+    }
+    if not rows:
+        return None
+    each = ", ".join(f"{n} {r:.3g} of {v}" for n, (r, v) in rows.items())
+    line = f"lambda auto: the forgetting budget {budget:g} in validation rows: {each}"
+    coarse = {n: r for n, (r, _) in rows.items() if r < 2}
+    if coarse:
+        share = ", ".join(f"{n} {100 / r:.0f}%" for n, r in coarse.items())
+        line += (
+            f"; one row is over half the budget ({share}): a row flipping by chance, not lambda, decides a "
+            "trial there; raise val_size or the budget"
+        )
+    return line
+
+
 def preflight(cfg: LineageConfig) -> list[str]:
     """Every problem that can be known without training, one line each (empty: none)."""
     return model_problems(cfg) + data_problems(cfg)

@@ -255,6 +255,17 @@ def test_validate_takes_zero3_and_counts_the_partitioned_base_per_rank(tmp_path)
     assert code == 0 and "parameters per rank: base 0.53 MiB (ZeRO-3 over 2 ranks: 0.53 MiB whole)" in output, output
 
 
+def test_validate_states_a_lambda_auto_budget_in_validation_rows(tmp_path):
+    code, output = run_lalora(
+        ["validate", "configs/demo-auto.yaml", "--set", "lalora.auto.max_forgetting=0.01"], tmp_path
+    )
+    assert code == 0 and output.startswith("configs/demo-auto.yaml: OK"), output
+    assert (
+        "configs/demo-auto.yaml: lambda auto: the forgetting budget 0.01 in validation rows: source 1 of 100, next-aj 1 "
+        "of 100, increment-digits 1 of 100, rotate-kt 1 of 100; one row is over half the budget"
+    ) in output, output
+
+
 def test_overlong_sequences_are_truncated_by_default(tmp_path):
     from pipelines.data.sources import DataError
     from pipelines.data.tokens import encode

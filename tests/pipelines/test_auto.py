@@ -202,3 +202,24 @@ def test_the_budget_can_name_the_columns_it_bounds():
 
     assert "columns" not in stage_config(searching, 2)["lalora"]["auto"]
     assert stage_keys(columns, FP)[1] != stage_keys(searching, FP)[1]
+
+
+def test_the_budget_is_stated_in_validation_rows_and_a_budget_of_one_row_is_named():
+    """``lalora validate`` and each search's first log line: the budget as rows of each budgeted accuracy column;
+    under 2 rows a row flipping by chance decides a trial (the study's 0.02 on 50 capitals is one row)."""
+    from pipelines.lineage.preflight import budget_line
+
+    assert budget_line(cfg()) is None  # nothing searches
+    fine = cfg(lalora={"lambda": "auto", "auto": {"max_forgetting": 0.1}})
+    assert budget_line(fine) == (
+        "lambda auto: the forgetting budget 0.1 in validation rows: source 10 of 100, a 10 of 100, b 10 of 100"
+    )
+    coarse = cfg(
+        lalora={"lambda": "auto", "auto": {"max_forgetting": 0.02, "columns": ["source", "a"]}},
+        source={"name": "source", "val_size": 50},
+        domains=[{"name": "a", "scoring": {"kind": "perplexity", "metric": "nll"}}, {"name": "b"}],
+    )  # a is scored by NLL (no rows to count), b is not budgeted
+    assert budget_line(coarse) == (
+        "lambda auto: the forgetting budget 0.02 in validation rows: source 1 of 50; one row is over half the budget "
+        "(source 100%): a row flipping by chance, not lambda, decides a trial there; raise val_size or the budget"
+    )
