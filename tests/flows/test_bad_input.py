@@ -261,8 +261,8 @@ def test_validate_states_a_lambda_auto_budget_in_validation_rows(tmp_path):
     )
     assert code == 0 and output.startswith("configs/demo-auto.yaml: OK"), output
     assert (
-        "configs/demo-auto.yaml: lambda auto: the forgetting budget 0.01 in validation rows: source 1 of 100, next-aj 1 "
-        "of 100, increment-digits 1 of 100, rotate-kt 1 of 100; one row is over half the budget"
+        "configs/demo-auto.yaml: lambda auto: the forgetting budget 0.01 in validation rows: source 1 of 100, "
+        "next-aj 1 of 100, increment-digits 1 of 100, rotate-kt 1 of 100; one row is over half the budget"
     ) in output, output
 
 
