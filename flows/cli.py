@@ -289,9 +289,9 @@ def _validate_one(config: str, overrides: list[str]) -> int:
         f"{config}: OK ({len(cfg.domains)} stages: {', '.join(d.name for d in cfg.domains)}{probes}; "
         f"lambda {_lambda(cfg.lalora.lam)}, curvature {cfg.lalora.curvature.kind})"
     )
-    for line in (memory_line(cfg), budget_line(cfg)):
-        if line:
-            print(f"{config}: {line}")
+    for info in (memory_line(cfg), budget_line(cfg)):
+        if info:
+            print(f"{config}: {info}")
     return 0
 
 
