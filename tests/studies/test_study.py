@@ -170,3 +170,35 @@ def test_the_frontier_rows_rebuilt_from_their_recorded_sweeps_are_the_docs_figur
         "| 0.03 | 3 | 0.023 +- 0.075 (-0.02, 0.11, -0.02) | 0.043 +- 0.060 (0.05, -0.02, 0.10) | 0.672 +- 0.029 |"
         in page
     )
+
+
+def test_lambda_auto_with_kfac_rows_rebuilt_from_their_recorded_sweeps_are_the_docs_figures():
+    """Issue 26's search again, with kfac on 100 validation capitals (the parts two-stage-auto-kfac, -seed1, -seed2;
+    one sweep.json a seed under cpu-2026-12-05/frontier): the budget table gains its row and its own verdict, the
+    rows before it stay as they were, and the docs' study page states that row."""
+    finished = RECORDED.parent / "cpu-2026-12-05"
+    parts = json.loads((finished / "study.json").read_text())["parts"]
+
+    def part(name: str, *files: str) -> dict:
+        points = [json.loads((finished / "frontier" / f).read_text())["points"][0] for f in files]
+        return {"part": name, "summary": {"points": points}}
+
+    kfac = [
+        part(f"two-stage-auto-kfac{'-seed' + str(s) if s else ''}", f"kfac-lambdaauto-val100-seed{s}.json")
+        for s in range(3)
+    ]
+    assert {p.name for p in study.PARTS} >= {k["part"] for k in kfac}
+    assert all("source.val_size=100" in p.args for p in study.PARTS if p.name.startswith("two-stage-auto-kfac"))
+    before, _ = study.budget_table(parts)
+    table, figures = study.budget_table(parts + kfac)
+    rows = table.split("\n\nTargets")[0].splitlines()
+    assert rows[:6] == before.split("\n\nTargets")[0].splitlines()
+    assert rows[6].startswith("| kfac lambda auto | 3 | 0.316 +- 0.000 / 0.119 +- 0.171 | 3.000 +- 0.000 / 3.000")
+    assert rows[6].endswith("| -0.037 +- 0.021 | 0.020 +- 0.026 | 0.369 +- 0.004 | 0.630 +- 0.026 | 74% |")
+    kept = figures["targets"]["kfac lambda auto"]
+    assert kept["kept"] == [True, True] and 0.74 < kept["share"] < 0.745
+    assert table.endswith(
+        "Targets, kfac lambda auto: capitals' forgetting within the budget 0.02 plus the seeds' spread at stage 1: "
+        "holds; at stage 2: holds; second-stage learning at least 80% of plain LoRA's: 74%, does not hold."
+    )
+    assert rows[6] in (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
