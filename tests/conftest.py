@@ -46,6 +46,21 @@ def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ephemeral_prefect_servers():
+    """Stop the ephemeral Prefect servers an in-process run started (``lalora sweep`` through ``flows.cli.main``)
+    while the session's output is still open: Prefect stops them at exit otherwise, and its log line then meets
+    a closed stream (a "--- Logging error ---" traceback in the test log)."""
+    yield
+    import sys
+
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in {id(s): s for s in SubprocessASGIServer._instances.values()}.values():
+            server.stop()
+
+
 @pytest.fixture
 def model():
     return tiny_lora_model()
