@@ -246,11 +246,6 @@ def test_the_rendezvous_is_a_context_that_leaves_the_process_as_it_found_it():
     """distributed() picks a free port for its own group and restores the environment after: a child
     process (a `lalora run` a test or a notebook starts) never inherits this process's port, and no
     RANK / WORLD_SIZE / LOCAL_RANK outlives the block."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
     script = (
         "import os, subprocess, sys, torch\n"
         "from pipelines.runtime.distributed import distributed, world\n"
@@ -264,7 +259,7 @@ def test_the_rendezvous_is_a_context_that_leaves_the_process_as_it_found_it():
         "print(inside, before == after, child)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=root, env=child_env(), timeout=300
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=300
     )
     assert out.stdout.strip().splitlines()[-1] == "(0, 1) True None", out.stderr[-2000:]
 
@@ -325,9 +320,8 @@ def test_a_training_step_makes_no_host_sync(monkeypatch, loss_chunk):
     steps make exactly one more than 10 (one more log interval's flush, log_every 10), none per step; the
     chunked loss (training.loss_chunk) too."""
     import inspect
-    from pathlib import Path
 
-    ours = tuple(str(Path(__file__).resolve().parents[2] / d) for d in ("pipelines", "lalora"))
+    ours = tuple(str(ROOT / d) for d in ("pipelines", "lalora"))
     reads = []
 
     def counted(name):
