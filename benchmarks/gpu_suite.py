@@ -279,7 +279,8 @@ def curvature_vs_backward(base: str, work: Path, args: argparse.Namespace, dtype
 
     def backward() -> None:
         model.zero_grad(set_to_none=True)
-        sequence_nll(model(input_ids=ids).logits, batch["labels"]).sum().backward()
+        # load_base turns the KV cache on (for scoring); a training forward, ours and this one, fills none
+        sequence_nll(model(input_ids=ids, use_cache=False).logits, batch["labels"]).sum().backward()
 
     out = {"backward_ms": best(backward)}
     model.zero_grad(set_to_none=True)

@@ -108,10 +108,12 @@ def per_sequence_output_grads(
         records[id(module)].inputs.append(inputs[0].detach())
         outputs.append((id(module), output))
 
+    # a transformers model whose config turns the KV cache on would fill one in this forward for nothing
+    no_cache = {"use_cache": False} if getattr(getattr(model, "config", None), "use_cache", False) else {}
     handles = [p.module.register_forward_hook(hook) for p in params]
     try:
         with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=attention_mask, **no_cache).logits
     finally:
         for h in handles:
             h.remove()

@@ -238,6 +238,7 @@ def _loss_step(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
+            use_cache=False,  # load_base turns the KV cache on for scoring; a training forward would fill one
             **({"num_items_in_batch": num_items} if num_items is not None else {}),
         ).loss
     if penalty is None:

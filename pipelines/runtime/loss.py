@@ -81,7 +81,7 @@ def chunked_causal_loss(model: Any, batch: dict[str, Tensor], chunk: int, num_it
     captured: list[Tensor] = []
     hook = inner.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
     try:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1, use_cache=False)
     finally:
         hook.remove()
     hidden = captured[-1][:, :-1]

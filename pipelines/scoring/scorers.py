@@ -293,7 +293,8 @@ def target_nll(
     with torch_linear(), torch.inference_mode(), _progress(len(encoded), desc) as bar:
         for batch in fixed_batches(encoded, batch_size, pad):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            logits = out.logits[:, :-1].float()
             target = batch["labels"][:, 1:]
             total += F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
