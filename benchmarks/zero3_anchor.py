@@ -12,7 +12,8 @@ the other, each in its own rank process(es) so that each has its own peak:
   ``torch.optim.AdamW``, ``deepspeed.initialize`` with ``{"zero_optimization": {"stage": 3}}`` and DeepSpeed's
   defaults otherwise), B x T random tokens, ``warmup + steps`` steps of forward, backward, step;
 - ours: a lineage stage as the pipeline runs it at ZeRO-3: ``compute_precision`` (diag) then ``finetune`` with
-  the Laplace penalty (lambda 1), the built-in copy task filling T, the same B, warm-up and steps.
+  the Laplace penalty (``--lambda``, default 1; 0 trains without it, which isolates the penalty's cost), the
+  built-in copy task filling T, the same B, warm-up and steps.
 
 Each rank reports (MiB):
 
@@ -25,7 +26,8 @@ Each rank reports (MiB):
 
 tokens/s: attended tokens per (global) step x the timed steps over their wall time, after ``warmup`` steps (per-step
 clocks: ours from the training loop's log calls with ``log_every`` 1); the sides run ``--repeats`` times,
-alternated, and each side's fastest run is reported (its memory figures with it). The penalty's own tensors are the
+alternated, and each side's fastest run is reported (its memory figures with it), beside each side's run-to-run
+spread and the ratio of the sides' median steps (the median of each run's median step). The penalty's own tensors are the
 precision (its state dict) and the anchor copy of the LoRA matrices. The last line printed is one JSON object
 with both sides, the ratios and the targets: tokens/s >= plain's, and peak RSS <= plain's + the penalty's tensors.
 """
@@ -37,6 +39,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,7 +246,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         }
     )
     lalora = LaLoRAConfig.model_validate(
-        {"lambda": 1.0, "samples": 2 * args.batch, "batch_size": args.batch, "curvature": {"kind": args.curvature}}
+        {"lambda": args.lam, "samples": 2 * args.batch, "batch_size": args.batch, "curvature": {"kind": args.curvature}}
     )
     domain = domain.with_samples(lalora.samples)  # as a lineage's config resolves it
     total = args.warmup + args.steps
@@ -334,6 +337,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         "precision_bytes": sum(t.numel() * t.element_size() for t in state.values()),
         "final_loss": result.final_loss,
         "final_penalty": result.final_penalty,
+        "lambda": lalora.lam,
         "curvature_step_s": curvature_s,
         "persistence_threshold": ds.persistence_threshold,  # the engine's is at least the largest LoRA matrix's
         **_throughput(clock.times, start, args.warmup, per_step),
@@ -375,6 +379,7 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
             for k, v in vars(args).items()
             if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype", "persistence_threshold")
         ),
+        f"--lambda={args.lam}",
     ]
     env = {
         k: v
@@ -419,6 +424,11 @@ def compare(plain: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
     budget = plain["peak_rss"] + penalty_mib
     ratios = {
         "zero3_tokens_per_s_vs_plain": ours["tokens_per_s"] / plain["tokens_per_s"],
+        # the median step of each side's runs (the median of their medians): less swayed by one fast run
+        "zero3_median_step_speed_vs_plain": statistics.median(
+            plain.get("step_ms_median_runs", [plain["step_ms_median"]])
+        )
+        / statistics.median(ours.get("step_ms_median_runs", [ours["step_ms_median"]])),
         "zero3_peak_rss_vs_plain_plus_penalty": ours["peak_rss"] / budget,
         "zero3_finetune_peak_rss_vs_plain_plus_penalty": ours["finetune_peak_rss"] / budget,
         "zero3_peak_rss_growth_vs_plain": (ours["peak_rss"] - ours["rss_start"])
@@ -457,7 +467,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps after the warm-up")
     ap.add_argument(
         "--persistence-threshold",
         type=int,
@@ -467,7 +477,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--curvature", default="diag", help="our curvature kind")
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' weights and math")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each side, alternated; the faster one is reported")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated; the faster one is reported")
+    ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="ours: lambda (0: no penalty)")
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -507,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": args.world_size,
         "curvature": args.curvature,
         "persistence_threshold": args.persistence_threshold,
+        "lambda": args.lam,
         "torch_threads": torch.get_num_threads(),
         "memory_unit": "MiB",
     }
@@ -526,7 +538,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs[side].append(run_side(side, args, work, anchor))
         for side, done in runs.items():
             summary[side] = max(done, key=lambda r: r["tokens_per_s"])
-            summary[side]["tokens_per_s_repeats"] = [r["tokens_per_s"] for r in done]
+            rates = [r["tokens_per_s"] for r in done]
+            summary[side]["tokens_per_s_repeats"] = rates
+            # run-to-run spread of a side: a ratio of the two sides within it is not told apart from 1
+            summary[side]["tokens_per_s_spread"] = (max(rates) - min(rates)) / max(rates)
+            summary[side]["step_ms_median_runs"] = [r["step_ms_median"] for r in done]
             s = summary[side]
             print(
                 f"{side}: {s['tokens_per_s']:,.0f} tok/s, peak RSS {s['peak_rss']:.0f} MiB (from {s['rss_start']:.0f}"

@@ -35,6 +35,8 @@ def summary(tmp_path_factory):
         "2",
         "--repeats",
         "1",
+        "--lambda",
+        "0.5",
         "--work",
         str(work / "w"),
     ]
@@ -49,12 +51,16 @@ def test_plain_and_ours_side_by_side_with_positive_figures(summary):
     for side in ("plain", "ours"):
         s = summary[side]
         assert s["tokens_per_s"] > 0 and s["peak_rss"] >= s["rss_start"] > 0 and len(s["tokens_per_s_repeats"]) == 1
+        assert s["tokens_per_s_spread"] == 0.0 and len(s["step_ms_median_runs"]) == 1  # one run a side
         assert s["live_tensor_after_last_step"] > 0 and s["base_bytes_per_rank"] > 0
         assert s["trainable_bytes"] == summary["plain"]["trainable_bytes"]  # the same adapter on both sides
         assert s["live_models_training"]["DeepSpeedEngine"] >= 1
     ours = summary["ours"]
     assert ours["precision_bytes"] > 0 and ours["final_penalty"] > 0 and ours["tokens_per_step"] == 8 * 32
+    assert summary["lambda"] == ours["lambda"] == 0.5  # --lambda reached the rank process
     assert summary["penalty_tensors"] > 0 and summary["ratios"]["zero3_tokens_per_s_vs_plain"] > 0
+    step = summary["plain"]["step_ms_median"] / ours["step_ms_median"]
+    assert summary["ratios"]["zero3_median_step_speed_vs_plain"] == pytest.approx(step)
     assert set(summary["targets"]) == {"zero3_tokens_per_s_vs_plain", "zero3_peak_memory_vs_plain_plus_penalty"}
     assert all(isinstance(v, bool) for v in summary["targets"].values())
 
