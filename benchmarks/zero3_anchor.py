@@ -13,7 +13,8 @@ the other, each in its own rank process(es) so that each has its own peak:
   defaults otherwise), B x T random tokens, ``warmup + steps`` steps of forward, backward, step;
 - ours: a lineage stage as the pipeline runs it at ZeRO-3: ``compute_precision`` (diag) then ``finetune`` with
   the Laplace penalty (``--lambda``, default 1; 0 trains without it, which isolates the penalty's cost), the
-  built-in copy task filling T, the same B, warm-up and steps.
+  built-in copy task filling T, the same B, warm-up and steps (``--finetune-only --lambda 0``: the fine-tune
+  alone, which isolates what the curvature step leaves behind from what the data path holds).
 
 Each rank reports (MiB):
 
@@ -27,8 +28,8 @@ Each rank reports (MiB):
 tokens/s: attended tokens per (global) step x the timed steps over their wall time, after ``warmup`` steps (per-step
 clocks: ours from the training loop's log calls with ``log_every`` 1); the sides run ``--repeats`` times,
 alternated, and each side's fastest run is reported (its memory figures with it), beside each side's run-to-run
-spread and the ratio of the sides' median steps (the median of each run's median step). The penalty's own tensors are the
-precision (its state dict) and the anchor copy of the LoRA matrices. The last line printed is one JSON object
+spread and the ratio of the sides' median steps (the median of each run's median step). The penalty's own tensors
+are the precision (its state dict) and the anchor copy of the LoRA matrices. The last line printed is one JSON object
 with both sides, the ratios and the targets: tokens/s >= plain's, and peak RSS <= plain's + the penalty's tensors.
 """
 
@@ -265,23 +266,21 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     gpu_reset()
     t0 = time.perf_counter()
     clock = _Clock(total)
-    prec = compute_precision(
-        PrecisionInputs(
-            base=args.base,
-            anchor=args.anchor,
-            lalora=lalora,
-            domain=domain,
-            previous=None,
-            stage=1,
-            dtype=args.dtype,
-            max_length=args.seq,
-            seed=0,
-            data_dir=str(work / "data"),
-            out_dir=str(work / "ours"),
-            ds=ds,
-        ),
-        clock,
+    curvature = PrecisionInputs(
+        base=args.base,
+        anchor=args.anchor,
+        lalora=lalora,
+        domain=domain,
+        previous=None,
+        stage=1,
+        dtype=args.dtype,
+        max_length=args.seq,
+        seed=0,
+        data_dir=str(work / "data"),
+        out_dir=str(work / "ours"),
+        ds=ds,
     )
+    prec = None if args.finetune_only else compute_precision(curvature, clock)
     curvature_s = time.perf_counter() - t0
     precision_peak, precision_gpu = rss_kib("VmHWM"), gpu_peak()
     between, models_between = live_tensor_bytes(), live_models()
@@ -293,7 +292,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         FinetuneInputs(
             base=args.base,
             anchor=args.anchor,
-            precision=prec.path,
+            precision=prec.path if prec is not None else None,
             lalora=lalora,
             domain=domain,
             training=training,
@@ -307,7 +306,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     finetune_peak, finetune_gpu = rss_kib("VmHWM"), gpu_peak()
     after, models_after = live_tensor_bytes(), live_models()
-    state = load_precision(prec.path)[0].to_state_dict()
+    state = load_precision(prec.path)[0].to_state_dict() if prec is not None else {}
     size = world()[1]  # the loop counts this rank's tokens; every rank takes an equal share of the global batch
     # the result carries a rate, not a count: the count comes back through float division, so round it
     per_step = round(result.tokens_per_second * result.seconds / result.steps) * size
@@ -380,6 +379,7 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
             if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype", "persistence_threshold")
         ),
         f"--lambda={args.lam}",
+        *(["--finetune-only"] if args.finetune_only else []),
     ]
     env = {
         k: v
@@ -479,6 +479,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides' weights and math")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each side, alternated; the faster one is reported")
     ap.add_argument("--lambda", dest="lam", type=float, default=1.0, help="ours: lambda (0: no penalty)")
+    ap.add_argument(
+        "--finetune-only",
+        action="store_true",
+        help="ours: the fine-tune alone, without the curvature step before it (needs --lambda 0: no precision)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -488,6 +493,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.finetune_only and args.lam != 0:
+        raise SystemExit("--finetune-only trains without a precision: add --lambda 0")
     if args.warmup < 1 or args.steps < 1:
         raise SystemExit("--warmup and --steps: at least 1 each (the first step traces ZeRO-3's fetch order)")
     if args.child:
@@ -519,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "curvature": args.curvature,
         "persistence_threshold": args.persistence_threshold,
         "lambda": args.lam,
+        "finetune_only": args.finetune_only,
         "torch_threads": torch.get_num_threads(),
         "memory_unit": "MiB",
     }

@@ -15,34 +15,23 @@ pytestmark = pytest.mark.slow  # three processes with DeepSpeed engines (about 4
 ROOT = Path(__file__).resolve().parents[2]
 
 
+TINY = ["--hidden", "64", "--layers", "1", "--vocab", "512", "--seq", "32", "--warmup", "1", "--steps", "2"]
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "zero3_anchor.py"), *TINY, "--repeats", "1", *args],
+        cwd=ROOT,
+        env=child_env(CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    work = tmp_path_factory.mktemp("zero3_anchor")
-    cmd = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "zero3_anchor.py"),
-        "--hidden",
-        "64",
-        "--layers",
-        "1",
-        "--vocab",
-        "512",
-        "--seq",
-        "32",
-        "--warmup",
-        "1",
-        "--steps",
-        "2",
-        "--repeats",
-        "1",
-        "--lambda",
-        "0.5",
-        "--work",
-        str(work / "w"),
-    ]
-    out = subprocess.run(
-        cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=600
-    )
+    out = bench("--lambda", "0.5", "--work", str(tmp_path_factory.mktemp("zero3_anchor") / "w"))
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -75,3 +64,18 @@ def test_no_engine_or_base_from_the_curvature_step_is_alive_in_the_fine_tune(sum
     assert ours["live_models_training"]["LlamaForCausalLM"] == 1  # the fine-tune's own, nothing else
     assert ours["live_models_after_finetune"]["DeepSpeedEngine"] == 0
     assert ours["live_models_after_finetune"]["LlamaForCausalLM"] == 0
+
+
+def test_the_fine_tune_alone_runs_without_a_curvature_step_or_penalty(tmp_path):
+    """--finetune-only: ours is the fine-tune alone (what the data path holds, without what the curvature step
+    leaves); it trains without a precision, so it asks for --lambda 0 in one line first."""
+    refused = bench("--finetune-only", "--work", str(tmp_path / "r"))
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines() == ["--finetune-only trains without a precision: add --lambda 0"]
+    out = bench("--finetune-only", "--lambda", "0", "--work", str(tmp_path / "w"))
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    ours = summary["ours"]
+    assert summary["finetune_only"] and ours["lambda"] == 0.0 and ours["final_penalty"] == 0.0
+    assert ours["precision_bytes"] == 0 and ours["curvature_step_s"] < 1.0 and ours["tokens_per_s"] > 0
+    assert ours["rss_between_steps"] - ours["rss_start"] < 16  # nothing ran before the fine-tune
