@@ -202,3 +202,27 @@ def test_lambda_auto_with_kfac_rows_rebuilt_from_their_recorded_sweeps_are_the_d
         "holds; at stage 2: holds; second-stage learning at least 80% of plain LoRA's: 74%, does not hold."
     )
     assert rows[6] in (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+
+
+def test_the_kfac_frontier_rows_at_seed_0_are_their_recorded_sweeps():
+    """The kfac frontier of the study page (seed 0; one sweep.json a command under cpu-2026-12-05/frontier), the
+    second stage's own lambda included: each row's forgetting, learning and share are its sweep's R."""
+    frontier = RECORDED.parent / "cpu-2026-12-05" / "frontier"
+    page = (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+    rows = {
+        "kfac 10": "kfac-lambda10-seed0",
+        "kfac 1": "kfac-lambda1-seed0",
+        "kfac 0.3": "kfac-lambda0.3-seed0",
+        "kfac 0.1": "kfac-lambda0.1-seed0",
+        "kfac 0.3, then 0.001 at stage 2": "kfac-lambda0.3-stage2-lambda0.001-seed0",
+        "kfac 0.3, then 0 (plain LoRA) at stage 2": "kfac-lambda0.3-stage2-lambda0-seed0",
+    }
+    for label, name in rows.items():
+        R = json.loads((frontier / f"{name}.json").read_text())["points"][0]["R"]
+        stage1, stage2 = R[0][0] - R[1][0], max(R[0][0], R[1][0]) - R[2][0]  # the capitals
+        learning = R[0][2] - R[2][2]  # gsm_symbolic's NLL drop from the base
+        share = round(100 * learning / 0.833)  # of seed 0's plain LoRA
+        row = f"| {label} | 0 | {stage1 + 0:.2f} | {stage2:.2f} | {learning:.3f} | "
+        assert row in page, row
+        line = page[page.index(row) :].splitlines()[0]
+        assert line.endswith((f"| {share}% |", f"| **{share}%** |")), line
