@@ -447,6 +447,8 @@ def zero3_vs_plain(work: Path, args: argparse.Namespace, dtype_name: str) -> dic
         curvature="diag",
         world_size=1,
         dtype=dtype_name,
+        lam=1.0,  # ours with the penalty, after its curvature step
+        finetune_only=False,
     )
     sides = {side: zero3_anchor.run_side(side, ns, work, anchor) for side in ("plain", "ours")}
     out = {**sides, **zero3_anchor.compare(sides["plain"], sides["ours"])}
