@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows.runs import RunRef, end_run
-from flows.tasks import Timed, fetch_task, initial_adapter, scores, stage_task
+from flows.tasks import fetch_task, initial_adapter, scores, stage_task
 from pipelines.lineage import auto, plan
 from pipelines.lineage.preflight import budget_line
 from pipelines.stages.steps import FINETUNE, Job
@@ -80,8 +80,20 @@ def search(
     while (lam := auto.next_lambda(trials, settings, budget, warm)) is not None:
         trials.append(_trial(lx, base_path, key, paths, run, (val_rows, higher_is_better), len(trials) + 1, lam, steps))
         write_json_atomic(folder / "trials.json", {"key": _key(key), "trials": [x.as_json() for x in trials]})
-    chosen, feasible = auto.choose(trials, budget)
-    summary = auto.summary(trials, chosen, feasible, budget, stage_steps)
+    chosen, feasible = auto.choose(trials, budget, settings.choice)
+    most = auto.choose(trials, budget)[0]
+    if chosen is not most and (gap := auto.paired_gap(most, chosen)) is not None:
+        log.info(
+            "stage %d (%s): lambda %.4g learned %.4f less than %.4g on the validation rows, within one paired "
+            "standard error (%.4f): one_se takes the more penalised",
+            t,
+            key.domain,
+            chosen.lam,
+            gap[0],
+            most.lam,
+            gap[1],
+        )
+    summary = auto.summary(trials, chosen, feasible, budget, stage_steps, settings.choice)
     work = sum(x.seconds for x in trials)
     adapter, val_row = chosen.adapter, chosen.scores
     if chosen.steps < stage_steps:  # the trials were shortened: the stage trains in full at the chosen lambda
@@ -131,6 +143,8 @@ def _trial(
         learning, forgetting = auto.validation_metrics(
             columns, t, before[0], scored.value, [before[1][c] for c in columns]
         )
+        own = scored.rows.get(domain, [])
+        sign = 1.0 if before[1][domain] else -1.0
         seconds = tuned.compute_seconds + scored.compute_seconds
         trial = auto.Trial(
             k,
@@ -144,6 +158,7 @@ def _trial(
             scored.value,
             child.run_id,
             list(cfg.lalora.auto.columns or []),
+            [sign * v for v in own],
         )
         _log_trial(child, trial)
         end_run(child)
@@ -243,11 +258,24 @@ def gated_columns(lx: Lineage, t: int) -> list[str]:
     return [*lx.domains[: t + 1], *(d.name for d in lx.cfg.probes)]
 
 
-def _validation(lx: Lineage, base_path: str, adapter: str, out: Path, names: set[str] | None = None) -> Timed[ValRow]:
+@dataclass(frozen=True)
+class Validated:
+    """An adapter's validation scores, the seconds they took, and each domain's per-row shares of its score."""
+
+    value: ValRow
+    compute_seconds: float
+    rows: dict[str, list[float]]
+
+
+def _validation(lx: Lineage, base_path: str, adapter: str, out: Path, names: set[str] | None = None) -> Validated:
     """The adapter's validation score on every domain and probe (or on those ``names``)."""
     domains = [d for d in lx.cfg.eval_domains if names is None or d.name in names]
     scored = scores(lx.cfg, base_path, adapter, domains, str(out), str(lx.shared.data), "val")
-    return Timed({d: s.score for d, s in scored.value.items()}, scored.compute_seconds)
+    return Validated(
+        {d: s.score for d, s in scored.value.items()},
+        scored.compute_seconds,
+        {d: s.per_row for d, s in scored.value.items()},
+    )
 
 
 def validation_rows(lx: Lineage, base_path: str, done: list[plan.Recorded], init: str | None) -> list[ValRow]:

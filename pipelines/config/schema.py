@@ -191,6 +191,13 @@ class AutoLambdaConfig(Model):
         "by name) the budget applies to; the others' forgetting is recorded but does "
         "not bound lambda. Default: every earlier column.",
     )
+    choice: Literal["most_learning", "one_se"] = Field(
+        "most_learning",
+        description="Which feasible trial wins. most_learning: the one whose validation learning is largest. "
+        "one_se: the one with the most penalty whose learning is within one paired standard error of the "
+        "largest (the one-standard-error rule: trials that differ by less than the validation rows' sampling "
+        "error are taken as equal, and the safer one wins).",
+    )
 
     @model_validator(mode="after")
     def _range(self) -> AutoLambdaConfig:

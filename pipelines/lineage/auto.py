@@ -14,6 +14,13 @@ nothing learns more, and it stops). Then it halves the bracket [highest lambda o
 within it] until the two are closer than ``resolution`` or ``max_trials`` trials ran. More penalty forgets
 less and learns less, so the lowest lambda within the budget is the one that learns most; the winner is the
 feasible trial that learned most (the smallest forgetting when none is feasible).
+
+The trials' validation learning is a mean over a few dozen rows: trials a few lambdas apart often differ by
+less than its sampling error, and taking the largest then favours the least penalty, whose forgetting is the
+likeliest to be over the budget on rows the search did not see. ``choice: one_se`` takes, of the feasible
+trials, the one with the most penalty whose learning is within one paired standard error of the best's
+(Breiman et al.'s one-standard-error rule, glmnet's ``lambda.1se``): the error of the difference of two trials'
+learning, from their per-row scores on the same validation rows.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ class Trial:
     run_id: str = ""
     budgeted: list[str] = field(default_factory=list)
     """The columns the budget applies to (``lalora.auto.columns``); empty: every column."""
+    learning_rows: list[float] = field(default_factory=list)
+    """The stage's own domain's validation score per row, signed so that higher is better (the difference of
+    two trials' means is the difference of their learning); empty where the scorer gives none."""
 
     @property
     def bounded(self) -> dict[str, float]:
@@ -117,20 +127,51 @@ def next_lambda(trials: Sequence[Trial], auto: AutoLambdaConfig, budget: float, 
     return math.sqrt(below * above)
 
 
-def choose(trials: Sequence[Trial], budget: float) -> tuple[Trial, bool]:
+def paired_gap(best: Trial, other: Trial) -> tuple[float, float] | None:
+    """How much more ``best`` learned than ``other`` on the same validation rows, and that difference's
+    standard error (the per-row differences' standard deviation over the square root of the rows); None when
+    either lacks per-row scores or they were not scored on the same rows."""
+    a, b = best.learning_rows, other.learning_rows
+    if not a or len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    mean = math.fsum(diffs) / len(diffs)
+    var = math.fsum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return best.learning - other.learning, math.sqrt(var / len(diffs))
+
+
+def choose(trials: Sequence[Trial], budget: float, choice: str = "most_learning") -> tuple[Trial, bool]:
     """The winning trial and whether it is within the budget: the feasible one that learned most (the lower
-    lambda on a tie), else the one that forgot least."""
+    lambda on a tie), else the one that forgot least. ``choice`` ``one_se``: of the feasible trials, the one with
+    the largest lambda whose learning is within one paired standard error of the most's (``paired_gap``;
+    a trial without per-row scores is within it only when it is the most's)."""
     if not trials:
         raise ValueError("no trials to choose from")
     feasible = [t for t in trials if t.feasible(budget)]
-    if feasible:
-        return max(feasible, key=lambda t: (t.learning, -t.lam)), True
-    return min(trials, key=lambda t: (t.max_forgetting, t.lam)), False
+    if not feasible:
+        return min(trials, key=lambda t: (t.max_forgetting, t.lam)), False
+    best = max(feasible, key=lambda t: (t.learning, -t.lam))
+    if choice != "one_se":
+        return best, True
+
+    def within(t: Trial) -> bool:
+        gap = paired_gap(best, t)
+        return t is best or (gap is not None and gap[0] <= gap[1])
+
+    return max((t for t in feasible if within(t)), key=lambda t: t.lam), True
 
 
-def summary(trials: Sequence[Trial], chosen: Trial, feasible: bool, budget: float, stage_steps: int) -> dict[str, Any]:
+def summary(
+    trials: Sequence[Trial],
+    chosen: Trial,
+    feasible: bool,
+    budget: float,
+    stage_steps: int,
+    choice: str = "most_learning",
+) -> dict[str, Any]:
     """What a stage's search did, for the version, metrics.json and the Prefect artifact."""
     return {
+        "choice": choice,
         "lambda": chosen.lam,
         "trials": len(trials),
         "feasible": feasible,

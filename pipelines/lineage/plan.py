@@ -64,8 +64,12 @@ def stage_config(cfg: LineageConfig, stage: int) -> dict[str, Any]:
         pretrain.pop("extra_data", None)
     if not any(cfg.stage_lambda(s) == "auto" for s in range(1, stage + 1)):
         out["lalora"].pop("auto")  # the search's settings are part of a stage that searched, or follows one
-    elif out["lalora"]["auto"].get("columns") is None:  # searches from before the setting keep their hashes
-        out["lalora"]["auto"].pop("columns", None)
+    else:  # searches from before a setting, or leaving it at its default, keep their hashes
+        searched = out["lalora"]["auto"]
+        if searched.get("columns") is None:
+            searched.pop("columns", None)
+        if searched.get("choice") == "most_learning":
+            searched.pop("choice", None)
     replay = out["training"].pop("replay")
     if cfg.training.replay.enabled:  # off, a stage's hash is what it was before replay existed
         out["training"]["replay"] = {**replay, "data": [_domain_identity(d) for d in replay["data"]]}

@@ -9,6 +9,10 @@ context (HellaSwag's four endings share one context pass). Multiple-choice accur
 lm-eval-harness: ``acc`` ranks choices by summed log-likelihood, ``acc_norm`` by
 log-likelihood per character of the choice text; the continuation is the choice after a
 space (lm-eval's target delimiter).
+
+Each scorer has a ``*_rows`` twin that also gives every row's share of each value (the value is their
+mean: 1 or 0 for an accuracy, the row's summed target NLL times rows over target tokens for ``nll``), so
+two adapters scored on the same rows can be compared row by row (lambda auto's paired standard error).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from pipelines.scoring.inference import forward_params, inference_model, torch_l
 
 Pair = tuple[list[int], list[int]]
 """(context token ids, continuation token ids)."""
+
+RowShares = dict[str, list[float]]
+"""Per value (``acc``, ``nll``...): each scored row's share, in the rows' order; the value is their mean."""
 
 
 def _device(model: Any) -> torch.device:
@@ -148,6 +155,22 @@ def score_generate(
     desc: str = "generate",
 ) -> dict[str, float]:
     """``accuracy``: share of rows whose extracted generation equals the extracted reference answer."""
+    return score_generate_rows(
+        model, tokenizer, rows, cfg, batch_size=batch_size, max_new_tokens=max_new_tokens, desc=desc
+    )[0]
+
+
+def score_generate_rows(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    cfg: GenerateScoring,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+) -> tuple[dict[str, float], RowShares]:
+    """``score_generate`` and whether each row was correct (1.0 or 0.0)."""
     texts = complete(
         model,
         tokenizer,
@@ -158,8 +181,8 @@ def score_generate(
         chat=[r.get("chat", "never") for r in rows],
         desc=desc,
     )
-    correct = sum(is_correct(t, r["answer"], cfg.extractor, cfg.pattern) for t, r in zip(texts, rows, strict=True))
-    return {"accuracy": correct / len(rows)}
+    correct = [float(is_correct(t, r["answer"], cfg.extractor, cfg.pattern)) for t, r in zip(texts, rows, strict=True)]
+    return {"accuracy": sum(correct) / len(rows)}, {"accuracy": correct}
 
 
 # --- multiple choice ----------------------------------------------------------------------
@@ -256,51 +279,74 @@ def score_multiple_choice(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, desc: str = "multiple choice"
 ) -> dict[str, float]:
     """``acc``, ``acc_norm`` (lm-eval), and ``nll`` / ``perplexity`` of the gold continuation's tokens."""
+    return score_multiple_choice_rows(model, tokenizer, rows, batch_size=batch_size, desc=desc)[0]
+
+
+def score_multiple_choice_rows(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], *, batch_size: int, desc: str = "multiple choice"
+) -> tuple[dict[str, float], RowShares]:
+    """``score_multiple_choice`` and each row's ``acc``, ``acc_norm`` and share of ``nll``."""
     _, _, pad = special_ids(tokenizer)
     limit = context_limit(model)
     examples = [choice_pairs(tokenizer, r, limit) for r in rows]
     lls = pair_loglikelihoods(model, examples, batch_size=batch_size, pad=pad, desc=desc)
-    acc = acc_norm = 0
-    gold_ll, gold_tokens = 0.0, 0
+    acc: list[float] = []
+    acc_norm: list[float] = []
+    gold_ll: list[float] = []
+    gold_tokens = 0
     for r, ll, pairs in zip(rows, lls, examples, strict=True):
-        acc += _argmax(ll) == r["label"]
+        acc.append(float(_argmax(ll) == r["label"]))
         # one loglikelihood per (context, choice) pair: as many as both lists, unchecked (choice_pairs)
-        acc_norm += _argmax([v / max(len(c), 1) for v, c in zip(ll, r["choices"], strict=False)]) == r["label"]
-        gold_ll += ll[r["label"]]
+        per_char = [v / max(len(c), 1) for v, c in zip(ll, r["choices"], strict=False)]
+        acc_norm.append(float(_argmax(per_char) == r["label"]))
+        gold_ll.append(ll[r["label"]])
         gold_tokens += len(pairs[r["label"]][1])
-    nll = -gold_ll / max(gold_tokens, 1)
-    return {
-        "acc": acc / len(rows),
-        "acc_norm": acc_norm / len(rows),
+    nll = -sum(gold_ll) / max(gold_tokens, 1)
+    values = {
+        "acc": sum(acc) / len(rows),
+        "acc_norm": sum(acc_norm) / len(rows),
         "nll": nll,
         "perplexity": math.exp(min(nll, 50.0)),
     }
+    return values, {"acc": acc, "acc_norm": acc_norm, "nll": [-v * len(rows) / max(gold_tokens, 1) for v in gold_ll]}
 
 
 # --- perplexity ---------------------------------------------------------------------------
-@torch.no_grad()
 def target_nll(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int, desc: str = "nll"
 ) -> float:
     """Mean negative log-likelihood per target token (the answer and EOS; the prompt is masked); batches of
     like lengths (longest first), ``inference_model`` (a LoRA adapter merged), torch's own linear layers."""
+    sums, count = target_nll_rows(model, tokenizer, rows, batch_size, max_length, desc)
+    return math.fsum(sums) / max(count, 1)
+
+
+@torch.no_grad()
+def target_nll_rows(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int, max_length: int, desc: str = "nll"
+) -> tuple[list[float], int]:
+    """Each row's summed target-token NLL, in the rows' order, and the target tokens of all rows."""
     _, _, pad = special_ids(tokenizer)
     model = inference_model(model)
     device = _device(model)
-    encoded = sorted(encode(tokenizer, rows, max_length), key=lambda e: -len(e.input_ids))
+    encoded = encode(tokenizer, rows, max_length)
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     count = sum(label != -100 for e in encoded for label in e.labels[1:])
-    total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: one host read, at the end
+    sums = torch.zeros(len(encoded), dtype=torch.float64, device=device)  # on the device: one host read, at the end
     with torch_linear(), torch.inference_mode(), _progress(len(encoded), desc) as bar:
-        for batch in fixed_batches(encoded, batch_size, pad):
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = fixed_batches([encoded[i] for i in index], len(index), pad)[0]
             batch = {k: v.to(device) for k, v in batch.items()}
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             logits = out.logits[:, :-1].float()
             target = batch["labels"][:, 1:]
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum"
+            per_token = F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="none"
             )
-            bar.update(len(batch["input_ids"]))
-    return float(total) / max(count, 1)
+            sums[torch.tensor(index, device=device)] = per_token.view(target.shape).sum(1, dtype=torch.float64)
+            bar.update(len(index))
+    return sums.tolist(), count
 
 
 def score_perplexity(
@@ -313,5 +359,19 @@ def score_perplexity(
     desc: str = "perplexity",
 ) -> dict[str, float]:
     """``nll`` (mean target-token NLL) and ``perplexity`` = exp(nll)."""
-    nll = target_nll(model, tokenizer, rows, batch_size, max_length, desc)
-    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}
+    return score_perplexity_rows(model, tokenizer, rows, batch_size=batch_size, max_length=max_length, desc=desc)[0]
+
+
+def score_perplexity_rows(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    *,
+    batch_size: int,
+    max_length: int,
+    desc: str = "perplexity",
+) -> tuple[dict[str, float], RowShares]:
+    """``score_perplexity`` and each row's share of ``nll`` (its summed NLL times rows over target tokens)."""
+    sums, count = target_nll_rows(model, tokenizer, rows, batch_size, max_length, desc)
+    nll = math.fsum(sums) / max(count, 1)
+    return {"nll": nll, "perplexity": math.exp(min(nll, 50.0))}, {"nll": [v * len(rows) / max(count, 1) for v in sums]}

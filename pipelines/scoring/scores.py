@@ -3,7 +3,9 @@
 ``generate`` (greedy, batched, KV cache, an answer extractor) reports ``accuracy``;
 ``multiple_choice`` reports ``acc`` and ``acc_norm``; ``perplexity`` reports ``nll`` and
 ``perplexity``. Every domain also reports ``nll``, the mean target-token NLL of its
-reference answers (the gold choice for multiple choice), so R_nll covers all columns.
+reference answers (the gold choice for multiple choice), so R_nll covers all columns. Each score
+also keeps every row's share of it (``per_row``), where its scorer gives one, so that two adapters scored
+on the same rows can be compared row by row.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ from typing import Any
 
 from pipelines.config import DomainConfig, EvaluationConfig
 from pipelines.scoring.inference import inference_model, torch_linear
-from pipelines.scoring.scorers import score_generate, score_multiple_choice, score_perplexity, target_nll
+from pipelines.scoring.scorers import (
+    RowShares,
+    score_generate_rows,
+    score_multiple_choice_rows,
+    score_perplexity_rows,
+    target_nll,
+)
 
 LOWER_IS_BETTER = frozenset({"nll", "perplexity"})
-_SHAPE = ("scoring", "metric", "score", "higher_is_better", "n")
+_SHAPE = ("scoring", "metric", "score", "higher_is_better", "n", "per_row")
 
 
 @dataclass
@@ -29,6 +37,9 @@ class DomainScore:
     values: dict[str, float] = field(default_factory=dict)
     """Every value the scorer reports, ``nll`` included."""
     n: int = 0
+    per_row: list[float] = field(default_factory=list)
+    """Each scored row's share of ``score`` (their mean), in the rows' order; empty where the scorer gives
+    none (lm-eval; a ``perplexity`` metric, which is not a mean over rows)."""
 
     @property
     def score(self) -> float:
@@ -47,7 +58,8 @@ class DomainScore:
         return math.exp(min(self.nll, 50.0))
 
     def as_json(self) -> dict[str, Any]:
-        """Flat: ``scoring``, ``metric``, ``score``, ``higher_is_better``, ``n`` and every value."""
+        """Flat: ``scoring``, ``metric``, ``score``, ``higher_is_better``, ``n``, every value, and ``per_row``
+        where there is one."""
         return {
             "scoring": self.scoring,
             "metric": self.metric,
@@ -55,13 +67,18 @@ class DomainScore:
             "higher_is_better": self.higher_is_better,
             "n": self.n,
             **self.values,
+            **({"per_row": self.per_row} if self.per_row else {}),
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DomainScore:
         """The inverse of ``as_json`` (a recorded rows.json)."""
         return cls(
-            data["scoring"], data["metric"], {k: v for k, v in data.items() if k not in _SHAPE}, int(data.get("n", 0))
+            data["scoring"],
+            data["metric"],
+            {k: v for k, v in data.items() if k not in _SHAPE},
+            int(data.get("n", 0)),
+            list(data.get("per_row", [])),
         )
 
 
@@ -89,9 +106,10 @@ def score_domain(
     """Score ``rows`` of ``domain`` with the domain's scorer."""
     scoring = domain.score
     desc = f"{domain.name}: {scoring.kind}"
+    shares: RowShares
     if scoring.kind == "generate":
         max_new = scoring.max_new_tokens or cfg.max_new_tokens
-        values = score_generate(
+        values, shares = score_generate_rows(
             model, tokenizer, rows, scoring, batch_size=cfg.batch_size, max_new_tokens=max_new, desc=desc
         )
         values["nll"] = target_nll(model, tokenizer, rows, cfg.batch_size, max_length, f"{domain.name}: nll")
@@ -104,9 +122,11 @@ def score_domain(
             values, n = score_lm_eval(inference_model(model), tokenizer, scoring, batch_size=cfg.batch_size)
         return DomainScore(scoring.kind, scoring.metric, values, n)
     elif scoring.kind == "multiple_choice":
-        values = score_multiple_choice(model, tokenizer, rows, batch_size=cfg.batch_size, desc=desc)
+        values, shares = score_multiple_choice_rows(model, tokenizer, rows, batch_size=cfg.batch_size, desc=desc)
         metric = scoring.metric
     else:
-        values = score_perplexity(model, tokenizer, rows, batch_size=cfg.batch_size, max_length=max_length, desc=desc)
+        values, shares = score_perplexity_rows(
+            model, tokenizer, rows, batch_size=cfg.batch_size, max_length=max_length, desc=desc
+        )
         metric = scoring.metric
-    return DomainScore(scoring.kind, metric, values, len(rows))
+    return DomainScore(scoring.kind, metric, values, len(rows), shares.get(metric, []))

@@ -5,6 +5,7 @@ trial resumes at that trial and ends where an uninterrupted run ends."""
 import json
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from flows.lineage_flow import lineage_flow
+from pipelines.lineage.auto import Trial, choose
 from pipelines.lineage.record import VersionRecord
 from tests.configs import DOMAINS, tiny
 from tests.conftest import child_env, lalora_script, run_until_then_sigkill
@@ -81,8 +83,18 @@ def _trial_runs(client: MlflowClient, stage_run: str) -> list:
 def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_path):
     cfg = tmp_path / "auto.yaml"
     data = demo_base_config(0.1, (0.01, 100.0), 4)
+    data["lalora"]["auto"]["choice"] = "one_se"  # the one-standard-error rule (the default is tested below)
     cfg.write_text(yaml.safe_dump({**data, "domains": data["domains"][:1]}))
     first = lineage_flow(str(cfg), str(tmp_path / "out"), []).as_json()
+    # each trial keeps its per-row validation gains on the stage's own domain: their means differ as the trials'
+    # learning does, and the search took the trial the rule takes from them
+    saved = json.loads((tmp_path / "out" / "stages" / "01-next-aj" / "auto" / "trials.json").read_text())["trials"]
+    recorded = [Trial.from_json(t) for t in saved]
+    assert all(len(t.learning_rows) == 50 for t in recorded)
+    offsets = [sum(t.learning_rows) / 50 - t.learning for t in recorded]
+    assert max(offsets) - min(offsets) == pytest.approx(0.0, abs=1e-9)
+    assert first["auto"]["1"]["choice"] == "one_se"
+    assert first["auto"]["1"]["chosen_trial"] == choose(recorded, 0.1, "one_se")[0].index
     val_rows_1 = json.loads((tmp_path / "out" / "stages" / "01-next-aj" / "lineage" / "val_rows.json").read_text())
     cfg.write_text(yaml.safe_dump(data))  # a domain appended: the next run reads the recorded validation rows
     result = lineage_flow(str(cfg), str(tmp_path / "out"), []).as_json()
@@ -120,6 +132,21 @@ def test_auto_keeps_the_budget_on_validation_rows_and_records_every_trial(tmp_pa
         } <= set(r.data.metrics)
     record = VersionRecord.from_tags(v1.tags)
     assert record.auto_lambda == search["lambda"] and record.auto_trials == search["trials"]
+    # benchmarks/auto_choice.py scores the trials again row by row (it stops unless they reproduce the recorded
+    # scores) and finds the choice the run made under its rule
+    report = tmp_path / "choice.json"
+    script = ROOT / "benchmarks" / "auto_choice.py"
+    bench = subprocess.run(
+        [sys.executable, str(script), str(cfg), str(tmp_path / "out"), "--json", str(report)],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=600,
+    )
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    (stage,) = json.loads(report.read_text())["stages"]
+    assert stage["chosen"]["one_se"] == stage["recorded_choice"] == search["chosen_trial"]
+    assert [r["lambda"] for r in stage["trials"]] == pytest.approx(search["lambdas"]) and stage["rows"] == 50
     assert f"lambda auto chose {search['lambda']:.4g} after {search['trials']} trial(s)" in v1.description
     # the fixed stage trains with its own lambda and steps, and searches nothing
     params = client.get_run(v2.run_id).data.params

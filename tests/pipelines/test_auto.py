@@ -7,7 +7,7 @@ import pytest
 from lalora import continual_metrics
 from pipelines.config import AutoLambdaConfig, ConfigError, DomainConfig, LineageConfig, load_config
 from pipelines.data.sources import load_domain
-from pipelines.lineage.auto import Trial, choose, next_lambda, refusal, validation_metrics
+from pipelines.lineage.auto import Trial, choose, next_lambda, paired_gap, refusal, summary, validation_metrics
 from pipelines.lineage.plan import stage_keys
 
 FP = {"source": "s0", "a": "a0", "b": "b0"}
@@ -223,3 +223,44 @@ def test_the_budget_is_stated_in_validation_rows_and_a_budget_of_one_row_is_name
         "lambda auto: the forgetting budget 0.02 in validation rows: source 1 of 50; one row is over half the budget "
         "(source 100%): a row flipping by chance, not lambda, decides a trial there; raise val_size or the budget"
     )
+
+
+def _rows_trial(k, lam, forgetting, rows):
+    """A trial whose learning is the mean of its per-row validation gains (the row before it scored 0)."""
+    return Trial(k, lam, 10, sum(rows) / len(rows), {"src": forgetting}, 1.0, f"/a/{k}", learning_rows=list(rows))
+
+
+def test_one_se_takes_the_most_penalty_within_one_paired_standard_error_of_the_most_learning():
+    base = [0.2, 0.5, 0.1, 0.4, 0.3, 0.6, 0.2, 0.5]
+    most = _rows_trial(1, 0.01, 0.0, [b + 0.02 for b in base])
+    # 0.3 learns 0.01 less, row by row 0.04 either side of that: the gap's standard error is 0.015
+    near = _rows_trial(2, 0.3, 0.0, [b + 0.01 + (0.04 if i % 2 else -0.04) for i, b in enumerate(base)])
+    far = _rows_trial(3, 3.0, 0.0, [b - 0.2 for b in base])  # learns 0.22 less on every row: clearly less
+    over = _rows_trial(4, 30.0, 0.5, [b + 0.02 for b in base])  # learns as much but is over the budget
+    gap, se = paired_gap(most, near)
+    assert gap == pytest.approx(0.01) and 0.01 < se < 0.02
+    assert paired_gap(most, far) == pytest.approx((0.22, 0.0), abs=1e-12)
+    trials = [most, near, far, over]
+    assert choose(trials, 0.1)[0] is most  # most_learning, the default: the least penalty here
+    assert choose(trials, 0.1, "one_se") == (near, True)  # the most penalty within one standard error
+    # unpaired: only the most learning's own trial is within it (trials recorded before the rows were kept)
+    legacy = [Trial.from_json({k: v for k, v in t.as_json().items() if k != "learning_rows"}) for t in trials]
+    assert choose(legacy, 0.1, "one_se")[0].index == 1 and paired_gap(legacy[0], legacy[1]) is None
+    # none feasible: the one that forgot least, whichever the rule
+    assert choose([over], 0.1, "one_se") == (over, False)
+    assert summary(trials, near, True, 0.1, 10, "one_se")["choice"] == "one_se"
+
+
+def test_the_choice_rule_is_part_of_a_searching_stages_identity_only_when_not_the_default():
+    from pipelines.lineage.plan import stage_config
+
+    def searching(**auto):
+        domains = [{"name": "a"}, {"name": "b", "lambda": "auto"}]
+        return cfg(domains=domains, lalora={"auto": {"max_forgetting": 0.1, **auto}})
+
+    assert "choice" not in stage_config(searching(), 2)["lalora"]["auto"]
+    assert stage_keys(searching(choice="most_learning"), FP) == stage_keys(searching(), FP)
+    assert stage_keys(searching(choice="one_se"), FP)[1] != stage_keys(searching(), FP)[1]
+    assert stage_keys(searching(choice="one_se"), FP)[0] == stage_keys(searching(), FP)[0]  # stage 1 searches nothing
+    with pytest.raises(ValueError, match="most_learning"):
+        searching(choice="safest")

@@ -16,8 +16,11 @@ from pipelines.scoring.scorers import (
     generate_texts,
     pair_loglikelihoods,
     score_generate,
+    score_generate_rows,
     score_multiple_choice,
+    score_multiple_choice_rows,
     score_perplexity,
+    score_perplexity_rows,
 )
 
 
@@ -175,3 +178,41 @@ def test_perplexity_is_the_mean_target_token_nll(model, tok):
     scored = score_perplexity(model, tok, rows, batch_size=2, max_length=64)
     assert scored["nll"] == pytest.approx(total / count, rel=1e-5)
     assert scored["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_each_row_has_its_share_of_every_score_in_the_rows_order(model, tok):
+    """lambda auto compares two adapters row by row: each scorer's per-row shares are the rows' own values (the
+    manual loop's, row by row, whatever the batching and length sort), and their mean is the score."""
+    rows = [
+        {"prompt": "", "answer": "some plain text"},
+        {"prompt": "Q:", "answer": " an answer"},
+        {"prompt": "", "answer": "x"},
+        {"prompt": "A longer prompt here:", "answer": " mid"},
+    ]
+    sums, counts = [], []
+    for r in rows:
+        ctx = prompt_ids(tok, r["prompt"])
+        target = tok(r["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        sums.append(-manual_loglikelihood(model, ctx, target))
+        counts.append(len(target))
+    values, shares = score_perplexity_rows(model, tok, rows, batch_size=3, max_length=64)
+    assert values == score_perplexity(model, tok, rows, batch_size=3, max_length=64)
+    expected = [s * len(rows) / sum(counts) for s in sums]  # a row's summed NLL, scaled so the mean is the score
+    assert shares["nll"] == pytest.approx(expected, rel=1e-5)
+    assert sum(shares["nll"]) / len(rows) == pytest.approx(values["nll"], rel=1e-9)
+
+    mc = mc_rows()
+    values, shares = score_multiple_choice_rows(model, tok, mc, batch_size=2)
+    assert values == score_multiple_choice(model, tok, mc, batch_size=2)
+    for key in ("acc", "acc_norm", "nll"):
+        assert sum(shares[key]) / len(mc) == pytest.approx(values[key], rel=1e-9)
+    assert set(shares["acc"]) <= {0.0, 1.0}
+    alone = [score_multiple_choice(model, tok, [r], batch_size=2) for r in mc]  # each row scored by itself
+    assert shares["acc"] == [a["acc"] for a in alone] and shares["acc_norm"] == [a["acc_norm"] for a in alone]
+
+    prompts = ["ab", "ba", "aab", "bba"]
+    texts = generate_texts(model, tok, [prompt_ids(tok, p) for p in prompts], batch_size=4, max_new_tokens=6)
+    pairs = enumerate(zip(prompts, texts, strict=True))
+    gen = [{"prompt": p, "answer": t if i in (1, 2) else t + "!"} for i, (p, t) in pairs]
+    values, shares = score_generate_rows(model, tok, gen, GenerateScoring(), batch_size=3, max_new_tokens=6)
+    assert shares == {"accuracy": [0.0, 1.0, 1.0, 0.0]} and values == {"accuracy": 0.5}
