@@ -76,6 +76,12 @@ AUTO_KFAC = tuple("source.val_size=100" if kv == "source.val_size=50" else kv fo
 """lambda auto with kfac (whose frontier lies above diag's) on 100 validation capitals, a row 0.01, half the budget:
 every row of the capitals but the 100 scored and lalora.samples' 32 curvature rows (232 in all)."""
 AUTO_KFAC_ARGS = ("--curvature", "kfac", "--lambda", "auto", *(a for kv in AUTO_KFAC for a in ("--set", kv)))
+SPLITS = tuple(kv for kv in AUTO_KFAC if "val_size" in kv)
+"""The validation rows lambda auto holds out (with kfac): the splits, and so the training rows, of its lineages."""
+PAIRED_PART = "two-stage-plain-valsplit"
+PAIRED = "plain LoRA, validation rows held out"
+"""The budget table's row of the part that runs plain LoRA on lambda auto's splits: the learning the search's
+lineages are compared with row for row (the same training rows, LoRA initialisations and data orders)."""
 PARTS = (
     Part("one-stage-diag", (*LAMBDA, "0,10,100"), 1, 3),
     Part("one-stage-l2", ("--curvature", "identity", "--lambda", "0.1,1"), 1, 3),
@@ -99,6 +105,8 @@ PARTS = (
         Part(f"two-stage-auto-kfac{'-seed' + str(seed) if seed else ''}", AUTO_KFAC_ARGS, 2, 1, first_seed=seed)
         for seed in range(3)
     ),
+    # plain LoRA on the rows the searching lineages train on: their validation rows held out of training
+    Part(PAIRED_PART, (*LAMBDA, "0", *(a for kv in SPLITS for a in ("--set", kv))), 2, 3),
 )
 """Two queues of about equal length: every other part."""
 
@@ -286,7 +294,8 @@ def two_stage_tables(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     for part in parts:
         if part["part"].startswith("two-stage"):
             for p in part["summary"]["points"]:
-                by_method.setdefault(method(p["point"]["settings"]), []).append(p)
+                name = PAIRED if part["part"].startswith(PAIRED_PART) else method(p["point"]["settings"])
+                by_method.setdefault(name, []).append(p)
     out, text = {}, []
     domains = ["capitals", "gsm8k", "gsm_symbolic", "demonyms"]
     for name, points in by_method.items():
@@ -316,6 +325,7 @@ BUDGET_METHODS = (
     "diag lambda 0.03",
     "diag lambda 0.003",
     "kfac lambda auto",
+    PAIRED,
 )
 
 
@@ -345,7 +355,8 @@ def budget_table(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     for part in parts:
         if part["part"].startswith("two-stage"):
             for p in part["summary"]["points"]:
-                by_method.setdefault(method(p["point"]["settings"]), []).append(p)
+                name = PAIRED if part["part"].startswith(PAIRED_PART) else method(p["point"]["settings"])
+                by_method.setdefault(name, []).append(p)
     figures = {m: _per_seed(by_method[m]) for m in BUDGET_METHODS if m in by_method}
     if "diag lambda auto" not in figures or "plain LoRA" not in figures:
         return "", {}
@@ -376,12 +387,20 @@ def budget_table(parts: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         kept = [statistics.fmean(auto[k]) <= BUDGET + _sd(auto[k]) for k in ("forgetting1", "forgetting2")]
         share = statistics.fmean(auto["learning2"]) / plain2
         targets[name] = {"kept": kept, "share": share}
+        paired = ""
+        if PAIRED in figures:
+            same_rows = statistics.fmean(auto["learning2"]) / statistics.fmean(figures[PAIRED]["learning2"])
+            targets[name]["share_same_rows"] = same_rows
+            paired = (
+                f"; against plain LoRA trained on the same rows (the validation rows held out): {same_rows:.0%}, "
+                f"{'holds' if same_rows >= 0.8 else 'does not hold'}"
+            )
         verdicts.append(
             ("Targets" if name == "diag lambda auto" else f"Targets, {name}")
             + f": capitals' forgetting within the budget {BUDGET} plus the seeds' spread at stage 1: "
             f"{'holds' if kept[0] else 'does not hold'}; at stage 2: {'holds' if kept[1] else 'does not hold'}; "
             f"second-stage learning at least 80% of plain LoRA's: {share:.0%}, "
-            f"{'holds' if share >= 0.8 else 'does not hold'}."
+            f"{'holds' if share >= 0.8 else 'does not hold'}{paired}."
         )
     diag = targets["diag lambda auto"]
     return "\n".join([*lines, "", "\n\n".join(verdicts)]), {

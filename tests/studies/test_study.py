@@ -218,6 +218,7 @@ def test_the_kfac_frontier_rows_are_their_recorded_sweeps():
         ("kfac 0.1", 0): "kfac-lambda0.1-seed0",
         ("kfac 0.3, then 0.001 at stage 2", 0): "kfac-lambda0.3-stage2-lambda0.001-seed0",
         ("kfac 0.3, then 0 (plain LoRA) at stage 2", 0): "kfac-lambda0.3-stage2-lambda0-seed0",
+        ("kfac 0.3, then 0.1 at stage 2", 0): "kfac-lambda0.3-stage2-lambda0.1-seed0",
         ("kfac 0.3", 1): "kfac-lambda0.3-stage2-lambda0.3-seed1",
         ("kfac 0.3, then 0.1 at stage 2", 1): "kfac-lambda0.3-stage2-lambda0.1-seed1",
         ("kfac 0.3", 2): "kfac-lambda0.3-stage2-lambda0.3-seed2",
@@ -234,3 +235,73 @@ def test_the_kfac_frontier_rows_are_their_recorded_sweeps():
         assert row in page, row
         line = page[page.index(row) :].splitlines()[0]
         assert f"| {share}%" in line or f"| **{share}%**" in line, line
+
+
+def test_lambda_auto_against_plain_lora_on_its_own_training_rows():
+    """The part two-stage-plain-valsplit (plain LoRA with lambda auto's validation rows held out of training, seeds
+    0-2; cpu-2026-12-05/frontier/plain-valsplit.json): its row joins the budget table after the recorded rows, and
+    each auto verdict adds its share of that plain LoRA's learning, the comparison on the same training rows."""
+    finished = RECORDED.parent / "cpu-2026-12-05"
+    parts = json.loads((finished / "study.json").read_text())["parts"]
+
+    def part(name: str, file: str) -> dict:
+        return {"part": name, "summary": {"points": json.loads((finished / "frontier" / file).read_text())["points"]}}
+
+    kfac = [
+        part(f"two-stage-auto-kfac{'-seed' + str(s) if s else ''}", f"kfac-lambdaauto-val100-seed{s}.json")
+        for s in range(3)
+    ]
+    paired = part(study.PAIRED_PART, "plain-valsplit.json")
+    spec = next(p for p in study.PARTS if p.name == study.PAIRED_PART)
+    assert spec.seeds == 3 and spec.args[-8:] == tuple(a for kv in study.SPLITS for a in ("--set", kv))
+    assert {p["point"]["seed"] for p in paired["summary"]["points"]} == {0, 1, 2}
+    before, _ = study.budget_table(parts + kfac)
+    table, figures = study.budget_table(parts + kfac + [paired])
+    rows = table.split("\n\nTargets")[0].splitlines()
+    assert rows[:7] == before.split("\n\nTargets")[0].splitlines()
+    assert rows[7] == (
+        "| plain LoRA, validation rows held out | 3 | 0 | 1 / 1 | 0.173 +- 0.064 | 0.203 +- 0.047 | 0.324 +- 0.017 "
+        "| 0.764 +- 0.025 | 90% |"
+    )
+    assert 0.82 < figures["targets"]["kfac lambda auto"]["share_same_rows"] < 0.83
+    assert 0.67 < figures["targets"]["diag lambda auto"]["share_same_rows"] < 0.68
+    assert table.endswith(
+        "second-stage learning at least 80% of plain LoRA's: 74%, does not hold; against plain LoRA trained on the "
+        "same rows (the validation rows held out): 83%, holds."
+    )
+    page = (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+    assert rows[7] in page
+
+
+def test_which_trial_each_rule_takes_is_the_recorded_replay_and_the_one_se_lineage():
+    """The study page's choice table (benchmarks/auto_choice.py on the three kfac searches, one JSON a seed) and the
+    lineage run with one_se at seed 1, where the rules part (frontier/kfac-lambdaauto-val100-onese-seed1.json)."""
+    finished = RECORDED.parent / "cpu-2026-12-05"
+    page = (RECORDED.parents[2] / "docs" / "results" / "study.md").read_text()
+    taken = {}
+    for seed in range(3):
+        replay = json.loads((finished / f"auto-choice-seed{seed}.json").read_text())
+        assert replay["budget"] == 0.02 and [s["rows"] for s in replay["stages"]] == [40, 40]
+        for stage in replay["stages"]:
+            lam = {t["trial"]: t["lambda"] for t in stage["trials"]}
+            assert stage["recorded_choice"] == stage["chosen"]["most_learning"]  # the search ran most_learning
+            taken[seed, stage["stage"]] = tuple(f"{lam[stage['chosen'][r]]:.2g}" for r in ("most_learning", "one_se"))
+    assert taken == {
+        (0, 1): ("0.32", "0.32"),
+        (0, 2): ("0.32", "0.32"),
+        (1, 1): ("0.32", "3.2"),
+        (1, 2): ("0.032", "0.32"),
+        (2, 1): ("0.32", "0.32"),
+        (2, 2): ("0.01", "0.01"),
+    }
+    (point,) = json.loads((finished / "frontier" / "kfac-lambdaauto-val100-onese-seed1.json").read_text())["points"]
+    assert point["point"]["seed"] == 1
+    assert [point["auto"][s]["choice"] for s in ("1", "2")] == ["one_se", "one_se"]
+    assert [round(point["auto"][s]["lambda"], 3) for s in ("1", "2")] == [3.162, 0.316]
+    R = point["R"]
+    learning = R[0][2] - R[2][2]
+    plain = json.loads((finished / "frontier" / "plain-valsplit.json").read_text())["points"]
+    same_rows = next(p["R"] for p in plain if p["point"]["seed"] == 1)
+    share = learning / (same_rows[0][2] - same_rows[2][2])
+    assert f"gsm_symbolic's NLL drop {learning:.3f} ({share:.0%} of plain LoRA on the" in page
+    assert "the capitals " + ", ".join(f"{r[0]:.2f}" for r in R) + " (forgetting -0.02 / 0.01" in page
