@@ -1,5 +1,4 @@
-"""Which trial each of lambda auto's choice rules takes on a finished lineage, and what the other rule's trial
-scores on the evaluation rows.
+"""Which trial each of lambda auto's choice rules takes on a finished lineage.
 
     python benchmarks/auto_choice.py CONFIG RUN [--set KEY=VALUE ...] [--json]
 
@@ -8,11 +7,10 @@ config and overrides it ran with (the validation and evaluation splits must be t
 ``eval_size``, ``split_seed``). Every trial's adapter is scored again on its stage's own validation rows, row by
 row (the aggregate must equal the recorded one, else the tool stops: the splits differ), and both rules of
 ``lalora.auto.choice`` choose among the recorded trials: ``most_learning`` (the largest validation learning)
-and ``one_se`` (the most penalty within one paired standard error of it). Where the rules part at the lineage's
-last stage only, its trials are exactly those a lineage run with the other rule would have trained, so
-the other rule's trial is scored on every column's evaluation rows: the R row that run would have recorded.
-Where they part earlier, the later stages would differ, and the tool says so. The last line printed is
-one JSON object.
+and ``one_se`` (the most penalty within one paired standard error of it). Where the rules part, the tool names
+the first stage they part at: from there a lineage run with the other rule trains on trials of its own, and only
+that run (``--set lalora.auto.choice=...``) says what the other rule learns and forgets on the evaluation rows.
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ def main() -> int:
     p.add_argument("--json", type=Path, help="also write the JSON object here")
     args = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    from lalora import continual_metrics
     from pipelines.config import load_config
     from pipelines.data.sources import load_domain
     from pipelines.lineage.auto import Trial, choose, paired_gap
@@ -114,32 +111,10 @@ def main() -> int:
 
     out: dict[str, Any] = {"run": str(args.run), "budget": budget, "stages": stages}
     parted = [s for s in stages if s["chosen"]["most_learning"] != s["chosen"]["one_se"]]
-    if parted and parted[0]["stage"] != len(cfg.domains):
-        out["verdict"] = f"the rules part at stage {parted[0]['stage']}: the later stages would differ; rerun"
-    elif parted:
-        last = stages[-1]
-        recorded_rule = next((r for r in RULES if last["chosen"][r] == last["recorded_choice"]), None)
-        other = "one_se" if recorded_rule == "most_learning" else "most_learning"
-        t = last["stage"]
-        saved = json.loads((ws.stage(t, last["domain"]) / "auto" / "trials.json").read_text())["trials"]
-        adapter = next(s["adapter"] for s in saved if s["index"] == last["chosen"][other])
-        scored = {d.name: score(adapter, d, load_domain(d, data, eval_only=True).eval) for d in cfg.eval_domains}
-        row = {c: s.score for c, s in scored.items()}
-        columns = [d.name for d in cfg.eval_domains]
-        R = [list(r) for r in metrics["R"]]
-        R[t] = [row[c] for c in columns]
-        higher = [scored[c].higher_is_better for c in columns]
-        m = continual_metrics(R, higher)
-        out["other_rule"] = {
-            "rule": other,
-            "trial": last["chosen"][other],
-            "R_row": row,
-            "R": R,
-            "learning_vs_base": {c: (R[0][j] - R[t][j]) * (1 if not higher[j] else -1) for j, c in enumerate(columns)},
-            "forgetting": dict(zip([columns[j] for j in m.forgetting_columns], m.forgetting, strict=True)),
-        }
-        print(f"stage {t}, {other}'s trial {last['chosen'][other]} on the evaluation rows: {json.dumps(row)}")
-        out["verdict"] = f"the rules part at the last stage only: {other}'s R row above is the one its run records"
+    if parted:
+        out["verdict"] = (
+            f"the rules part at stage {parted[0]['stage']}: a lineage with the other rule differs from there; run it"
+        )
     else:
         out["verdict"] = "both rules take the recorded trials"
     print(out["verdict"])
