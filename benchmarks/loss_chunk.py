@@ -1,13 +1,16 @@
 """training.loss_chunk against transformers' own loss: step time and peak memory, side by side.
 
     python benchmarks/loss_chunk.py                          # CPU: vocabulary 32k, 4 x 256 tokens, chunk 256
+    python benchmarks/loss_chunk.py --targets 0.5            # the first half of each sequence a masked prompt
     python benchmarks/loss_chunk.py --vocab 128256 --batch 8 --seq 1024 --chunk 1024 --hidden 2048 --device cuda
 
 Each side runs in its own process (peak RSS is a process's high-water mark; on a GPU the peak allocated
 memory): a random Llama of the given shape with LoRA r 16 on every linear layer, ``--steps`` forward +
-backward passes of one batch (every position a target), timed after one warm-up step. ``full`` is
-``model(..., labels=...).loss``; ``chunked`` is ``pipelines.runtime.loss.chunked_causal_loss``. The last line
-is one JSON object with both sides and the ratios (chunked over full).
+backward passes of one batch (every position a target, or with ``--targets`` s < 1 the first 1 - s of each
+sequence a prompt whose labels are -100, as in supervised fine-tuning), timed after one warm-up step. ``full``
+is ``model(..., labels=...).loss``; ``chunked`` is ``pipelines.runtime.loss.chunked_causal_loss`` with the target
+positions found on the host, as the training loop finds them. The last line is one JSON object with both sides
+and the ratios (chunked over full).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def side(args: argparse.Namespace) -> dict[str, float]:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipelines.runtime.loss import chunked_causal_loss
+    from pipelines.runtime.loss import chunked_causal_loss, target_positions
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -44,12 +47,20 @@ def side(args: argparse.Namespace) -> dict[str, float]:
     model = get_peft_model(
         LlamaForCausalLM(cfg).to(args.device), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     ).train()
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq))
+    labels = ids.clone()
+    labels[:, : round(args.seq * (1 - args.targets))] = -100
+    targets = target_positions(labels).to(args.device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    batch = {k: v.to(args.device) for k, v in batch.items()}
     cuda = args.device.startswith("cuda")
 
     def step() -> float:
-        loss = chunked_causal_loss(model, batch, args.chunk, None) if args.side == "chunked" else model(**batch).loss
+        loss = (
+            chunked_causal_loss(model, batch, args.chunk, None, targets)
+            if args.side == "chunked"
+            else model(**batch).loss
+        )
         loss.backward()
         model.zero_grad(set_to_none=True)
         return float(loss)
@@ -77,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--targets", type=float, default=1.0, help="share of each sequence that is a target (default 1)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--side", choices=["full", "chunked"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

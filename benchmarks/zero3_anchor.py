@@ -14,7 +14,8 @@ the other, each in its own rank process(es) so that each has its own peak:
 - ours: a lineage stage as the pipeline runs it at ZeRO-3: ``compute_precision`` (diag) then ``finetune`` with
   the Laplace penalty (``--lambda``, default 1; 0 trains without it, which isolates the penalty's cost), the
   built-in copy task filling T, the same B, warm-up and steps (``--finetune-only --lambda 0``: the fine-tune
-  alone, which isolates what the curvature step leaves behind from what the data path holds).
+  alone, which isolates what the curvature step leaves behind from what the data path holds; ``--loss-chunk N``:
+  with ``training.loss_chunk`` N, the LM head run on the copy task's target positions only, the answer half).
 
 Each rank reports (MiB):
 
@@ -252,7 +253,13 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     domain = domain.with_samples(lalora.samples)  # as a lineage's config resolves it
     total = args.warmup + args.steps
     training = TrainingConfig(
-        steps=total, lr=1e-5, batch_size=args.batch, max_length=args.seq, log_every=1, checkpoint_every=0
+        steps=total,
+        lr=1e-5,
+        batch_size=args.batch,
+        max_length=args.seq,
+        log_every=1,
+        checkpoint_every=0,
+        loss_chunk=args.loss_chunk,
     )
     ds = DeepSpeedConfig(
         zero_stage=3,
@@ -337,6 +344,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
         "final_loss": result.final_loss,
         "final_penalty": result.final_penalty,
         "lambda": lalora.lam,
+        "loss_chunk": training.loss_chunk,
         "curvature_step_s": curvature_s,
         "persistence_threshold": ds.persistence_threshold,  # the engine's is at least the largest LoRA matrix's
         **_throughput(clock.times, start, args.warmup, per_step),
@@ -376,7 +384,18 @@ def run_side(side: str, args: argparse.Namespace, work: Path, anchor: str) -> di
         *(
             f"--{k.replace('_', '-')}={v}"
             for k, v in vars(args).items()
-            if k in ("batch", "seq", "warmup", "steps", "curvature", "world_size", "dtype", "persistence_threshold")
+            if k
+            in (
+                "batch",
+                "seq",
+                "warmup",
+                "steps",
+                "curvature",
+                "world_size",
+                "dtype",
+                "persistence_threshold",
+                "loss_chunk",
+            )
         ),
         f"--lambda={args.lam}",
         *(["--finetune-only"] if args.finetune_only else []),
@@ -484,6 +503,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="ours: the fine-tune alone, without the curvature step before it (needs --lambda 0: no precision)",
     )
+    ap.add_argument(
+        "--loss-chunk",
+        type=int,
+        default=0,
+        help="ours: training.loss_chunk (default 0: transformers' loss over every position, as plain's)",
+    )
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -526,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "curvature": args.curvature,
         "persistence_threshold": args.persistence_threshold,
         "lambda": args.lam,
+        "loss_chunk": args.loss_chunk,
         "finetune_only": args.finetune_only,
         "torch_threads": torch.get_num_threads(),
         "memory_unit": "MiB",

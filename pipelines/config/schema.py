@@ -329,8 +329,9 @@ class TrainingConfig(Model):
     loss_chunk: int = Field(
         0,
         ge=0,
-        description="Positions per chunk of a cross-entropy fused with the LM head: "
-        "the head and the loss run chunk by chunk, each chunk's gradient taken at once, so the "
+        description="Target positions per chunk of a cross-entropy fused with the LM head: "
+        "the head and the loss run on the positions whose next token is a target only (not on "
+        "prompts or padding), chunk by chunk, each chunk's gradient taken at once, so the "
         "full (batch x length x vocabulary) float32 logits are never held (over Llama 3's 128k "
         "vocabulary, 4 GiB at 8 x 1024 tokens). 0: the model's own loss over the full logits. "
         "Same loss up to rounding; not part of the identity. Needs a frozen linear LM head.",

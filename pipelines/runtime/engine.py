@@ -20,7 +20,7 @@ from pipelines.config import DeepSpeedConfig
 from pipelines.errors import DivergenceError
 from pipelines.runtime import timeline
 from pipelines.runtime.distributed import distributed, world
-from pipelines.runtime.loss import chunked_causal_loss
+from pipelines.runtime.loss import chunked_causal_loss, target_positions
 from pipelines.tracker import Tracker
 
 log = logging.getLogger(__name__)
@@ -228,11 +228,13 @@ def _loss_step(
     num_items: Tensor | None,
     regather: Callable[[], None] | None,
     loss_chunk: int = 0,
+    targets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean target-token NLL of the batch (transformers' own loss, or the same computed ``loss_chunk`` target
-    tokens at a time) and the penalty (at ZeRO-3 ``regather`` first makes the LoRA matrices whole for it)."""
+    tokens at a time, ``targets`` their positions) and the penalty (at ZeRO-3 ``regather`` first makes the LoRA
+    matrices whole for it)."""
     if loss_chunk:
-        loss = chunked_causal_loss(engine, batch, loss_chunk, num_items)
+        loss = chunked_causal_loss(engine, batch, loss_chunk, num_items, targets)
     else:
         loss = engine(
             input_ids=batch["input_ids"],
@@ -444,7 +446,9 @@ def _loop(
         batch, num_items = _shard(next(batches), rank, size)
         tokens += batch["attention_mask"].sum()  # on the host's copy of the batch: no device sync
         on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-        loss, pen = _loss_step(engine, on_device, penalty, num_items, regather, loss_chunk)
+        # the chunked loss's target positions, found on the host's copy: no device sync
+        targets = target_positions(batch["labels"]).to(engine.device, non_blocking=True) if loss_chunk else None
+        loss, pen = _loss_step(engine, on_device, penalty, num_items, regather, loss_chunk, targets)
         window.add(step, loss, pen)
         engine.backward(loss + pen)
         engine.step()

@@ -70,6 +70,10 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
     assert z3["plain"]["side"] == "plain" and z3["ours"]["side"] == "ours" and z3["penalty_tensors"] > 0
     assert z3["plain"]["peak_gpu"] is None and z3["ours"]["final_penalty"] > 0  # no GPU here: RSS is the memory
     assert summary["ratios"]["zero3_tokens_per_s_vs_plain"] > 0
+    assert (
+        z3["ours_loss_chunk_1024"]["side"] == "ours"
+        and summary["ratios"]["zero3_loss_chunk_1024_tokens_per_s_vs_plain"] > 0
+    )
     assert set(summary["targets"]) == {
         "finetune_zero2_vs_anchor_zero2 >= 1.00",
         "diag_curvature_vs_backward <= 1.3",

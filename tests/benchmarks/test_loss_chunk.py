@@ -1,4 +1,5 @@
-"""benchmarks/loss_chunk.py: both sides in their own processes, the same loss, the ratios in one JSON line."""
+"""benchmarks/loss_chunk.py: both sides in their own processes, the same loss, the ratios in one JSON line; with
+half of each sequence a masked prompt."""
 
 import json
 import subprocess
@@ -30,6 +31,8 @@ def test_the_chunked_side_computes_the_full_sides_loss_and_both_are_measured():
         "5",
         "--steps",
         "1",
+        "--targets",
+        "0.5",
     ]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

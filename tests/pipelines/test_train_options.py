@@ -17,7 +17,7 @@ from pipelines.config import DeepSpeedConfig, LineageConfig
 from pipelines.errors import BadInput
 from pipelines.lineage.plan import stage_config
 from pipelines.runtime.engine import adamw, train
-from pipelines.runtime.loss import check_chunkable, chunked_causal_loss
+from pipelines.runtime.loss import check_chunkable, chunked_causal_loss, target_positions
 from pipelines.tracker import NullTracker
 from tests.configs import tiny_config
 from tests.conftest import padded_batch, tiny_lora_model
@@ -40,6 +40,51 @@ def test_the_chunked_loss_and_its_gradients_are_transformers_own(chunk):
     grads = _grads(model, loss)
     for name, g in ref_grads.items():
         assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_chunked_loss_runs_the_head_on_the_target_positions_only():
+    """Prompt and padding positions never reach the head: with their hidden states made NaN on the way out of
+    the decoder, the chunked loss and its gradients are what they are with them intact (a head run over every
+    position and masked afterwards, as this loss was before, gives NaN gradients here); the positions are the
+    ones whose next label is not -100, and the host-found ``targets`` give the same loss as the default."""
+    model = tiny_lora_model(seed=0).train()
+    batch = padded_batch()
+    targets = target_positions(batch["labels"])
+    assert targets.tolist() == [i * 6 + t for i, n in enumerate((7, 5, 6, 3)) for t in range(1, n - 1)]
+    ref = chunked_causal_loss(model, batch, 4, None)
+    ref_grads = _grads(model, ref)
+    assert_close(chunked_causal_loss(model, batch, 4, None, targets), ref, rtol=0, atol=0)
+
+    rows, length = batch["input_ids"].shape
+    poisoned = torch.ones(rows * (length - 1), dtype=torch.bool)
+    poisoned[targets] = False
+    poisoned = torch.cat([poisoned.view(rows, length - 1), torch.zeros(rows, 1, dtype=torch.bool)], dim=1)
+
+    nan = torch.zeros(rows, length, 1).masked_fill(poisoned[..., None], float("nan"))
+
+    def poison(_module, _args, out):  # NaN added to every non-target position's hidden state, gradient passed on
+        out.last_hidden_state = out.last_hidden_state + nan
+        return out
+
+    hook = model.get_base_model().model.register_forward_hook(poison)
+    try:
+        loss = chunked_causal_loss(model, batch, 4, None)
+        assert_close(loss, ref, rtol=0, atol=0)
+        for name, g in _grads(model, loss).items():
+            assert_close(g, ref_grads[name], rtol=0, atol=0, msg=name)
+    finally:
+        hook.remove()
+
+
+def test_a_model_whose_forward_skips_its_head_module_is_refused_as_input(monkeypatch):
+    """The chunked loss runs in a pre-hook of the module ``get_output_embeddings`` returns: a model whose
+    forward computes its logits some other way gets one line to fix, not an IndexError."""
+    model = tiny_lora_model(seed=0)
+    inner = model.get_base_model()
+    unused = torch.nn.Linear(inner.config.hidden_size, inner.config.vocab_size, bias=False)
+    monkeypatch.setattr(type(inner), "get_output_embeddings", lambda self: unused)
+    with pytest.raises(BadInput, match=r"does not call its LM head module .*set training\.loss_chunk: 0"):
+        chunked_causal_loss(model, padded_batch(), 4, None)
 
 
 def test_the_chunked_loss_divides_by_the_data_parallel_normaliser_as_transformers_does():
