@@ -91,7 +91,8 @@ def chunked_causal_loss(
     The loss runs inside the model's forward, in a pre-hook of its LM head: at ZeRO-3 the head's weight is whole
     there (DeepSpeed's own pre-hook, registered first, has gathered it) and nowhere else, and the gradient is taken
     there too, so the weight is not needed again. (Gathering it a second time around the loss, with DeepSpeed's
-    ``GatheredParameters``, made a ZeRO-3 step 17% slower on the CPU, benchmarks/zero3_anchor.py's shape.)"""
+    ``GatheredParameters``, made a ZeRO-3 stage run 0.86x plain DeepSpeed's tokens/s on the CPU, where this runs
+    1.05-1.09x: benchmarks/results/cpu-2026-12-06/zero3_anchor-loss-chunk-1024*.json.)"""
     inner = causal_lm(model.module if hasattr(model, "module") else model)
     labels = batch["labels"][:, 1:].reshape(-1)
     if targets is None:

@@ -76,6 +76,44 @@ def test_the_chunked_loss_runs_the_head_on_the_target_positions_only():
         hook.remove()
 
 
+def test_the_head_multiplies_only_the_target_rows():
+    """Every matrix product with the head's weight is recorded at the dispatcher, with the rows it multiplies:
+    the model's own head call on the one position it is asked for (a row per sequence), then each target row
+    twice (its logits, its gradient), in chunks of at most ``chunk``, and nothing in the backward pass. A head
+    run over every position, whatever it does with the result, multiplies all of the batch's rows (the control,
+    transformers' own loss: 28 rows forward and 28 backward, against 4 + 2 x 13 here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = tiny_lora_model(seed=0).train()
+    batch = padded_batch()
+    weight = model.get_base_model().get_output_embeddings().weight
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+    class HeadRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products or func is torch.ops.aten.linear.default:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                if any(t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr() for t in tensors):
+                    other = next(
+                        t for t in tensors if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+                    )
+                    self.rows.append(other.reshape(-1, other.shape[-1]).shape[0])
+            return func(*args, **(kwargs or {}))
+
+    n_targets = len(target_positions(batch["labels"]))
+    with HeadRows() as seen:
+        chunked_causal_loss(model, batch, 4, None).backward()
+    assert seen.rows[0] == batch["input_ids"].shape[0]  # logits_to_keep=1: the last position of each sequence
+    assert sum(seen.rows[1:]) == 2 * n_targets and max(seen.rows[1:]) <= 4, seen.rows
+    with HeadRows() as full:  # the control: transformers' loss runs every position through the head, both ways
+        model(**batch).loss.backward()
+    assert full.rows == [batch["input_ids"].numel()] * 2, full.rows
+
+
 def test_a_model_whose_forward_skips_its_head_module_is_refused_as_input(monkeypatch):
     """The chunked loss runs in a pre-hook of the module ``get_output_embeddings`` returns: a model whose
     forward computes its logits some other way gets one line to fix, not an IndexError."""
