@@ -36,6 +36,8 @@ def test_the_suite_runs_on_the_cpu_and_ends_with_one_json_line(tmp_path):
         str(tmp_path / "w"),
         "--options",
         "activation_checkpointing,loss_chunk_1024",
+        "--budget-s",
+        "900",  # the optional last measurement runs, however slow this machine
     ]  # fused AdamW: tests/pipelines/test_train_options
     out = subprocess.run(
         cmd, cwd=ROOT, env=child_env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=900
