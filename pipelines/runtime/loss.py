@@ -103,10 +103,11 @@ def chunked_causal_loss(
 
     def at_decoder(_module: nn.Module, _args: Any, out: Any) -> None:  # the last hidden states, target rows
         hidden = out[0][:, :-1]
-        picked[:] = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets)]
+        picked[:] = [hidden.reshape(-1, hidden.shape[-1]).index_select(0, targets.to(hidden.device))]
 
     def at_head(head: nn.Module, _args: Any) -> None:  # the head's weight is whole here, also at ZeRO-3
-        total[:] = [_HeadCrossEntropy.apply(picked[0], head.weight, labels.index_select(0, targets), chunk)]
+        y = labels.index_select(0, targets).to(picked[0].device)  # labels where the logits are, as transformers
+        total[:] = [_HeadCrossEntropy.apply(picked[0], head.weight, y, chunk)]
 
     hooks = [
         inner.get_decoder().register_forward_hook(at_decoder),
