@@ -20,22 +20,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # make test's workers share the cores
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r: int = 2):
-    """A 1-layer Llama with LoRA on q/v/up projections, fp32, eval mode."""
-    torch.manual_seed(seed)
+def _one_layer_llama(vocab: int, hidden: int, intermediate: int, max_positions: int) -> LlamaForCausalLM:
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=24,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=32,
+        max_position_embeddings=max_positions,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    base = LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r: int = 2):
+    """A 1-layer Llama with LoRA on q/v/up projections, fp32, eval mode."""
+    torch.manual_seed(seed)
+    base = _one_layer_llama(vocab, 16, 24, 32)
     model = get_peft_model(
         base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"])
     )
@@ -43,6 +47,18 @@ def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def wide_lora_model(seed: int = 0, hidden: int = 144, intermediate: int = 320):
+    """A 1-layer Llama, LoRA on q/up (A and B ~ N(0, 0.3^2)); at hidden 144 and MLP 320 every large factor is
+    compressed by a sketch at top_k 8 (``lalora.factors.sketched``), so its sum keeps the rows while at most n."""
+    torch.manual_seed(seed)
+    base = _one_layer_llama(VOCAB, hidden, intermediate, 64)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            torch.nn.init.normal_(p, std=0.3)
     return model.eval()
 
 

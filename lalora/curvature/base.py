@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,10 @@ from lalora.curvature.hooks import ModuleGrads, per_sequence_output_grads
 from lalora.curvature.settings import FisherSettings, FisherType
 from lalora.lora import LoraParam, lora_parameters
 from lalora.precision import Precision
+
+State = dict[str, Any]
+"""A structure's running sums: tensors, or objects that sum themselves across ranks with ``all_reduce_()``
+(``kron_stats.GramSum``); one object may sit under several keys."""
 
 Batch = Mapping[str, Tensor]
 """``input_ids`` and ``labels`` (B, T), optional ``attention_mask`` (B, T); labels use -100
@@ -67,15 +71,15 @@ class CurvatureEstimator(ABC):
 
     # --- what a structure implements -------------------------------------------------
     @abstractmethod
-    def _init_state(self, params: list[LoraParam]) -> dict[str, Tensor]:
+    def _init_state(self, params: list[LoraParam]) -> State:
         """Zeroed running sums, keyed freely; all are all-reduced (summed) across ranks."""
 
     @abstractmethod
-    def _update(self, state: dict[str, Tensor], grads: list[ModuleGrads]) -> None:
+    def _update(self, state: State, grads: list[ModuleGrads]) -> None:
         """Add one batch's per-sequence statistics to the running sums."""
 
     @abstractmethod
-    def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> Precision:
+    def _finalize(self, state: State, n_samples: int, params: list[LoraParam]) -> Precision:
         """Turn the summed statistics into a precision (divide by ``n_samples``)."""
 
     def memory(self, shapes: dict[str, tuple[int, ...]]) -> MemoryEstimate:
@@ -125,14 +129,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _all_reduce_(state: dict[str, Tensor], n: int) -> int:
-    """Sum the running sums and the sample count over ranks, in place."""
+def _all_reduce_(state: State, n: int) -> int:
+    """Sum the running sums and the sample count over ranks, in place (a sum under several keys once)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return n
-    for t in state.values():
-        dist.all_reduce(t)
-    count = torch.tensor([n], dtype=torch.long, device=next(iter(state.values())).device)
+    for t in {id(v): v for v in state.values()}.values():
+        if isinstance(t, Tensor):
+            dist.all_reduce(t)
+        else:
+            t.all_reduce_()
+    device = next(t.device for t in state.values() if isinstance(t, Tensor))
+    count = torch.tensor([n], dtype=torch.long, device=device)
     dist.all_reduce(count)
     return int(count.item())
 

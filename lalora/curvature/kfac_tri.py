@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import final
 
-from torch import Tensor
-
-from lalora.curvature.base import MemoryEstimate, register_curvature
+from lalora.curvature.base import MemoryEstimate, State, register_curvature
 from lalora.curvature.kfac import KronCurvatureBase
 from lalora.kron import KronTriPrecision, project_psd_many
 from lalora.lora import LoraParam
@@ -24,7 +22,7 @@ class KFACTriCurvature(KronCurvatureBase):
     from the K-FAC sums themselves (``_terms``): no per-batch work beyond block K-FAC's.
     """
 
-    def _finalize(self, state: dict[str, Tensor], n_samples: int, params: list[LoraParam]) -> KronTriPrecision:
+    def _finalize(self, state: State, n_samples: int, params: list[LoraParam]) -> KronTriPrecision:
         terms, raw = self._terms(state, n_samples, params)
         items = [(terms[f"{m}.lora_A"], terms[f"{m}.lora_B"], c) for m, c in raw.items()]
         cross = {m: [c] for m, c in zip(raw, project_psd_many(items), strict=True)}  # modules of one shape in one batch

@@ -1,26 +1,31 @@
-"""The sums behind the Kronecker factors: token rows, shared inputs, half-work Gram accumulation.
+"""The sums behind the Kronecker factors: token rows, shared inputs, rows or half-work Gram sums.
 
-A factor is a Gram matrix sum_t v_t v_t^T over the influencing tokens of every batch. Three
+A factor is a Gram matrix sum_t v_t v_t^T over the influencing tokens of every batch. Four
 things keep its cost near that of the GEMMs alone, on a CPU and on a GPU:
 
 - ``TokenRows`` picks the influencing tokens of a batch once (one host sync per batch),
   instead of a boolean mask per matrix;
 - A matrices whose modules read the same input tensor (q/k/v, gate/up of a transformer block)
-  have identical input factors: ``shared_inputs`` groups them and ``gram_`` computes that Gram
-  once per group and adds it to each member, so their sums stay equal bit for bit and the
-  finalize step compresses one of them (``identical_runs``);
-- ``gram_`` sums only the row blocks on and above the diagonal (the matrix is symmetric):
-  ~9/16 of the multiply-adds with 8 blocks; ``mirror_`` fills in the rest, once, when the factor is read.
+  have identical input factors: ``sums_for`` gives them one ``GramSum``, added to once per
+  input and compressed once;
+- a factor the finalize step compresses by a sketch of p << n columns keeps the rows
+  themselves while there are at most n of them (``GramSum``): its products cost 2 M n p
+  multiply-adds through the rows, never the M n^2 / 2 of the Gram;
+- past that, ``gram_`` sums only the row blocks on and above the diagonal (the matrix is
+  symmetric): ~9/16 of the multiply-adds with 8 blocks; ``mirror_`` fills in the rest, once,
+  when the factor is read.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from lalora.curvature.hooks import ModuleGrads
+from lalora.factors import RowGram
 
 _MIN_BLOCK = 64
 _MAX_BLOCKS = 8
@@ -111,15 +116,90 @@ def mirror_(acc: Tensor) -> Tensor:
     return acc
 
 
-def identical_runs(mats: Sequence[Tensor]) -> list[int]:
-    """For each matrix the index of the first of its run of bit-identical neighbours (itself if none).
+class GramSum:
+    """sum_t v_t v_t^T (n x n, float32) over the rows added, kept as the rows while ``keep_rows`` and at most n.
 
-    One host sync for all comparisons. Exact: equal sums give equal factors.
+    Rows are kept only for a factor compressed by a sketch (``lalora.factors.sketched``): the
+    compression multiplies through them (``RowGram``), and in n x n floats at most they take no
+    more memory than the dense sum. They are held as added (float32 rows are not copied: a
+    batch's activations or gradients, or their kept rows, stay alive instead). The batch that
+    would pass n rows folds them into the dense sum (``gram_``, upper blocks), as does an
+    all-reduce across ranks; later rows add to it. ``owners`` are the state keys sharing this
+    sum (``sums_for``).
     """
-    pairs = [i for i in range(1, len(mats)) if mats[i].shape == mats[i - 1].shape]
-    same = torch.stack([(mats[i] == mats[i - 1]).all() for i in pairs]).tolist() if pairs else []
-    first = list(range(len(mats)))
-    for i, eq in zip(pairs, same, strict=True):
-        if eq:
-            first[i] = first[i - 1]
-    return first
+
+    def __init__(self, n: int, keep_rows: bool, owners: set[str]) -> None:
+        self.n, self.keep_rows, self.owners = n, keep_rows, owners
+        self.rows: list[Tensor] = []
+        self.count = 0
+        self.acc: Tensor | None = None
+        """The dense sum's blocks on and above the diagonal (``gram_``), once folded."""
+
+    def add(self, x: Tensor) -> None:
+        """Add the rows x (M, n)."""
+        m = int(x.shape[0])
+        if self.acc is None and self.keep_rows and self.count + m <= self.n:
+            self.rows.append(x.float())
+            self.count += m
+        else:
+            gram_([self.dense_sum(x.device)], x)
+
+    def dense_sum(self, device: torch.device) -> Tensor:
+        """The dense accumulator (upper blocks), the kept rows folded into it first."""
+        if self.acc is None:
+            self.acc = torch.zeros((self.n, self.n), dtype=torch.float32, device=device)
+            for x in self.rows:
+                gram_([self.acc], x)
+            self.rows, self.count = [], 0
+        return self.acc
+
+    def all_reduce_(self) -> None:
+        """Sum across ranks, in place: rows differ by rank, so they are folded first."""
+        torch.distributed.all_reduce(self.dense_sum(self.device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.acc.device if self.acc is not None else self.rows[0].device
+
+    def read(self) -> Tensor | RowGram:
+        """The full sum: the kept rows as a ``RowGram``, or the dense sum mirrored in place."""
+        if self.acc is None and self.rows:
+            return RowGram(self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows))
+        return mirror_(self.dense_sum(self.device))
+
+    def split(self, key: str) -> GramSum:
+        """A copy of this sum owned by ``key`` alone; ``key`` leaves this one's owners."""
+        self.owners.discard(key)
+        out = copy.copy(self)
+        out.owners = {key}
+        out.rows = list(self.rows)  # the rows are never written: sharing them is a copy
+        out.acc = None if self.acc is None else self.acc.clone()
+        return out
+
+
+def sums_for(state: dict[str, Tensor | GramSum], keys: Sequence[str], n: int, keep_rows: bool) -> list[GramSum]:
+    """The sums to add one input's rows to, for the state keys of the matrices that read it.
+
+    The first batch gives keys read together one shared sum. A later batch grouping them as the
+    first did (every batch, for one model's modules) adds to it once; one grouping them otherwise
+    splits each key off into its own copy, so that every key's sum stays its own history.
+    """
+    found = [state.get(k) for k in keys]
+    if all(f is None for f in found):
+        shared = GramSum(n, keep_rows, set(keys))
+        for k in keys:
+            state[k] = shared
+        return [shared]
+    first = found[0]
+    if isinstance(first, GramSum) and all(f is first for f in found) and first.owners == set(keys):
+        return [first]
+    out = []
+    for k, f in zip(keys, found, strict=True):
+        if f is None:
+            f = GramSum(n, keep_rows, {k})
+        assert isinstance(f, GramSum)
+        if f.owners != {k}:
+            f = f.split(k)
+        state[k] = f
+        out.append(f)
+    return out

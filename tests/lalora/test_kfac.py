@@ -7,14 +7,22 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.testing import assert_close
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from lalora import LaplacePenalty, Prior, accumulate, build_estimator, load_precision, lora_parameters, save_precision
 from lalora.curvature.hooks import influencing_tokens, sequence_nll
-from lalora.curvature.kron_stats import blocks, gram_, identical_runs, mirror_
-from lalora.factors import DenseFactor, add, compress, compress_many, frobenius_inner, nearest_kronecker
+from lalora.curvature.kron_stats import GramSum, blocks, gram_, mirror_, sums_for
+from lalora.factors import (
+    DenseFactor,
+    RowGram,
+    add,
+    compress,
+    compress_many,
+    frobenius_inner,
+    nearest_kronecker,
+    sketched,
+)
 from lalora.kron import CrossTerm, KronTerm, KronTriPrecision, project_psd, project_psd_many
-from tests.conftest import padded_batch, tiny_lora_model
+from tests.conftest import padded_batch, tiny_lora_model, wide_lora_model
 
 
 def vec(m):
@@ -123,21 +131,7 @@ def test_kfac_tri_cross_blocks_equal_a_per_sequence_loop():
 
 def test_factors_equal_the_loop_when_the_accumulators_are_summed_in_blocks():
     """d_in = 128 and d_out = 160: the Gram sums take the half-work block path (``gram_``), mirrored when read."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=11,
-        hidden_size=128,
-        intermediate_size=160,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        pad_token_id=0,
-    )
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
-    for p in lora_parameters(model):
-        nn.init.normal_(p.param, std=0.3)
-    model.eval()
+    model = wide_lora_model(hidden=128, intermediate=160)
     batch = padded_batch()
     assert len(blocks(128)) > 1 and len(blocks(160)) > 1
     prec = build_estimator("kfac-tri", top_k=160).estimate(model, [batch]).precision  # 4k >= n: compression is exact
@@ -170,40 +164,110 @@ def test_an_all_ones_attention_mask_is_left_out_of_the_forward_and_changes_nothi
 
 
 def test_a_matrices_reading_one_input_share_one_gram_and_one_compressed_factor(monkeypatch):
-    """q_proj and v_proj read the same hidden states: their input factor is multiplied out and compressed once."""
-    import lalora.curvature.kfac as kfac_module
+    """q_proj and v_proj read the same hidden states: their input factor is one sum, added to and compressed once."""
+    owners = []
+    add_rows = GramSum.add
 
-    sizes = []
+    def counting_add(self, x):
+        owners.append(len(self.owners))
+        add_rows(self, x)
 
-    def counting_gram(accs, x):
-        sizes.append(len(accs))
-        gram_(accs, x)
-
-    monkeypatch.setattr(kfac_module, "gram_", counting_gram)
+    monkeypatch.setattr(GramSum, "add", counting_add)
     model, batch = tiny_lora_model(), padded_batch()
     prec = build_estimator("kfac", top_k=64).estimate(model, [batch, padded_batch(seed=2)]).precision
     q, v, up = (f"model.layers.0.{m}.lora_A" for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj"))
     assert prec.blocks[q][0].s is prec.blocks[v][0].s  # one compressed factor
     assert prec.blocks[up][0].s is not prec.blocks[q][0].s
-    assert sorted(sizes) == [1] * 2 * (1 + 3) + [2] * 2  # per batch: S of q+v once, up's S, G of the 3 B matrices
+    assert sorted(owners) == [1] * 2 * (1 + 3) + [2] * 2  # per batch: S of q+v once, up's S, G of the 3 B matrices
     s_ref, *_ = loop_factors(model, {k: torch.cat([batch[k], padded_batch(seed=2)[k]]) for k in batch})
     assert_close(prec.blocks[v][0].s.to_dense().double(), s_ref[v], rtol=1e-4, atol=1e-7)
 
 
-def test_gram_accumulation_in_blocks_equals_the_full_product_and_shared_sums_stay_identical():
+def test_gram_accumulation_in_blocks_equals_the_full_product():
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(50, 300, generator=g), torch.randn(70, 300, generator=g)]
-    one, a, b, other = (torch.zeros(300, 300) for _ in range(4))
+    one = torch.zeros(300, 300)
     for x in xs:
         gram_([one], x)
-        gram_([a, b], x)  # one product, added to both
-        gram_([other], 2 * x)
     assert len(blocks(300)) == 4
-    full = sum(x.T @ x for x in xs)
-    for m in (one, a):
-        assert_close(mirror_(m), full, rtol=1e-5, atol=1e-4)
-    assert torch.equal(mirror_(b), a)
-    assert identical_runs([a, b, mirror_(other)]) == [0, 0, 2]
+    assert_close(mirror_(one), sum(x.T @ x for x in xs), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep_rows", [True, False])
+def test_a_gram_sum_keeps_its_rows_up_to_n_then_folds_them_into_the_dense_sum(keep_rows):
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(m, 200, generator=g) for m in (120, 80, 30)]
+    total = GramSum(200, keep_rows, {"S:a"})
+    held = []
+    for i, x in enumerate(xs):
+        total.add(x)
+        held.append(total.acc is None)
+        want = sum(x.T @ x for x in xs[: i + 1])
+        got = total.read()
+        assert isinstance(got, RowGram) == (keep_rows and i < 2)
+        dense = got.dense() if isinstance(got, RowGram) else got
+        assert_close(dense, want, rtol=1e-5, atol=1e-3)
+        q = torch.randn(200, 5, generator=g)
+        assert_close(got @ q, want @ q, rtol=1e-4, atol=1e-3)
+        assert_close(q.T @ got, q.T @ want, rtol=1e-4, atol=1e-3)
+        assert_close(got.diagonal(), want.diagonal(), rtol=1e-5, atol=1e-3)
+    assert held == ([True, True, False] if keep_rows else [False] * 3)  # 120 + 80 rows fit in 200, 230 do not
+
+
+def test_a_batch_that_groups_keys_otherwise_splits_their_shared_sum():
+    """One sum per group of A matrices reading one input; should a batch group them otherwise, each key keeps
+    its own history (never for one model's modules, where every batch groups them alike)."""
+    g = torch.Generator().manual_seed(0)
+    x1, x2, x3 = (torch.randn(10, 40, generator=g) for _ in range(3))
+    state: dict = {}
+    for total in sums_for(state, ["q", "k", "v"], 40, keep_rows=False):
+        total.add(x1)
+    assert state["q"] is state["k"] is state["v"]
+    assert sums_for(state, ["q", "k", "v"], 40, keep_rows=False) == [state["q"]]  # the same grouping: one add
+    for total in sums_for(state, ["q", "k"], 40, keep_rows=False):
+        total.add(x2)
+    for total in sums_for(state, ["v"], 40, keep_rows=False):
+        total.add(x3)
+    assert state["q"] is not state["k"] and state["k"] is not state["v"]
+    assert state["v"].owners == {"v"}
+    want = {"q": x1.T @ x1 + x2.T @ x2, "k": x1.T @ x1 + x2.T @ x2, "v": x1.T @ x1 + x3.T @ x3}
+    for key, m in want.items():
+        assert_close(state[key].read(), m, rtol=1e-5, atol=1e-4)
+
+
+def test_factors_kept_as_rows_equal_the_loop_compressed_and_fold_past_n_rows(monkeypatch):
+    """hidden 144 and intermediate 320, top_k 8: both sides are compressed by a sketch, so a sum keeps its rows
+    while there are at most n of them (a batch's 188 rows: S of the 144-wide inputs are dense from the start,
+    up's 320-wide G holds them, folded at the second batch). The stored factors equal the brute-force
+    loop's dense factors compressed the same way; their diagonals exactly."""
+    import lalora.curvature.kfac as kfac_module
+
+    seen = []
+
+    def recording(ms, k):
+        seen.append(sorted((m.shape[0], type(m).__name__) for m in ms))
+        return compress_many(ms, k)
+
+    monkeypatch.setattr(kfac_module, "compress_many", recording)
+    model = wide_lora_model()
+    assert sketched(144, 8) and sketched(320, 8)
+    batches = [padded_batch(seed=s, lengths=(48, 48, 48, 48)) for s in (1, 2)]  # 188 influencing tokens each
+    est = build_estimator("kfac", top_k=8)
+    one = est.estimate(model, batches[:1]).precision
+    two = est.estimate(model, batches).precision
+    assert seen == [
+        [(144, "Tensor"), (144, "Tensor"), (144, "Tensor"), (320, "RowGram")],  # S of q, S of up, G of q; G of up
+        [(144, "Tensor"), (144, "Tensor"), (144, "Tensor"), (320, "Tensor")],
+    ]
+    both = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    for prec, batch in ((one, batches[0]), (two, both)):
+        s_ref, g_ref, *_ = loop_factors(model, batch)
+        for name, (t,) in prec.blocks.items():
+            big, ref = (t.s, s_ref[name]) if name.endswith("lora_A") else (t.g, g_ref[name])
+            want = compress(ref.float(), 8)
+            assert_close(big.diag().double(), ref.diagonal(), rtol=1e-4, atol=1e-6)
+            assert_close(big.lam, want.lam, rtol=1e-3, atol=1e-6)
+            assert_close(big.to_dense(), want.to_dense(), rtol=1e-3, atol=1e-3 * float(want.lam[0]))
 
 
 def test_compress_many_equals_compress_and_handles_low_rank_and_zero_float32_factors():
