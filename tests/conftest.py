@@ -50,12 +50,17 @@ def tiny_lora_model(seed: int = 0, vocab: int = VOCAB, nonzero_b: bool = True, r
     return model.eval()
 
 
-def wide_lora_model(seed: int = 0, hidden: int = 144, intermediate: int = 320):
-    """A 1-layer Llama, LoRA on q/up (A and B ~ N(0, 0.3^2)); at hidden 144 and MLP 320 every large factor is
+def wide_lora_model(
+    seed: int = 0,
+    hidden: int = 144,
+    intermediate: int = 320,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "up_proj"),
+):
+    """A 1-layer Llama, LoRA on ``targets`` (A and B ~ N(0, 0.3^2)); at hidden 144 and MLP 320 every large factor is
     compressed by a sketch at top_k 8 (``lalora.factors.sketched``), so its sum keeps the rows while at most n."""
     torch.manual_seed(seed)
     base = _one_layer_llama(VOCAB, hidden, intermediate, 64)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"]))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=list(targets)))
     for name, p in model.named_parameters():
         if "lora_" in name:
             torch.nn.init.normal_(p, std=0.3)

@@ -82,6 +82,11 @@ class CurvatureEstimator(ABC):
     def _finalize(self, state: State, n_samples: int, params: list[LoraParam]) -> Precision:
         """Turn the summed statistics into a precision (divide by ``n_samples``)."""
 
+    def _all_reduce(self, state: State, n: int) -> int:
+        """Sum the running sums and the sample count over ranks, in place; a structure whose ranks may
+        hold different keys makes them agree first (every rank calls this, batches or none)."""
+        return _all_reduce_(state, n)
+
     def memory(self, shapes: dict[str, tuple[int, ...]]) -> MemoryEstimate:
         """Bytes for LoRA matrices of these shapes; the default is one fp32 per parameter."""
         n = 4 * sum(int(torch.tensor(s).prod()) for s in shapes.values())
@@ -113,7 +118,7 @@ class CurvatureEstimator(ABC):
         finally:
             if was_training:
                 model.train()
-        n = _all_reduce_(state, n)
+        n = self._all_reduce(state, n)
         if n == 0:
             raise ValueError("no curvature samples: every sequence had its labels masked (-100)")
         precision = self._finalize(state, n, params)
@@ -129,12 +134,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def _all_reduce_(state: State, n: int) -> int:
-    """Sum the running sums and the sample count over ranks, in place (a sum under several keys once)."""
+def distributed() -> bool:
+    """Whether this process is one of several torch.distributed ranks."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_(state: State, n: int) -> int:
+    """Sum the running sums and the sample count over ranks, in place: in the keys' sorted order (the same
+    on every rank), a sum under several keys once."""
+    dist = torch.distributed
+    if not distributed():
         return n
-    for t in {id(v): v for v in state.values()}.values():
+    for t in {id(state[k]): state[k] for k in sorted(state)}.values():
         if isinstance(t, Tensor):
             dist.all_reduce(t)
         else:

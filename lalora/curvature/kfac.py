@@ -7,9 +7,9 @@ from typing import ClassVar, final
 import torch
 from torch import Tensor
 
-from lalora.curvature.base import CurvatureEstimator, MemoryEstimate, State, register_curvature
+from lalora.curvature.base import CurvatureEstimator, MemoryEstimate, State, distributed, register_curvature
 from lalora.curvature.hooks import ModuleGrads
-from lalora.curvature.kron_stats import GramSum, TokenRows, shared_inputs, sums_for
+from lalora.curvature.kron_stats import GramSum, TokenRows, align_sums_, shared_inputs, sums_for
 from lalora.curvature.settings import FisherType, KronSettings
 from lalora.factors import DenseFactor, compress_many, sketched
 from lalora.kron import CrossTerm, KronPrecision, KronTerm, module_of
@@ -70,6 +70,11 @@ class KronCurvatureBase(CurvatureEstimator):
             if rec.param.kind == "B":
                 self._add(state, [f"G:{rec.param.name}"], rows(rec.out_grads))
         state[_TOKENS] += rows.count * len(grads[0].inputs)
+
+    def _all_reduce(self, state: State, n: int) -> int:
+        if distributed():  # a rank without batches has no sums; ranks may group shared inputs differently
+            align_sums_(state, state[_TOKENS].device)
+        return super()._all_reduce(state, n)
 
     def _terms(
         self, state: State, n_samples: int, params: list[LoraParam]

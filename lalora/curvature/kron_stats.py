@@ -7,7 +7,7 @@ things keep its cost near that of the GEMMs alone, on a CPU and on a GPU:
   instead of a boolean mask per matrix;
 - A matrices whose modules read the same input tensor (q/k/v, gate/up of a transformer block)
   have identical input factors: ``sums_for`` gives them one ``GramSum``, added to once per
-  input and compressed once;
+  input and compressed once (``align_sums_`` makes the ranks agree on these groups);
 - a factor the finalize step compresses by a sketch of p << n columns keeps the rows
   themselves while there are at most n of them (``GramSum``): its products cost 2 M n p
   multiply-adds through the rows, never the M n^2 / 2 of the Gram;
@@ -93,20 +93,12 @@ def addmm_(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.addmm_(a.to(out.dtype), b.to(out.dtype))
 
 
-def gram_(accs: Sequence[Tensor], x: Tensor) -> None:
-    """Add x^T x (x (M, n)) to each (n, n) accumulator, in the blocks on and above the diagonal only.
-
-    One accumulator takes the product in place; several take the same computed product, so
-    they stay equal bit for bit.
-    """
-    if x.dtype != accs[0].dtype and not _half_precision_mm(x, accs[0]):
-        x = x.to(accs[0].dtype)
-    out = accs[0] if len(accs) == 1 else torch.zeros_like(accs[0])
+def gram_(acc: Tensor, x: Tensor) -> None:
+    """Add x^T x (x (M, n)) to the (n, n) accumulator, in the blocks on and above the diagonal only."""
+    if x.dtype != acc.dtype and not _half_precision_mm(x, acc):
+        x = x.to(acc.dtype)
     for lo, hi in blocks(x.shape[1]):
-        addmm_(out[lo:hi, lo:], x[:, lo:hi].T, x[:, lo:])
-    if len(accs) > 1:
-        for acc in accs:
-            acc.add_(out)
+        addmm_(acc[lo:hi, lo:], x[:, lo:hi].T, x[:, lo:])
 
 
 def mirror_(acc: Tensor) -> Tensor:
@@ -121,11 +113,11 @@ class GramSum:
 
     Rows are kept only for a factor compressed by a sketch (``lalora.factors.sketched``): the
     compression multiplies through them (``RowGram``), and in n x n floats at most they take no
-    more memory than the dense sum. They are held as added (float32 rows are not copied: a
-    batch's activations or gradients, or their kept rows, stay alive instead). The batch that
-    would pass n rows folds them into the dense sum (``gram_``, upper blocks), as does an
-    all-reduce across ranks; later rows add to it. ``owners`` are the state keys sharing this
-    sum (``sums_for``).
+    more memory than the dense sum. They are held as added: float32 rows that are a whole tensor
+    (a batch's activations or gradients, or their kept rows) are not copied, a view into a larger
+    tensor is. The batch that would pass n rows folds them into the dense sum (``gram_``, upper
+    blocks), as does an all-reduce across ranks; later rows add to it. ``owners`` are the state
+    keys sharing this sum (``sums_for``).
     """
 
     def __init__(self, n: int, keep_rows: bool, owners: set[str]) -> None:
@@ -139,22 +131,25 @@ class GramSum:
         """Add the rows x (M, n)."""
         m = int(x.shape[0])
         if self.acc is None and self.keep_rows and self.count + m <= self.n:
-            self.rows.append(x.float())
+            x = x.float()
+            if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+                x = x.clone()  # a view would keep the rest of its tensor alive
+            self.rows.append(x)
             self.count += m
         else:
-            gram_([self.dense_sum(x.device)], x)
+            gram_(self.dense_sum(x.device), x)
 
     def dense_sum(self, device: torch.device) -> Tensor:
         """The dense accumulator (upper blocks), the kept rows folded into it first."""
         if self.acc is None:
             self.acc = torch.zeros((self.n, self.n), dtype=torch.float32, device=device)
             for x in self.rows:
-                gram_([self.acc], x)
+                gram_(self.acc, x)
             self.rows, self.count = [], 0
         return self.acc
 
     def all_reduce_(self) -> None:
-        """Sum across ranks, in place: rows differ by rank, so they are folded first."""
+        """Sum across ranks, in place: rows differ by rank, so they are folded first (``align_sums_``)."""
         torch.distributed.all_reduce(self.dense_sum(self.device))
 
     @property
@@ -162,16 +157,16 @@ class GramSum:
         return self.acc.device if self.acc is not None else self.rows[0].device
 
     def read(self) -> Tensor | RowGram:
-        """The full sum: the kept rows as a ``RowGram``, or the dense sum mirrored in place."""
+        """The full sum: the kept rows as a ``RowGram`` (no copy), or the dense sum mirrored in place."""
         if self.acc is None and self.rows:
-            return RowGram(self.rows[0] if len(self.rows) == 1 else torch.cat(self.rows))
+            return RowGram(self.rows)
         return mirror_(self.dense_sum(self.device))
 
-    def split(self, key: str) -> GramSum:
-        """A copy of this sum owned by ``key`` alone; ``key`` leaves this one's owners."""
-        self.owners.discard(key)
+    def split(self, keys: set[str]) -> GramSum:
+        """A copy of this sum owned by ``keys`` alone; they leave this one's owners."""
+        self.owners -= keys
         out = copy.copy(self)
-        out.owners = {key}
+        out.owners = set(keys)
         out.rows = list(self.rows)  # the rows are never written: sharing them is a copy
         out.acc = None if self.acc is None else self.acc.clone()
         return out
@@ -199,7 +194,34 @@ def sums_for(state: dict[str, Tensor | GramSum], keys: Sequence[str], n: int, ke
             f = GramSum(n, keep_rows, {k})
         assert isinstance(f, GramSum)
         if f.owners != {k}:
-            f = f.split(k)
+            f = f.split({k})
         state[k] = f
         out.append(f)
     return out
+
+
+def align_sums_(state: dict[str, Tensor | GramSum], device: torch.device) -> None:
+    """Before an all-reduce, give every rank the same sums under the same keys (a collective: every rank calls it).
+
+    A rank that ran no batch has none, and ranks may have grouped shared inputs differently
+    (``sums_for``): the ranks exchange which keys each of their sums holds, and each then splits
+    its sums into the groups every rank agrees on (keys grouped together on every rank that has
+    them) and adds zero dense sums for the groups it lacks.
+    """
+    mine = {k: (tuple(sorted(s.owners)), s.n) for k, s in state.items() if isinstance(s, GramSum)}
+    everyone: list[dict[str, tuple[tuple[str, ...], int]]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(everyone, mine)
+    sizes = {k: n for theirs in everyone for k, (_, n) in theirs.items()}
+    groups: dict[tuple[object, ...], list[str]] = {}
+    for k in sorted(sizes):  # keys with the same group on every rank form one group
+        groups.setdefault(tuple(theirs[k][0] if k in theirs else None for theirs in everyone), []).append(k)
+    for keys in groups.values():
+        held = state.get(keys[0])
+        if held is None:  # this rank saw none of them
+            held = GramSum(sizes[keys[0]], keep_rows=False, owners=set(keys))
+            held.dense_sum(device)
+        assert isinstance(held, GramSum)
+        if held.owners != set(keys):
+            held = held.split(set(keys))
+        for k in keys:
+            state[k] = held

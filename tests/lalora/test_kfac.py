@@ -112,26 +112,31 @@ def test_factors_equal_a_per_sequence_loop_with_padding(kind):
         assert_close(terms[0].g.to_dense().double(), g_ref[name], rtol=1e-4, atol=1e-7)
 
 
+def assert_cross_blocks_equal_the_loop(prec, xs, tokens, n, min_scale=0.998, atol=1e-7):
+    """C_S exactly; C_G up to project_psd's scale: a_B = A x makes the joint block singular (rho = 1), so it
+    keeps C_G 0.999 inside the bound of exact factors, more inside that of compressed ones (``min_scale``)."""
+    for m, (c,) in prec.cross.items():
+        a, b = f"{m}.lora_A", f"{m}.lora_B"
+        c_s = sum(xs[(a, i)][0].T @ xs[(b, i)][0] for i in range(n)) / tokens
+        c_g = sum(xs[(a, i)][1].T @ xs[(b, i)][1] for i in range(n)) / n
+        assert_close(c.s.double(), c_s, rtol=1e-4, atol=atol)
+        scale = float((c.g.double() * c_g).sum() / c_g.square().sum())
+        assert min_scale < scale <= 1.0
+        assert_close(c.g.double(), scale * c_g, rtol=1e-4, atol=atol)
+
+
 def test_kfac_tri_cross_blocks_equal_a_per_sequence_loop():
     """C_S = E[x a_B^T], C_G = (1/N) sum g_A g_B^T, taken from the K-FAC sums and the LoRA weights, equal the
     cross-covariances of the recorded inputs and output gradients."""
     model, batch = tiny_lora_model(), padded_batch()
     prec = build_estimator("kfac-tri", top_k=64).estimate(model, [batch]).precision
     _, _, xs, tokens, n = loop_factors(model, batch)
-    for m, (c,) in prec.cross.items():
-        a, b = f"{m}.lora_A", f"{m}.lora_B"
-        c_s = sum(xs[(a, i)][0].T @ xs[(b, i)][0] for i in range(n)) / tokens
-        c_g = sum(xs[(a, i)][1].T @ xs[(b, i)][1] for i in range(n)) / n
-        assert_close(c.s.double(), c_s, rtol=1e-4, atol=1e-7)
-        # a_B = A x makes the joint block singular (rho = 1): project_psd keeps it 0.999 inside the bound
-        scale = float((c.g.double() * c_g).sum() / c_g.square().sum())
-        assert 0.998 < scale <= 1.0
-        assert_close(c.g.double(), scale * c_g, rtol=1e-4, atol=1e-7)
+    assert_cross_blocks_equal_the_loop(prec, xs, tokens, n)
 
 
 def test_factors_equal_the_loop_when_the_accumulators_are_summed_in_blocks():
     """d_in = 128 and d_out = 160: the Gram sums take the half-work block path (``gram_``), mirrored when read."""
-    model = wide_lora_model(hidden=128, intermediate=160)
+    model = wide_lora_model(hidden=128, intermediate=160, targets=("q_proj", "up_proj"))
     batch = padded_batch()
     assert len(blocks(128)) > 1 and len(blocks(160)) > 1
     prec = build_estimator("kfac-tri", top_k=160).estimate(model, [batch]).precision  # 4k >= n: compression is exact
@@ -188,7 +193,7 @@ def test_gram_accumulation_in_blocks_equals_the_full_product():
     xs = [torch.randn(50, 300, generator=g), torch.randn(70, 300, generator=g)]
     one = torch.zeros(300, 300)
     for x in xs:
-        gram_([one], x)
+        gram_(one, x)
     assert len(blocks(300)) == 4
     assert_close(mirror_(one), sum(x.T @ x for x in xs), rtol=1e-5, atol=1e-4)
 
@@ -236,38 +241,45 @@ def test_a_batch_that_groups_keys_otherwise_splits_their_shared_sum():
 
 
 def test_factors_kept_as_rows_equal_the_loop_compressed_and_fold_past_n_rows(monkeypatch):
-    """hidden 144 and intermediate 320, top_k 8: both sides are compressed by a sketch, so a sum keeps its rows
-    while there are at most n of them (a batch's 188 rows: S of the 144-wide inputs are dense from the start,
-    up's 320-wide G holds them, folded at the second batch). The stored factors equal the brute-force
-    loop's dense factors compressed the same way; their diagonals exactly."""
+    """hidden 144 and MLP 320, top_k 8: every large factor is compressed by a sketch, so its sum keeps the rows
+    while there are at most n of them (117 a batch here): one batch keeps them all; at two the 144-wide sums
+    (q and v's shared input, up's input, q's and v's output gradients) are folded, up's 320-wide G holds two
+    chunks; at three every sum is dense. The stored large factors equal the brute-force loop's dense factors
+    compressed the same way, their diagonals exactly; the r x r factors and kfac-tri's cross blocks, taken
+    through the rows, equal the loop's."""
     import lalora.curvature.kfac as kfac_module
 
     seen = []
 
     def recording(ms, k):
-        seen.append(sorted((m.shape[0], type(m).__name__) for m in ms))
+        seen.append(sorted((m.shape[0], type(m).__name__, len(getattr(m, "xs", []))) for m in ms))
         return compress_many(ms, k)
 
     monkeypatch.setattr(kfac_module, "compress_many", recording)
     model = wide_lora_model()
     assert sketched(144, 8) and sketched(320, 8)
-    batches = [padded_batch(seed=s, lengths=(48, 48, 48, 48)) for s in (1, 2)]  # 188 influencing tokens each
-    est = build_estimator("kfac", top_k=8)
-    one = est.estimate(model, batches[:1]).precision
-    two = est.estimate(model, batches).precision
+    batches = [padded_batch(seed=s, lengths=(40, 40, 40)) for s in (1, 2, 3)]  # 117 influencing tokens each
+    precs = [build_estimator("kfac-tri", top_k=8).estimate(model, batches[:i]).precision for i in (1, 2, 3)]
     assert seen == [
-        [(144, "Tensor"), (144, "Tensor"), (144, "Tensor"), (320, "RowGram")],  # S of q, S of up, G of q; G of up
-        [(144, "Tensor"), (144, "Tensor"), (144, "Tensor"), (320, "Tensor")],
+        [(144, "RowGram", 1)] * 4 + [(320, "RowGram", 1)],
+        [(144, "Tensor", 0)] * 4 + [(320, "RowGram", 2)],
+        [(144, "Tensor", 0)] * 4 + [(320, "Tensor", 0)],
     ]
-    both = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    for prec, batch in ((one, batches[0]), (two, both)):
-        s_ref, g_ref, *_ = loop_factors(model, batch)
+    q, v = (f"model.layers.0.self_attn.{m}_proj.lora_A" for m in "qv")
+    for i, prec in enumerate(precs, 1):
+        assert prec.blocks[q][0].s is prec.blocks[v][0].s  # one sum, one compressed factor
+        joined = {k: torch.cat([b[k] for b in batches[:i]]) for k in batches[0]}
+        s_ref, g_ref, xs, tokens, n = loop_factors(model, joined)
         for name, (t,) in prec.blocks.items():
-            big, ref = (t.s, s_ref[name]) if name.endswith("lora_A") else (t.g, g_ref[name])
+            sides = [(t.s, s_ref[name]), (t.g, g_ref[name])]
+            (big, ref), (small, small_ref) = sides if name.endswith("lora_A") else sides[::-1]
             want = compress(ref.float(), 8)
             assert_close(big.diag().double(), ref.diagonal(), rtol=1e-4, atol=1e-6)
             assert_close(big.lam, want.lam, rtol=1e-3, atol=1e-6)
             assert_close(big.to_dense(), want.to_dense(), rtol=1e-3, atol=1e-3 * float(want.lam[0]))
+            assert_close(small.to_dense().double(), small_ref, rtol=1e-4, atol=1e-7)
+        # top-8 factors: a scale of 0.64 here; float32 sums of 234-351 rows: atol 1e-6 (C_S up to ~12, C_G ~0.01)
+        assert_cross_blocks_equal_the_loop(prec, xs, tokens, n, min_scale=0.0, atol=1e-6)
 
 
 def test_compress_many_equals_compress_and_handles_low_rank_and_zero_float32_factors():
@@ -284,6 +296,23 @@ def test_compress_many_equals_compress_and_handles_low_rank_and_zero_float32_fac
     top = torch.linalg.eigvalsh(low.double()).flip(0)[:8].float()
     assert_close(got[0].lam, top, rtol=1e-4, atol=1e-3)  # rank <= sketch width: the top eigenpairs are found
     assert not got[1].to_dense().any()  # a zero factor stays zero (no NaN from the empty sketch)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_float32_gram_of_fewer_rows_than_the_sketch_keeps_its_top_eigenpairs(seed):
+    """17 rows against a sketch of 8 + 16 columns, over four decades of scale: the Nystrom core Q^T m Q is
+    singular up to float32 rounding. A Cholesky factor of it failed on nearly every such matrix (39 of 40 seeds)
+    and left the factor its diagonal alone; the eigendecomposition keeps the top eigenpairs, kept as rows or
+    summed dense alike."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-4, 0, 144)[torch.randperm(144, generator=g)]
+    x = torch.randn(17, 144, generator=g) * scales * torch.logspace(-3, 0, 17)[:, None]
+    acc = torch.zeros(144, 144)
+    gram_(acc, x)
+    exact = torch.linalg.eigvalsh(x.double().T @ x.double()).flip(0)[:8]
+    for f in compress_many([mirror_(acc), RowGram([x])], 8):
+        assert_close(f.lam.double(), exact, rtol=1e-4, atol=1e-6 * float(exact[0]))
+        assert_close(f.diag(), acc.diagonal(), rtol=1e-4, atol=1e-6 * float(exact[0]))
 
 
 def test_kfac_quadratic_form_equals_the_dense_kronecker_form():
