@@ -296,13 +296,14 @@ def _basis(y: Tensor) -> Tensor:
 def _nystrom(q: Tensor, y: Tensor, k: int, rel: float) -> tuple[Tensor, Tensor]:
     """Top-k eigenpairs of the Nystrom approximation Y (Q^T Y)^+ Y^T of m, from Y = m Q (Tropp et al. 2017, alg. 3).
 
-    More accurate than Rayleigh-Ritz on the same product and below m in the PSD order (so
-    the remainder's diagonal stays non-negative). A shift nu = ``rel`` |Y| makes Q^T Y
-    positive definite in exact arithmetic, its eigenvalues >= nu; the pseudo-inverse is taken
-    through its eigendecomposition, leaving out the directions rounding pushed below nu / 2
-    (a Cholesky factor fails on them: m of lower rank than Q's columns, or a spectrum falling
-    below float32 rounding within them). Eigenvalues of the result under nu are rounding noise
-    and come out 0; a zero m gives a zero factor.
+    More accurate than Rayleigh-Ritz on the same product and below m + nu I in the PSD order
+    (the remainder's diagonal is clamped at 0 for the rounding left). A shift nu = ``rel`` |Y|
+    makes Q^T Y positive definite in exact arithmetic; its pseudo-inverse is taken through its
+    eigendecomposition, leaving out the directions whose eigenvalues rounding decides (under
+    nu / 2: Q's columns that m barely reaches, where a spectrum spans more than float32
+    rounding within them, e.g. few rows of very different scales; a Cholesky factor failed on
+    them). Eigenvalues of the result under nu are rounding noise and come out 0; a zero m gives
+    a zero factor.
     """
     qd, yd = q.double(), y.double()
     nu = rel * torch.linalg.matrix_norm(yd)[:, None, None]

@@ -30,7 +30,7 @@ class KronCurvatureBase(CurvatureEstimator):
     over sequences, so S (x) G equals the per-sequence Fisher exactly when a sequence has a
     single such token. The large factor of each matrix (the d_in side of A, the d_out side
     of B) is summed during the pass in at most n x n floats, one more such transient while it
-    is folded or read (see ``memory``; ``kron_stats``: the rows themselves while at most n of
+    is folded (see ``memory``; ``kron_stats``: the rows themselves while at most n of
     them, else the blocks on and above the diagonal)
     and stored as its top-k eigenpairs plus a diagonal, all factors of one size compressed
     together; the r x r side, derived from those sums and the LoRA weights (``_terms``), stays

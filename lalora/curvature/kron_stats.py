@@ -18,6 +18,7 @@ things keep its cost near that of the GEMMs alone, on a CPU and on a GPU:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Sequence
 
@@ -210,7 +211,9 @@ def align_sums_(state: dict[str, Tensor | GramSum], device: torch.device) -> Non
     """
     mine = {k: (tuple(sorted(s.owners)), s.n) for k, s in state.items() if isinstance(s, GramSum)}
     everyone: list[dict[str, tuple[tuple[str, ...], int]]] = [{} for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(everyone, mine)
+    # NCCL sends objects from the current CUDA device, which nothing else sets: make it this rank's
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        torch.distributed.all_gather_object(everyone, mine)
     sizes = {k: n for theirs in everyone for k, (_, n) in theirs.items()}
     groups: dict[tuple[object, ...], list[str]] = {}
     for k in sorted(sizes):  # keys with the same group on every rank form one group
